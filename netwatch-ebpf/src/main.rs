@@ -1,0 +1,298 @@
+//! netwatch's kernel programs: one small function per hook, each filling a [`SockEvent`] and
+//! pushing it into the single `EVENTS` ring buffer.
+//!
+//! Rust eBPF gets no CO-RE relocations, so every kernel struct offset and every classic
+//! tracepoint field offset is a read-only global that the loader resolves in userspace (from
+//! `/sys/kernel/btf/vmlinux` and the tracepoint's `format` file) and patches in at load time.
+//! The cgroup programs always return 1 (allow): returning 0 would refuse sockets host-wide.
+
+// no_std/no_main only for the BPF target so host `cargo check/clippy --workspace` still work.
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
+
+use core::ffi::c_void;
+
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::BPF_SOCK_OPS_TCP_CONNECT_CB,
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_probe_read_kernel,
+        generated::{bpf_get_socket_cookie, bpf_ktime_get_ns},
+    },
+    macros::{btf_tracepoint, cgroup_sock, map, sock_ops, tracepoint},
+    maps::{Array, LruHashMap, PerCpuArray, RingBuf},
+    programs::{BtfTracePointContext, SockContext, SockOpsContext, TracePointContext},
+};
+use netwatch_common::{AF_INET, AF_INET6, IPPROTO_TCP, SockEvent, config, flags, kind, tcp_state};
+
+/// Declares read-only globals the loader overrides; 0 until then.
+macro_rules! load_time_constants {
+    ($($(#[$doc:meta])* $name:ident),* $(,)?) => {
+        $( $(#[$doc])* #[unsafe(no_mangle)] static $name: u32 = 0; )*
+    };
+}
+
+load_time_constants!(
+    /// Byte offsets inside `struct sock` / `struct inet_sock` / `struct net`, from BTF.
+    OFF_SKC_DADDR,
+    OFF_SKC_RCV_SADDR,
+    OFF_SKC_DPORT,
+    OFF_SKC_NUM,
+    OFF_SKC_FAMILY,
+    OFF_SKC_NET,
+    OFF_SKC_V6_DADDR,
+    OFF_SKC_V6_RCV_SADDR,
+    OFF_SK_PROTOCOL,
+    OFF_INET_SPORT,
+    OFF_NET_NS_INUM,
+    /// Field offsets of the classic `sock:inet_sock_set_state` record, from its format file.
+    TP_SKADDR,
+    TP_OLDSTATE,
+    TP_NEWSTATE,
+    TP_SPORT,
+    TP_DPORT,
+    TP_FAMILY,
+    TP_PROTOCOL,
+    TP_SADDR,
+    TP_DADDR,
+    TP_SADDR_V6,
+    TP_DADDR_V6,
+);
+
+/// Reads a load-time constant so the verifier sees the patched value, not the compiled 0.
+#[inline(always)]
+fn constant(value: &'static u32) -> usize {
+    // SAFETY: a valid, aligned static.
+    unsafe { core::ptr::read_volatile(value) as usize }
+}
+
+/// Default 1 MiB; userspace can resize it (`--ring-size`) before load.
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
+
+/// Ring buffer reservation failures, per CPU. Never reset by the kernel side.
+#[map]
+static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Switches userspace flips after attaching; see `netwatch_common::config`.
+#[map]
+static CONFIG: Array<u32> = Array::with_max_entries(config::LEN, 0);
+
+/// CLOSE->SYN_SENT transitions waiting for the `sock_ops` connect callback, by socket cookie.
+/// LRU so that a connect whose callback never comes cannot fill the map.
+#[map]
+static PENDING_CONNECT: LruHashMap<u64, SockEvent> = LruHashMap::with_max_entries(8192, 0);
+
+#[inline(always)]
+fn submit(event: &SockEvent) {
+    if EVENTS.output::<SockEvent>(event, 0).is_err() {
+        if let Some(lost) = LOST.get_ptr_mut(0) {
+            // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
+            unsafe { *lost += 1 };
+        }
+    }
+}
+
+#[inline(always)]
+fn new_event(kind: u8) -> SockEvent {
+    let mut event = SockEvent::zeroed();
+    event.kind = kind;
+    // SAFETY: helper with no arguments.
+    event.ts_ns = unsafe { bpf_ktime_get_ns() };
+    event.pid_tgid = bpf_get_current_pid_tgid();
+    event.comm = bpf_get_current_comm().unwrap_or([0; 16]);
+    event
+}
+
+/// Reads a `T` at `base + offset` in kernel memory; zero if the read faults.
+#[inline(always)]
+fn read_kernel<T: Default>(base: *const u8, offset: usize) -> T {
+    // SAFETY: bpf_probe_read_kernel checks the address and fails instead of faulting.
+    unsafe { bpf_probe_read_kernel(base.wrapping_add(offset) as *const T).unwrap_or_default() }
+}
+
+#[inline(always)]
+fn defer_connect_enabled() -> bool {
+    CONFIG.get(config::DEFER_CONNECT).is_some_and(|v| *v != 0)
+}
+
+// ---------------------------------------------------------------------------------------------
+// tp_btf/inet_sock_set_state(const struct sock *sk, int oldstate, int newstate)
+// ---------------------------------------------------------------------------------------------
+
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn state_btf(ctx: BtfTracePointContext) -> u32 {
+    let sk: *const u8 = ctx.arg(0);
+    if sk.is_null() {
+        return 0;
+    }
+    let protocol: u16 = read_kernel(sk, constant(&OFF_SK_PROTOCOL));
+    if protocol != IPPROTO_TCP as u16 {
+        return 0;
+    }
+    let oldstate: i32 = ctx.arg(1);
+    let newstate: i32 = ctx.arg(2);
+
+    let mut event = new_event(kind::STATE_BTF);
+    event.skaddr = sk as u64;
+    // SAFETY: `sk` is the tracepoint's own socket argument.
+    event.cookie = unsafe { bpf_get_socket_cookie(sk as *mut c_void) };
+    event.protocol = IPPROTO_TCP;
+    event.oldstate = oldstate as u8;
+    event.newstate = newstate as u8;
+    fill_from_sock(&mut event, sk);
+
+    if defer_connect_enabled() {
+        if event.oldstate == tcp_state::CLOSE && event.newstate == tcp_state::SYN_SENT {
+            // The kernel picks the local port only after this transition; hold the event
+            // until the sock_ops TCP_CONNECT callback, which runs once the port is assigned.
+            if PENDING_CONNECT.insert(&event.cookie, &event, 0).is_ok() {
+                return 0;
+            }
+        } else if event.oldstate == tcp_state::SYN_SENT {
+            flush_pending_connect(event.cookie, 0);
+        }
+    }
+    submit(&event);
+    0
+}
+
+/// Emits a held-back CLOSE->SYN_SENT for `cookie`, with `sport` if it is now known.
+#[inline(always)]
+fn flush_pending_connect(cookie: u64, sport: u16) {
+    if let Some(pending) = PENDING_CONNECT.get_ptr_mut(&cookie) {
+        // SAFETY: pointer into the map value, valid until the remove below.
+        let mut event = unsafe { *pending };
+        if sport != 0 {
+            event.sport = sport;
+        }
+        event.flags |= flags::DEFERRED_CONNECT;
+        submit(&event);
+        let _ = PENDING_CONNECT.remove(&cookie);
+    }
+}
+
+#[inline(always)]
+fn fill_from_sock(event: &mut SockEvent, sk: *const u8) {
+    let family: u16 = read_kernel(sk, constant(&OFF_SKC_FAMILY));
+    event.family = family as u8;
+    // inet_sport survives until the socket is freed; skc_num is already 0 at CLOSE and not
+    // yet copied into inet_sport for an autobound listener.
+    let sport = u16::from_be(read_kernel(sk, constant(&OFF_INET_SPORT)));
+    event.sport = if sport != 0 {
+        sport
+    } else {
+        read_kernel(sk, constant(&OFF_SKC_NUM))
+    };
+    event.dport = u16::from_be(read_kernel(sk, constant(&OFF_SKC_DPORT)));
+    if event.family == AF_INET6 {
+        event.saddr = read_kernel(sk, constant(&OFF_SKC_V6_RCV_SADDR));
+        event.daddr = read_kernel(sk, constant(&OFF_SKC_V6_DADDR));
+    } else {
+        let saddr: [u8; 4] = read_kernel(sk, constant(&OFF_SKC_RCV_SADDR));
+        let daddr: [u8; 4] = read_kernel(sk, constant(&OFF_SKC_DADDR));
+        event.saddr[..4].copy_from_slice(&saddr);
+        event.daddr[..4].copy_from_slice(&daddr);
+    }
+    let net: u64 = read_kernel(sk, constant(&OFF_SKC_NET));
+    if net != 0 {
+        event.netns = read_kernel(net as *const u8, constant(&OFF_NET_NS_INUM));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Classic sock:inet_sock_set_state, the fallback when BTF is missing.
+// ---------------------------------------------------------------------------------------------
+
+#[tracepoint]
+pub fn state_classic(ctx: TracePointContext) -> u32 {
+    let _ = try_state_classic(&ctx);
+    0
+}
+
+fn try_state_classic(ctx: &TracePointContext) -> Result<(), i32> {
+    // SAFETY: offsets come from this tracepoint's format file; reads are checked helpers.
+    unsafe {
+        let protocol: u16 = ctx.read_at(constant(&TP_PROTOCOL))?;
+        if protocol != IPPROTO_TCP as u16 {
+            return Ok(());
+        }
+        let mut event = new_event(kind::STATE_CLASSIC);
+        event.protocol = IPPROTO_TCP;
+        event.skaddr = ctx.read_at::<u64>(constant(&TP_SKADDR))?;
+        event.oldstate = ctx.read_at::<i32>(constant(&TP_OLDSTATE))? as u8;
+        event.newstate = ctx.read_at::<i32>(constant(&TP_NEWSTATE))? as u8;
+        event.sport = ctx.read_at::<u16>(constant(&TP_SPORT))?;
+        event.dport = ctx.read_at::<u16>(constant(&TP_DPORT))?;
+        event.family = ctx.read_at::<u16>(constant(&TP_FAMILY))? as u8;
+        if event.family == AF_INET {
+            let saddr: [u8; 4] = ctx.read_at(constant(&TP_SADDR))?;
+            let daddr: [u8; 4] = ctx.read_at(constant(&TP_DADDR))?;
+            event.saddr[..4].copy_from_slice(&saddr);
+            event.daddr[..4].copy_from_slice(&daddr);
+        } else {
+            event.saddr = ctx.read_at(constant(&TP_SADDR_V6))?;
+            event.daddr = ctx.read_at(constant(&TP_DADDR_V6))?;
+        }
+        submit(&event);
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// cgroup socket hooks (root cgroup v2): creation and release, in the acting task's context.
+// ---------------------------------------------------------------------------------------------
+
+#[inline(always)]
+fn sock_lifecycle(ctx: &SockContext, event_kind: u8) {
+    // SAFETY: the kernel passes a valid bpf_sock.
+    let sock = unsafe { &*ctx.sock };
+    if sock.protocol != IPPROTO_TCP as u32 {
+        return;
+    }
+    let mut event = new_event(event_kind);
+    // SAFETY: the program's own context.
+    event.cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    event.family = sock.family as u8;
+    event.protocol = IPPROTO_TCP;
+    submit(&event);
+}
+
+#[cgroup_sock(sock_create)]
+pub fn sock_create(ctx: SockContext) -> i32 {
+    sock_lifecycle(&ctx, kind::SOCK_CREATE);
+    1 // always allow
+}
+
+#[cgroup_sock(sock_release)]
+pub fn sock_release(ctx: SockContext) -> i32 {
+    sock_lifecycle(&ctx, kind::SOCK_RELEASE);
+    1 // always allow
+}
+
+// ---------------------------------------------------------------------------------------------
+// sock_ops: TCP_CONNECT runs in the connecting task after the local port was assigned.
+// ---------------------------------------------------------------------------------------------
+
+#[sock_ops]
+pub fn connect_port(ctx: SockOpsContext) -> u32 {
+    if ctx.op() == BPF_SOCK_OPS_TCP_CONNECT_CB {
+        // SAFETY: the program's own context.
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+        flush_pending_connect(cookie, ctx.local_port() as u16);
+    }
+    1 // never changes the connection; `reply` is left as other programs set it
+}
+
+#[cfg(all(target_arch = "bpf", not(test)))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,192 @@
+//! Command-line arguments, parsed once into the configuration the rest of netwatch uses.
+//! Bad values fail here, with clap's one-line error naming the value (exit code 2).
+use clap::{Args, Parser, Subcommand};
+
+use crate::{
+    events::{Family, TcpState},
+    filter::{TransitionFilter, parse_transition},
+    loader::{LoadOptions, SourceChoice},
+    output::Format,
+};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "netwatch",
+    version,
+    about = "Live TCP connection tracer: every state transition, with its real owner",
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    /// More diagnostics on stderr (-v info, -vv debug); RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    /// With no subcommand, netwatch runs `watch` with these options.
+    #[command(flatten)]
+    pub watch: WatchArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Stream TCP state transitions as they happen (the default view).
+    Watch(WatchArgs),
+}
+
+#[derive(Clone, Debug, Default, Args)]
+pub struct WatchArgs {
+    /// Only transitions with this local or remote port.
+    #[arg(long, value_name = "PORT")]
+    pub port: Option<u16>,
+    /// Only transitions with this local port.
+    #[arg(long, value_name = "PORT")]
+    pub sport: Option<u16>,
+    /// Only transitions with this remote port.
+    #[arg(long, value_name = "PORT")]
+    pub dport: Option<u16>,
+    /// Only sockets owned by this process id.
+    #[arg(long)]
+    pub pid: Option<u32>,
+    /// Only sockets owned by a process with this command name.
+    #[arg(long, value_name = "NAME")]
+    pub comm: Option<String>,
+    /// Only IPv4.
+    #[arg(short = '4', long = "ipv4", conflicts_with = "ipv6")]
+    pub ipv4: bool,
+    /// Only IPv6.
+    #[arg(short = '6', long = "ipv6")]
+    pub ipv6: bool,
+    /// Only transitions from or to this state (e.g. SYN_SENT).
+    #[arg(long, value_name = "STATE", value_parser = parse_state)]
+    pub state: Option<TcpState>,
+    /// Only this exact transition, OLD:NEW (e.g. SYN_SENT:ESTABLISHED).
+    #[arg(long, value_name = "OLD:NEW", value_parser = parse_transition)]
+    pub transition: Option<(TcpState, TcpState)>,
+    /// One JSON object per line (NDJSON) instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// Do not print the column header (text output).
+    #[arg(long)]
+    pub no_header: bool,
+    /// TCP state source: tp_btf (needs BTF), the classic tracepoint, or auto.
+    #[arg(long, value_enum, default_value_t = SourceChoice::Auto)]
+    pub source: SourceChoice,
+    /// Ring buffer size in bytes: a power of two, at least 4096.
+    #[arg(long, value_name = "BYTES", value_parser = parse_ring_size)]
+    pub ring_size: Option<u32>,
+}
+
+fn parse_state(text: &str) -> Result<TcpState, String> {
+    text.parse()
+}
+
+fn parse_ring_size(text: &str) -> Result<u32, String> {
+    let size: u32 = text
+        .parse()
+        .map_err(|_| format!("'{text}' is not a number of bytes"))?;
+    if size < 4096 || !size.is_power_of_two() {
+        return Err(format!(
+            "{size} is not a power of two of at least 4096 (e.g. 1048576)"
+        ));
+    }
+    Ok(size)
+}
+
+impl WatchArgs {
+    pub fn filter(&self) -> TransitionFilter {
+        TransitionFilter {
+            port: self.port,
+            sport: self.sport,
+            dport: self.dport,
+            pid: self.pid,
+            comm: self.comm.clone(),
+            family: match (self.ipv4, self.ipv6) {
+                (true, _) => Some(Family::Ipv4),
+                (_, true) => Some(Family::Ipv6),
+                _ => None,
+            },
+            state: self.state,
+            transition: self.transition,
+        }
+    }
+
+    pub fn format(&self) -> Format {
+        if self.json {
+            Format::Json
+        } else {
+            Format::Text
+        }
+    }
+
+    pub fn load_options(&self) -> LoadOptions {
+        LoadOptions {
+            source: self.source,
+            ring_size: self.ring_size,
+        }
+    }
+}
+
+impl Cli {
+    /// The watch options in force, whether given after `watch` or with no subcommand.
+    pub fn watch_args(&self) -> &WatchArgs {
+        match &self.command {
+            Some(Command::Watch(args)) => args,
+            None => &self.watch,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::error::ErrorKind;
+
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("netwatch").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn no_subcommand_means_watch() {
+        let cli = parse(&["--port", "80", "--json"]).unwrap();
+        assert!(cli.command.is_none());
+        assert_eq!(cli.watch_args().port, Some(80));
+        assert_eq!(cli.watch_args().format(), Format::Json);
+        let cli = parse(&["watch", "-6", "--transition", "syn_sent:established"]).unwrap();
+        let filter = cli.watch_args().filter();
+        assert_eq!(filter.family, Some(Family::Ipv6));
+        assert_eq!(
+            filter.transition,
+            Some((TcpState::SynSent, TcpState::Established))
+        );
+    }
+
+    #[test]
+    fn bad_values_are_usage_errors_naming_the_value() {
+        for (args, needle) in [
+            (&["--state", "SYN_SEND"][..], "'SYN_SEND'"),
+            (&["--port", "70000"][..], "70000"),
+            (&["watch", "--transition", "LISTEN"][..], "OLD:NEW"),
+            (&["--ring-size", "5000"][..], "5000"),
+        ] {
+            let error = parse(args).unwrap_err();
+            assert_eq!(error.kind(), ErrorKind::ValueValidation, "{args:?}");
+            assert!(error.to_string().contains(needle), "{args:?}: {error}");
+            assert_eq!(error.exit_code(), 2);
+        }
+        let error = parse(&["--state", "bogus"]).unwrap_err().to_string();
+        assert!(
+            error.contains("ESTABLISHED, SYN_SENT"),
+            "lists accepted names: {error}"
+        );
+    }
+
+    #[test]
+    fn ipv4_and_ipv6_conflict() {
+        let error = parse(&["-4", "-6"]).unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::ArgumentConflict);
+        assert_eq!(error.exit_code(), 2);
+    }
+}

@@ -1,0 +1,62 @@
+//! The library's error type: every failure a user can cause, with a message that says what is
+//! wrong and what to do about it.
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("netwatch needs root to load its eBPF programs: run it as root (e.g. `sudo netwatch`)")]
+    NotRoot,
+
+    #[error(
+        "cannot use kernel BTF at {path}: {reason}; netwatch needs a kernel built with \
+         CONFIG_DEBUG_INFO_BTF=y (or use `--source classic`)"
+    )]
+    Btf { path: PathBuf, reason: String },
+
+    #[error(
+        "tracefs is not mounted and mounting it failed ({reason}); run \
+         `mount -t tracefs tracefs /sys/kernel/tracing` and try again"
+    )]
+    Tracefs { reason: String },
+
+    #[error("cannot read tracepoint format {path}: {reason}")]
+    TracepointFormat { path: PathBuf, reason: String },
+
+    #[error("loading the eBPF programs failed: {0}")]
+    Load(#[from] aya::EbpfError),
+
+    #[error("attaching {program} failed: {source}")]
+    Attach {
+        program: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+
+    #[error("eBPF map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+
+    #[error("eBPF object has no program or map named {0} (build mismatch: rebuild netwatch)")]
+    Missing(&'static str),
+
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Error {
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        Error::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

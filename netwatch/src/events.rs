@@ -1,0 +1,441 @@
+//! Kernel records in, typed events out: decoding of the `EVENTS` ring buffer and the async
+//! reader that drains it when the kernel says it is readable (tokio `AsyncFd`, no polling).
+use std::{
+    fmt, io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    str::FromStr,
+};
+
+use aya::maps::{MapData, RingBuf};
+use netwatch_common::{AF_INET, AF_INET6, SockEvent, flags, kind};
+use serde::Serialize;
+use tokio::io::unix::AsyncFd;
+
+/// A TCP state as the kernel numbers it (`include/net/tcp_states.h`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum TcpState {
+    Established = 1,
+    SynSent,
+    SynRecv,
+    FinWait1,
+    FinWait2,
+    TimeWait,
+    Close,
+    CloseWait,
+    LastAck,
+    Listen,
+    Closing,
+    NewSynRecv,
+}
+
+impl TcpState {
+    pub const ALL: [TcpState; 12] = [
+        TcpState::Established,
+        TcpState::SynSent,
+        TcpState::SynRecv,
+        TcpState::FinWait1,
+        TcpState::FinWait2,
+        TcpState::TimeWait,
+        TcpState::Close,
+        TcpState::CloseWait,
+        TcpState::LastAck,
+        TcpState::Listen,
+        TcpState::Closing,
+        TcpState::NewSynRecv,
+    ];
+
+    pub fn from_kernel(code: u8) -> Option<Self> {
+        Self::ALL.get(usize::from(code).checked_sub(1)?).copied()
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            TcpState::Established => "ESTABLISHED",
+            TcpState::SynSent => "SYN_SENT",
+            TcpState::SynRecv => "SYN_RECV",
+            TcpState::FinWait1 => "FIN_WAIT1",
+            TcpState::FinWait2 => "FIN_WAIT2",
+            TcpState::TimeWait => "TIME_WAIT",
+            TcpState::Close => "CLOSE",
+            TcpState::CloseWait => "CLOSE_WAIT",
+            TcpState::LastAck => "LAST_ACK",
+            TcpState::Listen => "LISTEN",
+            TcpState::Closing => "CLOSING",
+            TcpState::NewSynRecv => "NEW_SYN_RECV",
+        }
+    }
+
+    /// The accepted spellings, for error messages.
+    pub fn names() -> String {
+        Self::ALL
+            .iter()
+            .map(|s| s.name())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+impl fmt::Display for TcpState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(self.name())
+    }
+}
+
+impl FromStr for TcpState {
+    type Err = String;
+
+    /// Case-insensitive; `-` may stand for `_` (`syn-sent`), as `ss` spells states.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let wanted = s.trim().to_ascii_uppercase().replace('-', "_");
+        Self::ALL
+            .iter()
+            .copied()
+            .find(|state| state.name() == wanted)
+            .ok_or_else(|| {
+                format!(
+                    "unknown TCP state '{s}' (expected one of: {})",
+                    Self::names()
+                )
+            })
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Family {
+    Ipv4,
+    Ipv6,
+}
+
+/// Which tracepoint reported a transition; it decides how the socket is identified.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StateSource {
+    /// `tp_btf/inet_sock_set_state`: identity is the socket cookie.
+    TpBtf,
+    /// Classic `sock:inet_sock_set_state`: identity is (netns, socket address).
+    Tracepoint,
+}
+
+impl fmt::Display for StateSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            StateSource::TpBtf => "tp_btf/inet_sock_set_state",
+            StateSource::Tracepoint => "tracepoint sock:inet_sock_set_state",
+        })
+    }
+}
+
+/// How a socket is identified for the life of the boot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum SockKey {
+    Cookie(u64),
+    /// The fallback's identity: a `struct sock` address can be reused after the socket is freed.
+    Addr {
+        netns: u32,
+        skaddr: u64,
+    },
+}
+
+/// The task that was on the CPU when a hook ran: evidence of ownership, never proof.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Task {
+    pub pid: u32,
+    pub tid: u32,
+    pub comm: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StateChange {
+    pub ts_ns: u64,
+    pub source: StateSource,
+    pub key: SockKey,
+    pub cookie: Option<u64>,
+    pub skaddr: u64,
+    pub netns: u32,
+    pub family: Family,
+    pub local: (IpAddr, u16),
+    pub remote: (IpAddr, u16),
+    pub old: TcpState,
+    pub new: TcpState,
+    pub task: Task,
+    /// Emitted late, from the connect callback, so that the local port is known.
+    pub deferred_connect: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SockLife {
+    pub ts_ns: u64,
+    pub cookie: u64,
+    pub task: Task,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    State(StateChange),
+    Created(SockLife),
+    Released(SockLife),
+}
+
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("record of {0} bytes is shorter than a SockEvent ({size})", size = SockEvent::SIZE)]
+    Short(usize),
+    #[error("unknown event kind {0}")]
+    UnknownKind(u8),
+    #[error("unknown address family {0}")]
+    UnknownFamily(u8),
+    #[error("unknown TCP state {0}")]
+    UnknownState(u8),
+}
+
+fn comm(raw: &[u8; 16]) -> String {
+    let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
+    String::from_utf8_lossy(&raw[..end]).into_owned()
+}
+
+fn task(raw: &SockEvent) -> Task {
+    Task {
+        pid: (raw.pid_tgid >> 32) as u32,
+        tid: raw.pid_tgid as u32,
+        comm: comm(&raw.comm),
+    }
+}
+
+fn address(family: Family, bytes: &[u8; 16]) -> IpAddr {
+    match family {
+        Family::Ipv4 => IpAddr::V4(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3])),
+        Family::Ipv6 => IpAddr::V6(Ipv6Addr::from(*bytes)),
+    }
+}
+
+/// Decodes one ring buffer record. Never panics: anything malformed is an error to count.
+pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
+    if bytes.len() < SockEvent::SIZE {
+        return Err(DecodeError::Short(bytes.len()));
+    }
+    // SAFETY: the length is checked above, SockEvent is plain old data valid for any bits, and
+    // read_unaligned makes no alignment assumption about the ring buffer slice.
+    let raw: SockEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+    match raw.kind {
+        kind::STATE_BTF | kind::STATE_CLASSIC => {
+            let family = match raw.family {
+                AF_INET => Family::Ipv4,
+                AF_INET6 => Family::Ipv6,
+                other => return Err(DecodeError::UnknownFamily(other)),
+            };
+            let state = |code| TcpState::from_kernel(code).ok_or(DecodeError::UnknownState(code));
+            let (source, key, cookie) = if raw.kind == kind::STATE_BTF {
+                (
+                    StateSource::TpBtf,
+                    SockKey::Cookie(raw.cookie),
+                    Some(raw.cookie),
+                )
+            } else {
+                let key = SockKey::Addr {
+                    netns: raw.netns,
+                    skaddr: raw.skaddr,
+                };
+                (StateSource::Tracepoint, key, None)
+            };
+            Ok(Event::State(StateChange {
+                ts_ns: raw.ts_ns,
+                source,
+                key,
+                cookie,
+                skaddr: raw.skaddr,
+                netns: raw.netns,
+                family,
+                local: (address(family, &raw.saddr), raw.sport),
+                remote: (address(family, &raw.daddr), raw.dport),
+                old: state(raw.oldstate)?,
+                new: state(raw.newstate)?,
+                task: task(&raw),
+                deferred_connect: raw.flags & flags::DEFERRED_CONNECT != 0,
+            }))
+        }
+        kind::SOCK_CREATE | kind::SOCK_RELEASE => {
+            let life = SockLife {
+                ts_ns: raw.ts_ns,
+                cookie: raw.cookie,
+                task: task(&raw),
+            };
+            Ok(if raw.kind == kind::SOCK_CREATE {
+                Event::Created(life)
+            } else {
+                Event::Released(life)
+            })
+        }
+        other => Err(DecodeError::UnknownKind(other)),
+    }
+}
+
+/// The `EVENTS` ring buffer, registered with tokio so that reads wait for the kernel's wakeup.
+pub struct EventReader {
+    ring: AsyncFd<RingBuf<MapData>>,
+    /// Records that failed to decode since start.
+    pub malformed: u64,
+}
+
+impl EventReader {
+    pub fn new(ring: RingBuf<MapData>) -> std::io::Result<Self> {
+        // SAFETY: the RingBuf owns its map fd and lives inside the AsyncFd, so the fd stays
+        // open for as long as it is registered.
+        let ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
+            .map_err(io::Error::from)?;
+        Ok(Self { ring, malformed: 0 })
+    }
+
+    /// Waits until the ring buffer has data, then appends every available event to `out`.
+    pub async fn read_batch(&mut self, out: &mut Vec<Event>) -> std::io::Result<()> {
+        let mut guard = self.ring.readable_mut().await?;
+        let ring = guard.get_inner_mut();
+        while let Some(item) = ring.next() {
+            match decode(&item) {
+                Ok(event) => out.push(event),
+                Err(error) => {
+                    self.malformed += 1;
+                    tracing::debug!("dropping malformed ring buffer record: {error}");
+                }
+            }
+        }
+        guard.clear_ready();
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use netwatch_common::tcp_state;
+
+    fn raw_state(kind: u8) -> SockEvent {
+        let mut raw = SockEvent::zeroed();
+        raw.kind = kind;
+        raw.ts_ns = 42;
+        raw.cookie = 7;
+        raw.skaddr = 0xffff_0000_1234;
+        raw.netns = 4026531840;
+        raw.pid_tgid = (1000u64 << 32) | 1001;
+        raw.family = AF_INET;
+        raw.protocol = 6;
+        raw.oldstate = tcp_state::SYN_SENT;
+        raw.newstate = tcp_state::ESTABLISHED;
+        raw.sport = 40000;
+        raw.dport = 80;
+        raw.saddr[..4].copy_from_slice(&[127, 0, 0, 1]);
+        raw.daddr[..4].copy_from_slice(&[127, 0, 0, 2]);
+        raw.comm[..4].copy_from_slice(b"curl");
+        raw
+    }
+
+    fn bytes(raw: &SockEvent) -> Vec<u8> {
+        // SAFETY: SockEvent is plain old data without implicit padding.
+        unsafe { std::slice::from_raw_parts((raw as *const SockEvent).cast(), SockEvent::SIZE) }
+            .to_vec()
+    }
+
+    #[test]
+    fn decodes_a_btf_transition() {
+        let Ok(Event::State(change)) = decode(&bytes(&raw_state(kind::STATE_BTF))) else {
+            panic!("not a state change")
+        };
+        assert_eq!(change.key, SockKey::Cookie(7));
+        assert_eq!(change.local, ("127.0.0.1".parse().unwrap(), 40000));
+        assert_eq!(change.remote, ("127.0.0.2".parse().unwrap(), 80));
+        assert_eq!(
+            (change.old, change.new),
+            (TcpState::SynSent, TcpState::Established)
+        );
+        assert_eq!(
+            change.task,
+            Task {
+                pid: 1000,
+                tid: 1001,
+                comm: "curl".into()
+            }
+        );
+        assert!(!change.deferred_connect);
+    }
+
+    #[test]
+    fn classic_transitions_are_keyed_by_address() {
+        let Ok(Event::State(change)) = decode(&bytes(&raw_state(kind::STATE_CLASSIC))) else {
+            panic!("not a state change")
+        };
+        assert_eq!(
+            change.key,
+            SockKey::Addr {
+                netns: 4026531840,
+                skaddr: 0xffff_0000_1234
+            }
+        );
+        assert_eq!(change.cookie, None);
+    }
+
+    #[test]
+    fn decodes_ipv6_addresses() {
+        let mut raw = raw_state(kind::STATE_BTF);
+        raw.family = AF_INET6;
+        raw.saddr = Ipv6Addr::LOCALHOST.octets();
+        raw.daddr = "fd00::2".parse::<Ipv6Addr>().unwrap().octets();
+        let Ok(Event::State(change)) = decode(&bytes(&raw)) else {
+            panic!("not a state change")
+        };
+        assert_eq!(change.local.0, IpAddr::V6(Ipv6Addr::LOCALHOST));
+        assert_eq!(change.remote.0, "fd00::2".parse::<IpAddr>().unwrap());
+    }
+
+    #[test]
+    fn decodes_lifecycle_events() {
+        let mut raw = raw_state(kind::SOCK_CREATE);
+        assert!(matches!(
+            decode(&bytes(&raw)),
+            Ok(Event::Created(SockLife { cookie: 7, .. }))
+        ));
+        raw.kind = kind::SOCK_RELEASE;
+        assert!(matches!(
+            decode(&bytes(&raw)),
+            Ok(Event::Released(SockLife { ts_ns: 42, .. }))
+        ));
+    }
+
+    #[test]
+    fn rejects_short_and_malformed_records() {
+        let good = bytes(&raw_state(kind::STATE_BTF));
+        assert_eq!(decode(&[]), Err(DecodeError::Short(0)));
+        assert_eq!(decode(&good[..95]), Err(DecodeError::Short(95)));
+        let mut raw = raw_state(99);
+        assert_eq!(decode(&bytes(&raw)), Err(DecodeError::UnknownKind(99)));
+        raw = raw_state(kind::STATE_BTF);
+        raw.family = 1;
+        assert_eq!(decode(&bytes(&raw)), Err(DecodeError::UnknownFamily(1)));
+        raw = raw_state(kind::STATE_BTF);
+        raw.newstate = 0;
+        assert_eq!(decode(&bytes(&raw)), Err(DecodeError::UnknownState(0)));
+        raw.newstate = 13;
+        assert_eq!(decode(&bytes(&raw)), Err(DecodeError::UnknownState(13)));
+    }
+
+    #[test]
+    fn longer_records_decode_their_prefix() {
+        let mut long = bytes(&raw_state(kind::STATE_BTF));
+        long.extend_from_slice(&[0xff; 8]);
+        assert!(decode(&long).is_ok());
+    }
+
+    #[test]
+    fn state_names_round_trip() {
+        for state in TcpState::ALL {
+            assert_eq!(state.name().parse::<TcpState>(), Ok(state));
+            assert_eq!(TcpState::from_kernel(state as u8), Some(state));
+        }
+        assert_eq!("syn-sent".parse::<TcpState>(), Ok(TcpState::SynSent));
+        let err = "SYN_SEND".parse::<TcpState>().unwrap_err();
+        assert!(
+            err.contains("'SYN_SEND'") && err.contains("SYN_SENT, SYN_RECV"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,195 @@
+//! Which transitions the user asked to see. All given conditions must hold.
+use crate::{
+    events::{Family, TcpState},
+    table::Transition,
+};
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TransitionFilter {
+    /// Local or remote port.
+    pub port: Option<u16>,
+    pub sport: Option<u16>,
+    pub dport: Option<u16>,
+    /// Owner's pid; a transition whose owner is unknown does not match.
+    pub pid: Option<u32>,
+    /// Owner's command name, exactly.
+    pub comm: Option<String>,
+    pub family: Option<Family>,
+    /// Either side of the transition.
+    pub state: Option<TcpState>,
+    /// Exactly this old -> new.
+    pub transition: Option<(TcpState, TcpState)>,
+}
+
+impl TransitionFilter {
+    pub fn matches(&self, t: &Transition) -> bool {
+        let c = &t.change;
+        let (lport, rport) = (c.local.1, c.remote.1);
+        self.port.is_none_or(|p| p == lport || p == rport)
+            && self.sport.is_none_or(|p| p == lport)
+            && self.dport.is_none_or(|p| p == rport)
+            && self
+                .pid
+                .is_none_or(|pid| t.owner.as_ref().is_some_and(|o| o.pid == pid))
+            && self
+                .comm
+                .as_ref()
+                .is_none_or(|comm| t.owner.as_ref().is_some_and(|o| &o.comm == comm))
+            && self.family.is_none_or(|f| f == c.family)
+            && self.state.is_none_or(|s| s == c.old || s == c.new)
+            && self
+                .transition
+                .is_none_or(|(old, new)| old == c.old && new == c.new)
+    }
+}
+
+/// Parses `OLD:NEW`, e.g. `SYN_SENT:ESTABLISHED`.
+pub fn parse_transition(text: &str) -> Result<(TcpState, TcpState), String> {
+    let (old, new) = text
+        .split_once(':')
+        .ok_or_else(|| format!("'{text}' is not OLD:NEW (e.g. SYN_SENT:ESTABLISHED)"))?;
+    Ok((old.parse()?, new.parse()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{IpAddr, Ipv4Addr};
+
+    use super::*;
+    use crate::{
+        events::{SockKey, StateChange, StateSource, Task},
+        table::Owner,
+    };
+
+    fn transition(lport: u16, rport: u16, old: TcpState, new: TcpState) -> Transition {
+        Transition {
+            change: StateChange {
+                ts_ns: 0,
+                source: StateSource::TpBtf,
+                key: SockKey::Cookie(1),
+                cookie: Some(1),
+                skaddr: 0,
+                netns: 1,
+                family: Family::Ipv4,
+                local: (IpAddr::V4(Ipv4Addr::LOCALHOST), lport),
+                remote: (IpAddr::V4(Ipv4Addr::LOCALHOST), rport),
+                old,
+                new,
+                task: Task {
+                    pid: 0,
+                    tid: 0,
+                    comm: "swapper/0".into(),
+                },
+                deferred_connect: false,
+            },
+            owner: Some(Owner {
+                pid: 42,
+                comm: "curl".into(),
+            }),
+            in_old_state_ns: None,
+        }
+    }
+
+    #[test]
+    fn conditions_combine() {
+        let t = transition(40000, 80, TcpState::SynSent, TcpState::Established);
+        let all = TransitionFilter::default();
+        assert!(all.matches(&t));
+        let f = |f: TransitionFilter| f.matches(&t);
+        assert!(f(TransitionFilter {
+            port: Some(80),
+            ..all.clone()
+        }));
+        assert!(f(TransitionFilter {
+            port: Some(40000),
+            ..all.clone()
+        }));
+        assert!(!f(TransitionFilter {
+            port: Some(81),
+            ..all.clone()
+        }));
+        assert!(f(TransitionFilter {
+            sport: Some(40000),
+            dport: Some(80),
+            ..all.clone()
+        }));
+        assert!(!f(TransitionFilter {
+            sport: Some(80),
+            ..all.clone()
+        }));
+        assert!(f(TransitionFilter {
+            pid: Some(42),
+            comm: Some("curl".into()),
+            ..all.clone()
+        }));
+        assert!(!f(TransitionFilter {
+            pid: Some(42),
+            comm: Some("wget".into()),
+            ..all.clone()
+        }));
+        assert!(!f(TransitionFilter {
+            family: Some(Family::Ipv6),
+            ..all.clone()
+        }));
+        assert!(f(TransitionFilter {
+            state: Some(TcpState::SynSent),
+            ..all.clone()
+        }));
+        assert!(f(TransitionFilter {
+            state: Some(TcpState::Established),
+            ..all.clone()
+        }));
+        assert!(!f(TransitionFilter {
+            state: Some(TcpState::Listen),
+            ..all.clone()
+        }));
+        let syn = Some((TcpState::SynSent, TcpState::Established));
+        assert!(f(TransitionFilter {
+            transition: syn,
+            ..all.clone()
+        }));
+        let reversed = Some((TcpState::Established, TcpState::SynSent));
+        assert!(!f(TransitionFilter {
+            transition: reversed,
+            ..all.clone()
+        }));
+    }
+
+    #[test]
+    fn unknown_owner_matches_no_pid_or_comm() {
+        let mut t = transition(1, 2, TcpState::Listen, TcpState::SynRecv);
+        t.owner = None;
+        assert!(
+            !TransitionFilter {
+                pid: Some(0),
+                ..Default::default()
+            }
+            .matches(&t)
+        );
+        assert!(
+            !TransitionFilter {
+                comm: Some("swapper/0".into()),
+                ..Default::default()
+            }
+            .matches(&t)
+        );
+    }
+
+    #[test]
+    fn parses_transitions() {
+        assert_eq!(
+            parse_transition("syn_sent:ESTABLISHED"),
+            Ok((TcpState::SynSent, TcpState::Established))
+        );
+        assert!(
+            parse_transition("SYN_SENT")
+                .unwrap_err()
+                .contains("OLD:NEW")
+        );
+        assert!(
+            parse_transition("SYN_SENT:BOGUS")
+                .unwrap_err()
+                .contains("'BOGUS'")
+        );
+    }
+}

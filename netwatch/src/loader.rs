@@ -1,0 +1,405 @@
+//! Loads the kernel programs, patches in the offsets they need, attaches them, and degrades
+//! (with one warning each) where a hook is missing rather than refusing to start.
+//!
+//! Order: resolve offsets (BTF, tracepoint format) -> load the object -> attach the state
+//! program (tp_btf, or the classic tracepoint as fallback) -> attach the cgroup hooks on the
+//! cgroup v2 root -> enable the deferred-connect path only once `sock_ops` is attached.
+//! Dropping [`Probes`] detaches everything; the links are fds, so a killed process detaches too.
+use std::{
+    collections::HashMap,
+    fs::File,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use aya::{
+    Btf, Ebpf, EbpfLoader,
+    maps::{Array, MapData, PerCpuArray, RingBuf},
+    programs::{BtfTracePoint, CgroupAttachMode, CgroupSock, SockOps, TracePoint},
+};
+use netwatch_common::config;
+
+use crate::{
+    btf::KernelBtf,
+    error::{Error, Result},
+    events::StateSource,
+};
+
+/// The kernel object built by build.rs from `netwatch-ebpf`.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/netwatch"));
+
+/// Which TCP state source to use.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum SourceChoice {
+    /// tp_btf when the kernel has BTF, else the classic tracepoint.
+    #[default]
+    Auto,
+    /// Only tp_btf/inet_sock_set_state (socket cookies, netns).
+    Btf,
+    /// Only the classic sock:inet_sock_set_state tracepoint (no BTF needed).
+    Classic,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct LoadOptions {
+    pub source: SourceChoice,
+    /// Ring buffer size in bytes (a power of two, at least one page); None keeps the default.
+    pub ring_size: Option<u32>,
+}
+
+/// The attached programs and the maps the agent reads.
+pub struct Probes {
+    ebpf: Ebpf,
+    pub source: StateSource,
+    /// One line per hook that could not be used, and what that costs the user.
+    pub warnings: Vec<String>,
+    /// From start of loading to the last attach.
+    pub load_time: Duration,
+}
+
+impl Probes {
+    pub fn take_ring(&mut self) -> Result<RingBuf<MapData>> {
+        let map = self
+            .ebpf
+            .take_map("EVENTS")
+            .ok_or(Error::Missing("EVENTS"))?;
+        RingBuf::try_from(map).map_err(|source| Error::Map {
+            name: "EVENTS",
+            source,
+        })
+    }
+
+    pub fn take_lost_counter(&mut self) -> Result<LostCounter> {
+        let map = self.ebpf.take_map("LOST").ok_or(Error::Missing("LOST"))?;
+        let map = PerCpuArray::try_from(map).map_err(|source| Error::Map {
+            name: "LOST",
+            source,
+        })?;
+        Ok(LostCounter { map })
+    }
+}
+
+/// The kernel side's per-CPU count of events it could not reserve ring buffer space for.
+pub struct LostCounter {
+    map: PerCpuArray<MapData, u64>,
+}
+
+impl LostCounter {
+    /// Sum over CPUs since the programs were loaded.
+    pub fn total(&self) -> Result<u64> {
+        let values = self.map.get(&0, 0).map_err(|source| Error::Map {
+            name: "LOST",
+            source,
+        })?;
+        Ok(values.iter().sum())
+    }
+}
+
+pub fn load(options: &LoadOptions) -> Result<Probes> {
+    let started = Instant::now();
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(Error::NotRoot);
+    }
+    raise_memlock_limit();
+
+    let mut warnings = Vec::new();
+    let kernel_btf = match options.source {
+        SourceChoice::Classic => None,
+        SourceChoice::Btf => Some(KernelBtf::from_sys_fs()?),
+        SourceChoice::Auto => match KernelBtf::from_sys_fs() {
+            Ok(btf) => Some(btf),
+            Err(error) => {
+                warnings.push(format!(
+                    "{error}; falling back to the classic tracepoint: sockets are identified \
+                     by address, not cookie, and netns is unknown"
+                ));
+                None
+            }
+        },
+    };
+    let offsets = match &kernel_btf {
+        Some(btf) => sock_offsets(btf)?,
+        None => Vec::new(),
+    };
+    let tracepoint_fields = match kernel_btf {
+        Some(_) => Vec::new(),
+        None => classic_tracepoint_fields()?,
+    };
+
+    let mut loader = EbpfLoader::new();
+    for (name, value) in offsets.iter().chain(&tracepoint_fields) {
+        loader.override_global(name, value, true);
+    }
+    if let Some(size) = options.ring_size {
+        loader.map_max_entries("EVENTS", size);
+    }
+    let mut ebpf = loader.load(EBPF_OBJECT)?;
+
+    let source = if kernel_btf.is_some() {
+        let btf = Btf::from_sys_fs().map_err(|e| Error::Btf {
+            path: crate::btf::VMLINUX.into(),
+            reason: e.to_string(),
+        })?;
+        let program: &mut BtfTracePoint = program(&mut ebpf, "state_btf")?;
+        program
+            .load("inet_sock_set_state", &btf)
+            .map_err(attach_error("state_btf"))?;
+        program
+            .attach()
+            .map_err(attach_error("tp_btf/inet_sock_set_state"))?;
+        StateSource::TpBtf
+    } else {
+        let program: &mut TracePoint = program(&mut ebpf, "state_classic")?;
+        program.load().map_err(attach_error("state_classic"))?;
+        program
+            .attach("sock", "inet_sock_set_state")
+            .map_err(attach_error("tracepoint sock:inet_sock_set_state"))?;
+        StateSource::Tracepoint
+    };
+
+    match cgroup2_root() {
+        Some(root) => attach_cgroup_hooks(&mut ebpf, &root, source, &mut warnings)?,
+        None => warnings.push(
+            "no cgroup v2 hierarchy is mounted: socket creation times and the local port of \
+             SYN_SENT are unknown (mount one: `mount -t cgroup2 none /sys/fs/cgroup/unified`)"
+                .into(),
+        ),
+    }
+
+    Ok(Probes {
+        ebpf,
+        source,
+        warnings,
+        load_time: started.elapsed(),
+    })
+}
+
+fn attach_cgroup_hooks(
+    ebpf: &mut Ebpf,
+    root: &Path,
+    source: StateSource,
+    warnings: &mut Vec<String>,
+) -> Result<()> {
+    let root = File::open(root).map_err(|e| Error::io(format!("open {}", root.display()), e))?;
+    for (name, consequence) in [
+        (
+            "sock_create",
+            "the first transition of a socket shows no time since its creation",
+        ),
+        (
+            "sock_release",
+            "closed sockets that never connected are forgotten only by eviction",
+        ),
+    ] {
+        let program: &mut CgroupSock = program(ebpf, name)?;
+        // Single = flags 0, which bpf_link_create requires; cgroup links are multi-attach anyway,
+        // so this coexists with other tools' programs (and another netwatch) on the root.
+        let attached = program
+            .load()
+            .and_then(|()| program.attach(&root, CgroupAttachMode::Single).map(drop));
+        if let Err(error) = attached {
+            warnings.push(format!(
+                "cannot attach cgroup/{name} ({error}): {consequence}"
+            ));
+        }
+    }
+
+    let program: &mut SockOps = program(ebpf, "connect_port")?;
+    let attached = program
+        .load()
+        .and_then(|()| program.attach(&root, CgroupAttachMode::Single).map(drop));
+    match attached {
+        Ok(()) if source == StateSource::TpBtf => {
+            let map = ebpf.map_mut("CONFIG").ok_or(Error::Missing("CONFIG"))?;
+            let mut config: Array<_, u32> = Array::try_from(map).map_err(|source| Error::Map {
+                name: "CONFIG",
+                source,
+            })?;
+            config
+                .set(config::DEFER_CONNECT, 1, 0)
+                .map_err(|source| Error::Map {
+                    name: "CONFIG",
+                    source,
+                })?;
+        }
+        Ok(()) => warnings.push(
+            "the classic tracepoint cannot wait for the connect callback: SYN_SENT shows local \
+             port 0"
+                .into(),
+        ),
+        Err(error) => warnings.push(format!(
+            "cannot attach sock_ops ({error}): SYN_SENT shows local port 0, as the kernel \
+             assigns it after the transition"
+        )),
+    }
+    Ok(())
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program>,
+{
+    ebpf.program_mut(name)
+        .ok_or(Error::Missing(name))?
+        .try_into()
+        .map_err(|_| Error::Missing(name))
+}
+
+fn attach_error(program: &'static str) -> impl Fn(aya::programs::ProgramError) -> Error {
+    move |source| Error::Attach { program, source }
+}
+
+/// Offsets the tp_btf program reads from `struct sock`, named as the program's globals.
+fn sock_offsets(btf: &KernelBtf) -> Result<Vec<(&'static str, u32)>> {
+    const FIELDS: [(&str, &str, &str); 11] = [
+        ("OFF_SKC_DADDR", "sock", "__sk_common.skc_daddr"),
+        ("OFF_SKC_RCV_SADDR", "sock", "__sk_common.skc_rcv_saddr"),
+        ("OFF_SKC_DPORT", "sock", "__sk_common.skc_dport"),
+        ("OFF_SKC_NUM", "sock", "__sk_common.skc_num"),
+        ("OFF_SKC_FAMILY", "sock", "__sk_common.skc_family"),
+        ("OFF_SKC_NET", "sock", "__sk_common.skc_net.net"),
+        ("OFF_SKC_V6_DADDR", "sock", "__sk_common.skc_v6_daddr"),
+        (
+            "OFF_SKC_V6_RCV_SADDR",
+            "sock",
+            "__sk_common.skc_v6_rcv_saddr",
+        ),
+        ("OFF_SK_PROTOCOL", "sock", "sk_protocol"),
+        ("OFF_INET_SPORT", "inet_sock", "inet_sport"),
+        ("OFF_NET_NS_INUM", "net", "ns.inum"),
+    ];
+    FIELDS
+        .iter()
+        .map(|&(global, strukt, path)| Ok((global, btf.offset_of(strukt, path)?)))
+        .collect()
+}
+
+const TRACEFS_PATHS: [&str; 2] = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"];
+
+/// Field offsets of the classic tracepoint, from its format file (mounting tracefs if needed).
+fn classic_tracepoint_fields() -> Result<Vec<(&'static str, u32)>> {
+    let tracefs = tracefs()?;
+    let path = tracefs.join("events/sock/inet_sock_set_state/format");
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::TracepointFormat {
+        path: path.clone(),
+        reason: e.to_string(),
+    })?;
+    let fields = parse_tracepoint_format(&text);
+    [
+        ("TP_SKADDR", "skaddr"),
+        ("TP_OLDSTATE", "oldstate"),
+        ("TP_NEWSTATE", "newstate"),
+        ("TP_SPORT", "sport"),
+        ("TP_DPORT", "dport"),
+        ("TP_FAMILY", "family"),
+        ("TP_PROTOCOL", "protocol"),
+        ("TP_SADDR", "saddr"),
+        ("TP_DADDR", "daddr"),
+        ("TP_SADDR_V6", "saddr_v6"),
+        ("TP_DADDR_V6", "daddr_v6"),
+    ]
+    .into_iter()
+    .map(|(global, field)| {
+        let offset = fields.get(field).ok_or_else(|| Error::TracepointFormat {
+            path: path.clone(),
+            reason: format!("no field {field}"),
+        })?;
+        Ok((global, *offset))
+    })
+    .collect()
+}
+
+/// Field name -> offset from a tracepoint `format` file
+/// (`field:__u16 sport;	offset:24;	size:2;	signed:0;`).
+pub fn parse_tracepoint_format(text: &str) -> HashMap<String, u32> {
+    text.lines()
+        .filter_map(|line| {
+            let line = line.trim().strip_prefix("field:")?;
+            let (declaration, rest) = line.split_once(';')?;
+            let name = declaration.split_whitespace().last()?;
+            let name = name.split('[').next()?.trim_start_matches('*');
+            let offset = rest
+                .split(';')
+                .find_map(|part| part.trim().strip_prefix("offset:"))?;
+            Some((name.to_string(), offset.parse().ok()?))
+        })
+        .collect()
+}
+
+/// Where tracefs is mounted, mounting it at /sys/kernel/tracing if it is nowhere.
+pub fn tracefs() -> Result<PathBuf> {
+    if let Some(path) = TRACEFS_PATHS
+        .iter()
+        .map(Path::new)
+        .find(|p| p.join("events").is_dir())
+    {
+        return Ok(path.to_path_buf());
+    }
+    let target = c"/sys/kernel/tracing";
+    // SAFETY: valid NUL-terminated strings; no data argument.
+    let rc = unsafe {
+        libc::mount(
+            c"tracefs".as_ptr(),
+            target.as_ptr(),
+            c"tracefs".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(Error::Tracefs {
+            reason: std::io::Error::last_os_error().to_string(),
+        });
+    }
+    tracing::info!("mounted tracefs at /sys/kernel/tracing");
+    Ok(PathBuf::from(TRACEFS_PATHS[0]))
+}
+
+/// The first cgroup v2 mount point (`/sys/fs/cgroup` on pure v2 hosts, often
+/// `/sys/fs/cgroup/unified` on hybrid ones).
+fn cgroup2_root() -> Option<PathBuf> {
+    let mounts = procfs::process::Process::myself().ok()?.mountinfo().ok()?;
+    mounts
+        .into_iter()
+        .find(|m| m.fs_type == "cgroup2")
+        .map(|m| m.mount_point)
+}
+
+/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; harmless on newer ones.
+fn raise_memlock_limit() {
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: valid pointer to an initialised rlimit.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
+        tracing::debug!(
+            "setrlimit(RLIMIT_MEMLOCK) failed: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_inet_sock_set_state_format() {
+        let text = "name: inet_sock_set_state\nID: 2287\nformat:\n\
+            \tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;\n\
+            \tfield:const void * skaddr;\toffset:8;\tsize:8;\tsigned:0;\n\
+            \tfield:int oldstate;\toffset:16;\tsize:4;\tsigned:1;\n\
+            \tfield:__u16 sport;\toffset:24;\tsize:2;\tsigned:0;\n\
+            \tfield:__u8 saddr_v6[16];\toffset:40;\tsize:16;\tsigned:0;\n\n\
+            print fmt: \"family=%s\"";
+        let fields = parse_tracepoint_format(text);
+        assert_eq!(fields.get("skaddr"), Some(&8));
+        assert_eq!(fields.get("oldstate"), Some(&16));
+        assert_eq!(fields.get("sport"), Some(&24));
+        assert_eq!(fields.get("saddr_v6"), Some(&40));
+        assert_eq!(fields.get("common_type"), Some(&0));
+        assert_eq!(fields.len(), 5);
+    }
+}
