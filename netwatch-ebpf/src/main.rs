@@ -85,11 +85,11 @@ static PENDING_CONNECT: LruHashMap<u64, SockEvent> = LruHashMap::with_max_entrie
 
 #[inline(always)]
 fn submit(event: &SockEvent) {
-    if EVENTS.output::<SockEvent>(event, 0).is_err() {
-        if let Some(lost) = LOST.get_ptr_mut(0) {
-            // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
-            unsafe { *lost += 1 };
-        }
+    if EVENTS.output::<SockEvent>(event, 0).is_err()
+        && let Some(lost) = LOST.get_ptr_mut(0)
+    {
+        // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
+        unsafe { *lost += 1 };
     }
 }
 
@@ -146,7 +146,7 @@ pub fn state_btf(ctx: BtfTracePointContext) -> u32 {
         if event.oldstate == tcp_state::CLOSE && event.newstate == tcp_state::SYN_SENT {
             // The kernel picks the local port only after this transition; hold the event
             // until the sock_ops TCP_CONNECT callback, which runs once the port is assigned.
-            if PENDING_CONNECT.insert(&event.cookie, &event, 0).is_ok() {
+            if PENDING_CONNECT.insert(event.cookie, event, 0).is_ok() {
                 return 0;
             }
         } else if event.oldstate == tcp_state::SYN_SENT {
@@ -160,7 +160,7 @@ pub fn state_btf(ctx: BtfTracePointContext) -> u32 {
 /// Emits a held-back CLOSE->SYN_SENT for `cookie`, with `sport` if it is now known.
 #[inline(always)]
 fn flush_pending_connect(cookie: u64, sport: u16) {
-    if let Some(pending) = PENDING_CONNECT.get_ptr_mut(&cookie) {
+    if let Some(pending) = PENDING_CONNECT.get_ptr_mut(cookie) {
         // SAFETY: pointer into the map value, valid until the remove below.
         let mut event = unsafe { *pending };
         if sport != 0 {
@@ -168,7 +168,7 @@ fn flush_pending_connect(cookie: u64, sport: u16) {
         }
         event.flags |= flags::DEFERRED_CONNECT;
         submit(&event);
-        let _ = PENDING_CONNECT.remove(&cookie);
+        let _ = PENDING_CONNECT.remove(cookie);
     }
 }
 

@@ -50,7 +50,7 @@ impl KernelBtf {
             bits += offset;
             current = member_type;
         }
-        if bits % 8 != 0 {
+        if !bits.is_multiple_of(8) {
             return Err(fail("is a bitfield".into()));
         }
         Ok(bits / 8)
@@ -86,10 +86,10 @@ impl KernelBtf {
             }
             if name.is_empty() {
                 let inner = self.strip(self.btf.resolve_chained_type(member)?)?;
-                if let Type::Struct(inner) | Type::Union(inner) = inner {
-                    if let Some((offset, t)) = self.find_member(&inner, field)? {
-                        return Ok(Some((member.bit_offset() + offset, t)));
-                    }
+                if let Type::Struct(inner) | Type::Union(inner) = inner
+                    && let Some((offset, t)) = self.find_member(&inner, field)?
+                {
+                    return Ok(Some((member.bit_offset() + offset, t)));
                 }
             }
         }

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("netwatch needs root to load its eBPF programs: run it as root (e.g. `sudo netwatch`)")]
+    #[error("must run as root to load eBPF programs: try `sudo netwatch ...`")]
     NotRoot,
 
     #[error(

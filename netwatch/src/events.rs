@@ -290,18 +290,26 @@ impl EventReader {
     /// Waits until the ring buffer has data, then appends every available event to `out`.
     pub async fn read_batch(&mut self, out: &mut Vec<Event>) -> std::io::Result<()> {
         let mut guard = self.ring.readable_mut().await?;
-        let ring = guard.get_inner_mut();
+        Self::drain(guard.get_inner_mut(), &mut self.malformed, out);
+        guard.clear_ready();
+        Ok(())
+    }
+
+    /// Appends whatever is in the ring buffer now, without waiting (used at shutdown).
+    pub fn read_available(&mut self, out: &mut Vec<Event>) {
+        Self::drain(self.ring.get_mut(), &mut self.malformed, out);
+    }
+
+    fn drain(ring: &mut RingBuf<MapData>, malformed: &mut u64, out: &mut Vec<Event>) {
         while let Some(item) = ring.next() {
             match decode(&item) {
                 Ok(event) => out.push(event),
                 Err(error) => {
-                    self.malformed += 1;
+                    *malformed += 1;
                     tracing::debug!("dropping malformed ring buffer record: {error}");
                 }
             }
         }
-        guard.clear_ready();
-        Ok(())
     }
 }
 

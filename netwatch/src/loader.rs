@@ -26,7 +26,7 @@ use crate::{
 };
 
 /// The kernel object built by build.rs from `netwatch-ebpf`.
-static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/netwatch"));
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/netwatch-ebpf"));
 
 /// Which TCP state source to use.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -311,7 +311,7 @@ fn classic_tracepoint_fields() -> Result<Vec<(&'static str, u32)>> {
 }
 
 /// Field name -> offset from a tracepoint `format` file
-/// (`field:__u16 sport;	offset:24;	size:2;	signed:0;`).
+/// (`field:__u16 sport;<TAB>offset:24;<TAB>size:2;<TAB>signed:0;`).
 pub fn parse_tracepoint_format(text: &str) -> HashMap<String, u32> {
     text.lines()
         .filter_map(|line| {

@@ -59,7 +59,9 @@ pub enum Format {
     Json,
 }
 
-pub const TEXT_HEADER: &str = "TIME            PID     COMM             LOCAL                                          REMOTE                                         OLD          -> NEW          MS";
+/// Column header of the text stream; address columns fit any IPv4 endpoint, and an IPv6
+/// endpoint widens its line rather than being cut.
+pub const TEXT_HEADER: &str = "TIME            PID     COMM             LOCAL                   REMOTE                  OLD          -> NEW          MS";
 
 fn endpoint(addr: (std::net::IpAddr, u16)) -> String {
     SocketAddr::from(addr).to_string()
@@ -83,7 +85,7 @@ pub fn text_line(t: &Transition, clock: &WallClock) -> String {
         .in_old_state_ns
         .map_or_else(|| "-".to_string(), |ns| format!("{:.3}", millis(ns)));
     format!(
-        "{time} {pid:<7} {comm:<16} {:<46} {:<46} {:<12} -> {:<12} {ms}",
+        "{time} {pid:<7} {comm:<16} {:<23} {:<23} {:<12} -> {:<12} {ms}",
         endpoint(c.local),
         endpoint(c.remote),
         c.old,
@@ -184,15 +186,27 @@ pub fn lost_text(loss: &Loss, now: DateTime<Utc>) -> String {
     )
 }
 
+/// One NDJSON `lost` record.
+#[derive(Serialize)]
+struct LossRecord {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    time: String,
+    reason: LossReason,
+    count: u64,
+    total: u64,
+}
+
 pub fn lost_json(loss: &Loss, now: DateTime<Utc>) -> String {
-    serde_json::json!({
-        "type": "lost",
-        "time": rfc3339(now),
-        "reason": loss.reason,
-        "count": loss.count,
-        "total": loss.total,
-    })
-    .to_string()
+    let record = LossRecord {
+        kind: "lost",
+        time: rfc3339(now),
+        reason: loss.reason,
+        count: loss.count,
+        total: loss.total,
+    };
+    serde_json::to_string(&record)
+        .unwrap_or_else(|e| format!(r#"{{"type":"error","error":"{e}"}}"#))
 }
 
 #[cfg(test)]

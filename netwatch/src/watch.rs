@@ -10,7 +10,8 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
     cli::WatchArgs,
-    events::EventReader,
+    events::{Event, EventReader},
+    filter::TransitionFilter,
     loader::{self, LostCounter},
     output::{self, Format, Loss, LossReason, WallClock},
     table::Table,
@@ -113,21 +114,14 @@ pub async fn run(args: &WatchArgs) -> anyhow::Result<()> {
                 _ = loss_timer.tick() => losses.report(&mut sink, &lost, &reader)?,
                 read = reader.read_batch(&mut batch) => {
                     read.context("reading the ring buffer")?;
-                    for event in batch.drain(..) {
-                        let Some(transition) = table.apply(event) else { continue };
-                        if !filter.matches(&transition) {
-                            continue;
-                        }
-                        let line = match sink.format {
-                            Format::Text => output::text_line(&transition, &sink.clock),
-                            Format::Json => output::json_line(&transition, &sink.clock),
-                        };
-                        sink.line(&line)?;
-                    }
+                    emit(&mut sink, &mut table, &filter, &mut batch)?;
                 }
             }
             sink.out.flush()?;
         }
+        // What the kernel delivered before the signal is still shown.
+        reader.read_available(&mut batch);
+        emit(&mut sink, &mut table, &filter, &mut batch)?;
         // Detach first so nothing new arrives, then report what the kernel could not deliver.
         drop(probes);
         losses.report(&mut sink, &lost, &reader)?;
@@ -139,6 +133,29 @@ pub async fn run(args: &WatchArgs) -> anyhow::Result<()> {
         Err(error) if is_broken_pipe(&error) => Ok(()),
         other => other,
     }
+}
+
+/// Applies a batch of events to the table and prints the transitions the filter keeps.
+fn emit(
+    sink: &mut Sink,
+    table: &mut Table,
+    filter: &TransitionFilter,
+    batch: &mut Vec<Event>,
+) -> io::Result<()> {
+    for event in batch.drain(..) {
+        let Some(transition) = table.apply(event) else {
+            continue;
+        };
+        if !filter.matches(&transition) {
+            continue;
+        }
+        let line = match sink.format {
+            Format::Text => output::text_line(&transition, &sink.clock),
+            Format::Json => output::json_line(&transition, &sink.clock),
+        };
+        sink.line(&line)?;
+    }
+    Ok(())
 }
 
 /// Output piped into `head` ends with EPIPE: that is the reader's choice, not an error.

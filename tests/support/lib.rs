@@ -1,1 +1,320 @@
+//! Helpers for the privileged integration tests: run the real `netwatch` binary, make real
+//! sockets (in this process, in child processes, in network namespaces made here), and read
+//! back what netwatch printed.
+//!
+//! The tracepoints are system-wide, so every test filters what it reads by its own ports.
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::PathBuf,
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::{Arc, Mutex, mpsc},
+    thread,
+    time::{Duration, Instant},
+};
 
+use serde_json::Value;
+
+/// How long a test waits for netwatch to attach or for expected lines to appear.
+pub const PATIENCE: Duration = Duration::from_secs(30);
+
+/// The netwatch binary under test: `$NETWATCH_BIN` (set by `cargo xtask test`) or the
+/// workspace's release build.
+pub fn netwatch_bin() -> PathBuf {
+    let path = std::env::var_os("NETWATCH_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release/netwatch")
+        });
+    assert!(
+        path.exists(),
+        "netwatch binary not found at {}: run `cargo xtask test` (it builds it and sets NETWATCH_BIN)",
+        path.display()
+    );
+    path
+}
+
+/// These tests load eBPF programs: without root they must fail, loudly, not skip.
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "privileged integration test run without root: run `sudo -E cargo xtask test`"
+    );
+}
+
+/// A running `netwatch watch` whose stdout lines are collected as they arrive.
+pub struct Watcher {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+    stdout_reader: Option<thread::JoinHandle<()>>,
+    pub stderr: Arc<Mutex<String>>,
+}
+
+impl Watcher {
+    /// Starts `netwatch watch ARGS` and waits until it says it is attached.
+    pub fn start(args: &[&str]) -> Watcher {
+        require_root();
+        let mut child = Command::new(netwatch_bin())
+            .arg("watch")
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn netwatch");
+        let stdout = child.stdout.take().expect("stdout");
+        let stderr = child.stderr.take().expect("stderr");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&lines);
+        let stdout_reader = thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                sink.lock().expect("lines").push(line);
+            }
+        });
+        let stderr_text = Arc::new(Mutex::new(String::new()));
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let sink = Arc::clone(&stderr_text);
+        thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if line.contains("netwatch: watching") {
+                    let _ = ready_tx.send(());
+                }
+                let mut text = sink.lock().expect("stderr");
+                text.push_str(&line);
+                text.push('\n');
+            }
+        });
+        let mut watcher = Watcher {
+            child,
+            lines,
+            stdout_reader: Some(stdout_reader),
+            stderr: stderr_text,
+        };
+        if ready_rx.recv_timeout(PATIENCE).is_err() {
+            let _ = watcher.child.kill();
+            panic!(
+                "netwatch did not attach within {PATIENCE:?}; stderr:\n{}",
+                watcher.stderr()
+            );
+        }
+        watcher
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().expect("stderr").clone()
+    }
+
+    pub fn lines(&self) -> Vec<String> {
+        self.lines.lock().expect("lines").clone()
+    }
+
+    /// Waits until `done` holds for the lines so far; panics with the output after PATIENCE.
+    pub fn wait_until(&self, what: &str, done: impl Fn(&[String]) -> bool) {
+        let deadline = Instant::now() + PATIENCE;
+        while Instant::now() < deadline {
+            if done(&self.lines()) {
+                return;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        panic!(
+            "timed out waiting for {what}; output:\n{}\nstderr:\n{}",
+            self.lines().join("\n"),
+            self.stderr()
+        );
+    }
+
+    /// Sends `signal`, waits for exit, and returns the exit status with every stdout line.
+    pub fn stop_with(mut self, signal: libc::c_int) -> (ExitStatus, Vec<String>) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, signal) };
+        let deadline = Instant::now() + PATIENCE;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("netwatch did not exit after signal {signal}");
+            }
+            thread::sleep(Duration::from_millis(10));
+        };
+        if let Some(reader) = self.stdout_reader.take() {
+            reader.join().expect("stdout reader");
+        }
+        (status, self.lines())
+    }
+
+    /// SIGTERM; asserts a clean exit (code 0) and returns the stdout lines.
+    pub fn stop(self) -> Vec<String> {
+        let stderr = Arc::clone(&self.stderr);
+        let (status, lines) = self.stop_with(libc::SIGTERM);
+        assert!(
+            status.success(),
+            "netwatch exited with {status}; stderr:\n{}",
+            stderr.lock().expect("stderr")
+        );
+        lines
+    }
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Parses NDJSON lines, failing the test on any line that is not a JSON object.
+pub fn parse_json(lines: &[String]) -> Vec<Value> {
+    lines
+        .iter()
+        .map(|line| {
+            let value: Value =
+                serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+            assert!(value.is_object(), "not a JSON object: {line}");
+            value
+        })
+        .collect()
+}
+
+/// Transition records whose local and remote ports are exactly these.
+pub fn transitions_between(records: &[Value], lport: u16, rport: u16) -> Vec<Value> {
+    records
+        .iter()
+        .filter(|r| r["type"] == "transition" && r["lport"] == lport && r["rport"] == rport)
+        .cloned()
+        .collect()
+}
+
+/// `[(old, new)]` of a list of transition records.
+pub fn path(records: &[Value]) -> Vec<(String, String)> {
+    records
+        .iter()
+        .map(|r| {
+            (
+                r["old"].as_str().unwrap_or("?").to_string(),
+                r["new"].as_str().unwrap_or("?").to_string(),
+            )
+        })
+        .collect()
+}
+
+pub fn pairs(expected: &[(&str, &str)]) -> Vec<(String, String)> {
+    expected
+        .iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect()
+}
+
+/// The client side of the test protocol: connect, send "ping", read "pong", close first.
+/// Returns the local address the kernel chose.
+pub fn client_roundtrip(server: SocketAddr) -> std::io::Result<SocketAddr> {
+    let mut stream = TcpStream::connect(server)?;
+    let local = stream.local_addr()?;
+    stream.write_all(b"ping")?;
+    let mut reply = [0u8; 4];
+    stream.read_exact(&mut reply)?;
+    // Let the server reach its read of EOF after our FIN, so the close order is fixed.
+    drop(stream);
+    Ok(local)
+}
+
+/// The server side: accept one connection, answer "pong", wait for the client's close, close.
+pub fn serve_one(listener: &TcpListener) -> std::io::Result<SocketAddr> {
+    let (mut stream, peer) = listener.accept()?;
+    let mut request = [0u8; 4];
+    stream.read_exact(&mut request)?;
+    stream.write_all(b"pong")?;
+    let mut rest = Vec::new();
+    stream.read_to_end(&mut rest)?; // returns at the client's FIN
+    drop(stream);
+    Ok(peer)
+}
+
+/// A named network namespace, deleted (with its veth end) when dropped.
+pub struct NetNs {
+    pub name: String,
+}
+
+impl NetNs {
+    pub fn new(suffix: &str) -> NetNs {
+        let name = format!("nwt-{}-{suffix}", std::process::id());
+        ip(&["netns", "add", &name]);
+        let ns = NetNs { name };
+        ns.exec(&["ip", "link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// Runs a command inside the namespace and asserts it succeeded.
+    pub fn exec(&self, command: &[&str]) {
+        let status = Command::new("ip")
+            .args(["netns", "exec", &self.name])
+            .args(command)
+            .status()
+            .expect("ip netns exec");
+        assert!(
+            status.success(),
+            "{command:?} in {} failed: {status}",
+            self.name
+        );
+    }
+
+    pub fn command(&self, program: &str) -> Command {
+        let mut command = Command::new("ip");
+        command.args(["netns", "exec", &self.name, program]);
+        command
+    }
+
+    /// The namespace's inode number, as netwatch reports it.
+    pub fn inode(&self) -> u64 {
+        use std::os::unix::fs::MetadataExt as _;
+        std::fs::metadata(format!("/run/netns/{}", self.name))
+            .expect("netns file")
+            .ino()
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// Runs `ip ARGS` and asserts it succeeded.
+pub fn ip(args: &[&str]) {
+    let status = Command::new("ip")
+        .args(args)
+        .status()
+        .expect("run ip (iproute2)");
+    assert!(status.success(), "ip {args:?} failed: {status}");
+}
+
+/// Two namespaces joined by a veth pair, `a` at 10.231.0.1/24 and `b` at 10.231.0.2/24
+/// (test-made hosts: no traffic leaves this machine).
+pub fn veth_pair() -> (NetNs, NetNs) {
+    let a = NetNs::new("a");
+    let b = NetNs::new("b");
+    let (va, vb) = (
+        format!("nwa{}", std::process::id()),
+        format!("nwb{}", std::process::id()),
+    );
+    ip(&[
+        "link", "add", &va, "netns", &a.name, "type", "veth", "peer", "name", &vb, "netns", &b.name,
+    ]);
+    a.exec(&["ip", "addr", "add", "10.231.0.1/24", "dev", &va]);
+    b.exec(&["ip", "addr", "add", "10.231.0.2/24", "dev", &vb]);
+    a.exec(&["ip", "link", "set", &va, "up"]);
+    b.exec(&["ip", "link", "set", &vb, "up"]);
+    (a, b)
+}
