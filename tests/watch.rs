@@ -13,7 +13,7 @@ use std::{
 };
 
 use netwatch_tests::{
-    NetNs, PATIENCE, Watcher, client_roundtrip, netwatch_bin, pairs, parse_json, path,
+    NetNs, PATIENCE, Watcher, client_roundtrip, netwatch_bin, own_comm, pairs, parse_json, path,
     require_root, serve_one, transitions_between, veth_pair,
 };
 use serde_json::Value;
@@ -136,6 +136,11 @@ fn check_open_close(listen_on: SocketAddr, family: &str) {
         // Both ends live in this process: every transition is owned by it, never by the
         // task that happened to be on the CPU.
         assert_eq!(record["pid"], me, "{record}");
+        assert_eq!(
+            record["comm"],
+            own_comm(),
+            "the process name, not the thread's: {record}"
+        );
     }
     let cookie = client[0]["cookie"].clone();
     assert!(
@@ -411,6 +416,7 @@ fn filters_select_exactly_the_expected_lines() {
     let port = v4.local_addr().expect("addr").port();
     let v6 = TcpListener::bind((Ipv6Addr::LOCALHOST, port)).expect("bind v6 on the same port");
     let p = port.to_string();
+    let me = std::process::id().to_string();
     let all = Watcher::start(&["--json", "--port", &p]);
     let filtered: Vec<(Vec<&str>, Watcher)> = [
         vec!["--transition", "SYN_SENT:ESTABLISHED"],
@@ -420,6 +426,7 @@ fn filters_select_exactly_the_expected_lines() {
         vec!["-6"],
         vec!["-4", "--state", "FIN_WAIT2"],
         vec!["--comm", "sockpeer"],
+        vec!["--pid", &me],
     ]
     .into_iter()
     .map(|extra| {
@@ -461,6 +468,7 @@ fn filters_select_exactly_the_expected_lines() {
             is(r, "family", "ipv4") && (is(r, "old", "FIN_WAIT2") || is(r, "new", "FIN_WAIT2"))
         }),
         pick(&|r| is(r, "comm", "sockpeer")),
+        pick(&|r| r["pid"].as_u64() == Some(u64::from(std::process::id()))),
     ];
     for ((args, watcher), expected) in filtered.into_iter().zip(expected) {
         assert!(

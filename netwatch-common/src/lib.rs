@@ -87,7 +87,8 @@ pub struct SockEvent {
     pub dport: u16,
     pub saddr: [u8; 16],
     pub daddr: [u8; 16],
-    /// `bpf_get_current_comm()` of the task on the CPU: evidence, not necessarily the owner.
+    /// Process name (thread-group leader's comm) of the task on the CPU: evidence, not
+    /// necessarily the owner.
     pub comm: [u8; 16],
 }
 

@@ -17,7 +17,7 @@ use aya_ebpf::{
     bindings::BPF_SOCK_OPS_TCP_CONNECT_CB,
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_probe_read_kernel,
-        generated::{bpf_get_socket_cookie, bpf_ktime_get_ns},
+        generated::{bpf_get_current_task, bpf_get_socket_cookie, bpf_ktime_get_ns},
     },
     macros::{btf_tracepoint, cgroup_sock, map, sock_ops, tracepoint},
     maps::{Array, LruHashMap, PerCpuArray, RingBuf},
@@ -45,6 +45,10 @@ load_time_constants!(
     OFF_SK_PROTOCOL,
     OFF_INET_SPORT,
     OFF_NET_NS_INUM,
+    /// `task_struct.group_leader` and `task_struct.comm`: the process name, as `ss -p` shows
+    /// it, rather than the current thread's.
+    OFF_TASK_GROUP_LEADER,
+    OFF_TASK_COMM,
     /// Field offsets of the classic `sock:inet_sock_set_state` record, from its format file.
     TP_SKADDR,
     TP_OLDSTATE,
@@ -100,8 +104,27 @@ fn new_event(kind: u8) -> SockEvent {
     // SAFETY: helper with no arguments.
     event.ts_ns = unsafe { bpf_ktime_get_ns() };
     event.pid_tgid = bpf_get_current_pid_tgid();
-    event.comm = bpf_get_current_comm().unwrap_or([0; 16]);
+    event.comm = process_comm();
     event
+}
+
+/// The current process's name (its thread-group leader's comm); the current thread's comm
+/// when the offsets are unknown (no BTF) or the read fails.
+#[inline(always)]
+fn process_comm() -> [u8; 16] {
+    let comm_offset = constant(&OFF_TASK_COMM);
+    if comm_offset != 0 {
+        // SAFETY: helper with no arguments; the pointer is only used through probe reads.
+        let task = unsafe { bpf_get_current_task() } as *const u8;
+        let leader: u64 = read_kernel(task, constant(&OFF_TASK_GROUP_LEADER));
+        if leader != 0 {
+            let comm: [u8; 16] = read_kernel(leader as *const u8, comm_offset);
+            if comm[0] != 0 {
+                return comm;
+            }
+        }
+    }
+    bpf_get_current_comm().unwrap_or([0; 16])
 }
 
 /// Reads a `T` at `base + offset` in kernel memory; zero if the read faults.

@@ -3,7 +3,7 @@
 //! Rust eBPF has no CO-RE relocations, so the loader resolves each offset the kernel programs
 //! need here and patches it in as a global. btf-rs parses BTF but has no "offset of a dotted
 //! member path" helper and does not walk anonymous members, hence this small module.
-use btf_rs::{Btf, Type};
+use btf_rs::{Backend, Btf, Type};
 
 use crate::error::{Error, Result};
 
@@ -15,7 +15,9 @@ pub struct KernelBtf {
 
 impl KernelBtf {
     pub fn from_sys_fs() -> Result<Self> {
-        let btf = Btf::from_file(VMLINUX).map_err(|e| Error::Btf {
+        // Mmap: we look up a dozen members once, so parsing all of vmlinux up front (the
+        // Cache backend) is wasted; measured here, load-and-attach drops from ~250 to ~130 ms.
+        let btf = Btf::from_file_with_backend(VMLINUX, Backend::Mmap).map_err(|e| Error::Btf {
             path: VMLINUX.into(),
             reason: e.to_string(),
         })?;

@@ -119,7 +119,7 @@ pub fn load(options: &LoadOptions) -> Result<Probes> {
         },
     };
     let offsets = match &kernel_btf {
-        Some(btf) => sock_offsets(btf)?,
+        Some(btf) => kernel_offsets(btf)?,
         None => Vec::new(),
     };
     let tracepoint_fields = match kernel_btf {
@@ -250,9 +250,9 @@ fn attach_error(program: &'static str) -> impl Fn(aya::programs::ProgramError) -
     move |source| Error::Attach { program, source }
 }
 
-/// Offsets the tp_btf program reads from `struct sock`, named as the program's globals.
-fn sock_offsets(btf: &KernelBtf) -> Result<Vec<(&'static str, u32)>> {
-    const FIELDS: [(&str, &str, &str); 11] = [
+/// Kernel struct offsets the programs read, named as the programs' globals.
+fn kernel_offsets(btf: &KernelBtf) -> Result<Vec<(&'static str, u32)>> {
+    const FIELDS: [(&str, &str, &str); 13] = [
         ("OFF_SKC_DADDR", "sock", "__sk_common.skc_daddr"),
         ("OFF_SKC_RCV_SADDR", "sock", "__sk_common.skc_rcv_saddr"),
         ("OFF_SKC_DPORT", "sock", "__sk_common.skc_dport"),
@@ -268,6 +268,8 @@ fn sock_offsets(btf: &KernelBtf) -> Result<Vec<(&'static str, u32)>> {
         ("OFF_SK_PROTOCOL", "sock", "sk_protocol"),
         ("OFF_INET_SPORT", "inet_sock", "inet_sport"),
         ("OFF_NET_NS_INUM", "net", "ns.inum"),
+        ("OFF_TASK_GROUP_LEADER", "task_struct", "group_leader"),
+        ("OFF_TASK_COMM", "task_struct", "comm"),
     ];
     FIELDS
         .iter()

@@ -44,6 +44,15 @@ pub fn require_root() {
     );
 }
 
+/// This process's name as the kernel (and `ss -p`) shows it: the test binary's, not a
+/// test thread's.
+pub fn own_comm() -> String {
+    std::fs::read_to_string("/proc/self/comm")
+        .expect("read /proc/self/comm")
+        .trim()
+        .to_string()
+}
+
 /// A running `netwatch watch` whose stdout lines are collected as they arrive.
 pub struct Watcher {
     child: Child,
