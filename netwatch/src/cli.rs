@@ -33,6 +33,67 @@ pub struct Cli {
 pub enum Command {
     /// Stream TCP state transitions as they happen (the default view).
     Watch(WatchArgs),
+    /// Print the socket table, like `ss -tanup`.
+    #[command(visible_alias = "ls")]
+    Table(TableArgs),
+}
+
+#[derive(Clone, Debug, Default, Args)]
+#[command(
+    after_help = "FILTER: [state NAME]... [EXPR], e.g. `state established dport = :443` or \
+    `sport >= 1024 and dst 10.0.0.0/8`. EXPR combines `sport|dport OP PORT` and \
+    `src|dst ADDR[/LEN]` with and, or, not and parentheses; OP is = != < > <= >=."
+)]
+pub struct TableArgs {
+    /// TCP sockets (with -u: both; neither: both).
+    #[arg(short = 't', long = "tcp")]
+    pub tcp: bool,
+    /// UDP sockets.
+    #[arg(short = 'u', long = "udp")]
+    pub udp: bool,
+    /// Listening sockets only (TCP LISTEN, unconnected UDP).
+    #[arg(short = 'l', long = "listening", conflicts_with = "all")]
+    pub listening: bool,
+    /// Sockets in every state (default: connected ones, as ss).
+    #[arg(short = 'a', long = "all")]
+    pub all: bool,
+    /// Only IPv4.
+    #[arg(short = '4', long = "ipv4", conflicts_with = "ipv6")]
+    pub ipv4: bool,
+    /// Only IPv6.
+    #[arg(short = '6', long = "ipv6")]
+    pub ipv6: bool,
+    /// Numeric ports (no service names from /etc/services).
+    #[arg(short = 'n', long = "numeric")]
+    pub numeric: bool,
+    /// Accepted for `ss -tanp` habits: owners are always shown.
+    #[arg(short = 'p', long = "processes")]
+    pub processes: bool,
+    /// Show each socket's kernel timer (TIME_WAIT remaining time, retransmit, keepalive).
+    #[arg(short = 'o', long = "options")]
+    pub timers: bool,
+    /// Only sockets held by this process id.
+    #[arg(long)]
+    pub pid: Option<u32>,
+    /// Only sockets held by a process with this command name.
+    #[arg(long, value_name = "NAME")]
+    pub comm: Option<String>,
+    /// Only this network namespace: an inode number or an `ip netns` name.
+    #[arg(long, value_name = "INODE|NAME")]
+    pub netns: Option<String>,
+    /// One JSON array.
+    #[arg(long, conflicts_with = "ndjson")]
+    pub json: bool,
+    /// One JSON object per line.
+    #[arg(long)]
+    pub ndjson: bool,
+    /// ss-style filter (see below).
+    #[arg(
+        value_name = "FILTER",
+        allow_hyphen_values = true,
+        trailing_var_arg = true
+    )]
+    pub filter: Vec<String>,
 }
 
 #[derive(Clone, Debug, Default, Args)]
@@ -128,16 +189,6 @@ impl WatchArgs {
     }
 }
 
-impl Cli {
-    /// The watch options in force, whether given after `watch` or with no subcommand.
-    pub fn watch_args(&self) -> &WatchArgs {
-        match &self.command {
-            Some(Command::Watch(args)) => args,
-            None => &self.watch,
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use clap::error::ErrorKind;
@@ -152,10 +203,13 @@ mod tests {
     fn no_subcommand_means_watch() {
         let cli = parse(&["--port", "80", "--json"]).unwrap();
         assert!(cli.command.is_none());
-        assert_eq!(cli.watch_args().port, Some(80));
-        assert_eq!(cli.watch_args().format(), Format::Json);
+        assert_eq!(cli.watch.port, Some(80));
+        assert_eq!(cli.watch.format(), Format::Json);
         let cli = parse(&["watch", "-6", "--transition", "syn_sent:established"]).unwrap();
-        let filter = cli.watch_args().filter();
+        let Some(Command::Watch(args)) = cli.command else {
+            panic!("not watch")
+        };
+        let filter = args.filter();
         assert_eq!(filter.family, Some(Family::Ipv6));
         assert_eq!(
             filter.transition,
@@ -180,6 +234,32 @@ mod tests {
         assert!(
             error.contains("ESTABLISHED, SYN_SENT"),
             "lists accepted names: {error}"
+        );
+    }
+
+    #[test]
+    fn table_takes_ss_style_flags_and_a_filter() {
+        let cli = parse(&[
+            "ls",
+            "-tanp",
+            "state",
+            "established",
+            "sport",
+            ">=",
+            ":1024",
+        ])
+        .unwrap();
+        let Some(Command::Table(args)) = cli.command else {
+            panic!("not table")
+        };
+        assert!(args.tcp && args.all && args.numeric && !args.udp);
+        assert_eq!(
+            args.filter,
+            ["state", "established", "sport", ">=", ":1024"]
+        );
+        assert_eq!(
+            parse(&["table", "-l", "-a"]).unwrap_err().kind(),
+            ErrorKind::ArgumentConflict
         );
     }
 

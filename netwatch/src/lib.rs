@@ -2,15 +2,20 @@
 //!
 //! The data's path, one module per stage: [`loader`] (load, attach, fallbacks) ->
 //! [`events`] (ring buffer, decoding) -> [`table`] (pure per-socket state: owners, times) ->
-//! [`filter`] -> [`output`] (text lines, NDJSON). [`watch`] runs that loop; [`cli`] parses the
-//! command line into its configuration.
+//! [`filter`] -> [`output`] (text lines, NDJSON). [`watch`] runs that loop. [`snapshot`]
+//! (sock_diag in every netns, `/proc/*/fd` owners) feeds [`listing`], the `table` view, whose
+//! filter language is [`query`]. [`cli`] parses the command line into its configuration.
 pub mod btf;
 pub mod cli;
 pub mod error;
 pub mod events;
 pub mod filter;
+pub mod listing;
 pub mod loader;
 pub mod output;
+pub mod query;
+pub mod services;
+pub mod snapshot;
 pub mod table;
 pub mod watch;
 

@@ -34,6 +34,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match &cli.command {
             Some(Command::Watch(args)) => netwatch::watch::run(args).await,
+            Some(Command::Table(args)) => netwatch::listing::run(args),
             None => netwatch::watch::run(&cli.watch).await,
         }
     });
@@ -41,7 +42,15 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("netwatch: {error:#}");
-            ExitCode::FAILURE
+            // A bad filter is a usage error, like clap's: exit 2.
+            if error
+                .downcast_ref::<netwatch::query::QueryError>()
+                .is_some()
+            {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

@@ -1,9 +1,17 @@
-//! sockpeer: the tests' separate process for one end of a TCP connection, so that ownership
-//! can be checked against a pid and comm that are not the test's own.
+//! sockpeer: the tests' separate process for sockets, so that ownership can be checked
+//! against a pid and comm that are not the test's own.
 //!
-//! `sockpeer serve ADDR:PORT` prints `listening PORT`, serves one connection and exits;
-//! `sockpeer connect ADDR:PORT` prints `local ADDR:PORT` after its round trip and exits.
-use std::{io::Write as _, net::TcpListener, process::ExitCode};
+//! - `sockpeer serve ADDR:PORT` prints `listening PORT`, serves one connection and exits;
+//! - `sockpeer connect ADDR:PORT` prints `local ADDR:PORT` after its round trip and exits;
+//! - `sockpeer hold` makes a mix of sockets in every state `ss` lists, prints `ready`, and
+//!   keeps them until its stdin closes.
+use std::{
+    io::{Read as _, Write as _},
+    net::{Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    process::ExitCode,
+    thread,
+    time::Duration,
+};
 
 use netwatch_tests::{client_roundtrip, serve_one};
 
@@ -21,8 +29,9 @@ fn main() -> ExitCode {
                 "bad address {addr}: {error}"
             ))),
         },
+        ["hold"] => hold(),
         _ => Err(std::io::Error::other(
-            "usage: sockpeer serve|connect ADDR:PORT",
+            "usage: sockpeer serve|connect ADDR:PORT | hold",
         )),
     };
     match result {
@@ -32,4 +41,83 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// A connected pair through `listener`: (client, accepted server side).
+fn pair(listener: &TcpListener) -> std::io::Result<(TcpStream, TcpStream)> {
+    let client = TcpStream::connect(listener.local_addr()?)?;
+    let (server, _) = listener.accept()?;
+    Ok((client, server))
+}
+
+fn hold() -> std::io::Result<()> {
+    let v4 = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+    let v6 = TcpListener::bind((Ipv6Addr::LOCALHOST, 0))?;
+    let dual = TcpListener::bind((Ipv6Addr::UNSPECIFIED, 0))?; // takes IPv4 too
+    let established_v4 = pair(&v4)?;
+    let established_v6 = pair(&v6)?;
+    let dual_port = dual.local_addr()?.port();
+    let mapped_client = TcpStream::connect((Ipv4Addr::LOCALHOST, dual_port))?;
+    let (mapped_server, _) = dual.accept()?;
+
+    // Half-closed: the client's FIN makes it FIN_WAIT2 and the server CLOSE_WAIT.
+    let (half_client, half_server) = pair(&v4)?;
+    half_client.shutdown(Shutdown::Write)?;
+
+    // TIME_WAIT: the side that closes first keeps the 4-tuple for 60 s, owned by nobody.
+    let (mut tw_client, mut tw_server) = pair(&v4)?;
+    tw_client.write_all(b"x")?;
+    tw_server.read_exact(&mut [0u8; 1])?;
+    drop(tw_client);
+    let mut rest = Vec::new();
+    tw_server.read_to_end(&mut rest)?;
+    drop(tw_server);
+
+    // Queued, never accepted: ESTAB without an owner, and Recv-Q 1 on the listener.
+    let queued = TcpStream::connect(v4.local_addr()?)?;
+
+    // Refused: leaves nothing behind.
+    let closed = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+    let closed_addr = closed.local_addr()?;
+    drop(closed);
+    if TcpStream::connect(closed_addr).is_ok() {
+        return Err(std::io::Error::other("connect to a closed port succeeded"));
+    }
+
+    let udp_bound_v4 = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?;
+    let udp_bound_v6 = UdpSocket::bind((Ipv6Addr::LOCALHOST, 0))?;
+    let udp_connected_v4 = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?;
+    udp_connected_v4.connect(udp_bound_v4.local_addr()?)?;
+    let udp_connected_v6 = UdpSocket::bind((Ipv6Addr::LOCALHOST, 0))?;
+    udp_connected_v6.connect(udp_bound_v6.local_addr()?)?;
+
+    // Let the last ACKs land so that queues and states are settled when the test looks.
+    thread::sleep(Duration::from_millis(100));
+    let ports: Vec<SocketAddr> = vec![v4.local_addr()?, v6.local_addr()?, dual.local_addr()?];
+    println!(
+        "ready {}",
+        ports
+            .iter()
+            .map(|p| p.port().to_string())
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    std::io::stdout().flush()?;
+    std::io::stdin().read_to_end(&mut Vec::new())?;
+    drop((
+        established_v4,
+        established_v6,
+        mapped_client,
+        mapped_server,
+        half_client,
+        half_server,
+    ));
+    drop((
+        queued,
+        udp_bound_v4,
+        udp_bound_v6,
+        udp_connected_v4,
+        udp_connected_v6,
+    ));
+    Ok(())
 }

@@ -1,4 +1,7 @@
 //! How transitions and loss reports look: aligned text lines for people, NDJSON for tools.
+//! The socket table's layout is in [`table`].
+pub mod table;
+
 use std::net::SocketAddr;
 
 use chrono::{DateTime, Local, Utc};

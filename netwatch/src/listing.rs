@@ -1,0 +1,189 @@
+//! `netwatch table`: the socket table, from a one-shot snapshot, filtered like `ss` and printed
+//! as text or JSON.
+use std::{
+    collections::HashMap,
+    io::{self, Write as _},
+};
+
+use anyhow::Context as _;
+
+use crate::{
+    cli::TableArgs,
+    error::Error,
+    events::{Family, TcpState},
+    output::table::{self, Listed, TextOptions},
+    query::{self, Endpoints, Query, StateSet},
+    services::Services,
+    snapshot::{Protocol, Snapshot, SocketRow},
+};
+
+/// Everything `netwatch table` was asked for, resolved before any socket is read.
+pub struct Selection {
+    protocols: Vec<Protocol>,
+    family: Option<Family>,
+    /// States per protocol when the filter names none.
+    tcp_states: StateSet,
+    udp_states: StateSet,
+    query: Query,
+    pid: Option<u32>,
+    comm: Option<String>,
+    netns: Option<String>,
+}
+
+impl Selection {
+    pub fn new(args: &TableArgs, services: &Services) -> Result<Selection, query::QueryError> {
+        let query = query::parse(&args.filter, services)?;
+        let (tcp_states, udp_states) = match query.states {
+            Some(states) => (states, states),
+            None if args.all => (StateSet::ALL, StateSet::ALL),
+            None if args.listening => (
+                StateSet::of(&[TcpState::Listen]),
+                StateSet::of(&[TcpState::Close]),
+            ),
+            None => (
+                StateSet::connected_default(),
+                StateSet::of(&[TcpState::Established]),
+            ),
+        };
+        let protocols = match (args.tcp, args.udp) {
+            (true, false) => vec![Protocol::Tcp],
+            (false, true) => vec![Protocol::Udp],
+            _ => vec![Protocol::Tcp, Protocol::Udp],
+        };
+        let family = match (args.ipv4, args.ipv6) {
+            (true, _) => Some(Family::Ipv4),
+            (_, true) => Some(Family::Ipv6),
+            _ => None,
+        };
+        Ok(Selection {
+            protocols,
+            family,
+            tcp_states,
+            udp_states,
+            query,
+            pid: args.pid,
+            comm: args.comm.clone(),
+            netns: args.netns.clone(),
+        })
+    }
+
+    /// The states a row can be shown in (UDP sockets are only ever CLOSE or ESTABLISHED).
+    pub fn shown_states(&self) -> impl Iterator<Item = TcpState> + '_ {
+        TcpState::ALL.into_iter().filter(|state| {
+            self.protocols.iter().any(|protocol| match protocol {
+                Protocol::Tcp => self.tcp_states.contains(*state),
+                Protocol::Udp => {
+                    matches!(state, TcpState::Close | TcpState::Established)
+                        && self.udp_states.contains(*state)
+                }
+            })
+        })
+    }
+
+    pub fn keeps(&self, listed: &Listed) -> bool {
+        let row = &listed.row;
+        let states = match row.protocol {
+            Protocol::Tcp => self.tcp_states,
+            Protocol::Udp => self.udp_states,
+        };
+        self.protocols.contains(&row.protocol)
+            && self.family.is_none_or(|f| f == row.family)
+            && states.contains(row.state)
+            && self.query.expr.as_ref().is_none_or(|e| {
+                e.matches(&Endpoints {
+                    local: row.local,
+                    remote: row.remote,
+                })
+            })
+            && self
+                .pid
+                .is_none_or(|pid| listed.owners.iter().any(|o| o.pid == pid))
+            && self
+                .comm
+                .as_ref()
+                .is_none_or(|c| listed.owners.iter().any(|o| &o.comm == c))
+            && self.netns.as_ref().is_none_or(|ns| {
+                row.netns.to_string() == *ns || listed.netns_name.as_deref() == Some(ns.as_str())
+            })
+    }
+}
+
+/// Rows of a snapshot with their owners and namespace names, in a stable order.
+pub fn listed_from(snapshot: Snapshot) -> Vec<Listed> {
+    let names: HashMap<u32, String> = snapshot
+        .namespaces
+        .iter()
+        .filter_map(|ns| Some((ns.inode, ns.name.clone()?)))
+        .collect();
+    let mut owners = snapshot.owners;
+    let mut rows: Vec<Listed> = snapshot
+        .rows
+        .into_iter()
+        .map(|row: SocketRow| Listed {
+            owners: owners
+                .get(&row.inode)
+                .filter(|_| row.inode != 0)
+                .cloned()
+                .unwrap_or_default(),
+            netns_name: names.get(&row.netns).cloned(),
+            in_state: None,
+            row,
+        })
+        .collect();
+    owners.clear();
+    rows.sort_by(|a, b| {
+        let key = |l: &Listed| {
+            (
+                l.row.netns,
+                l.row.protocol,
+                l.row.local,
+                l.row.remote,
+                l.row.cookie,
+            )
+        };
+        key(a).cmp(&key(b))
+    });
+    rows
+}
+
+pub fn run(args: &TableArgs) -> anyhow::Result<()> {
+    let services = Services::load();
+    let selection = Selection::new(args, &services)?;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(Error::NotRoot.into());
+    }
+    eprintln!("netwatch: no agent to ask: showing a one-shot snapshot (no time-in-state)");
+    let snapshot = Snapshot::take();
+    for problem in &snapshot.problems {
+        tracing::warn!("{problem}");
+    }
+    let rows: Vec<Listed> = listed_from(snapshot)
+        .into_iter()
+        .filter(|l| selection.keeps(l))
+        .collect();
+    let text = if args.json {
+        table::json_array(&rows)
+    } else if args.ndjson {
+        table::ndjson(&rows)
+    } else {
+        let services = (!args.numeric).then_some(&services);
+        let netid = selection.protocols.len() > 1;
+        let state = selection.shown_states().count() > 1;
+        table::text(
+            &rows,
+            &TextOptions {
+                services,
+                timers: args.timers,
+                netid,
+                state,
+            },
+        )
+    };
+    let mut out = io::stdout().lock();
+    let written = writeln!(out, "{text}").and_then(|()| out.flush());
+    match written {
+        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
+        other => other.context("writing the table"),
+    }
+}

@@ -1,0 +1,463 @@
+//! The `netwatch table` view: sockets as `ss -tanup` lays them out (text), or as JSON.
+use std::{net::SocketAddr, time::Duration};
+
+use comfy_table::{CellAlignment, ContentArrangement, Table, presets};
+use serde::Serialize;
+
+use crate::{
+    events::{Family, TcpState},
+    services::Services,
+    snapshot::{FdOwner, Protocol, SocketRow, Timer},
+};
+
+/// One socket as the table shows it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Listed {
+    pub row: SocketRow,
+    pub owners: Vec<FdOwner>,
+    /// Time in the current state, when an agent saw the state begin.
+    pub in_state: Option<Duration>,
+    /// The `ip netns` name of the socket's namespace, if it has one.
+    pub netns_name: Option<String>,
+}
+
+/// The state as ss spells it (a closed socket, e.g. unconnected UDP, is UNCONN).
+pub fn ss_state(state: TcpState) -> &'static str {
+    use TcpState::*;
+    match state {
+        Established => "ESTAB",
+        Close => "UNCONN",
+        SynSent => "SYN-SENT",
+        SynRecv => "SYN-RECV",
+        FinWait1 => "FIN-WAIT-1",
+        FinWait2 => "FIN-WAIT-2",
+        TimeWait => "TIME-WAIT",
+        CloseWait => "CLOSE-WAIT",
+        LastAck => "LAST-ACK",
+        Listen => "LISTEN",
+        Closing => "CLOSING",
+        NewSynRecv => "NEW-SYN-RECV",
+    }
+}
+
+/// `addr:port` as ss prints it: IPv6 in brackets, a dual-stack wildcard (IPv6 unspecified,
+/// not V6ONLY) as `*`, port 0 as `*`, a service name unless `services` is None (`-n`).
+pub fn endpoint(
+    row: &SocketRow,
+    addr: (std::net::IpAddr, u16),
+    services: Option<&Services>,
+) -> String {
+    let host = match SocketAddr::from((addr.0, 0)) {
+        SocketAddr::V4(v4) => v4.ip().to_string(),
+        SocketAddr::V6(v6) if v6.ip().is_unspecified() && !row.v6only => "*".to_string(),
+        SocketAddr::V6(v6) => format!("[{}]", v6.ip()),
+    };
+    let protocol = row.protocol;
+    let port = match (addr.1, services.and_then(|s| s.name_of(addr.1, protocol))) {
+        (0, _) => "*".to_string(),
+        (_, Some(name)) => name.to_string(),
+        (port, None) => port.to_string(),
+    };
+    format!("{host}:{port}")
+}
+
+/// `users:(("nginx",pid=812,fd=6),...)`, as `ss -p` prints owners.
+pub fn users(owners: &[FdOwner]) -> String {
+    if owners.is_empty() {
+        return String::new();
+    }
+    let list: Vec<String> = owners
+        .iter()
+        .map(|o| format!("(\"{}\",pid={},fd={})", o.comm, o.pid, o.fd))
+        .collect();
+    format!("users:({})", list.join(","))
+}
+
+fn timer_text(timer: &Timer) -> String {
+    let kind = serde_json::to_value(timer.kind)
+        .ok()
+        .and_then(|v| v.as_str().map(String::from));
+    format!(
+        "timer:({},{:.3}sec)",
+        kind.unwrap_or_default(),
+        f64::from(timer.remaining_ms) / 1000.0
+    )
+}
+
+fn duration_text(d: Duration) -> String {
+    let secs = d.as_secs();
+    match secs {
+        0 => format!("{}ms", d.as_millis()),
+        1..=59 => format!("{:.1}s", d.as_secs_f64()),
+        60..=3599 => format!("{}m{:02}s", secs / 60, secs % 60),
+        _ => format!("{}h{:02}m", secs / 3600, (secs % 3600) / 60),
+    }
+}
+
+pub struct TextOptions<'a> {
+    /// None: numeric ports (`-n`).
+    pub services: Option<&'a Services>,
+    pub timers: bool,
+    /// The Netid column; ss leaves it out when only one protocol was asked for.
+    pub netid: bool,
+    /// The State column; ss leaves it out when only one state can be shown.
+    pub state: bool,
+}
+
+/// The aligned text table. Optional columns appear only when they carry information: the
+/// time in state when known, the netns when the rows span more than one namespace.
+pub fn text(rows: &[Listed], options: &TextOptions<'_>) -> String {
+    let show_in_state = rows.iter().any(|r| r.in_state.is_some());
+    let show_netns = rows.windows(2).any(|w| w[0].row.netns != w[1].row.netns);
+    let mut header = vec![
+        "Netid",
+        "State",
+        "Recv-Q",
+        "Send-Q",
+        "Local Address:Port",
+        "Peer Address:Port",
+        "Process",
+    ];
+    if !options.state {
+        header.remove(1);
+    }
+    if !options.netid {
+        header.remove(0);
+    }
+    if show_in_state {
+        header.push("In-State");
+    }
+    if show_netns {
+        header.push("Netns");
+    }
+    if options.timers {
+        header.push("Timer");
+    }
+    let mut table = Table::new();
+    table
+        .load_style(presets::NOTHING)
+        .set_content_arrangement(ContentArrangement::Disabled)
+        .set_header(header);
+    for listed in rows {
+        let row = &listed.row;
+        let mut cells = vec![
+            row.protocol.name().to_string(),
+            ss_state(row.state).to_string(),
+            row.recv_q.to_string(),
+            row.send_q.to_string(),
+            endpoint(row, row.local, options.services),
+            endpoint(row, row.remote, options.services),
+            users(&listed.owners),
+        ];
+        if !options.state {
+            cells.remove(1);
+        }
+        if !options.netid {
+            cells.remove(0);
+        }
+        if show_in_state {
+            cells.push(listed.in_state.map_or("-".to_string(), duration_text));
+        }
+        if show_netns {
+            cells.push(
+                listed
+                    .netns_name
+                    .clone()
+                    .unwrap_or_else(|| row.netns.to_string()),
+            );
+        }
+        if options.timers {
+            cells.push(row.timer.as_ref().map(timer_text).unwrap_or_default());
+        }
+        table.add_row(cells);
+    }
+    for column in table.column_iter_mut() {
+        column.set_padding((0, 2));
+    }
+    let first_queue = usize::from(options.netid) + usize::from(options.state);
+    for column in [first_queue, first_queue + 1] {
+        if let Some(column) = table.column_mut(column) {
+            column.set_cell_alignment(CellAlignment::Right);
+        }
+    }
+    table
+        .lines()
+        .map(|line| line.trim_end().to_string())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// One socket as a JSON object.
+#[derive(Serialize)]
+struct Record<'a> {
+    netid: Protocol,
+    state: TcpState,
+    family: Family,
+    recv_q: u32,
+    send_q: u32,
+    laddr: String,
+    lport: u16,
+    raddr: String,
+    rport: u16,
+    owners: &'a [FdOwner],
+    in_state_ms: Option<u128>,
+    netns: u32,
+    netns_name: Option<&'a str>,
+    cookie: u64,
+    inode: u64,
+    uid: u32,
+    timer: Option<Timer>,
+}
+
+fn record(listed: &Listed) -> Record<'_> {
+    let row = &listed.row;
+    Record {
+        netid: row.protocol,
+        state: row.state,
+        family: row.family,
+        recv_q: row.recv_q,
+        send_q: row.send_q,
+        laddr: row.local.0.to_string(),
+        lport: row.local.1,
+        raddr: row.remote.0.to_string(),
+        rport: row.remote.1,
+        owners: &listed.owners,
+        in_state_ms: listed.in_state.map(|d| d.as_millis()),
+        netns: row.netns,
+        netns_name: listed.netns_name.as_deref(),
+        cookie: row.cookie,
+        inode: row.inode,
+        uid: row.uid,
+        timer: row.timer,
+    }
+}
+
+/// All rows as one JSON array.
+pub fn json_array(rows: &[Listed]) -> String {
+    let records: Vec<Record<'_>> = rows.iter().map(record).collect();
+    serde_json::to_string(&records).unwrap_or_else(|e| format!(r#"{{"error":"{e}"}}"#))
+}
+
+/// One JSON object per line.
+pub fn ndjson(rows: &[Listed]) -> String {
+    rows.iter()
+        .map(|r| {
+            serde_json::to_string(&record(r)).unwrap_or_else(|e| format!(r#"{{"error":"{e}"}}"#))
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+    use super::*;
+    use crate::snapshot::TimerKind;
+
+    fn listed(
+        protocol: Protocol,
+        state: TcpState,
+        local: (IpAddr, u16),
+        remote: (IpAddr, u16),
+    ) -> Listed {
+        Listed {
+            row: SocketRow {
+                netns: 4026531840,
+                protocol,
+                family: if local.0.is_ipv4() {
+                    Family::Ipv4
+                } else {
+                    Family::Ipv6
+                },
+                state,
+                local,
+                remote,
+                cookie: 9,
+                inode: 1234,
+                uid: 0,
+                recv_q: 0,
+                send_q: 128,
+                timer: None,
+                v6only: true,
+            },
+            owners: vec![
+                FdOwner {
+                    pid: 812,
+                    comm: "nginx".into(),
+                    fd: 6,
+                    start_time: 1,
+                },
+                FdOwner {
+                    pid: 813,
+                    comm: "nginx".into(),
+                    fd: 6,
+                    start_time: 2,
+                },
+            ],
+            in_state: None,
+            netns_name: None,
+        }
+    }
+
+    #[test]
+    fn text_looks_like_ss() {
+        let any4 = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
+        let rows = vec![
+            listed(Protocol::Tcp, TcpState::Listen, (any4, 80), (any4, 0)),
+            listed(
+                Protocol::Udp,
+                TcpState::Close,
+                (IpAddr::V6(Ipv6Addr::LOCALHOST), 53),
+                (IpAddr::V6(Ipv6Addr::UNSPECIFIED), 0),
+            ),
+        ];
+        let services = Services::parse("http 80/tcp\n");
+        let named = text(
+            &rows,
+            &TextOptions {
+                services: Some(&services),
+                timers: false,
+                netid: true,
+                state: true,
+            },
+        );
+        let lines: Vec<Vec<&str>> = named
+            .lines()
+            .map(|l| l.split_whitespace().collect())
+            .collect();
+        assert_eq!(
+            lines[0],
+            [
+                "Netid",
+                "State",
+                "Recv-Q",
+                "Send-Q",
+                "Local",
+                "Address:Port",
+                "Peer",
+                "Address:Port",
+                "Process"
+            ]
+        );
+        assert_eq!(
+            lines[1],
+            [
+                "tcp",
+                "LISTEN",
+                "0",
+                "128",
+                "0.0.0.0:http",
+                "0.0.0.0:*",
+                r#"users:(("nginx",pid=812,fd=6),("nginx",pid=813,fd=6))"#
+            ]
+        );
+        assert_eq!(
+            lines[2][..6],
+            ["udp", "UNCONN", "0", "128", "[::1]:53", "[::]:*"]
+        );
+        let mut dual = rows[1].clone();
+        dual.row.v6only = false;
+        dual.row.local.0 = IpAddr::V6(Ipv6Addr::UNSPECIFIED);
+        let out = text(
+            &[dual],
+            &TextOptions {
+                services: None,
+                timers: false,
+                netid: true,
+                state: true,
+            },
+        );
+        assert_eq!(
+            out.lines()
+                .nth(1)
+                .unwrap()
+                .split_whitespace()
+                .collect::<Vec<_>>()[4..6],
+            ["*:53", "*:*"]
+        );
+        let numeric = text(
+            &rows,
+            &TextOptions {
+                services: None,
+                timers: false,
+                netid: true,
+                state: true,
+            },
+        );
+        assert!(numeric.contains("0.0.0.0:80"), "{numeric}");
+    }
+
+    #[test]
+    fn optional_columns_appear_when_informative() {
+        let lo = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        let mut a = listed(Protocol::Tcp, TcpState::TimeWait, (lo, 1), (lo, 2));
+        a.row.timer = Some(Timer {
+            kind: TimerKind::Timewait,
+            remaining_ms: 59_500,
+        });
+        a.in_state = Some(Duration::from_millis(500));
+        let mut b = a.clone();
+        b.row.netns = 1;
+        b.netns_name = Some("blue".into());
+        b.in_state = Some(Duration::from_secs(3725));
+        let out = text(
+            &[a, b],
+            &TextOptions {
+                services: None,
+                timers: true,
+                netid: true,
+                state: true,
+            },
+        );
+        let lines: Vec<&str> = out.lines().collect();
+        assert!(lines[0].ends_with("In-State  Netns       Timer"), "{out:?}");
+        assert!(
+            lines[1].contains("500ms")
+                && lines[1].contains("4026531840")
+                && lines[1].contains("timer:(timewait,59.500sec)"),
+            "{out}"
+        );
+        assert!(
+            lines[2].contains("1h02m") && lines[2].contains("blue"),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn json_has_every_field() {
+        let lo = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        let rows = vec![listed(
+            Protocol::Tcp,
+            TcpState::Established,
+            (lo, 1),
+            (lo, 2),
+        )];
+        let v: serde_json::Value = serde_json::from_str(&json_array(&rows)).unwrap();
+        let r = &v[0];
+        assert_eq!(
+            (r["netid"].as_str(), r["state"].as_str()),
+            (Some("tcp"), Some("ESTABLISHED"))
+        );
+        assert_eq!(
+            (
+                r["laddr"].as_str(),
+                r["lport"].as_u64(),
+                r["rport"].as_u64()
+            ),
+            (Some("127.0.0.1"), Some(1), Some(2))
+        );
+        assert_eq!(r["owners"][1]["pid"], 813);
+        assert_eq!(
+            (
+                r["cookie"].as_u64(),
+                r["inode"].as_u64(),
+                r["send_q"].as_u64()
+            ),
+            (Some(9), Some(1234), Some(128))
+        );
+        assert!(r["in_state_ms"].is_null() && r["timer"].is_null());
+        let line: serde_json::Value = serde_json::from_str(&ndjson(&rows)).unwrap();
+        assert_eq!(&line, r);
+    }
+}

@@ -1,0 +1,348 @@
+//! The one-time picture of every TCP and UDP socket on the host: netlink sock_diag dumps in
+//! every network namespace, joined to the processes holding them through `/proc/*/fd`.
+//!
+//! A netlink socket answers for the namespace it was created in, so each namespace is dumped
+//! from a short-lived thread that first joins it with `setns`. Namespaces are found through
+//! `/proc/*/ns/net` (one path per distinct inode) and the names in `/run/netns`.
+use std::{
+    collections::{BTreeMap, HashMap},
+    fs::File,
+    io,
+    net::IpAddr,
+    os::{fd::AsRawFd as _, unix::fs::MetadataExt as _},
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use netlink_packet_core::{
+    NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
+};
+use netlink_packet_sock_diag::{
+    SockDiagMessage,
+    constants::{AF_INET, AF_INET6, IPPROTO_TCP, IPPROTO_UDP},
+    inet::{ExtensionFlags, InetRequest, SocketId, StateFlags},
+};
+use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_SOCK_DIAG};
+use serde::Serialize;
+
+use crate::events::{Family, TcpState};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub fn name(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        }
+    }
+}
+
+/// The kernel timer running on a socket, as `ss -o` shows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TimerKind {
+    On,
+    Keepalive,
+    Timewait,
+    Persist,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Timer {
+    pub kind: TimerKind,
+    /// Time left until it fires, at the moment of the dump.
+    pub remaining_ms: u32,
+}
+
+/// One socket as sock_diag reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SocketRow {
+    pub netns: u32,
+    pub protocol: Protocol,
+    pub family: Family,
+    /// For UDP the kernel reports CLOSE (unconnected) or ESTABLISHED (connected).
+    pub state: TcpState,
+    pub local: (IpAddr, u16),
+    pub remote: (IpAddr, u16),
+    pub cookie: u64,
+    /// sockfs inode (0 for TIME_WAIT and request sockets, which have no file).
+    pub inode: u64,
+    pub uid: u32,
+    pub recv_q: u32,
+    pub send_q: u32,
+    pub timer: Option<Timer>,
+    /// An IPv6 socket with IPV6_V6ONLY (an unspecified-address one without it takes IPv4 too).
+    pub v6only: bool,
+}
+
+/// A process holding a socket through one of its file descriptors.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct FdOwner {
+    pub pid: u32,
+    pub comm: String,
+    pub fd: i32,
+    /// Process start time in clock ticks since boot: (pid, start) names a process uniquely.
+    pub start_time: u64,
+}
+
+/// A network namespace and a path through which it can be entered.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetNamespace {
+    pub inode: u32,
+    pub path: PathBuf,
+    /// The `ip netns` name, when it has one.
+    pub name: Option<String>,
+}
+
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub rows: Vec<SocketRow>,
+    /// Socket inode -> the processes holding it, in pid then fd order.
+    pub owners: HashMap<u64, Vec<FdOwner>>,
+    pub namespaces: Vec<NetNamespace>,
+    /// Namespaces or processes that could not be read (they may have just gone away).
+    pub problems: Vec<String>,
+    pub took: Duration,
+}
+
+impl Snapshot {
+    /// Dumps every namespace and joins owners.
+    pub fn take() -> Snapshot {
+        let started = Instant::now();
+        let mut snapshot = Snapshot {
+            namespaces: network_namespaces(),
+            ..Default::default()
+        };
+        for namespace in &snapshot.namespaces {
+            match dump_namespace(namespace) {
+                Ok(rows) => snapshot.rows.extend(rows),
+                Err(error) => snapshot.problems.push(format!(
+                    "netns {} ({}): {error}",
+                    namespace.inode,
+                    namespace.path.display()
+                )),
+            }
+        }
+        snapshot.owners = socket_owners(&mut snapshot.problems);
+        snapshot.took = started.elapsed();
+        snapshot
+    }
+}
+
+/// Every distinct network namespace: named ones (`/run/netns/*`) first, then those only
+/// reachable through a process.
+pub fn network_namespaces() -> Vec<NetNamespace> {
+    let mut found: BTreeMap<u32, NetNamespace> = BTreeMap::new();
+    if let Ok(entries) = std::fs::read_dir("/run/netns") {
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if let Ok(meta) = std::fs::metadata(&path) {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                found.entry(meta.ino() as u32).or_insert(NetNamespace {
+                    inode: meta.ino() as u32,
+                    path,
+                    name: Some(name),
+                });
+            }
+        }
+    }
+    if let Ok(entries) = std::fs::read_dir("/proc") {
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            if !name.to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
+                continue;
+            }
+            let path = entry.path().join("ns/net");
+            if let Ok(meta) = std::fs::metadata(&path) {
+                found.entry(meta.ino() as u32).or_insert(NetNamespace {
+                    inode: meta.ino() as u32,
+                    path,
+                    name: None,
+                });
+            }
+        }
+    }
+    found.into_values().collect()
+}
+
+/// Runs the four dumps (TCP/UDP x IPv4/IPv6) inside `namespace`, from a thread of its own so
+/// that this thread's namespace never changes.
+fn dump_namespace(namespace: &NetNamespace) -> io::Result<Vec<SocketRow>> {
+    let file = File::open(&namespace.path)?;
+    let inode = namespace.inode;
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                // SAFETY: a valid namespace fd; setns only changes the calling thread.
+                if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                let mut rows = Vec::new();
+                for protocol in [Protocol::Tcp, Protocol::Udp] {
+                    for family in [Family::Ipv4, Family::Ipv6] {
+                        dump(inode, protocol, family, &mut rows)?;
+                    }
+                }
+                Ok(rows)
+            })
+            .join()
+            .unwrap_or_else(|_| Err(io::Error::other("namespace dump thread panicked")))
+    })
+}
+
+/// Offset of `idiag_expires` in the netlink message (16-byte header + inet_diag_msg field).
+/// Read by hand because netlink-packet-sock-diag drops it for TIME_WAIT rows.
+const EXPIRES_OFFSET: usize = 16 + 4 + 48;
+
+fn dump(
+    netns: u32,
+    protocol: Protocol,
+    family: Family,
+    rows: &mut Vec<SocketRow>,
+) -> io::Result<()> {
+    let mut socket = Socket::new(NETLINK_SOCK_DIAG)?;
+    socket.bind_auto()?;
+    socket.connect(&SocketAddr::new(0, 0))?;
+
+    let mut header = NetlinkHeader::default();
+    header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+    let mut request = NetlinkMessage::new(
+        header,
+        SockDiagMessage::InetRequest(InetRequest {
+            family: match family {
+                Family::Ipv4 => AF_INET,
+                Family::Ipv6 => AF_INET6,
+            },
+            protocol: match protocol {
+                Protocol::Tcp => IPPROTO_TCP,
+                Protocol::Udp => IPPROTO_UDP,
+            },
+            extensions: ExtensionFlags::empty(),
+            states: StateFlags::all(),
+            socket_id: match family {
+                Family::Ipv4 => SocketId::new_v4(),
+                Family::Ipv6 => SocketId::new_v6(),
+            },
+        })
+        .into(),
+    );
+    request.finalize();
+    let mut buffer = vec![0; request.buffer_len()];
+    request.serialize(&mut buffer);
+    socket.send(&buffer, 0)?;
+
+    let mut receive = vec![0u8; 1 << 16];
+    loop {
+        let size = socket.recv(&mut &mut receive[..], 0)?;
+        let mut offset = 0;
+        while offset < size {
+            let bytes = &receive[offset..size];
+            let message = NetlinkMessage::<SockDiagMessage>::deserialize(bytes)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+            let length = message.header.length as usize;
+            match message.payload {
+                NetlinkPayload::Done(_) => return Ok(()),
+                NetlinkPayload::Error(error) => {
+                    return Err(io::Error::other(format!("sock_diag: {error:?}")));
+                }
+                NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(response)) => {
+                    let expires = bytes
+                        .get(EXPIRES_OFFSET..EXPIRES_OFFSET + 4)
+                        .map_or(0, |b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]));
+                    let v6only = response.nlas.iter().any(|nla| {
+                        matches!(
+                            nla,
+                            netlink_packet_sock_diag::inet::nlas::Nla::SkV6Only(true)
+                        )
+                    });
+                    if let Some(row) = row_from(netns, protocol, &response.header, expires, v6only)
+                    {
+                        rows.push(row);
+                    }
+                }
+                _ => {}
+            }
+            if length == 0 {
+                break;
+            }
+            offset += length;
+        }
+    }
+}
+
+fn row_from(
+    netns: u32,
+    protocol: Protocol,
+    header: &netlink_packet_sock_diag::inet::InetResponseHeader,
+    expires_ms: u32,
+    v6only: bool,
+) -> Option<SocketRow> {
+    use netlink_packet_sock_diag::inet::Timer as DiagTimer;
+    let id = &header.socket_id;
+    let family = match header.family {
+        AF_INET => Family::Ipv4,
+        AF_INET6 => Family::Ipv6,
+        _ => return None,
+    };
+    let timer = header.timer.as_ref().map(|timer| Timer {
+        kind: match timer {
+            DiagTimer::Retransmit(..) => TimerKind::On,
+            DiagTimer::KeepAlive(_) => TimerKind::Keepalive,
+            DiagTimer::TimeWait => TimerKind::Timewait,
+            DiagTimer::Probe(_) => TimerKind::Persist,
+        },
+        remaining_ms: expires_ms,
+    });
+    Some(SocketRow {
+        netns,
+        protocol,
+        family,
+        state: TcpState::from_kernel(header.state)?,
+        local: (id.source_address, id.source_port),
+        remote: (id.destination_address, id.destination_port),
+        cookie: u64::from_ne_bytes(id.cookie),
+        inode: u64::from(header.inode),
+        uid: header.uid,
+        recv_q: header.recv_queue,
+        send_q: header.send_queue,
+        timer,
+        v6only,
+    })
+}
+
+/// Socket inode -> processes holding it, from `/proc/*/fd`.
+pub fn socket_owners(problems: &mut Vec<String>) -> HashMap<u64, Vec<FdOwner>> {
+    let mut owners: HashMap<u64, Vec<FdOwner>> = HashMap::new();
+    let processes = match procfs::process::all_processes() {
+        Ok(processes) => processes,
+        Err(error) => {
+            problems.push(format!("cannot list /proc: {error}"));
+            return owners;
+        }
+    };
+    for process in processes.flatten() {
+        // Processes exit while we look: whatever cannot be read is simply not there any more.
+        let Ok(stat) = process.stat() else { continue };
+        let Ok(fds) = process.fd() else { continue };
+        for fd in fds.flatten() {
+            if let procfs::process::FDTarget::Socket(inode) = fd.target {
+                owners.entry(inode).or_default().push(FdOwner {
+                    pid: stat.pid as u32,
+                    comm: stat.comm.clone(),
+                    fd: fd.fd,
+                    start_time: stat.starttime,
+                });
+            }
+        }
+    }
+    for list in owners.values_mut() {
+        list.sort_by_key(|o| (o.pid, o.fd));
+    }
+    owners
+}
