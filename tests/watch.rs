@@ -268,6 +268,59 @@ fn client_in_a_separate_process_owns_its_socket() {
     }
 }
 
+/// A server that was listening before netwatch started has no known owner; the accept(2)
+/// tracepoint names it from the moment it takes the connection, so the softirq transitions
+/// after that (the client's FIN making it CLOSE_WAIT) show the server, never the client.
+#[test]
+fn accepting_process_owns_the_accepted_socket() {
+    let mut server = sockpeer()
+        .args(["serve", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("sockpeer serve");
+    let mut ready = String::new();
+    BufReader::new(server.stdout.take().expect("stdout"))
+        .read_line(&mut ready)
+        .expect("ready");
+    let port: u16 = ready
+        .trim()
+        .strip_prefix("listening ")
+        .and_then(|p| p.parse().ok())
+        .expect("port");
+    let watcher = Watcher::start(&["--json", "--port", &port.to_string()]);
+    let client = client_roundtrip((Ipv4Addr::LOCALHOST, port).into()).expect("client");
+    assert!(server.wait().expect("server").success());
+    let records = finish(
+        watcher,
+        &Exchange {
+            server_port: port,
+            client_port: client.port(),
+        },
+    );
+
+    let accepted = transitions_between(&records, port, client.port());
+    assert_eq!(path(&accepted), pairs(&SERVER_PATH));
+    let server_pid = u64::from(server.id());
+    // Before accept(): the listener predates netwatch, so nobody is known - and the client,
+    // on the CPU for the whole loopback handshake, is not named.
+    for early in &accepted[..2] {
+        assert!(early["pid"].is_null(), "{early}");
+    }
+    for later in &accepted[2..] {
+        assert_eq!(
+            (later["pid"].as_u64(), later["comm"].as_str()),
+            (Some(server_pid), Some("sockpeer")),
+            "{later}"
+        );
+    }
+    assert_eq!(accepted[2]["old"], "ESTABLISHED");
+    assert_eq!(
+        accepted[2]["task_pid"],
+        std::process::id(),
+        "CLOSE_WAIT ran while the client was on the CPU"
+    );
+}
+
 #[test]
 fn connection_between_network_namespaces() {
     require_root();

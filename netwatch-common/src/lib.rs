@@ -16,6 +16,9 @@ pub mod kind {
     pub const SOCK_CREATE: u8 = 3;
     /// cgroup `sock_release`: the last file reference to a TCP socket went away.
     pub const SOCK_RELEASE: u8 = 4;
+    /// `syscalls:sys_exit_accept4` / `sys_exit_accept`: the current task received the socket
+    /// (`cookie`) as file descriptor `fd`; found by walking its fd table.
+    pub const ACCEPT: u8 = 5;
 }
 
 /// `flags` bits of a [`SockEvent`].
@@ -55,7 +58,7 @@ pub mod config {
     pub const LEN: u32 = 1;
 }
 
-/// One record in the `EVENTS` ring buffer. 96 bytes, 8-byte aligned, no implicit padding.
+/// One record in the `EVENTS` ring buffer. 104 bytes, 8-byte aligned, no implicit padding.
 ///
 /// Addresses are in network byte order; an IPv4 address uses the first 4 bytes. Ports are in
 /// host byte order. Fields a hook cannot know are zero.
@@ -72,6 +75,8 @@ pub struct SockEvent {
     pub pid_tgid: u64,
     /// Inode of the socket's network namespace; 0 where it could not be read.
     pub netns: u32,
+    /// File descriptor, for [`kind::ACCEPT`]; -1 otherwise.
+    pub fd: i32,
     /// One of [`kind`].
     pub kind: u8,
     /// [`AF_INET`] or [`AF_INET6`].
@@ -90,9 +95,10 @@ pub struct SockEvent {
     /// Process name (thread-group leader's comm) of the task on the CPU: evidence, not
     /// necessarily the owner.
     pub comm: [u8; 16],
+    pub _pad1: [u8; 4],
 }
 
-const _: () = assert!(core::mem::size_of::<SockEvent>() == 96);
+const _: () = assert!(core::mem::size_of::<SockEvent>() == 104);
 const _: () = assert!(core::mem::align_of::<SockEvent>() == 8);
 
 impl SockEvent {
@@ -105,6 +111,7 @@ impl SockEvent {
             skaddr: 0,
             pid_tgid: 0,
             netns: 0,
+            fd: -1,
             kind: 0,
             family: 0,
             protocol: 0,
@@ -117,6 +124,7 @@ impl SockEvent {
             saddr: [0; 16],
             daddr: [0; 16],
             comm: [0; 16],
+            _pad1: [0; 4],
         }
     }
 }

@@ -49,6 +49,18 @@ load_time_constants!(
     /// it, rather than the current thread's.
     OFF_TASK_GROUP_LEADER,
     OFF_TASK_COMM,
+    /// The fd-table walk of `accept_exit`: task -> files -> fdt -> fd[n] -> file ->
+    /// private_data (struct socket) -> sk -> skc_cookie.
+    OFF_TASK_FILES,
+    OFF_FILES_FDT,
+    OFF_FDT_FD,
+    OFF_FDT_MAX_FDS,
+    OFF_FILE_PRIVATE_DATA,
+    OFF_SOCKET_FILE,
+    OFF_SOCKET_SK,
+    OFF_SKC_COOKIE,
+    /// Offset of `ret` in the `syscalls:sys_exit_accept*` records.
+    TP_SYSCALL_RET,
     /// Field offsets of the classic `sock:inet_sock_set_state` record, from its format file.
     TP_SKADDR,
     TP_OLDSTATE,
@@ -291,6 +303,61 @@ pub fn sock_create(ctx: SockContext) -> i32 {
 pub fn sock_release(ctx: SockContext) -> i32 {
     sock_lifecycle(&ctx, kind::SOCK_RELEASE);
     1 // always allow
+}
+
+// ---------------------------------------------------------------------------------------------
+// syscalls:sys_exit_accept4 / sys_exit_accept: who received an accepted socket, in process
+// context. The returned fd is looked up in the task's own fd table.
+// ---------------------------------------------------------------------------------------------
+
+#[tracepoint]
+pub fn accept_exit(ctx: TracePointContext) -> u32 {
+    // SAFETY: the offset comes from the tracepoint's format file; the read is a checked helper.
+    let ret: i64 = unsafe { ctx.read_at(constant(&TP_SYSCALL_RET)) }.unwrap_or(-1);
+    if ret >= 0 {
+        accepted(ret as u32);
+    }
+    0
+}
+
+#[inline(always)]
+fn accepted(fd: u32) {
+    // SAFETY: helper with no arguments; the pointer is only used through probe reads.
+    let task = unsafe { bpf_get_current_task() } as *const u8;
+    let files: u64 = read_kernel(task, constant(&OFF_TASK_FILES));
+    if files == 0 {
+        return;
+    }
+    let fdt: u64 = read_kernel(files as *const u8, constant(&OFF_FILES_FDT));
+    let max_fds: u32 = read_kernel(fdt as *const u8, constant(&OFF_FDT_MAX_FDS));
+    if fdt == 0 || fd >= max_fds {
+        return;
+    }
+    let fd_array: u64 = read_kernel(fdt as *const u8, constant(&OFF_FDT_FD));
+    let file: u64 = read_kernel(fd_array as *const u8, fd as usize * 8);
+    let socket: u64 = read_kernel(file as *const u8, constant(&OFF_FILE_PRIVATE_DATA));
+    // Only a socket's file points back from its struct socket.
+    let socket_file: u64 = read_kernel(socket as *const u8, constant(&OFF_SOCKET_FILE));
+    if file == 0 || socket_file != file {
+        return;
+    }
+    let sk = read_kernel::<u64>(socket as *const u8, constant(&OFF_SOCKET_SK)) as *const u8;
+    let protocol: u16 = read_kernel(sk, constant(&OFF_SK_PROTOCOL));
+    if sk.is_null() || protocol != IPPROTO_TCP as u16 {
+        return;
+    }
+    // Non-zero: the state program asked for the child's cookie at LISTEN->SYN_RECV.
+    let cookie: u64 = read_kernel(sk, constant(&OFF_SKC_COOKIE));
+    if cookie == 0 {
+        return;
+    }
+    let mut event = new_event(kind::ACCEPT);
+    event.cookie = cookie;
+    event.skaddr = sk as u64;
+    event.fd = fd as i32;
+    event.protocol = IPPROTO_TCP;
+    fill_from_sock(&mut event, sk);
+    submit(&event);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -171,11 +171,21 @@ pub struct SockLife {
     pub task: Task,
 }
 
+/// A process received an accepted socket from accept(2)/accept4(2).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SockAccept {
+    pub ts_ns: u64,
+    pub cookie: u64,
+    pub fd: i32,
+    pub task: Task,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Event {
     State(StateChange),
     Created(SockLife),
     Released(SockLife),
+    Accepted(SockAccept),
 }
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -267,6 +277,12 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
                 Event::Released(life)
             })
         }
+        kind::ACCEPT => Ok(Event::Accepted(SockAccept {
+            ts_ns: raw.ts_ns,
+            cookie: raw.cookie,
+            fd: raw.fd,
+            task: task(&raw),
+        })),
         other => Err(DecodeError::UnknownKind(other)),
     }
 }
@@ -413,7 +429,7 @@ mod tests {
     fn rejects_short_and_malformed_records() {
         let good = bytes(&raw_state(kind::STATE_BTF));
         assert_eq!(decode(&[]), Err(DecodeError::Short(0)));
-        assert_eq!(decode(&good[..95]), Err(DecodeError::Short(95)));
+        assert_eq!(decode(&good[..103]), Err(DecodeError::Short(103)));
         let mut raw = raw_state(99);
         assert_eq!(decode(&bytes(&raw)), Err(DecodeError::UnknownKind(99)));
         raw = raw_state(kind::STATE_BTF);

@@ -126,10 +126,26 @@ pub fn load(options: &LoadOptions) -> Result<Probes> {
         Some(_) => Vec::new(),
         None => classic_tracepoint_fields()?,
     };
+    // Accept attribution walks the fd table with BTF offsets; the classic mode has none.
+    let accept_ret = match &kernel_btf {
+        Some(_) => match syscall_exit_ret_offset("sys_exit_accept4") {
+            Ok(offset) => Some(offset),
+            Err(error) => {
+                warnings.push(format!(
+                    "{error}: accepted sockets keep their listener's owner until closed"
+                ));
+                None
+            }
+        },
+        None => None,
+    };
 
     let mut loader = EbpfLoader::new();
     for (name, value) in offsets.iter().chain(&tracepoint_fields) {
         loader.override_global(name, value, true);
+    }
+    if let Some(offset) = &accept_ret {
+        loader.override_global("TP_SYSCALL_RET", offset, true);
     }
     if let Some(size) = options.ring_size {
         loader.map_max_entries("EVENTS", size);
@@ -157,6 +173,20 @@ pub fn load(options: &LoadOptions) -> Result<Probes> {
             .map_err(attach_error("tracepoint sock:inet_sock_set_state"))?;
         StateSource::Tracepoint
     };
+
+    if accept_ret.is_some() {
+        let program: &mut TracePoint = program(&mut ebpf, "accept_exit")?;
+        let attached = program.load().and_then(|()| {
+            program.attach("syscalls", "sys_exit_accept4")?;
+            program.attach("syscalls", "sys_exit_accept")
+        });
+        if let Err(error) = attached {
+            warnings.push(format!(
+                "cannot attach the accept tracepoints ({error}): accepted sockets keep their \
+                 listener's owner until closed"
+            ));
+        }
+    }
 
     match cgroup2_root() {
         Some(root) => attach_cgroup_hooks(&mut ebpf, &root, source, &mut warnings)?,
@@ -252,7 +282,7 @@ fn attach_error(program: &'static str) -> impl Fn(aya::programs::ProgramError) -
 
 /// Kernel struct offsets the programs read, named as the programs' globals.
 fn kernel_offsets(btf: &KernelBtf) -> Result<Vec<(&'static str, u32)>> {
-    const FIELDS: [(&str, &str, &str); 13] = [
+    const FIELDS: [(&str, &str, &str); 21] = [
         ("OFF_SKC_DADDR", "sock", "__sk_common.skc_daddr"),
         ("OFF_SKC_RCV_SADDR", "sock", "__sk_common.skc_rcv_saddr"),
         ("OFF_SKC_DPORT", "sock", "__sk_common.skc_dport"),
@@ -270,6 +300,14 @@ fn kernel_offsets(btf: &KernelBtf) -> Result<Vec<(&'static str, u32)>> {
         ("OFF_NET_NS_INUM", "net", "ns.inum"),
         ("OFF_TASK_GROUP_LEADER", "task_struct", "group_leader"),
         ("OFF_TASK_COMM", "task_struct", "comm"),
+        ("OFF_TASK_FILES", "task_struct", "files"),
+        ("OFF_FILES_FDT", "files_struct", "fdt"),
+        ("OFF_FDT_FD", "fdtable", "fd"),
+        ("OFF_FDT_MAX_FDS", "fdtable", "max_fds"),
+        ("OFF_FILE_PRIVATE_DATA", "file", "private_data"),
+        ("OFF_SOCKET_FILE", "socket", "file"),
+        ("OFF_SOCKET_SK", "socket", "sk"),
+        ("OFF_SKC_COOKIE", "sock", "__sk_common.skc_cookie"),
     ];
     FIELDS
         .iter()
@@ -310,6 +348,25 @@ fn classic_tracepoint_fields() -> Result<Vec<(&'static str, u32)>> {
         Ok((global, *offset))
     })
     .collect()
+}
+
+/// Offset of `ret` in a `syscalls:sys_exit_*` record (the same layout for every syscall).
+fn syscall_exit_ret_offset(tracepoint: &str) -> Result<u32> {
+    let path = tracefs()?
+        .join("events/syscalls")
+        .join(tracepoint)
+        .join("format");
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::TracepointFormat {
+        path: path.clone(),
+        reason: e.to_string(),
+    })?;
+    parse_tracepoint_format(&text)
+        .get("ret")
+        .copied()
+        .ok_or_else(|| Error::TracepointFormat {
+            path,
+            reason: "no field ret".into(),
+        })
 }
 
 /// Field name -> offset from a tracepoint `format` file

@@ -109,6 +109,15 @@ impl Table {
                 }
                 None
             }
+            Event::Accepted(accept) => {
+                // accept(2) runs in the receiving process: from now on it owns the socket.
+                let socket = self
+                    .sockets
+                    .entry(SockKey::Cookie(accept.cookie))
+                    .or_default();
+                socket.owner = Some(Owner::from(&accept.task));
+                None
+            }
             Event::State(change) => Some(self.apply_state(change)),
         }
     }
@@ -326,6 +335,31 @@ mod tests {
             })
         );
         assert_eq!(t.in_old_state_ns, Some(50));
+    }
+
+    #[test]
+    fn the_accepting_process_takes_over_from_the_listener() {
+        let mut table = Table::new();
+        table.apply(change(5, 100, Close, Listen, task(7, "master")));
+        table.apply(change(6, 200, Listen, SynRecv, task(8, "client")));
+        table.apply(change(6, 250, SynRecv, Established, task(8, "client")));
+        let accept = crate::events::SockAccept {
+            ts_ns: 300,
+            cookie: 6,
+            fd: 9,
+            task: task(70, "worker"),
+        };
+        assert_eq!(table.apply(Event::Accepted(accept)), None);
+        let t = table
+            .apply(change(6, 400, Established, CloseWait, task(8, "client")))
+            .unwrap();
+        assert_eq!(
+            t.owner,
+            Some(Owner {
+                pid: 70,
+                comm: "worker".into()
+            })
+        );
     }
 
     #[test]
