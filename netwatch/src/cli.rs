@@ -1,8 +1,11 @@
 //! Command-line arguments, parsed once into the configuration the rest of netwatch uses.
 //! Bad values fail here, with clap's one-line error naming the value (exit code 2).
+use std::path::PathBuf;
+
 use clap::{Args, Parser, Subcommand};
 
 use crate::{
+    api,
     events::{Family, TcpState},
     filter::{TransitionFilter, parse_transition},
     loader::{LoadOptions, SourceChoice},
@@ -36,6 +39,30 @@ pub enum Command {
     /// Print the socket table, like `ss -tanup`.
     #[command(visible_alias = "ls")]
     Table(TableArgs),
+    /// Load the programs once and serve their stream to `netwatch watch` clients.
+    Agent(AgentArgs),
+}
+
+#[derive(Clone, Debug, Args)]
+pub struct AgentArgs {
+    /// The API socket (created mode 0600; its directory 0700 if netwatch creates it).
+    #[arg(long, value_name = "PATH", default_value = api::DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+    /// TCP state source: tp_btf (needs BTF), the classic tracepoint, or auto.
+    #[arg(long, value_enum, default_value_t = SourceChoice::Auto)]
+    pub source: SourceChoice,
+    /// Ring buffer size in bytes: a power of two, at least 4096.
+    #[arg(long, value_name = "BYTES", value_parser = parse_ring_size)]
+    pub ring_size: Option<u32>,
+}
+
+impl AgentArgs {
+    pub fn load_options(&self) -> LoadOptions {
+        LoadOptions {
+            source: self.source,
+            ring_size: self.ring_size,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Default, Args)]
@@ -96,7 +123,7 @@ pub struct TableArgs {
     pub filter: Vec<String>,
 }
 
-#[derive(Clone, Debug, Default, Args)]
+#[derive(Clone, Debug, Args)]
 pub struct WatchArgs {
     /// Only transitions with this local or remote port.
     #[arg(long, value_name = "PORT")]
@@ -131,12 +158,19 @@ pub struct WatchArgs {
     /// Do not print the column header (text output).
     #[arg(long)]
     pub no_header: bool,
-    /// TCP state source: tp_btf (needs BTF), the classic tracepoint, or auto.
+    /// TCP state source: tp_btf (needs BTF), the classic tracepoint, or auto. Implies
+    /// --no-agent.
     #[arg(long, value_enum, default_value_t = SourceChoice::Auto)]
     pub source: SourceChoice,
-    /// Ring buffer size in bytes: a power of two, at least 4096.
+    /// Ring buffer size in bytes: a power of two, at least 4096. Implies --no-agent.
     #[arg(long, value_name = "BYTES", value_parser = parse_ring_size)]
     pub ring_size: Option<u32>,
+    /// Load programs of our own even when an agent is running.
+    #[arg(long)]
+    pub no_agent: bool,
+    /// Where to look for a running agent.
+    #[arg(long, value_name = "PATH", default_value = api::DEFAULT_SOCKET)]
+    pub socket: PathBuf,
 }
 
 fn parse_state(text: &str) -> Result<TcpState, String> {

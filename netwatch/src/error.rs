@@ -42,6 +42,12 @@ pub enum Error {
     #[error("eBPF object has no program or map named {0} (build mismatch: rebuild netwatch)")]
     Missing(&'static str),
 
+    #[error("cannot use the agent socket {path}: {reason} (choose another with --socket)")]
+    ApiSocket { path: PathBuf, reason: String },
+
+    #[error("another netwatch agent is already running on {path}")]
+    AgentRunning { path: PathBuf },
+
     #[error("{context}: {source}")]
     Io {
         context: String,

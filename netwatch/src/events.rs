@@ -8,11 +8,11 @@ use std::{
 
 use aya::maps::{MapData, RingBuf};
 use netwatch_common::{AF_INET, AF_INET6, SockEvent, flags, kind};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::io::unix::AsyncFd;
 
 /// A TCP state as the kernel numbers it (`include/net/tcp_states.h`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum TcpState {
     Established = 1,
@@ -101,7 +101,7 @@ impl FromStr for TcpState {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Family {
     Ipv4,
@@ -109,7 +109,7 @@ pub enum Family {
 }
 
 /// Which tracepoint reported a transition; it decides how the socket is identified.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum StateSource {
     /// `tp_btf/inet_sock_set_state`: identity is the socket cookie.

@@ -1,7 +1,7 @@
 //! Which transitions the user asked to see. All given conditions must hold.
 use crate::{
     events::{Family, TcpState},
-    table::Transition,
+    output::TransitionRecord,
 };
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -22,24 +22,21 @@ pub struct TransitionFilter {
 }
 
 impl TransitionFilter {
-    pub fn matches(&self, t: &Transition) -> bool {
-        let c = &t.change;
-        let (lport, rport) = (c.local.1, c.remote.1);
+    pub fn matches(&self, t: &TransitionRecord) -> bool {
+        let (lport, rport) = (t.lport, t.rport);
         self.port.is_none_or(|p| p == lport || p == rport)
             && self.sport.is_none_or(|p| p == lport)
             && self.dport.is_none_or(|p| p == rport)
-            && self
-                .pid
-                .is_none_or(|pid| t.owner.as_ref().is_some_and(|o| o.pid == pid))
+            && self.pid.is_none_or(|pid| t.pid == Some(pid))
             && self
                 .comm
                 .as_ref()
-                .is_none_or(|comm| t.owner.as_ref().is_some_and(|o| &o.comm == comm))
-            && self.family.is_none_or(|f| f == c.family)
-            && self.state.is_none_or(|s| s == c.old || s == c.new)
+                .is_none_or(|comm| t.comm.as_ref() == Some(comm))
+            && self.family.is_none_or(|f| f == t.family)
+            && self.state.is_none_or(|s| s == t.old || s == t.new)
             && self
                 .transition
-                .is_none_or(|(old, new)| old == c.old && new == c.new)
+                .is_none_or(|(old, new)| old == t.old && new == t.new)
     }
 }
 
@@ -58,11 +55,12 @@ mod tests {
     use super::*;
     use crate::{
         events::{SockKey, StateChange, StateSource, Task},
-        table::Owner,
+        output::WallClock,
+        table::{Owner, Transition},
     };
 
-    fn transition(lport: u16, rport: u16, old: TcpState, new: TcpState) -> Transition {
-        Transition {
+    fn transition(lport: u16, rport: u16, old: TcpState, new: TcpState) -> TransitionRecord {
+        let transition = Transition {
             change: StateChange {
                 ts_ns: 0,
                 source: StateSource::TpBtf,
@@ -87,7 +85,8 @@ mod tests {
                 comm: "curl".into(),
             }),
             in_old_state_ns: None,
-        }
+        };
+        TransitionRecord::new(&transition, &WallClock::with_offset_ns(0))
     }
 
     #[test]
@@ -158,7 +157,7 @@ mod tests {
     #[test]
     fn unknown_owner_matches_no_pid_or_comm() {
         let mut t = transition(1, 2, TcpState::Listen, TcpState::SynRecv);
-        t.owner = None;
+        (t.pid, t.comm) = (None, None);
         assert!(
             !TransitionFilter {
                 pid: Some(0),

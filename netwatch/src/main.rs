@@ -35,6 +35,7 @@ fn main() -> ExitCode {
         match &cli.command {
             Some(Command::Watch(args)) => netwatch::watch::run(args).await,
             Some(Command::Table(args)) => netwatch::listing::run(args),
+            Some(Command::Agent(args)) => netwatch::agent::run(args).await,
             None => netwatch::watch::run(&cli.watch).await,
         }
     });

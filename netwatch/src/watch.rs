@@ -1,161 +1,160 @@
-//! `netwatch watch`: load and attach, then turn ring buffer wakeups into output lines until
+//! `netwatch watch`: the live transition stream. It attaches to a running agent's stream when
+//! there is one, and otherwise loads its own copy of the programs; either way it prints until
 //! Ctrl-C / SIGTERM or until stdout goes away.
-use std::{
-    io::{self, BufWriter, Write},
-    time::Duration,
-};
+use std::io::{self, BufWriter, Write};
 
 use anyhow::Context as _;
-use tokio::signal::unix::{SignalKind, signal};
-
-use crate::{
-    cli::WatchArgs,
-    events::{Event, EventReader},
-    filter::TransitionFilter,
-    loader::{self, LostCounter},
-    output::{self, Format, Loss, LossReason, WallClock},
-    table::Table,
+use tokio::{
+    io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},
+    net::UnixStream,
+    signal::unix::{Signal, SignalKind, signal},
 };
 
-/// How often the kernel's loss counter is read; a loss is reported at most this late.
-const LOSS_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+use crate::{
+    api::{self, Command, Request},
+    cli::WatchArgs,
+    filter::TransitionFilter,
+    loader::SourceChoice,
+    output::{self, Format, StreamRecord},
+    tracer::Tracer,
+};
 
-/// Writes lines, remembering whether the reader went away (a closed pipe is a normal end).
-struct Sink {
+/// Filters and prints records.
+struct Printer {
     out: BufWriter<io::Stdout>,
     format: Format,
-    clock: WallClock,
+    filter: TransitionFilter,
 }
 
-impl Sink {
-    fn line(&mut self, line: &str) -> io::Result<()> {
-        self.out.write_all(line.as_bytes())?;
-        self.out.write_all(b"\n")
-    }
-
-    fn loss(&mut self, loss: Loss) -> io::Result<()> {
-        let now = self.clock.wall(WallClock::monotonic_now_ns());
-        let line = match self.format {
-            Format::Text => output::lost_text(&loss, now),
-            Format::Json => output::lost_json(&loss, now),
-        };
-        self.line(&line)
-    }
-}
-
-/// Loss counters as last reported, so each report carries the count since the previous one.
-#[derive(Default)]
-struct LossReports {
-    ring_full: u64,
-    malformed: u64,
-}
-
-impl LossReports {
-    fn report(
-        &mut self,
-        sink: &mut Sink,
-        lost: &LostCounter,
-        reader: &EventReader,
-    ) -> anyhow::Result<()> {
-        let ring_full = lost.total().context("reading the lost-event counter")?;
-        for (reason, total, reported) in [
-            (LossReason::RingBufferFull, ring_full, &mut self.ring_full),
-            (LossReason::Malformed, reader.malformed, &mut self.malformed),
-        ] {
-            if total > *reported {
-                sink.loss(Loss {
-                    reason,
-                    count: total - *reported,
-                    total,
-                })?;
-                *reported = total;
+impl Printer {
+    fn print(&mut self, records: &mut Vec<StreamRecord>) -> io::Result<()> {
+        for record in records.drain(..) {
+            if let StreamRecord::Transition(t) = &record
+                && !self.filter.matches(t)
+            {
+                continue;
             }
+            self.out.write_all(record.render(self.format).as_bytes())?;
+            self.out.write_all(b"\n")?;
         }
-        Ok(())
+        self.out.flush()
+    }
+}
+
+pub struct Signals {
+    interrupt: Signal,
+    terminate: Signal,
+}
+
+impl Signals {
+    pub fn install() -> anyhow::Result<Signals> {
+        Ok(Signals {
+            interrupt: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+            terminate: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+        })
+    }
+
+    pub async fn stop(&mut self) {
+        tokio::select! {
+            _ = self.interrupt.recv() => {}
+            _ = self.terminate.recv() => {}
+        }
     }
 }
 
 pub async fn run(args: &WatchArgs) -> anyhow::Result<()> {
-    let mut probes = loader::load(&args.load_options())?;
-    for warning in &probes.warnings {
-        tracing::warn!("{warning}");
-    }
-    let mut reader =
-        EventReader::new(probes.take_ring()?).context("registering the ring buffer")?;
-    let lost = probes.take_lost_counter()?;
-
-    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut loss_timer = tokio::time::interval(LOSS_CHECK_INTERVAL);
-
-    let filter = args.filter();
-    let mut table = Table::new();
-    let mut sink = Sink {
+    let mut signals = Signals::install()?;
+    let mut printer = Printer {
         out: BufWriter::new(io::stdout()),
         format: args.format(),
-        clock: WallClock::now(),
+        filter: args.filter(),
     };
-    let mut losses = LossReports::default();
-    let mut batch = Vec::new();
-
-    eprintln!(
-        "netwatch: watching TCP state changes via {} (attached in {:.1?}); Ctrl-C to stop",
-        probes.source, probes.load_time
-    );
-    let result: anyhow::Result<()> = async {
-        if sink.format == Format::Text && !args.no_header {
-            sink.line(output::TEXT_HEADER)?;
-            sink.out.flush()?;
-        }
-        loop {
-            tokio::select! {
-                _ = sigint.recv() => break,
-                _ = sigterm.recv() => break,
-                _ = loss_timer.tick() => losses.report(&mut sink, &lost, &reader)?,
-                read = reader.read_batch(&mut batch) => {
-                    read.context("reading the ring buffer")?;
-                    emit(&mut sink, &mut table, &filter, &mut batch)?;
-                }
-            }
-            sink.out.flush()?;
-        }
-        // What the kernel delivered before the signal is still shown.
-        reader.read_available(&mut batch);
-        emit(&mut sink, &mut table, &filter, &mut batch)?;
-        // Detach first so nothing new arrives, then report what the kernel could not deliver.
-        drop(probes);
-        losses.report(&mut sink, &lost, &reader)?;
-        sink.out.flush()?;
-        Ok(())
-    }
-    .await;
+    // Options that shape the kernel side need programs of our own.
+    let own_programs =
+        args.no_agent || args.source != SourceChoice::Auto || args.ring_size.is_some();
+    let agent = if own_programs {
+        None
+    } else {
+        api::connect(&args.socket)
+            .await
+            .with_context(|| format!("connecting to {}", args.socket.display()))?
+    };
+    let result = match agent {
+        Some(stream) => attached(stream, args, &mut signals, &mut printer).await,
+        None => direct(args, &mut signals, &mut printer).await,
+    };
     match result {
         Err(error) if is_broken_pipe(&error) => Ok(()),
         other => other,
     }
 }
 
-/// Applies a batch of events to the table and prints the transitions the filter keeps.
-fn emit(
-    sink: &mut Sink,
-    table: &mut Table,
-    filter: &TransitionFilter,
-    batch: &mut Vec<Event>,
-) -> io::Result<()> {
-    for event in batch.drain(..) {
-        let Some(transition) = table.apply(event) else {
-            continue;
-        };
-        if !filter.matches(&transition) {
-            continue;
-        }
-        let line = match sink.format {
-            Format::Text => output::text_line(&transition, &sink.clock),
-            Format::Json => output::json_line(&transition, &sink.clock),
-        };
-        sink.line(&line)?;
+fn header(args: &WatchArgs, printer: &mut Printer) -> io::Result<()> {
+    if printer.format == Format::Text && !args.no_header {
+        writeln!(printer.out, "{}", output::TEXT_HEADER)?;
     }
+    printer.out.flush()
+}
+
+async fn direct(
+    args: &WatchArgs,
+    signals: &mut Signals,
+    printer: &mut Printer,
+) -> anyhow::Result<()> {
+    let mut tracer = Tracer::start(&args.load_options())?;
+    eprintln!(
+        "netwatch: watching TCP state changes via {}; Ctrl-C to stop",
+        tracer.describe()
+    );
+    header(args, printer)?;
+    let mut records = Vec::new();
+    loop {
+        tokio::select! {
+            _ = signals.stop() => break,
+            next = tracer.next(&mut records) => next?,
+        }
+        printer.print(&mut records)?;
+    }
+    // What the kernel delivered before the signal is still shown.
+    tracer.finish(&mut records)?;
+    printer.print(&mut records)?;
     Ok(())
+}
+
+async fn attached(
+    stream: UnixStream,
+    args: &WatchArgs,
+    signals: &mut Signals,
+    printer: &mut Printer,
+) -> anyhow::Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut request = serde_json::to_string(&Request::new(Command::Watch))?;
+    request.push('\n');
+    write
+        .write_all(request.as_bytes())
+        .await
+        .context("sending the watch request")?;
+    eprintln!(
+        "netwatch: watching TCP state changes via the agent at {}; Ctrl-C to stop",
+        args.socket.display()
+    );
+    header(args, printer)?;
+    let mut lines = BufReader::new(read).lines();
+    let mut records = Vec::new();
+    loop {
+        let line = tokio::select! {
+            _ = signals.stop() => return Ok(()),
+            line = lines.next_line() => line.context("reading the agent's stream")?,
+        };
+        let Some(line) = line else {
+            anyhow::bail!("the agent at {} stopped", args.socket.display());
+        };
+        match serde_json::from_str::<StreamRecord>(&line) {
+            Ok(record) => records.push(record),
+            Err(_) => anyhow::bail!("the agent said: {line}"),
+        }
+        printer.print(&mut records)?;
+    }
 }
 
 /// Output piped into `head` ends with EPIPE: that is the reader's choice, not an error.

@@ -53,6 +53,105 @@ pub fn own_comm() -> String {
         .to_string()
 }
 
+/// A netwatch process whose stdout lines and stderr text are collected as they arrive.
+struct Spawned {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+    stderr: Arc<Mutex<String>>,
+    stdout_reader: thread::JoinHandle<()>,
+}
+
+/// Spawns netwatch with `args` and waits until a stderr line contains `ready`.
+fn spawn_until_ready(args: &[&str], ready: &'static str) -> Spawned {
+    require_root();
+    let mut child = Command::new(netwatch_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn netwatch");
+    let stdout = child.stdout.take().expect("stdout");
+    let stderr = child.stderr.take().expect("stderr");
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let sink = Arc::clone(&lines);
+    let stdout_reader = thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            sink.lock().expect("lines").push(line);
+        }
+    });
+    let stderr_text = Arc::new(Mutex::new(String::new()));
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let sink = Arc::clone(&stderr_text);
+    thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if line.contains(ready) {
+                let _ = ready_tx.send(());
+            }
+            let mut text = sink.lock().expect("stderr");
+            text.push_str(&line);
+            text.push('\n');
+        }
+    });
+    if ready_rx.recv_timeout(PATIENCE).is_err() {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!(
+            "netwatch {args:?} not ready within {PATIENCE:?}; stderr:\n{}",
+            stderr_text.lock().expect("stderr")
+        );
+    }
+    Spawned {
+        child,
+        lines,
+        stderr: stderr_text,
+        stdout_reader,
+    }
+}
+
+/// A running `netwatch agent` on its own socket; killed when dropped.
+pub struct Agent {
+    pub child: Child,
+    pub socket: PathBuf,
+    pub stderr: Arc<Mutex<String>>,
+}
+
+impl Agent {
+    pub fn start(socket: &std::path::Path) -> Agent {
+        let socket_arg = socket.to_str().expect("utf-8 path");
+        let Spawned { child, stderr, .. } =
+            spawn_until_ready(&["agent", "--socket", socket_arg], "serving");
+        Agent {
+            child,
+            socket: socket.to_path_buf(),
+            stderr,
+        }
+    }
+
+    /// A socket path of this test's own, in a fresh directory.
+    pub fn test_socket(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("netwatch-test-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir.join("agent.sock")
+    }
+
+    /// SIGTERM and wait; returns the exit status.
+    pub fn stop(mut self) -> ExitStatus {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        self.child.wait().expect("wait for agent")
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// A running `netwatch watch` whose stdout lines are collected as they arrive.
 pub struct Watcher {
     child: Child,
@@ -64,53 +163,21 @@ pub struct Watcher {
 impl Watcher {
     /// Starts `netwatch watch ARGS` and waits until it says it is attached.
     pub fn start(args: &[&str]) -> Watcher {
-        require_root();
-        let mut child = Command::new(netwatch_bin())
-            .arg("watch")
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn netwatch");
-        let stdout = child.stdout.take().expect("stdout");
-        let stderr = child.stderr.take().expect("stderr");
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let sink = Arc::clone(&lines);
-        let stdout_reader = thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                sink.lock().expect("lines").push(line);
-            }
-        });
-        let stderr_text = Arc::new(Mutex::new(String::new()));
-        let (ready_tx, ready_rx) = mpsc::channel();
-        let sink = Arc::clone(&stderr_text);
-        thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                if line.contains("netwatch: watching") {
-                    let _ = ready_tx.send(());
-                }
-                let mut text = sink.lock().expect("stderr");
-                text.push_str(&line);
-                text.push('\n');
-            }
-        });
-        let mut watcher = Watcher {
+        let args: Vec<&str> = std::iter::once("watch")
+            .chain(args.iter().copied())
+            .collect();
+        let Spawned {
+            child,
+            lines,
+            stderr,
+            stdout_reader,
+        } = spawn_until_ready(&args, "netwatch: watching");
+        Watcher {
             child,
             lines,
             stdout_reader: Some(stdout_reader),
-            stderr: stderr_text,
-        };
-        if ready_rx.recv_timeout(PATIENCE).is_err() {
-            let _ = watcher.child.kill();
-            panic!(
-                "netwatch did not attach within {PATIENCE:?}; stderr:\n{}",
-                watcher.stderr()
-            );
+            stderr,
         }
-        watcher
     }
 
     pub fn pid(&self) -> u32 {

@@ -1,11 +1,15 @@
 //! How transitions and loss reports look: aligned text lines for people, NDJSON for tools.
 //! The socket table's layout is in [`table`].
+//!
+//! [`StreamRecord`] is the one shape a stream line has: built from the table's output,
+//! serialized as NDJSON, sent by the agent to `watch` clients, parsed back, filtered and
+//! printed. Text lines are rendered from the record, so every mode prints the same thing.
 pub mod table;
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use chrono::{DateTime, Local, Utc};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{
     events::{Family, StateSource, TcpState},
@@ -66,155 +70,171 @@ pub enum Format {
 /// endpoint widens its line rather than being cut.
 pub const TEXT_HEADER: &str = "TIME            PID     COMM             LOCAL                   REMOTE                  OLD          -> NEW          MS";
 
-fn endpoint(addr: (std::net::IpAddr, u16)) -> String {
-    SocketAddr::from(addr).to_string()
+/// One line of the stream.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum StreamRecord {
+    Transition(TransitionRecord),
+    Lost(LossRecord),
+}
+
+/// RFC 3339 in UTC with exactly nine fractional digits, so that every record's `time` has
+/// the same width and sorts as text.
+mod rfc3339_nanos {
+    use chrono::{DateTime, SecondsFormat, Utc};
+    use serde::{Deserialize as _, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(
+        time: &DateTime<Utc>,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&time.to_rfc3339_opts(SecondsFormat::Nanos, true))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<DateTime<Utc>, D::Error> {
+        DateTime::<Utc>::deserialize(deserializer)
+    }
+}
+
+/// A `transition` record: every field of the event, addresses as strings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TransitionRecord {
+    /// RFC 3339 wall time (UTC, nanoseconds).
+    #[serde(with = "rfc3339_nanos")]
+    pub time: DateTime<Utc>,
+    /// The kernel's CLOCK_MONOTONIC timestamp.
+    pub mono_ns: u64,
+    pub old: TcpState,
+    pub new: TcpState,
+    /// Time in `old`, or since creation for a first transition; null when not seen.
+    pub duration_ns: Option<u64>,
+    pub duration_ms: Option<f64>,
+    /// The socket's owner; null when not known yet.
+    pub pid: Option<u32>,
+    pub comm: Option<String>,
+    pub family: Family,
+    pub laddr: IpAddr,
+    pub lport: u16,
+    pub raddr: IpAddr,
+    pub rport: u16,
+    pub cookie: Option<u64>,
+    pub netns: u32,
+    pub skaddr: String,
+    /// The task that was on the CPU when the kernel made the change.
+    pub task_pid: u32,
+    pub task_tid: u32,
+    pub task_comm: String,
+    pub source: StateSource,
 }
 
 fn millis(ns: u64) -> f64 {
     ns as f64 / 1e6
 }
 
-pub fn text_line(t: &Transition, clock: &WallClock) -> String {
-    let c = &t.change;
-    let time = clock
-        .wall(c.ts_ns)
-        .with_timezone(&Local)
-        .format("%H:%M:%S%.6f");
-    let (pid, comm) = match &t.owner {
-        Some(owner) => (owner.pid.to_string(), owner.comm.as_str()),
-        None => ("-".to_string(), "-"),
-    };
-    let ms = t
-        .in_old_state_ns
-        .map_or_else(|| "-".to_string(), |ns| format!("{:.3}", millis(ns)));
-    format!(
-        "{time} {pid:<7} {comm:<16} {:<23} {:<23} {:<12} -> {:<12} {ms}",
-        endpoint(c.local),
-        endpoint(c.remote),
-        c.old,
-        c.new,
-    )
-}
+impl TransitionRecord {
+    pub fn new(t: &Transition, clock: &WallClock) -> Self {
+        let c = &t.change;
+        TransitionRecord {
+            time: clock.wall(c.ts_ns),
+            mono_ns: c.ts_ns,
+            old: c.old,
+            new: c.new,
+            duration_ns: t.in_old_state_ns,
+            duration_ms: t.in_old_state_ns.map(millis),
+            pid: t.owner.as_ref().map(|o| o.pid),
+            comm: t.owner.as_ref().map(|o| o.comm.clone()),
+            family: c.family,
+            laddr: c.local.0,
+            lport: c.local.1,
+            raddr: c.remote.0,
+            rport: c.remote.1,
+            cookie: c.cookie,
+            netns: c.netns,
+            skaddr: format!("{:#x}", c.skaddr),
+            task_pid: c.task.pid,
+            task_tid: c.task.tid,
+            task_comm: c.task.comm.clone(),
+            source: c.source,
+        }
+    }
 
-/// One NDJSON `transition` record; every field of the event, addresses as strings.
-#[derive(Serialize)]
-struct TransitionRecord<'a> {
-    #[serde(rename = "type")]
-    kind: &'static str,
-    time: String,
-    mono_ns: u64,
-    old: TcpState,
-    new: TcpState,
-    /// Time in `old`, or since creation for a first transition; null when not seen.
-    duration_ns: Option<u64>,
-    duration_ms: Option<f64>,
-    pid: Option<u32>,
-    comm: Option<&'a str>,
-    family: Family,
-    laddr: String,
-    lport: u16,
-    raddr: String,
-    rport: u16,
-    cookie: Option<u64>,
-    netns: u32,
-    skaddr: String,
-    /// The task that was on the CPU when the kernel made the change.
-    task_pid: u32,
-    task_tid: u32,
-    task_comm: &'a str,
-    source: StateSource,
-}
-
-pub fn json_line(t: &Transition, clock: &WallClock) -> String {
-    let c = &t.change;
-    let record = TransitionRecord {
-        kind: "transition",
-        time: rfc3339(clock.wall(c.ts_ns)),
-        mono_ns: c.ts_ns,
-        old: c.old,
-        new: c.new,
-        duration_ns: t.in_old_state_ns,
-        duration_ms: t.in_old_state_ns.map(millis),
-        pid: t.owner.as_ref().map(|o| o.pid),
-        comm: t.owner.as_ref().map(|o| o.comm.as_str()),
-        family: c.family,
-        laddr: c.local.0.to_string(),
-        lport: c.local.1,
-        raddr: c.remote.0.to_string(),
-        rport: c.remote.1,
-        cookie: c.cookie,
-        netns: c.netns,
-        skaddr: format!("{:#x}", c.skaddr),
-        task_pid: c.task.pid,
-        task_tid: c.task.tid,
-        task_comm: &c.task.comm,
-        source: c.source,
-    };
-    serde_json::to_string(&record)
-        .unwrap_or_else(|e| format!(r#"{{"type":"error","error":"{e}"}}"#))
-}
-
-fn rfc3339(time: DateTime<Utc>) -> String {
-    time.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)
+    pub fn text(&self) -> String {
+        let time = self.time.with_timezone(&Local).format("%H:%M:%S%.6f");
+        let pid = self
+            .pid
+            .map_or_else(|| "-".to_string(), |pid| pid.to_string());
+        let comm = self.comm.as_deref().unwrap_or("-");
+        let ms = self
+            .duration_ns
+            .map_or_else(|| "-".to_string(), |ns| format!("{:.3}", millis(ns)));
+        format!(
+            "{time} {pid:<7} {comm:<16} {:<23} {:<23} {:<12} -> {:<12} {ms}",
+            SocketAddr::from((self.laddr, self.lport)).to_string(),
+            SocketAddr::from((self.raddr, self.rport)).to_string(),
+            self.old,
+            self.new,
+        )
+    }
 }
 
 /// Why events were lost.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum LossReason {
     /// The kernel could not reserve space in the ring buffer.
     RingBufferFull,
     /// A record arrived that netwatch could not decode.
     Malformed,
+    /// This client read the agent's stream too slowly and missed records.
+    ClientTooSlow,
 }
 
-/// A loss report: `count` new losses since the previous report, `total` since start.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Loss {
+/// A `lost` record: `count` new losses since the previous report, `total` since start.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LossRecord {
+    #[serde(with = "rfc3339_nanos")]
+    pub time: DateTime<Utc>,
     pub reason: LossReason,
     pub count: u64,
     pub total: u64,
 }
 
-pub fn lost_text(loss: &Loss, now: DateTime<Utc>) -> String {
-    let why = match loss.reason {
-        LossReason::RingBufferFull => "ring buffer full: raise --ring-size",
-        LossReason::Malformed => "malformed records",
-    };
-    format!(
-        "{} LOST {} events ({why}; {} since start)",
-        now.with_timezone(&Local).format("%H:%M:%S%.6f"),
-        loss.count,
-        loss.total
-    )
+impl LossRecord {
+    pub fn text(&self) -> String {
+        let why = match self.reason {
+            LossReason::RingBufferFull => "ring buffer full: raise --ring-size",
+            LossReason::Malformed => "malformed records",
+            LossReason::ClientTooSlow => "this reader fell behind the agent",
+        };
+        format!(
+            "{} LOST {} events ({why}; {} since start)",
+            self.time.with_timezone(&Local).format("%H:%M:%S%.6f"),
+            self.count,
+            self.total
+        )
+    }
 }
 
-/// One NDJSON `lost` record.
-#[derive(Serialize)]
-struct LossRecord {
-    #[serde(rename = "type")]
-    kind: &'static str,
-    time: String,
-    reason: LossReason,
-    count: u64,
-    total: u64,
-}
+impl StreamRecord {
+    pub fn json(&self) -> String {
+        serde_json::to_string(self)
+            .unwrap_or_else(|e| format!(r#"{{"type":"error","error":"{e}"}}"#))
+    }
 
-pub fn lost_json(loss: &Loss, now: DateTime<Utc>) -> String {
-    let record = LossRecord {
-        kind: "lost",
-        time: rfc3339(now),
-        reason: loss.reason,
-        count: loss.count,
-        total: loss.total,
-    };
-    serde_json::to_string(&record)
-        .unwrap_or_else(|e| format!(r#"{{"type":"error","error":"{e}"}}"#))
+    pub fn render(&self, format: Format) -> String {
+        match (format, self) {
+            (Format::Json, record) => record.json(),
+            (Format::Text, StreamRecord::Transition(t)) => t.text(),
+            (Format::Text, StreamRecord::Lost(l)) => l.text(),
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
-    use std::net::{IpAddr, Ipv6Addr};
+    use std::net::Ipv6Addr;
 
     use super::*;
     use crate::{
@@ -248,14 +268,20 @@ mod tests {
         }
     }
 
-    #[test]
-    fn text_shows_owner_ports_states_and_millis() {
-        let clock = WallClock::with_offset_ns(0);
-        let owner = Some(Owner {
+    fn curl() -> Option<Owner> {
+        Some(Owner {
             pid: 4242,
             comm: "curl".into(),
-        });
-        let line = text_line(&transition(owner, Some(412_345)), &clock);
+        })
+    }
+
+    #[test]
+    fn text_shows_owner_ports_states_and_millis() {
+        let record = TransitionRecord::new(
+            &transition(curl(), Some(412_345)),
+            &WallClock::with_offset_ns(0),
+        );
+        let line = record.text();
         let fields: Vec<_> = line.split_whitespace().collect();
         assert_eq!(
             fields[1..],
@@ -274,7 +300,8 @@ mod tests {
 
     #[test]
     fn text_marks_unknowns_with_a_dash() {
-        let line = text_line(&transition(None, None), &WallClock::with_offset_ns(0));
+        let line =
+            TransitionRecord::new(&transition(None, None), &WallClock::with_offset_ns(0)).text();
         let fields: Vec<_> = line.split_whitespace().collect();
         assert_eq!(fields[1..3], ["-", "-"]);
         assert_eq!(fields.last(), Some(&"-"));
@@ -287,57 +314,80 @@ mod tests {
     #[test]
     fn json_carries_every_field() {
         let clock = WallClock::with_offset_ns(1_700_000_000_000_000_000);
-        let owner = Some(Owner {
-            pid: 4242,
-            comm: "curl".into(),
-        });
-        let line = json_line(&transition(owner, Some(1_250_000)), &clock);
+        let record = StreamRecord::Transition(TransitionRecord::new(
+            &transition(curl(), Some(1_250_000)),
+            &clock,
+        ));
+        let line = record.json();
+        assert!(line.starts_with(r#"{"type":"transition","#), "{line}");
         let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-        assert_eq!(v["type"], "transition");
         assert_eq!(v["time"], "2023-11-14T22:13:21.500000000Z");
         assert_eq!(v["mono_ns"], 1_500_000_000u64);
-        assert_eq!(v["old"], "SYN_SENT");
-        assert_eq!(v["new"], "ESTABLISHED");
-        assert_eq!(v["duration_ns"], 1_250_000);
-        assert_eq!(v["duration_ms"], 1.25);
-        assert_eq!(v["pid"], 4242);
-        assert_eq!(v["comm"], "curl");
+        assert_eq!(
+            (v["old"].as_str(), v["new"].as_str()),
+            (Some("SYN_SENT"), Some("ESTABLISHED"))
+        );
+        assert_eq!(
+            (v["duration_ns"].as_u64(), v["duration_ms"].as_f64()),
+            (Some(1_250_000), Some(1.25))
+        );
+        assert_eq!(
+            (v["pid"].as_u64(), v["comm"].as_str()),
+            (Some(4242), Some("curl"))
+        );
         assert_eq!(v["family"], "ipv6");
-        assert_eq!(v["laddr"], "::1");
-        assert_eq!(v["lport"], 40000);
-        assert_eq!(v["raddr"], "::1");
-        assert_eq!(v["rport"], 8080);
-        assert_eq!(v["cookie"], 77);
-        assert_eq!(v["netns"], 4026531840u64);
+        assert_eq!(
+            (v["laddr"].as_str(), v["lport"].as_u64()),
+            (Some("::1"), Some(40000))
+        );
+        assert_eq!(
+            (v["raddr"].as_str(), v["rport"].as_u64()),
+            (Some("::1"), Some(8080))
+        );
+        assert_eq!(
+            (v["cookie"].as_u64(), v["netns"].as_u64()),
+            (Some(77), Some(4026531840))
+        );
         assert_eq!(v["skaddr"], "0xffff888000001000");
-        assert_eq!(v["task_comm"], "swapper/1");
-        assert_eq!(v["source"], "tp_btf");
+        assert_eq!(
+            (v["task_comm"].as_str(), v["source"].as_str()),
+            (Some("swapper/1"), Some("tp_btf"))
+        );
+        // What the agent sends, a client reads back unchanged.
+        assert_eq!(serde_json::from_str::<StreamRecord>(&line).unwrap(), record);
     }
 
     #[test]
     fn json_unknowns_are_null() {
-        let line = json_line(&transition(None, None), &WallClock::with_offset_ns(0));
-        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        let record = StreamRecord::Transition(TransitionRecord::new(
+            &transition(None, None),
+            &WallClock::with_offset_ns(0),
+        ));
+        let v: serde_json::Value = serde_json::from_str(&record.json()).unwrap();
         assert!(v["pid"].is_null() && v["comm"].is_null() && v["duration_ms"].is_null());
     }
 
     #[test]
     fn loss_reports_in_both_formats() {
-        let loss = Loss {
+        let record = StreamRecord::Lost(LossRecord {
+            time: DateTime::from_timestamp_nanos(0),
             reason: LossReason::RingBufferFull,
             count: 12,
             total: 40,
-        };
-        let now = DateTime::from_timestamp_nanos(0);
-        assert!(lost_text(&loss, now).contains("LOST 12 events (ring buffer full"));
-        let v: serde_json::Value = serde_json::from_str(&lost_json(&loss, now)).unwrap();
-        assert_eq!(
-            (v["type"].as_str(), v["count"].as_u64()),
-            (Some("lost"), Some(12))
+        });
+        assert!(
+            record
+                .render(Format::Text)
+                .contains("LOST 12 events (ring buffer full")
         );
+        let line = record.render(Format::Json);
+        assert!(line.starts_with(r#"{"type":"lost","#), "{line}");
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
         assert_eq!(
-            (v["reason"].as_str(), v["total"].as_u64()),
-            (Some("ring_buffer_full"), Some(40))
+            (v["count"].as_u64(), v["total"].as_u64()),
+            (Some(12), Some(40))
         );
+        assert_eq!(v["reason"], "ring_buffer_full");
+        assert_eq!(serde_json::from_str::<StreamRecord>(&line).unwrap(), record);
     }
 }

@@ -1,0 +1,191 @@
+//! The local API between `netwatch agent` and short-lived netwatch commands: a unix stream
+//! socket, root-only (mode 0600 in a 0700 directory), one JSON request line per connection,
+//! answered with NDJSON lines.
+use std::{
+    io::{self, ErrorKind},
+    os::unix::fs::{FileTypeExt as _, PermissionsExt as _},
+    path::{Path, PathBuf},
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+pub const DEFAULT_SOCKET: &str = "/run/netwatch/agent.sock";
+
+/// Longest request line the agent reads; anything longer is rejected.
+pub const MAX_REQUEST_BYTES: usize = 4096;
+
+/// Protocol version, sent in every request.
+pub const VERSION: u32 = 1;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Command {
+    /// Stream every transition and loss report, as NDJSON `StreamRecord`s, until either side
+    /// closes.
+    Watch,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Request {
+    pub v: u32,
+    #[serde(flatten)]
+    pub command: Command,
+}
+
+impl Request {
+    pub fn new(command: Command) -> Self {
+        Request {
+            v: VERSION,
+            command,
+        }
+    }
+
+    /// Parses one request line; the error text goes back to the client.
+    pub fn parse(line: &[u8]) -> Result<Request, String> {
+        if line.len() > MAX_REQUEST_BYTES {
+            return Err(format!("request longer than {MAX_REQUEST_BYTES} bytes"));
+        }
+        let request: Request =
+            serde_json::from_slice(line).map_err(|e| format!("malformed request: {e}"))?;
+        if request.v != VERSION {
+            return Err(format!(
+                "unsupported protocol version {} (this agent speaks {VERSION})",
+                request.v
+            ));
+        }
+        Ok(request)
+    }
+}
+
+/// An error line sent to a client before closing its connection.
+pub fn error_line(message: &str) -> String {
+    serde_json::json!({ "type": "error", "error": message }).to_string()
+}
+
+/// Binds the agent's socket: refuses when another agent answers there, replaces a stale
+/// socket file left by a killed agent, and creates the file with mode 0600.
+pub fn bind(path: &Path) -> Result<std::os::unix::net::UnixListener> {
+    let fail = |reason: String| Error::ApiSocket {
+        path: path.to_path_buf(),
+        reason,
+    };
+    if let Some(dir) = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty() && !d.exists())
+    {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| fail(format!("cannot create {}: {e}", dir.display())))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| fail(format!("cannot restrict {}: {e}", dir.display())))?;
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if !meta.file_type().is_socket() => {
+            return Err(fail("it exists and is not a socket".into()));
+        }
+        Ok(_) => match std::os::unix::net::UnixStream::connect(path) {
+            Ok(_) => {
+                return Err(Error::AgentRunning {
+                    path: path.to_path_buf(),
+                });
+            }
+            Err(e) if e.kind() == ErrorKind::ConnectionRefused => {
+                tracing::info!("replacing stale agent socket {}", path.display());
+                std::fs::remove_file(path)
+                    .map_err(|e| fail(format!("cannot remove the stale socket: {e}")))?;
+            }
+            Err(e) => return Err(fail(format!("cannot check the existing socket: {e}"))),
+        },
+        Err(e) if e.kind() == ErrorKind::NotFound => {}
+        Err(e) => return Err(fail(e.to_string())),
+    }
+    // The file is created by bind(); a restrictive umask makes it 0600 from the start.
+    // SAFETY: umask has no preconditions; it is restored right after.
+    let previous = unsafe { libc::umask(0o177) };
+    let bound = std::os::unix::net::UnixListener::bind(path);
+    // SAFETY: as above.
+    unsafe { libc::umask(previous) };
+    bound.map_err(|e| fail(e.to_string()))
+}
+
+/// Connects to a running agent; None when no agent listens at `path`.
+pub async fn connect(path: &Path) -> io::Result<Option<tokio::net::UnixStream>> {
+    match tokio::net::UnixStream::connect(path).await {
+        Ok(stream) => Ok(Some(stream)),
+        Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::ConnectionRefused) => {
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Removes the socket file when the agent stops.
+pub struct SocketFile(pub PathBuf);
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip_and_bad_ones_are_explained() {
+        let line = serde_json::to_string(&Request::new(Command::Watch)).unwrap();
+        assert_eq!(line, r#"{"v":1,"cmd":"watch"}"#);
+        assert_eq!(
+            Request::parse(line.as_bytes()),
+            Ok(Request::new(Command::Watch))
+        );
+        assert!(
+            Request::parse(br#"{"v":1,"cmd":"reboot"}"#)
+                .unwrap_err()
+                .contains("malformed")
+        );
+        assert!(
+            Request::parse(br#"{"v":2,"cmd":"watch"}"#)
+                .unwrap_err()
+                .contains("version 2")
+        );
+        assert!(
+            Request::parse(b"\xff\xfe")
+                .unwrap_err()
+                .contains("malformed")
+        );
+        let long = vec![b' '; MAX_REQUEST_BYTES + 1];
+        assert!(Request::parse(&long).unwrap_err().contains("longer"));
+    }
+
+    #[test]
+    fn bind_refuses_a_live_agent_and_replaces_a_stale_socket() {
+        let dir = std::env::temp_dir().join(format!("netwatch-api-test-{}", std::process::id()));
+        let path = dir.join("sub/agent.sock");
+        let first = bind(&path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert_eq!(
+            std::fs::metadata(path.parent().unwrap())
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777,
+            0o700
+        );
+        assert!(matches!(bind(&path), Err(Error::AgentRunning { .. })));
+        drop(first); // the file stays behind, as after SIGKILL
+        assert!(path.exists());
+        let _second = bind(&path).unwrap();
+        std::fs::write(dir.join("plain"), b"x").unwrap();
+        assert!(
+            bind(&dir.join("plain"))
+                .unwrap_err()
+                .to_string()
+                .contains("not a socket")
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,186 @@
+//! `netwatch agent`: its API socket's lifecycle and permissions, and `netwatch watch`
+//! attached to it showing what a watcher with programs of its own shows.
+//! A failed unwrap is how a test reports a missing field.
+#![allow(clippy::unwrap_used)]
+
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    net::{Ipv4Addr, TcpListener},
+    os::unix::{fs::PermissionsExt as _, net::UnixStream},
+    process::Command,
+    thread,
+    time::{Duration, Instant},
+};
+
+use netwatch_tests::{Agent, Watcher, client_roundtrip, netwatch_bin, parse_json, serve_one};
+use serde_json::Value;
+
+fn socket_arg(agent: &Agent) -> &str {
+    agent.socket.to_str().unwrap()
+}
+
+/// (lport, rport, old, new, pid, comm) of every transition record.
+fn transitions(records: &[Value]) -> Vec<(Value, Value, Value, Value, Value, Value)> {
+    records
+        .iter()
+        .filter(|r| r["type"] == "transition")
+        .map(|r| {
+            let f = |k: &str| r[k].clone();
+            (
+                f("lport"),
+                f("rport"),
+                f("old"),
+                f("new"),
+                f("pid"),
+                f("comm"),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn watch_through_the_agent_shows_what_a_direct_watch_shows() {
+    let agent = Agent::start(&Agent::test_socket("stream"));
+    let mode = std::fs::metadata(&agent.socket)
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600, "root-only API socket");
+    // Both watchers start before the listener exists, so both know its owner.
+    let attached = Watcher::start(&["--json", "--socket", socket_arg(&agent)]);
+    assert!(
+        attached.stderr().contains("via the agent"),
+        "{}",
+        attached.stderr()
+    );
+    let direct = Watcher::start(&["--json", "--socket", socket_arg(&agent), "--no-agent"]);
+    assert!(direct.stderr().contains("tp_btf"), "{}", direct.stderr());
+
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = thread::spawn(move || serve_one(&listener).unwrap());
+    client_roundtrip((Ipv4Addr::LOCALHOST, port).into()).unwrap();
+    server.join().unwrap();
+    // CLOSE->LISTEN, five transitions a side, and the listener's LISTEN->CLOSE.
+    let ours = move |records: &[Value]| -> Vec<Value> {
+        records
+            .iter()
+            .filter(|r| r["lport"] == port || r["rport"] == port)
+            .cloned()
+            .collect()
+    };
+    let count = move |lines: &[String]| {
+        let records: Vec<Value> = lines
+            .iter()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        ours(&records).len()
+    };
+    attached.wait_until("12 transitions via the agent", |lines| count(lines) >= 12);
+    direct.wait_until("12 transitions directly", |lines| count(lines) >= 12);
+    let via_agent = ours(&parse_json(&attached.stop()));
+    let own = ours(&parse_json(&direct.stop()));
+    assert_eq!(via_agent.len(), 12, "{via_agent:#?}");
+    assert_eq!(transitions(&via_agent), transitions(&own));
+    assert!(via_agent.iter().all(|r| r["pid"] == std::process::id()));
+    assert!(agent.stop().success(), "SIGTERM stops the agent cleanly");
+}
+
+#[test]
+fn second_agent_is_refused_and_a_stale_socket_is_replaced() {
+    let socket = Agent::test_socket("lifecycle");
+    let mut first = Agent::start(&socket);
+    let second = Command::new(netwatch_bin())
+        .args(["agent", "--socket", socket.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert_eq!(second.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("already running"), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+
+    // SIGKILL leaves the socket file behind; the next agent replaces it.
+    first.child.kill().unwrap();
+    first.child.wait().unwrap();
+    assert!(socket.exists(), "a killed agent cannot remove its socket");
+    let third = Agent::start(&socket);
+    assert!(third.stop().success());
+    assert!(!socket.exists(), "a stopped agent removes its socket");
+    // Connects on the host still work after all this (no hook left denying them).
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = thread::spawn(move || serve_one(&listener).unwrap());
+    client_roundtrip(addr).unwrap();
+    server.join().unwrap();
+}
+
+#[test]
+fn an_unusable_socket_path_is_a_clear_error() {
+    let file = std::env::temp_dir().join(format!("netwatch-test-{}-file", std::process::id()));
+    std::fs::write(&file, b"not a directory").unwrap();
+    for path in [file.join("agent.sock"), file.clone()] {
+        let output = Command::new(netwatch_bin())
+            .args(["agent", "--socket", path.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+        assert!(
+            stderr.contains("cannot use the agent socket") && stderr.contains("--socket"),
+            "{stderr}"
+        );
+    }
+    assert_eq!(
+        std::fs::read(&file).unwrap(),
+        b"not a directory",
+        "nothing overwritten"
+    );
+    std::fs::remove_file(&file).unwrap();
+}
+
+#[test]
+fn malformed_and_silent_clients_do_not_disturb_others() {
+    let agent = Agent::start(&Agent::test_socket("clients"));
+    // Connects and never sends.
+    let silent = UnixStream::connect(&agent.socket).unwrap();
+    let watcher = Watcher::start(&["--json", "--port", "1", "--socket", socket_arg(&agent)]);
+
+    let mut bad = UnixStream::connect(&agent.socket).unwrap();
+    bad.write_all(b"{\"v\":1,\"cmd\":\"rm -rf\"}\n").unwrap();
+    let mut reply = String::new();
+    BufReader::new(&bad).read_line(&mut reply).unwrap();
+    let reply: Value = serde_json::from_str(&reply).unwrap();
+    assert_eq!(reply["type"], "error");
+    assert!(
+        reply["error"].as_str().unwrap().contains("malformed"),
+        "{reply}"
+    );
+
+    let mut huge = UnixStream::connect(&agent.socket).unwrap();
+    let _ = huge.write_all(&vec![b'x'; 1 << 20]);
+    let mut reply = String::new();
+    let _ = BufReader::new(&huge).read_line(&mut reply);
+    assert!(
+        reply.contains("longer than") || reply.contains("malformed"),
+        "{reply}"
+    );
+
+    // The silent client is dropped after its grace period; the agent serves on.
+    let started = Instant::now();
+    let mut line = String::new();
+    silent
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    BufReader::new(&silent).read_line(&mut line).unwrap();
+    assert!(line.contains("no request"), "{line}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    let lines = watcher.stop();
+    assert!(
+        lines
+            .iter()
+            .all(|l| serde_json::from_str::<Value>(l).is_ok())
+    );
+    assert!(agent.stop().success());
+}
