@@ -268,25 +268,34 @@ fn client_in_a_separate_process_owns_its_socket() {
     }
 }
 
-/// A server that was listening before netwatch started has no known owner; the accept(2)
-/// tracepoint names it from the moment it takes the connection, so the softirq transitions
-/// after that (the client's FIN making it CLOSE_WAIT) show the server, never the client.
+/// A pre-forking server that was listening before netwatch started: the snapshot at start
+/// names both processes holding the listener, and a new connection belongs to the first
+/// (the parent) until the child's accept(2) takes it - from then on, including softirq
+/// transitions such as the client's FIN making it CLOSE_WAIT, it shows the child.
 #[test]
 fn accepting_process_owns_the_accepted_socket() {
     let mut server = sockpeer()
-        .args(["serve", "127.0.0.1:0"])
+        .args(["serve-forked", "127.0.0.1:0"])
         .stdout(Stdio::piped())
         .spawn()
-        .expect("sockpeer serve");
+        .expect("sockpeer serve-forked");
     let mut ready = String::new();
     BufReader::new(server.stdout.take().expect("stdout"))
         .read_line(&mut ready)
         .expect("ready");
-    let port: u16 = ready
-        .trim()
-        .strip_prefix("listening ")
-        .and_then(|p| p.parse().ok())
-        .expect("port");
+    let words: Vec<&str> = ready.split_whitespace().collect();
+    let ["listening", port, "parent", parent, "child", child] = words[..] else {
+        panic!("unexpected: {ready}")
+    };
+    let (port, parent, child): (u16, u64, u64) = (
+        port.parse().unwrap(),
+        parent.parse().unwrap(),
+        child.parse().unwrap(),
+    );
+    assert!(
+        parent < child,
+        "pids in creation order (the first holder is the parent)"
+    );
     let watcher = Watcher::start(&["--json", "--port", &port.to_string()]);
     let client = client_roundtrip((Ipv4Addr::LOCALHOST, port).into()).expect("client");
     assert!(server.wait().expect("server").success());
@@ -300,16 +309,18 @@ fn accepting_process_owns_the_accepted_socket() {
 
     let accepted = transitions_between(&records, port, client.port());
     assert_eq!(path(&accepted), pairs(&SERVER_PATH));
-    let server_pid = u64::from(server.id());
-    // Before accept(): the listener predates netwatch, so nobody is known - and the client,
-    // on the CPU for the whole loopback handshake, is not named.
+    // Before accept(): the listener's first holder, never the client that was on the CPU.
     for early in &accepted[..2] {
-        assert!(early["pid"].is_null(), "{early}");
+        assert_eq!(
+            (early["pid"].as_u64(), early["comm"].as_str()),
+            (Some(parent), Some("sockpeer")),
+            "{early}"
+        );
     }
     for later in &accepted[2..] {
         assert_eq!(
             (later["pid"].as_u64(), later["comm"].as_str()),
-            (Some(server_pid), Some("sockpeer")),
+            (Some(child), Some("sockpeer")),
             "{later}"
         );
     }

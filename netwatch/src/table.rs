@@ -11,7 +11,10 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
-use crate::events::{Event, SockKey, StateChange, Task, TcpState};
+use crate::{
+    events::{Event, SockKey, StateChange, Task, TcpState},
+    snapshot::{FdOwner, Protocol, SocketRow},
+};
 
 /// A process that owns a socket.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -43,7 +46,9 @@ pub struct Transition {
 #[derive(Debug, Default)]
 struct Socket {
     created_ns: Option<u64>,
-    state: Option<(TcpState, u64)>,
+    state: Option<TcpState>,
+    /// When `state` began; None for a state found in the snapshot.
+    since_ns: Option<u64>,
     owner: Option<Owner>,
     /// The last file reference is gone; the socket disappears at its CLOSE transition.
     released: bool,
@@ -86,6 +91,33 @@ impl Table {
         self.sockets.is_empty()
     }
 
+    /// Seeds the table from a snapshot taken after the programs were attached. Events queued
+    /// meanwhile are applied afterwards and win: they are newer than any snapshot row. A
+    /// socket's state found here has no known start; its owner is the first process (lowest
+    /// pid) holding it, and a listener's owners pass on to the connections it accepts.
+    pub fn seed(&mut self, rows: &[SocketRow], owners: &HashMap<u64, Vec<FdOwner>>) {
+        for row in rows.iter().filter(|r| r.protocol == Protocol::Tcp) {
+            let owner = (row.inode != 0)
+                .then(|| owners.get(&row.inode))
+                .flatten()
+                .and_then(|list| list.first())
+                .map(|o| Owner {
+                    pid: o.pid,
+                    comm: o.comm.clone(),
+                });
+            if row.state == TcpState::Listen
+                && let Some(owner) = &owner
+            {
+                self.listeners
+                    .insert((row.netns, row.local.1, row.local.0), owner.clone());
+            }
+            let socket = self.sockets.entry(SockKey::Cookie(row.cookie)).or_default();
+            socket.state = Some(row.state);
+            socket.since_ns = None;
+            socket.owner = owner;
+        }
+    }
+
     /// Applies one event; a state change comes back as a [`Transition`].
     pub fn apply(&mut self, event: Event) -> Option<Transition> {
         match event {
@@ -103,7 +135,7 @@ impl Table {
                 if let Some(socket) = self.sockets.get_mut(&key) {
                     socket.released = true;
                     // Never connected, or already closed: no CLOSE transition will follow.
-                    if matches!(socket.state, None | Some((TcpState::Close, _))) {
+                    if matches!(socket.state, None | Some(TcpState::Close)) {
                         self.sockets.remove(&key);
                     }
                 }
@@ -128,9 +160,11 @@ impl Table {
             .flatten();
         let socket = self.sockets.entry(change.key).or_default();
 
-        let in_old_state_ns = match socket.state {
-            Some((state, since)) if state == change.old => Some(change.ts_ns.saturating_sub(since)),
-            None if change.old == TcpState::Close => socket
+        let in_old_state_ns = match (socket.state, socket.since_ns) {
+            (Some(state), Some(since)) if state == change.old => {
+                Some(change.ts_ns.saturating_sub(since))
+            }
+            (None, _) if change.old == TcpState::Close => socket
                 .created_ns
                 .map(|created| change.ts_ns.saturating_sub(created)),
             _ => None,
@@ -140,7 +174,8 @@ impl Table {
         } else if socket.owner.is_none() {
             socket.owner = listener_owner;
         }
-        socket.state = Some((change.new, change.ts_ns));
+        socket.state = Some(change.new);
+        socket.since_ns = Some(change.ts_ns);
         let owner = socket.owner.clone();
         let released = socket.released;
 
@@ -191,8 +226,7 @@ impl Table {
             let Some(oldest) = self.closed.pop_front() else {
                 break;
             };
-            if matches!(self.sockets.get(&oldest), Some(s) if matches!(s.state, Some((TcpState::Close, _))))
-            {
+            if matches!(self.sockets.get(&oldest), Some(s) if s.state == Some(TcpState::Close)) {
                 self.sockets.remove(&oldest);
             }
         }
@@ -204,6 +238,7 @@ mod tests {
     use super::*;
     use crate::events::{Family, SockLife, StateSource};
     use TcpState::*;
+    use std::collections::HashMap;
 
     fn task(pid: u32, comm: &str) -> Task {
         Task {
@@ -359,6 +394,79 @@ mod tests {
                 pid: 70,
                 comm: "worker".into()
             })
+        );
+    }
+
+    fn row(cookie: u64, state: TcpState, local_port: u16, inode: u64) -> SocketRow {
+        SocketRow {
+            netns: 1,
+            protocol: Protocol::Tcp,
+            family: Family::Ipv4,
+            state,
+            local: (IpAddr::V4(Ipv4Addr::LOCALHOST), local_port),
+            remote: (IpAddr::V4(Ipv4Addr::LOCALHOST), 40000),
+            cookie,
+            inode,
+            uid: 0,
+            recv_q: 0,
+            send_q: 0,
+            timer: None,
+            v6only: false,
+        }
+    }
+
+    #[test]
+    fn snapshot_seeds_owners_and_listeners_but_not_state_times() {
+        let mut table = Table::new();
+        let holder = |pid, comm: &str| FdOwner {
+            pid,
+            comm: comm.into(),
+            fd: 3,
+            start_time: 1,
+        };
+        let owners = HashMap::from([
+            (10, vec![holder(7, "nginx"), holder(8, "nginx")]),
+            (11, vec![holder(9, "app")]),
+        ]);
+        table.seed(
+            &[row(1, Established, 5000, 11), row(2, Listen, 8080, 10)],
+            &owners,
+        );
+        // A transition out of a snapshot state: owner known, time in state not.
+        let t = table
+            .apply(change(1, 50, Established, FinWait1, task(9, "app")))
+            .unwrap();
+        assert_eq!((t.owner.unwrap().pid, t.in_old_state_ns), (9, None));
+        let t = table
+            .apply(change(1, 70, FinWait1, FinWait2, task(0, "swapper/0")))
+            .unwrap();
+        assert_eq!(t.in_old_state_ns, Some(20));
+        // A new connection to the seeded listener belongs to its first holder.
+        let t = table
+            .apply(change(3, 100, Listen, SynRecv, task(55, "client")))
+            .unwrap();
+        assert_eq!(
+            t.owner,
+            Some(Owner {
+                pid: 7,
+                comm: "nginx".into()
+            })
+        );
+    }
+
+    #[test]
+    fn queued_events_win_over_the_snapshot() {
+        let mut table = Table::new();
+        // The snapshot saw the socket ESTABLISHED; the queue holds its earlier transitions
+        // and the close that happened while the snapshot was being taken.
+        table.seed(&[row(1, Established, 5000, 0)], &HashMap::new());
+        table.apply(change(1, 10, Close, SynSent, task(4, "curl")));
+        table.apply(change(1, 20, SynSent, Established, task(0, "swapper/0")));
+        table.apply(change(1, 30, Established, Close, task(4, "curl")));
+        table.apply(released(1, 40));
+        assert!(
+            table.is_empty(),
+            "a socket closed during the snapshot is not resurrected"
         );
     }
 

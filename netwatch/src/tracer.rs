@@ -9,6 +9,7 @@ use crate::{
     events::{Event, EventReader},
     loader::{self, LoadOptions, LostCounter, Probes},
     output::{LossReason, LossRecord, StreamRecord, TransitionRecord, WallClock},
+    snapshot::Snapshot,
     table::Table,
 };
 
@@ -28,7 +29,8 @@ pub struct Tracer {
 }
 
 impl Tracer {
-    /// Loads and attaches the programs; warnings about degraded hooks go to the log.
+    /// Loads and attaches the programs, then seeds the table from a snapshot of every socket
+    /// so that sockets older than netwatch have their owners; warnings go to the log.
     pub fn start(options: &LoadOptions) -> anyhow::Result<Tracer> {
         let mut probes = loader::load(options)?;
         for warning in &probes.warnings {
@@ -37,11 +39,24 @@ impl Tracer {
         let reader =
             EventReader::new(probes.take_ring()?).context("registering the ring buffer")?;
         let lost = probes.take_lost_counter()?;
+        // The programs are attached: whatever changes from here on is queued in the ring
+        // buffer and applied after the snapshot, so nothing falls between the two.
+        let snapshot = Snapshot::take();
+        for problem in &snapshot.problems {
+            tracing::warn!("snapshot: {problem}");
+        }
+        tracing::info!(
+            "snapshot: {} sockets in {:.1?}",
+            snapshot.rows.len(),
+            snapshot.took
+        );
+        let mut table = Table::new();
+        table.seed(&snapshot.rows, &snapshot.owners);
         Ok(Tracer {
             probes: Some(probes),
             reader,
             lost,
-            table: Table::new(),
+            table,
             clock: WallClock::now(),
             loss_timer: tokio::time::interval(LOSS_CHECK_INTERVAL),
             reported_ring_full: 0,

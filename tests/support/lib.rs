@@ -87,12 +87,15 @@ fn spawn_until_ready(args: &[&str], ready: &'static str) -> Spawned {
     thread::spawn(move || {
         for line in BufReader::new(stderr).lines() {
             let Ok(line) = line else { break };
+            {
+                let mut text = sink.lock().expect("stderr");
+                text.push_str(&line);
+                text.push('\n');
+            }
+            // After recording it, so that a caller woken by this sees the line.
             if line.contains(ready) {
                 let _ = ready_tx.send(());
             }
-            let mut text = sink.lock().expect("stderr");
-            text.push_str(&line);
-            text.push('\n');
         }
     });
     if ready_rx.recv_timeout(PATIENCE).is_err() {

@@ -3,6 +3,7 @@
 //!
 //! - `sockpeer serve ADDR:PORT` prints `listening PORT`, serves one connection and exits;
 //! - `sockpeer connect ADDR:PORT` prints `local ADDR:PORT` after its round trip and exits;
+//! - `sockpeer serve-forked ADDR:PORT` listens, forks, and lets the child serve one connection;
 //! - `sockpeer hold` makes a mix of sockets in every state `ss` lists, prints `ready`, and
 //!   keeps them until its stdin closes.
 use std::{
@@ -29,6 +30,7 @@ fn main() -> ExitCode {
                 "bad address {addr}: {error}"
             ))),
         },
+        ["serve-forked", addr] => serve_forked(addr),
         ["hold"] => hold(),
         _ => Err(std::io::Error::other(
             "usage: sockpeer serve|connect ADDR:PORT | hold",
@@ -39,6 +41,40 @@ fn main() -> ExitCode {
         Err(error) => {
             eprintln!("sockpeer: {error}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// A pre-forking server: the parent listens and forks; the child accepts one connection.
+/// Prints `listening PORT parent PID child PID`.
+fn serve_forked(addr: &str) -> std::io::Result<()> {
+    let listener = TcpListener::bind(addr)?;
+    let port = listener.local_addr()?.port();
+    std::io::stdout().flush()?;
+    // SAFETY: this process is single-threaded here; the child only uses the listener and exits.
+    match unsafe { libc::fork() } {
+        -1 => Err(std::io::Error::last_os_error()),
+        0 => {
+            let code = i32::from(serve_one(&listener).is_err());
+            // SAFETY: leaves the child without running the parent's atexit handlers twice.
+            unsafe { libc::_exit(code) }
+        }
+        child => {
+            println!(
+                "listening {port} parent {} child {child}",
+                std::process::id()
+            );
+            std::io::stdout().flush()?;
+            let mut status = 0;
+            // SAFETY: waiting for our own child.
+            unsafe { libc::waitpid(child, &mut status, 0) };
+            if libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::other(format!(
+                    "child failed: status {status}"
+                )))
+            }
         }
     }
 }
