@@ -19,6 +19,18 @@ pub mod kind {
     /// `syscalls:sys_exit_accept4` / `sys_exit_accept`: the current task received the socket
     /// (`cookie`) as file descriptor `fd`; found by walking its fd table.
     pub const ACCEPT: u8 = 5;
+    /// `socket(2)` or `dup*(2)` returned `arg` as a new fd for the socket `cookie`.
+    pub const FD_OPEN: u8 = 6;
+    /// `close(2)` of fd `arg`, which refers to the socket `cookie` (sent before the close).
+    pub const FD_CLOSE: u8 = 7;
+    /// `bind(2)` or `connect(2)` on fd `arg` succeeded: the socket's addresses and state now.
+    pub const ADDRS: u8 = 8;
+    /// The current process forked a new process whose tgid is `arg` (threads are not sent).
+    pub const FORK: u8 = 9;
+    /// The current process exec'd: `comm` is its new name; close-on-exec fds are gone.
+    pub const EXEC: u8 = 10;
+    /// The current process (its thread-group leader) exited.
+    pub const EXIT: u8 = 11;
 }
 
 /// `flags` bits of a [`SockEvent`].
@@ -31,8 +43,9 @@ pub mod flags {
 /// Kernel address family codes (`AF_INET`, `AF_INET6`).
 pub const AF_INET: u8 = 2;
 pub const AF_INET6: u8 = 10;
-/// `IPPROTO_TCP`.
+/// `IPPROTO_TCP`, `IPPROTO_UDP`.
 pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
 
 /// Kernel TCP state numbers (`include/net/tcp_states.h`).
 pub mod tcp_state {
@@ -58,7 +71,7 @@ pub mod config {
     pub const LEN: u32 = 1;
 }
 
-/// One record in the `EVENTS` ring buffer. 104 bytes, 8-byte aligned, no implicit padding.
+/// One record in the `EVENTS` ring buffer. 112 bytes, 8-byte aligned, no implicit padding.
 ///
 /// Addresses are in network byte order; an IPv4 address uses the first 4 bytes. Ports are in
 /// host byte order. Fields a hook cannot know are zero.
@@ -75,8 +88,9 @@ pub struct SockEvent {
     pub pid_tgid: u64,
     /// Inode of the socket's network namespace; 0 where it could not be read.
     pub netns: u32,
-    /// File descriptor, for [`kind::ACCEPT`]; -1 otherwise.
-    pub fd: i32,
+    /// Per kind: the fd for ACCEPT, FD_OPEN, FD_CLOSE and ADDRS; the child's tgid for FORK;
+    /// -1 otherwise.
+    pub arg: i32,
     /// One of [`kind`].
     pub kind: u8,
     /// [`AF_INET`] or [`AF_INET6`].
@@ -96,9 +110,11 @@ pub struct SockEvent {
     /// necessarily the owner.
     pub comm: [u8; 16],
     pub _pad1: [u8; 4],
+    /// sockfs inode of the socket (what `/proc/PID/fd` links name); 0 where unknown.
+    pub inode: u64,
 }
 
-const _: () = assert!(core::mem::size_of::<SockEvent>() == 104);
+const _: () = assert!(core::mem::size_of::<SockEvent>() == 112);
 const _: () = assert!(core::mem::align_of::<SockEvent>() == 8);
 
 impl SockEvent {
@@ -111,7 +127,7 @@ impl SockEvent {
             skaddr: 0,
             pid_tgid: 0,
             netns: 0,
-            fd: -1,
+            arg: -1,
             kind: 0,
             family: 0,
             protocol: 0,
@@ -125,6 +141,7 @@ impl SockEvent {
             daddr: [0; 16],
             comm: [0; 16],
             _pad1: [0; 4],
+            inode: 0,
         }
     }
 }

@@ -23,7 +23,9 @@ use aya_ebpf::{
     maps::{Array, LruHashMap, PerCpuArray, RingBuf},
     programs::{BtfTracePointContext, SockContext, SockOpsContext, TracePointContext},
 };
-use netwatch_common::{AF_INET, AF_INET6, IPPROTO_TCP, SockEvent, config, flags, kind, tcp_state};
+use netwatch_common::{
+    AF_INET, AF_INET6, IPPROTO_TCP, IPPROTO_UDP, SockEvent, config, flags, kind, tcp_state,
+};
 
 /// Declares read-only globals the loader overrides; 0 until then.
 macro_rules! load_time_constants {
@@ -49,7 +51,7 @@ load_time_constants!(
     /// it, rather than the current thread's.
     OFF_TASK_GROUP_LEADER,
     OFF_TASK_COMM,
-    /// The fd-table walk of `accept_exit`: task -> files -> fdt -> fd[n] -> file ->
+    /// The fd-table walk of the ownership programs: task -> files -> fdt -> fd[n] -> file ->
     /// private_data (struct socket) -> sk -> skc_cookie.
     OFF_TASK_FILES,
     OFF_FILES_FDT,
@@ -59,8 +61,17 @@ load_time_constants!(
     OFF_SOCKET_FILE,
     OFF_SOCKET_SK,
     OFF_SKC_COOKIE,
-    /// Offset of `ret` in the `syscalls:sys_exit_accept*` records.
+    OFF_SKC_STATE,
+    /// `file.f_inode`, `inode.i_ino`: the socket inode `/proc/PID/fd` names.
+    OFF_FILE_INODE,
+    OFF_INODE_INO,
+    /// `task_struct.pid` / `.tgid`: telling a new process from a new thread at fork.
+    OFF_TASK_PID,
+    OFF_TASK_TGID,
+    /// Offsets of `ret` in `syscalls:sys_exit_*` and of the first argument in
+    /// `syscalls:sys_enter_*` records (the same for every syscall).
     TP_SYSCALL_RET,
+    TP_SYSCALL_ARG0,
     /// Field offsets of the classic `sock:inet_sock_set_state` record, from its format file.
     TP_SKADDR,
     TP_OLDSTATE,
@@ -282,14 +293,15 @@ fn try_state_classic(ctx: &TracePointContext) -> Result<(), i32> {
 fn sock_lifecycle(ctx: &SockContext, event_kind: u8) {
     // SAFETY: the kernel passes a valid bpf_sock.
     let sock = unsafe { &*ctx.sock };
-    if sock.protocol != IPPROTO_TCP as u32 {
+    if sock.protocol != IPPROTO_TCP as u32 && sock.protocol != IPPROTO_UDP as u32 {
         return;
     }
     let mut event = new_event(event_kind);
-    // SAFETY: the program's own context.
+    // SAFETY: the program's own context. This also makes the kernel assign the cookie that
+    // the fd-walking programs read raw later.
     event.cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     event.family = sock.family as u8;
-    event.protocol = IPPROTO_TCP;
+    event.protocol = sock.protocol as u8;
     submit(&event);
 }
 
@@ -306,32 +318,30 @@ pub fn sock_release(ctx: SockContext) -> i32 {
 }
 
 // ---------------------------------------------------------------------------------------------
-// syscalls:sys_exit_accept4 / sys_exit_accept: who received an accepted socket, in process
-// context. The returned fd is looked up in the task's own fd table.
+// Ownership: system calls that give a process a socket fd, take one away, or change a
+// socket's addresses, and the process lifecycle. All run in the acting process, so the fd is
+// looked up in that process's own fd table (task -> files -> fdt -> fd[n] -> file -> socket).
 // ---------------------------------------------------------------------------------------------
 
-#[tracepoint]
-pub fn accept_exit(ctx: TracePointContext) -> u32 {
-    // SAFETY: the offset comes from the tracepoint's format file; the read is a checked helper.
-    let ret: i64 = unsafe { ctx.read_at(constant(&TP_SYSCALL_RET)) }.unwrap_or(-1);
-    if ret >= 0 {
-        accepted(ret as u32);
-    }
-    0
+/// A socket found behind an fd of the current task.
+struct FdSocket {
+    sk: *const u8,
+    inode: u64,
+    protocol: u8,
 }
 
 #[inline(always)]
-fn accepted(fd: u32) {
+fn socket_of_fd(fd: u32) -> Option<FdSocket> {
     // SAFETY: helper with no arguments; the pointer is only used through probe reads.
     let task = unsafe { bpf_get_current_task() } as *const u8;
     let files: u64 = read_kernel(task, constant(&OFF_TASK_FILES));
     if files == 0 {
-        return;
+        return None;
     }
     let fdt: u64 = read_kernel(files as *const u8, constant(&OFF_FILES_FDT));
     let max_fds: u32 = read_kernel(fdt as *const u8, constant(&OFF_FDT_MAX_FDS));
     if fdt == 0 || fd >= max_fds {
-        return;
+        return None;
     }
     let fd_array: u64 = read_kernel(fdt as *const u8, constant(&OFF_FDT_FD));
     let file: u64 = read_kernel(fd_array as *const u8, fd as usize * 8);
@@ -339,25 +349,152 @@ fn accepted(fd: u32) {
     // Only a socket's file points back from its struct socket.
     let socket_file: u64 = read_kernel(socket as *const u8, constant(&OFF_SOCKET_FILE));
     if file == 0 || socket_file != file {
-        return;
+        return None;
     }
     let sk = read_kernel::<u64>(socket as *const u8, constant(&OFF_SOCKET_SK)) as *const u8;
     let protocol: u16 = read_kernel(sk, constant(&OFF_SK_PROTOCOL));
-    if sk.is_null() || protocol != IPPROTO_TCP as u16 {
-        return;
+    if sk.is_null() || (protocol != IPPROTO_TCP as u16 && protocol != IPPROTO_UDP as u16) {
+        return None;
     }
-    // Non-zero: the state program asked for the child's cookie at LISTEN->SYN_RECV.
-    let cookie: u64 = read_kernel(sk, constant(&OFF_SKC_COOKIE));
+    let inode_ptr: u64 = read_kernel(file as *const u8, constant(&OFF_FILE_INODE));
+    let inode: u64 = read_kernel(inode_ptr as *const u8, constant(&OFF_INODE_INO));
+    Some(FdSocket {
+        sk,
+        inode,
+        protocol: protocol as u8,
+    })
+}
+
+/// Sends `event_kind` for the socket behind `fd`, with its addresses and state now.
+#[inline(always)]
+fn fd_event(event_kind: u8, fd: u32) {
+    let Some(found) = socket_of_fd(fd) else {
+        return;
+    };
+    // Non-zero once any hook asked for it: sock_create does for every TCP/UDP socket, the
+    // state program for accepted children.
+    let cookie: u64 = read_kernel(found.sk, constant(&OFF_SKC_COOKIE));
     if cookie == 0 {
         return;
     }
-    let mut event = new_event(kind::ACCEPT);
+    let mut event = new_event(event_kind);
     event.cookie = cookie;
-    event.skaddr = sk as u64;
-    event.fd = fd as i32;
-    event.protocol = IPPROTO_TCP;
-    fill_from_sock(&mut event, sk);
+    event.skaddr = found.sk as u64;
+    event.arg = fd as i32;
+    event.inode = found.inode;
+    event.protocol = found.protocol;
+    event.newstate = read_kernel(found.sk, constant(&OFF_SKC_STATE));
+    fill_from_sock(&mut event, found.sk);
     submit(&event);
+}
+
+/// The syscall's return value, or None when it failed.
+#[inline(always)]
+fn syscall_ret(ctx: &TracePointContext) -> Option<u32> {
+    // SAFETY: the offset comes from the tracepoint's format file; the read is a checked helper.
+    let ret: i64 = unsafe { ctx.read_at(constant(&TP_SYSCALL_RET)) }.unwrap_or(-1);
+    (ret >= 0).then_some(ret as u32)
+}
+
+/// The syscall's first argument (an fd for every syscall this is attached to).
+#[inline(always)]
+fn syscall_arg0(ctx: &TracePointContext) -> Option<u32> {
+    // SAFETY: as above.
+    unsafe { ctx.read_at::<u64>(constant(&TP_SYSCALL_ARG0)) }
+        .ok()
+        .map(|v| v as u32)
+}
+
+/// sys_exit_accept4 / sys_exit_accept: the accepting process receives the socket.
+#[tracepoint]
+pub fn accept_exit(ctx: TracePointContext) -> u32 {
+    if let Some(fd) = syscall_ret(&ctx) {
+        fd_event(kind::ACCEPT, fd);
+    }
+    0
+}
+
+/// sys_exit_socket, sys_exit_dup, sys_exit_dup2, sys_exit_dup3: a new fd for a socket.
+#[tracepoint]
+pub fn fd_open_exit(ctx: TracePointContext) -> u32 {
+    if let Some(fd) = syscall_ret(&ctx) {
+        fd_event(kind::FD_OPEN, fd);
+    }
+    0
+}
+
+/// sys_enter_close: looked up before the fd goes away.
+#[tracepoint]
+pub fn close_enter(ctx: TracePointContext) -> u32 {
+    if let Some(fd) = syscall_arg0(&ctx) {
+        fd_event(kind::FD_CLOSE, fd);
+    }
+    0
+}
+
+/// The fd of a bind/connect in progress, by thread, from enter to exit.
+#[map]
+static ADDR_SYSCALL_FD: LruHashMap<u64, u32> = LruHashMap::with_max_entries(4096, 0);
+
+/// sys_enter_bind, sys_enter_connect.
+#[tracepoint]
+pub fn addr_syscall_enter(ctx: TracePointContext) -> u32 {
+    if let Some(fd) = syscall_arg0(&ctx) {
+        let _ = ADDR_SYSCALL_FD.insert(bpf_get_current_pid_tgid(), fd, 0);
+    }
+    0
+}
+
+/// sys_exit_bind, sys_exit_connect: the addresses the kernel settled on (a UDP connect picks
+/// the local address and port here; there is no state transition to report it).
+#[tracepoint]
+pub fn addr_syscall_exit(ctx: TracePointContext) -> u32 {
+    let key = bpf_get_current_pid_tgid();
+    let Some(fd) = ADDR_SYSCALL_FD.get_ptr(key).map(|fd| {
+        // SAFETY: pointer into the map value, read before the remove below.
+        unsafe { *fd }
+    }) else {
+        return 0;
+    };
+    let _ = ADDR_SYSCALL_FD.remove(key);
+    // SAFETY: as in syscall_ret.
+    let ret: i64 = unsafe { ctx.read_at(constant(&TP_SYSCALL_RET)) }.unwrap_or(-1);
+    const EINPROGRESS: i64 = 115;
+    if ret == 0 || ret == -EINPROGRESS {
+        fd_event(kind::ADDRS, fd);
+    }
+    0
+}
+
+/// tp_btf/sched_process_fork(parent, child): a new process inherits every fd.
+#[btf_tracepoint(function = "sched_process_fork")]
+pub fn process_fork(ctx: BtfTracePointContext) -> u32 {
+    let child: *const u8 = ctx.arg(1);
+    let pid: u32 = read_kernel(child, constant(&OFF_TASK_PID));
+    let tgid: u32 = read_kernel(child, constant(&OFF_TASK_TGID));
+    if pid != 0 && pid == tgid {
+        let mut event = new_event(kind::FORK);
+        event.arg = tgid as i32;
+        submit(&event);
+    }
+    0
+}
+
+/// sched:sched_process_exec.
+#[tracepoint]
+pub fn process_exec(_ctx: TracePointContext) -> u32 {
+    submit(&new_event(kind::EXEC));
+    0
+}
+
+/// sched:sched_process_exit, reported for the thread-group leader only.
+#[tracepoint]
+pub fn process_exit(_ctx: TracePointContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if pid_tgid >> 32 == pid_tgid & 0xffff_ffff {
+        submit(&new_event(kind::EXIT));
+    }
+    0
 }
 
 // ---------------------------------------------------------------------------------------------

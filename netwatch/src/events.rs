@@ -7,7 +7,7 @@ use std::{
 };
 
 use aya::maps::{MapData, RingBuf};
-use netwatch_common::{AF_INET, AF_INET6, SockEvent, flags, kind};
+use netwatch_common::{AF_INET, AF_INET6, IPPROTO_TCP, IPPROTO_UDP, SockEvent, flags, kind};
 use serde::{Deserialize, Serialize};
 use tokio::io::unix::AsyncFd;
 
@@ -108,6 +108,22 @@ pub enum Family {
     Ipv6,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub fn name(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        }
+    }
+}
+
 /// Which tracepoint reported a transition; it decides how the socket is identified.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -171,13 +187,21 @@ pub struct SockLife {
     pub task: Task,
 }
 
-/// A process received an accepted socket from accept(2)/accept4(2).
+/// A system call of `task` on one of its socket fds, with the socket as it was then.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SockAccept {
+pub struct FdSocket {
     pub ts_ns: u64,
     pub cookie: u64,
     pub fd: i32,
+    pub inode: u64,
     pub task: Task,
+    pub protocol: Protocol,
+    pub family: Family,
+    pub netns: u32,
+    /// The kernel's `sk_state` (UDP: CLOSE unconnected, ESTABLISHED connected).
+    pub state: Option<TcpState>,
+    pub local: (IpAddr, u16),
+    pub remote: (IpAddr, u16),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -185,7 +209,24 @@ pub enum Event {
     State(StateChange),
     Created(SockLife),
     Released(SockLife),
-    Accepted(SockAccept),
+    /// accept(2)/accept4(2) gave `task` the socket.
+    Accepted(FdSocket),
+    /// socket(2) or dup*(2) gave `task` a new fd for the socket.
+    FdOpened(FdSocket),
+    /// `task` is closing one of its fds for the socket.
+    FdClosed(FdSocket),
+    /// bind(2)/connect(2) settled the socket's addresses.
+    Addresses(FdSocket),
+    /// `parent` forked the process `child_tgid`, which inherits its fds.
+    Forked {
+        ts_ns: u64,
+        parent: Task,
+        child_tgid: u32,
+    },
+    /// `task` exec'd (its comm is the new program's).
+    Exec(Task),
+    /// The process `task` exited.
+    Exit(Task),
 }
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -198,6 +239,8 @@ pub enum DecodeError {
     UnknownFamily(u8),
     #[error("unknown TCP state {0}")]
     UnknownState(u8),
+    #[error("unknown protocol {0}")]
+    UnknownProtocol(u8),
 }
 
 fn comm(raw: &[u8; 16]) -> String {
@@ -277,12 +320,44 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
                 Event::Released(life)
             })
         }
-        kind::ACCEPT => Ok(Event::Accepted(SockAccept {
+        kind::ACCEPT | kind::FD_OPEN | kind::FD_CLOSE | kind::ADDRS => {
+            let family = match raw.family {
+                AF_INET => Family::Ipv4,
+                AF_INET6 => Family::Ipv6,
+                other => return Err(DecodeError::UnknownFamily(other)),
+            };
+            let protocol = match raw.protocol {
+                IPPROTO_TCP => Protocol::Tcp,
+                IPPROTO_UDP => Protocol::Udp,
+                other => return Err(DecodeError::UnknownProtocol(other)),
+            };
+            let fd = FdSocket {
+                ts_ns: raw.ts_ns,
+                cookie: raw.cookie,
+                fd: raw.arg,
+                inode: raw.inode,
+                task: task(&raw),
+                protocol,
+                family,
+                netns: raw.netns,
+                state: TcpState::from_kernel(raw.newstate),
+                local: (address(family, &raw.saddr), raw.sport),
+                remote: (address(family, &raw.daddr), raw.dport),
+            };
+            Ok(match raw.kind {
+                kind::ACCEPT => Event::Accepted(fd),
+                kind::FD_OPEN => Event::FdOpened(fd),
+                kind::FD_CLOSE => Event::FdClosed(fd),
+                _ => Event::Addresses(fd),
+            })
+        }
+        kind::FORK => Ok(Event::Forked {
             ts_ns: raw.ts_ns,
-            cookie: raw.cookie,
-            fd: raw.fd,
-            task: task(&raw),
-        })),
+            parent: task(&raw),
+            child_tgid: raw.arg as u32,
+        }),
+        kind::EXEC => Ok(Event::Exec(task(&raw))),
+        kind::EXIT => Ok(Event::Exit(task(&raw))),
         other => Err(DecodeError::UnknownKind(other)),
     }
 }
@@ -429,7 +504,7 @@ mod tests {
     fn rejects_short_and_malformed_records() {
         let good = bytes(&raw_state(kind::STATE_BTF));
         assert_eq!(decode(&[]), Err(DecodeError::Short(0)));
-        assert_eq!(decode(&good[..103]), Err(DecodeError::Short(103)));
+        assert_eq!(decode(&good[..111]), Err(DecodeError::Short(111)));
         let mut raw = raw_state(99);
         assert_eq!(decode(&bytes(&raw)), Err(DecodeError::UnknownKind(99)));
         raw = raw_state(kind::STATE_BTF);

@@ -126,26 +126,24 @@ pub fn load(options: &LoadOptions) -> Result<Probes> {
         Some(_) => Vec::new(),
         None => classic_tracepoint_fields()?,
     };
-    // Accept attribution walks the fd table with BTF offsets; the classic mode has none.
-    let accept_ret = match &kernel_btf {
-        Some(_) => match syscall_exit_ret_offset("sys_exit_accept4") {
-            Ok(offset) => Some(offset),
+    // The ownership programs walk fd tables with BTF offsets; the classic mode has none.
+    let syscall_fields = match &kernel_btf {
+        Some(_) => match syscall_field_offsets() {
+            Ok(fields) => fields,
             Err(error) => {
-                warnings.push(format!(
-                    "{error}: accepted sockets keep their listener's owner until closed"
-                ));
-                None
+                warnings.push(format!("{error}: {OWNERSHIP_DEGRADED}"));
+                Vec::new()
             }
         },
-        None => None,
+        None => Vec::new(),
     };
 
     let mut loader = EbpfLoader::new();
     for (name, value) in offsets.iter().chain(&tracepoint_fields) {
         loader.override_global(name, value, true);
     }
-    if let Some(offset) = &accept_ret {
-        loader.override_global("TP_SYSCALL_RET", offset, true);
+    for (name, value) in &syscall_fields {
+        loader.override_global(name, value, true);
     }
     if let Some(size) = options.ring_size {
         loader.map_max_entries("EVENTS", size);
@@ -174,18 +172,10 @@ pub fn load(options: &LoadOptions) -> Result<Probes> {
         StateSource::Tracepoint
     };
 
-    if accept_ret.is_some() {
-        let program: &mut TracePoint = program(&mut ebpf, "accept_exit")?;
-        let attached = program.load().and_then(|()| {
-            program.attach("syscalls", "sys_exit_accept4")?;
-            program.attach("syscalls", "sys_exit_accept")
-        });
-        if let Err(error) = attached {
-            warnings.push(format!(
-                "cannot attach the accept tracepoints ({error}): accepted sockets keep their \
-                 listener's owner until closed"
-            ));
-        }
+    if !syscall_fields.is_empty()
+        && let Err(error) = attach_ownership_programs(&mut ebpf)
+    {
+        warnings.push(format!("{error}: {OWNERSHIP_DEGRADED}"));
     }
 
     match cgroup2_root() {
@@ -282,7 +272,7 @@ fn attach_error(program: &'static str) -> impl Fn(aya::programs::ProgramError) -
 
 /// Kernel struct offsets the programs read, named as the programs' globals.
 fn kernel_offsets(btf: &KernelBtf) -> Result<Vec<(&'static str, u32)>> {
-    const FIELDS: [(&str, &str, &str); 21] = [
+    const FIELDS: [(&str, &str, &str); 26] = [
         ("OFF_SKC_DADDR", "sock", "__sk_common.skc_daddr"),
         ("OFF_SKC_RCV_SADDR", "sock", "__sk_common.skc_rcv_saddr"),
         ("OFF_SKC_DPORT", "sock", "__sk_common.skc_dport"),
@@ -308,6 +298,11 @@ fn kernel_offsets(btf: &KernelBtf) -> Result<Vec<(&'static str, u32)>> {
         ("OFF_SOCKET_FILE", "socket", "file"),
         ("OFF_SOCKET_SK", "socket", "sk"),
         ("OFF_SKC_COOKIE", "sock", "__sk_common.skc_cookie"),
+        ("OFF_SKC_STATE", "sock", "__sk_common.skc_state"),
+        ("OFF_FILE_INODE", "file", "f_inode"),
+        ("OFF_INODE_INO", "inode", "i_ino"),
+        ("OFF_TASK_PID", "task_struct", "pid"),
+        ("OFF_TASK_TGID", "task_struct", "tgid"),
     ];
     FIELDS
         .iter()
@@ -350,8 +345,76 @@ fn classic_tracepoint_fields() -> Result<Vec<(&'static str, u32)>> {
     .collect()
 }
 
-/// Offset of `ret` in a `syscalls:sys_exit_*` record (the same layout for every syscall).
-fn syscall_exit_ret_offset(tracepoint: &str) -> Result<u32> {
+const OWNERSHIP_DEGRADED: &str = "sockets are attributed only to the process that connects, \
+    listens or closes them (not to the one that accepts, dups or inherits them)";
+
+/// Attaches the programs that follow sockets through fd tables and processes.
+fn attach_ownership_programs(ebpf: &mut Ebpf) -> Result<()> {
+    let syscalls: [(&'static str, &[&str]); 5] = [
+        ("accept_exit", &["sys_exit_accept4", "sys_exit_accept"]),
+        (
+            "fd_open_exit",
+            &[
+                "sys_exit_socket",
+                "sys_exit_dup",
+                "sys_exit_dup2",
+                "sys_exit_dup3",
+            ],
+        ),
+        ("close_enter", &["sys_enter_close"]),
+        (
+            "addr_syscall_enter",
+            &["sys_enter_bind", "sys_enter_connect"],
+        ),
+        ("addr_syscall_exit", &["sys_exit_bind", "sys_exit_connect"]),
+    ];
+    for (name, tracepoints) in syscalls {
+        let program: &mut TracePoint = program(ebpf, name)?;
+        program.load().map_err(attach_error(name))?;
+        for tracepoint in tracepoints {
+            program
+                .attach("syscalls", tracepoint)
+                .map_err(attach_error(name))?;
+        }
+    }
+    for (name, tracepoint) in [
+        ("process_exec", "sched_process_exec"),
+        ("process_exit", "sched_process_exit"),
+    ] {
+        let program: &mut TracePoint = program(ebpf, name)?;
+        program.load().map_err(attach_error(name))?;
+        program
+            .attach("sched", tracepoint)
+            .map_err(attach_error(name))?;
+    }
+    let btf = Btf::from_sys_fs().map_err(|e| Error::Btf {
+        path: crate::btf::VMLINUX.into(),
+        reason: e.to_string(),
+    })?;
+    let program: &mut BtfTracePoint = program(ebpf, "process_fork")?;
+    program
+        .load("sched_process_fork", &btf)
+        .map_err(attach_error("process_fork"))?;
+    program.attach().map_err(attach_error("process_fork"))?;
+    Ok(())
+}
+
+/// `TP_SYSCALL_RET` and `TP_SYSCALL_ARG0` from the syscall tracepoints' format files.
+fn syscall_field_offsets() -> Result<Vec<(&'static str, u32)>> {
+    Ok(vec![
+        (
+            "TP_SYSCALL_RET",
+            syscall_field_offset("sys_exit_accept4", "ret")?,
+        ),
+        (
+            "TP_SYSCALL_ARG0",
+            syscall_field_offset("sys_enter_close", "fd")?,
+        ),
+    ])
+}
+
+/// Offset of `field` in a `syscalls:*` record.
+fn syscall_field_offset(tracepoint: &str, field: &str) -> Result<u32> {
     let path = tracefs()?
         .join("events/syscalls")
         .join(tracepoint)
@@ -361,11 +424,11 @@ fn syscall_exit_ret_offset(tracepoint: &str) -> Result<u32> {
         reason: e.to_string(),
     })?;
     parse_tracepoint_format(&text)
-        .get("ret")
+        .get(field)
         .copied()
         .ok_or_else(|| Error::TracepointFormat {
             path,
-            reason: "no field ret".into(),
+            reason: format!("no field {field}"),
         })
 }
 

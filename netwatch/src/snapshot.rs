@@ -25,23 +25,8 @@ use netlink_packet_sock_diag::{
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_SOCK_DIAG};
 use serde::Serialize;
 
+pub use crate::events::Protocol;
 use crate::events::{Family, TcpState};
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Protocol {
-    Tcp,
-    Udp,
-}
-
-impl Protocol {
-    pub fn name(self) -> &'static str {
-        match self {
-            Protocol::Tcp => "tcp",
-            Protocol::Udp => "udp",
-        }
-    }
-}
 
 /// The kernel timer running on a socket, as `ss -o` shows it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -88,7 +73,8 @@ pub struct FdOwner {
     pub comm: String,
     pub fd: i32,
     /// Process start time in clock ticks since boot: (pid, start) names a process uniquely.
-    pub start_time: u64,
+    /// None where an event, not /proc, named the holder.
+    pub start_time: Option<u64>,
 }
 
 /// A network namespace and a path through which it can be entered.
@@ -364,7 +350,7 @@ pub fn socket_owners(problems: &mut Vec<String>) -> HashMap<u64, Vec<FdOwner>> {
                 pid,
                 comm: stat.comm.clone(),
                 fd: fd_number,
-                start_time: stat.starttime,
+                start_time: Some(stat.starttime),
             });
         }
     }

@@ -1,19 +1,24 @@
-//! The pure, synchronous socket state: events in, enriched transitions out. No I/O.
+//! The pure, synchronous socket state: events and snapshot rows in, enriched transitions and
+//! table rows out. No I/O.
 //!
 //! For each socket it keeps what the stream needs to say more than the kernel record does:
 //! who owns the socket (not merely who was on the CPU), when it was created, and when it
 //! entered its current state. Ownership follows DESIGN.md: the current task counts as owner
 //! only for transitions that run inside the owner's own system call; every other transition
 //! (softirq: handshake completion, peer FIN, RST, timers, loopback delivery) keeps the owner
-//! already known. A passively opened socket inherits its listener's owner.
+//! already known. A passively opened socket inherits its listener's owner until accepted.
+//!
+//! For the agent's table it also keeps each socket's row (addresses, netns, inode) and every
+//! (process, fd) holding it, as `ss -p` lists them: from the snapshot, then from socket(),
+//! accept(), dup*(), close(), fork, exec and exit events.
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::{BTreeMap, HashMap, HashSet, VecDeque},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
 use crate::{
-    events::{Event, SockKey, StateChange, Task, TcpState},
-    snapshot::{FdOwner, Protocol, SocketRow},
+    events::{Event, Family, FdSocket, SockKey, StateChange, Task, TcpState},
+    snapshot::{FdOwner, Protocol, SocketRow, Timer, TimerKind},
 };
 
 /// A process that owns a socket.
@@ -43,6 +48,21 @@ pub struct Transition {
     pub in_old_state_ns: Option<u64>,
 }
 
+/// What a table row needs beyond the state.
+#[derive(Clone, Debug, PartialEq)]
+struct Facts {
+    protocol: Protocol,
+    family: Family,
+    netns: u32,
+    local: (IpAddr, u16),
+    remote: (IpAddr, u16),
+    inode: u64,
+    uid: Option<u32>,
+    v6only: bool,
+    /// A TIME_WAIT socket's end, in CLOCK_MONOTONIC ns.
+    expires_ns: Option<u64>,
+}
+
 #[derive(Debug, Default)]
 struct Socket {
     created_ns: Option<u64>,
@@ -52,6 +72,17 @@ struct Socket {
     owner: Option<Owner>,
     /// The last file reference is gone; the socket disappears at its CLOSE transition.
     released: bool,
+    facts: Option<Facts>,
+    /// Every (pid, fd) holding the socket, with the process's command name.
+    holders: BTreeMap<(u32, i32), String>,
+}
+
+/// A socket as the table lists it: `ss`'s row, every holder, and the time in its state.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Row {
+    pub row: SocketRow,
+    pub owners: Vec<FdOwner>,
+    pub in_state_ns: Option<u64>,
 }
 
 /// Listeners by (netns, local port, local address).
@@ -66,6 +97,8 @@ pub struct Table {
     sockets: HashMap<SockKey, Socket>,
     listeners: HashMap<ListenerKey, Owner>,
     closed: VecDeque<SockKey>,
+    /// Sockets each process holds, for fork, exec and exit.
+    by_pid: HashMap<u32, HashSet<SockKey>>,
 }
 
 /// Transitions that run in the system call of the process that owns the socket.
@@ -75,6 +108,12 @@ fn runs_in_owner_syscall(old: TcpState, new: TcpState) -> bool {
         (old, new),
         (Close, SynSent) | (Close, Listen) | (Listen, Close) | (_, FinWait1) | (CloseWait, LastAck)
     )
+}
+
+/// Closing transitions after which the kernel may keep a timewait socket for the 4-tuple.
+pub fn may_leave_timewait(change: &StateChange) -> bool {
+    use TcpState::*;
+    change.new == Close && matches!(change.old, FinWait1 | FinWait2 | Closing)
 }
 
 impl Table {
@@ -91,30 +130,59 @@ impl Table {
         self.sockets.is_empty()
     }
 
-    /// Seeds the table from a snapshot taken after the programs were attached. Events queued
-    /// meanwhile are applied afterwards and win: they are newer than any snapshot row. A
-    /// socket's state found here has no known start; its owner is the first process (lowest
-    /// pid) holding it, and a listener's owners pass on to the connections it accepts.
-    pub fn seed(&mut self, rows: &[SocketRow], owners: &HashMap<u64, Vec<FdOwner>>) {
-        for row in rows.iter().filter(|r| r.protocol == Protocol::Tcp) {
-            let owner = (row.inode != 0)
-                .then(|| owners.get(&row.inode))
-                .flatten()
-                .and_then(|list| list.first())
-                .map(|o| Owner {
-                    pid: o.pid,
-                    comm: o.comm.clone(),
-                });
-            if row.state == TcpState::Listen
-                && let Some(owner) = &owner
-            {
-                self.listeners
-                    .insert((row.netns, row.local.1, row.local.0), owner.clone());
-            }
-            let socket = self.sockets.entry(SockKey::Cookie(row.cookie)).or_default();
-            socket.state = Some(row.state);
-            socket.since_ns = None;
-            socket.owner = owner;
+    /// Seeds the table from a snapshot taken at `now_ns`, after the programs were attached.
+    /// Events queued meanwhile are applied afterwards and win: they are newer than any
+    /// snapshot row. A socket's state found here has no known start; its stream owner is the
+    /// first process (lowest pid) holding it, and a listener's owner passes on to the
+    /// connections it spawns.
+    pub fn seed(&mut self, rows: &[SocketRow], owners: &HashMap<u64, Vec<FdOwner>>, now_ns: u64) {
+        for row in rows {
+            self.insert_row(
+                row,
+                owners.get(&row.inode).filter(|_| row.inode != 0),
+                now_ns,
+            );
+        }
+    }
+
+    /// Adds a socket found by a targeted lookup (a timewait socket after its full socket
+    /// closed) or by the snapshot.
+    pub fn insert_row(&mut self, row: &SocketRow, holders: Option<&Vec<FdOwner>>, now_ns: u64) {
+        let owner = holders.and_then(|list| list.first()).map(|o| Owner {
+            pid: o.pid,
+            comm: o.comm.clone(),
+        });
+        if row.protocol == Protocol::Tcp
+            && row.state == TcpState::Listen
+            && let Some(owner) = &owner
+        {
+            self.listeners
+                .insert((row.netns, row.local.1, row.local.0), owner.clone());
+        }
+        let key = SockKey::Cookie(row.cookie);
+        let socket = self.sockets.entry(key).or_default();
+        socket.state = Some(row.state);
+        socket.since_ns = None;
+        socket.owner = owner;
+        socket.facts = Some(Facts {
+            protocol: row.protocol,
+            family: row.family,
+            netns: row.netns,
+            local: row.local,
+            remote: row.remote,
+            inode: row.inode,
+            uid: Some(row.uid),
+            v6only: row.v6only,
+            expires_ns: row
+                .timer
+                .filter(|t| t.kind == TimerKind::Timewait)
+                .map(|t| now_ns + u64::from(t.remaining_ms) * 1_000_000),
+        });
+        for holder in holders.into_iter().flatten() {
+            socket
+                .holders
+                .insert((holder.pid, holder.fd), holder.comm.clone());
+            self.by_pid.entry(holder.pid).or_default().insert(key);
         }
     }
 
@@ -128,29 +196,144 @@ impl Table {
                     .or_default();
                 socket.created_ns = Some(life.ts_ns);
                 socket.owner = Some(Owner::from(&life.task));
-                None
             }
             Event::Released(life) => {
                 let key = SockKey::Cookie(life.cookie);
                 if let Some(socket) = self.sockets.get_mut(&key) {
                     socket.released = true;
-                    // Never connected, or already closed: no CLOSE transition will follow.
-                    if matches!(socket.state, None | Some(TcpState::Close)) {
+                    // The last file reference is gone, whoever held it.
+                    let holders = std::mem::take(&mut socket.holders);
+                    let udp = socket
+                        .facts
+                        .as_ref()
+                        .is_some_and(|f| f.protocol == Protocol::Udp);
+                    // Never connected, already closed, or UDP: no CLOSE transition follows.
+                    if udp || matches!(socket.state, None | Some(TcpState::Close)) {
                         self.sockets.remove(&key);
                     }
+                    self.forget_holders(key, holders.keys().map(|(pid, _)| *pid));
                 }
-                None
             }
-            Event::Accepted(accept) => {
+            Event::Accepted(fd) => {
                 // accept(2) runs in the receiving process: from now on it owns the socket.
-                let socket = self
-                    .sockets
-                    .entry(SockKey::Cookie(accept.cookie))
-                    .or_default();
-                socket.owner = Some(Owner::from(&accept.task));
-                None
+                let owner = Owner::from(&fd.task);
+                self.hold(&fd);
+                if let Some(socket) = self.sockets.get_mut(&SockKey::Cookie(fd.cookie)) {
+                    socket.owner = Some(owner);
+                }
             }
-            Event::State(change) => Some(self.apply_state(change)),
+            Event::FdOpened(fd) => self.hold(&fd),
+            Event::FdClosed(fd) => {
+                let key = SockKey::Cookie(fd.cookie);
+                if let Some(socket) = self.sockets.get_mut(&key) {
+                    socket.holders.remove(&(fd.task.pid, fd.fd));
+                    if !socket.holders.keys().any(|(pid, _)| *pid == fd.task.pid) {
+                        self.forget_holders(key, [fd.task.pid]);
+                    }
+                }
+            }
+            Event::Addresses(fd) => {
+                self.learn(&fd);
+            }
+            Event::Forked {
+                parent, child_tgid, ..
+            } => {
+                let keys: Vec<SockKey> = self
+                    .by_pid
+                    .get(&parent.pid)
+                    .into_iter()
+                    .flatten()
+                    .copied()
+                    .collect();
+                for key in &keys {
+                    if let Some(socket) = self.sockets.get_mut(key) {
+                        let inherited: Vec<((u32, i32), String)> = socket
+                            .holders
+                            .range((parent.pid, i32::MIN)..=(parent.pid, i32::MAX))
+                            .map(|((_, fd), comm)| ((child_tgid, *fd), comm.clone()))
+                            .collect();
+                        socket.holders.extend(inherited);
+                    }
+                }
+                if !keys.is_empty() {
+                    self.by_pid.entry(child_tgid).or_default().extend(keys);
+                }
+            }
+            Event::Exec(task) => {
+                for key in self.by_pid.get(&task.pid).into_iter().flatten() {
+                    if let Some(socket) = self.sockets.get_mut(key) {
+                        for ((_, _), comm) in socket
+                            .holders
+                            .range_mut((task.pid, i32::MIN)..=(task.pid, i32::MAX))
+                        {
+                            comm.clone_from(&task.comm);
+                        }
+                    }
+                }
+            }
+            Event::Exit(task) => {
+                for key in self.by_pid.remove(&task.pid).into_iter().flatten() {
+                    if let Some(socket) = self.sockets.get_mut(&key) {
+                        socket.holders.retain(|(pid, _), _| *pid != task.pid);
+                    }
+                }
+            }
+            Event::State(change) => return Some(self.apply_state(change)),
+        }
+        None
+    }
+
+    /// Records `fd.task` holding `fd.fd`, and what the event says about the socket.
+    fn hold(&mut self, fd: &FdSocket) {
+        let key = SockKey::Cookie(fd.cookie);
+        self.learn(fd);
+        if let Some(socket) = self.sockets.get_mut(&key) {
+            socket
+                .holders
+                .insert((fd.task.pid, fd.fd), fd.task.comm.clone());
+            self.by_pid.entry(fd.task.pid).or_default().insert(key);
+        }
+    }
+
+    /// Takes a socket's addresses (and, for UDP, its state) from an fd event.
+    fn learn(&mut self, fd: &FdSocket) {
+        let socket = self.sockets.entry(SockKey::Cookie(fd.cookie)).or_default();
+        let facts = socket.facts.get_or_insert(Facts {
+            protocol: fd.protocol,
+            family: fd.family,
+            netns: fd.netns,
+            local: fd.local,
+            remote: fd.remote,
+            inode: fd.inode,
+            uid: None,
+            v6only: false,
+            expires_ns: None,
+        });
+        facts.local = fd.local;
+        facts.remote = fd.remote;
+        facts.netns = fd.netns;
+        if fd.inode != 0 {
+            facts.inode = fd.inode;
+        }
+        if fd.protocol == Protocol::Udp
+            && let Some(state) = fd.state
+        {
+            if socket.state != Some(state) {
+                socket.since_ns = Some(fd.ts_ns);
+            }
+            socket.state = Some(state);
+        }
+    }
+
+    /// Drops `key` from the per-process index of processes that no longer hold it.
+    fn forget_holders(&mut self, key: SockKey, pids: impl IntoIterator<Item = u32>) {
+        for pid in pids {
+            if let Some(keys) = self.by_pid.get_mut(&pid) {
+                keys.remove(&key);
+                if keys.is_empty() {
+                    self.by_pid.remove(&pid);
+                }
+            }
         }
     }
 
@@ -176,6 +359,24 @@ impl Table {
         }
         socket.state = Some(change.new);
         socket.since_ns = Some(change.ts_ns);
+        let facts = socket.facts.get_or_insert(Facts {
+            protocol: Protocol::Tcp,
+            family: change.family,
+            netns: change.netns,
+            local: change.local,
+            remote: change.remote,
+            inode: 0,
+            uid: None,
+            v6only: false,
+            expires_ns: None,
+        });
+        // CLOSE->SYN_SENT held back for the port reports it; CLOSE reads 0 for it: keep the
+        // best the socket has shown.
+        if change.local.1 != 0 {
+            facts.local = change.local;
+        }
+        facts.remote = change.remote;
+        facts.netns = change.netns;
         let owner = socket.owner.clone();
         let released = socket.released;
 
@@ -195,7 +396,10 @@ impl Table {
             // Without a cookie there is no release event to wait for; a reused address is a
             // new socket anyway.
             if released || matches!(change.key, SockKey::Addr { .. }) {
-                self.sockets.remove(&change.key);
+                if let Some(socket) = self.sockets.remove(&change.key) {
+                    let pids: Vec<u32> = socket.holders.keys().map(|(pid, _)| *pid).collect();
+                    self.forget_holders(change.key, pids);
+                }
             } else {
                 self.remember_closed(change.key);
             }
@@ -230,6 +434,69 @@ impl Table {
                 self.sockets.remove(&oldest);
             }
         }
+    }
+
+    /// Forgets timewait sockets whose time is up.
+    pub fn expire(&mut self, now_ns: u64) {
+        self.sockets.retain(|_, socket| {
+            socket
+                .facts
+                .as_ref()
+                .and_then(|f| f.expires_ns)
+                .is_none_or(|end| end > now_ns)
+        });
+    }
+
+    /// The sockets `ss -tuanp` would list, as of `now_ns`: TCP sockets in any state but CLOSE,
+    /// bound UDP sockets, each with its holders and time in state.
+    pub fn rows(&self, now_ns: u64) -> Vec<Row> {
+        let mut rows = Vec::new();
+        for (key, socket) in &self.sockets {
+            let (SockKey::Cookie(cookie), Some(facts), Some(state)) =
+                (key, &socket.facts, socket.state)
+            else {
+                continue;
+            };
+            let listed = match facts.protocol {
+                Protocol::Tcp => state != TcpState::Close,
+                Protocol::Udp => facts.local.1 != 0,
+            };
+            if !listed || facts.expires_ns.is_some_and(|end| end <= now_ns) {
+                continue;
+            }
+            rows.push(Row {
+                row: SocketRow {
+                    netns: facts.netns,
+                    protocol: facts.protocol,
+                    family: facts.family,
+                    state,
+                    local: facts.local,
+                    remote: facts.remote,
+                    cookie: *cookie,
+                    inode: facts.inode,
+                    uid: facts.uid.unwrap_or(0),
+                    recv_q: 0,
+                    send_q: 0,
+                    timer: facts.expires_ns.map(|end| Timer {
+                        kind: TimerKind::Timewait,
+                        remaining_ms: (end.saturating_sub(now_ns) / 1_000_000) as u32,
+                    }),
+                    v6only: facts.v6only,
+                },
+                owners: socket
+                    .holders
+                    .iter()
+                    .map(|((pid, fd), comm)| FdOwner {
+                        pid: *pid,
+                        comm: comm.clone(),
+                        fd: *fd,
+                        start_time: None,
+                    })
+                    .collect(),
+                in_state_ns: socket.since_ns.map(|since| now_ns.saturating_sub(since)),
+            });
+        }
+        rows
     }
 }
 
@@ -378,13 +645,15 @@ mod tests {
         table.apply(change(5, 100, Close, Listen, task(7, "master")));
         table.apply(change(6, 200, Listen, SynRecv, task(8, "client")));
         table.apply(change(6, 250, SynRecv, Established, task(8, "client")));
-        let accept = crate::events::SockAccept {
-            ts_ns: 300,
-            cookie: 6,
-            fd: 9,
-            task: task(70, "worker"),
-        };
-        assert_eq!(table.apply(Event::Accepted(accept)), None);
+        assert_eq!(
+            table.apply(Event::Accepted(fd_event(
+                6,
+                9,
+                task(70, "worker"),
+                Protocol::Tcp
+            ))),
+            None
+        );
         let t = table
             .apply(change(6, 400, Established, CloseWait, task(8, "client")))
             .unwrap();
@@ -395,6 +664,151 @@ mod tests {
                 comm: "worker".into()
             })
         );
+    }
+
+    fn fd_event(cookie: u64, fd: i32, by: Task, protocol: Protocol) -> FdSocket {
+        FdSocket {
+            ts_ns: 1,
+            cookie,
+            fd,
+            inode: 1000 + cookie,
+            task: by,
+            protocol,
+            family: Family::Ipv4,
+            netns: 1,
+            state: Some(if protocol == Protocol::Udp {
+                Close
+            } else {
+                Established
+            }),
+            local: (IpAddr::V4(Ipv4Addr::LOCALHOST), 5353),
+            remote: (IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0),
+        }
+    }
+
+    fn holders(table: &Table, cookie: u64) -> Vec<(u32, i32, String)> {
+        let rows = table.rows(0);
+        let row = rows
+            .iter()
+            .find(|r| r.row.cookie == cookie)
+            .expect("listed");
+        row.owners
+            .iter()
+            .map(|o| (o.pid, o.fd, o.comm.clone()))
+            .collect()
+    }
+
+    #[test]
+    fn holders_follow_fds_across_dup_fork_exec_close_and_exit() {
+        let mut table = Table::new();
+        let udp = |fd, by| fd_event(1, fd, by, Protocol::Udp);
+        table.apply(Event::FdOpened(udp(3, task(10, "app"))));
+        table.apply(Event::FdOpened(udp(4, task(10, "app")))); // dup
+        table.apply(Event::Forked {
+            ts_ns: 2,
+            parent: task(10, "app"),
+            child_tgid: 11,
+        });
+        let expected = |list: &[(u32, i32, &str)]| {
+            list.iter()
+                .map(|(p, f, c)| (*p, *f, c.to_string()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            holders(&table, 1),
+            expected(&[
+                (10, 3, "app"),
+                (10, 4, "app"),
+                (11, 3, "app"),
+                (11, 4, "app")
+            ])
+        );
+        table.apply(Event::Exec(task(11, "helper")));
+        table.apply(Event::FdClosed(udp(4, task(10, "app"))));
+        assert_eq!(
+            holders(&table, 1),
+            expected(&[(10, 3, "app"), (11, 3, "helper"), (11, 4, "helper")])
+        );
+        table.apply(Event::Exit(task(11, "helper")));
+        assert_eq!(holders(&table, 1), expected(&[(10, 3, "app")]));
+        // A fork after the exit does not bring the dead child's fds back.
+        table.apply(Event::Forked {
+            ts_ns: 3,
+            parent: task(10, "app"),
+            child_tgid: 12,
+        });
+        assert_eq!(
+            holders(&table, 1),
+            expected(&[(10, 3, "app"), (12, 3, "app")])
+        );
+        table.apply(released(1, 9));
+        assert!(
+            table.is_empty() && table.by_pid.is_empty(),
+            "released UDP sockets leave no trace"
+        );
+    }
+
+    #[test]
+    fn udp_rows_appear_once_bound_and_follow_connect() {
+        let mut table = Table::new();
+        let mut unbound = fd_event(2, 5, task(20, "dig"), Protocol::Udp);
+        unbound.local.1 = 0;
+        table.apply(Event::FdOpened(unbound.clone()));
+        assert!(table.rows(0).is_empty(), "ss lists no unbound UDP socket");
+        let mut connected = unbound;
+        connected.local.1 = 40000;
+        connected.remote = (IpAddr::V4(Ipv4Addr::new(127, 0, 0, 53)), 53);
+        connected.state = Some(Established);
+        table.apply(Event::Addresses(connected));
+        let rows = table.rows(0);
+        assert_eq!(rows.len(), 1);
+        assert_eq!(
+            (rows[0].row.state, rows[0].row.local.1, rows[0].row.remote.1),
+            (Established, 40000, 53)
+        );
+        assert_eq!(rows[0].owners[0].pid, 20);
+    }
+
+    #[test]
+    fn timewait_rows_expire() {
+        let mut table = Table::new();
+        let mut tw = row(9, TimeWait, 5000, 0);
+        tw.timer = Some(Timer {
+            kind: TimerKind::Timewait,
+            remaining_ms: 60_000,
+        });
+        table.insert_row(&tw, None, 1_000);
+        assert_eq!(
+            table.rows(30_000_001_000)[0]
+                .row
+                .timer
+                .unwrap()
+                .remaining_ms,
+            30_000
+        );
+        assert!(table.rows(60_000_001_000).is_empty(), "gone at its end");
+        table.expire(60_000_001_000);
+        assert!(table.is_empty());
+    }
+
+    #[test]
+    fn closed_tcp_sockets_are_not_listed_but_keep_their_holders() {
+        let mut table = Table::new();
+        table.apply(Event::FdOpened(fd_event(
+            3,
+            7,
+            task(30, "curl"),
+            Protocol::Tcp,
+        )));
+        table.apply(change(3, 10, Close, SynSent, task(30, "curl")));
+        assert_eq!(table.rows(20)[0].in_state_ns, Some(10));
+        table.apply(change(3, 30, SynSent, Close, task(0, "swapper/0")));
+        assert!(
+            table.rows(40).is_empty(),
+            "a refused socket is not hashed: ss does not list it"
+        );
+        table.apply(change(3, 50, Close, SynSent, task(30, "curl")));
+        assert_eq!(holders(&table, 3), [(30, 7, "curl".to_string())]);
     }
 
     fn row(cookie: u64, state: TcpState, local_port: u16, inode: u64) -> SocketRow {
@@ -422,7 +836,7 @@ mod tests {
             pid,
             comm: comm.into(),
             fd: 3,
-            start_time: 1,
+            start_time: Some(1),
         };
         let owners = HashMap::from([
             (10, vec![holder(7, "nginx"), holder(8, "nginx")]),
@@ -431,6 +845,7 @@ mod tests {
         table.seed(
             &[row(1, Established, 5000, 11), row(2, Listen, 8080, 10)],
             &owners,
+            0,
         );
         // A transition out of a snapshot state: owner known, time in state not.
         let t = table
@@ -459,7 +874,7 @@ mod tests {
         let mut table = Table::new();
         // The snapshot saw the socket ESTABLISHED; the queue holds its earlier transitions
         // and the close that happened while the snapshot was being taken.
-        table.seed(&[row(1, Established, 5000, 0)], &HashMap::new());
+        table.seed(&[row(1, Established, 5000, 0)], &HashMap::new(), 0);
         table.apply(change(1, 10, Close, SynSent, task(4, "curl")));
         table.apply(change(1, 20, SynSent, Established, task(0, "swapper/0")));
         table.apply(change(1, 30, Established, Close, task(4, "curl")));

@@ -51,7 +51,11 @@ impl Tracer {
             snapshot.took
         );
         let mut table = Table::new();
-        table.seed(&snapshot.rows, &snapshot.owners);
+        table.seed(
+            &snapshot.rows,
+            &snapshot.owners,
+            WallClock::monotonic_now_ns(),
+        );
         Ok(Tracer {
             probes: Some(probes),
             reader,
