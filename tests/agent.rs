@@ -12,7 +12,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use netwatch_tests::{Agent, Watcher, client_roundtrip, netwatch_bin, parse_json, serve_one};
+use netwatch_tests::{
+    Agent, Holder, Watcher, client_roundtrip, netwatch_bin, parse_json, serve_one,
+};
 use serde_json::Value;
 
 fn socket_arg(agent: &Agent) -> &str {
@@ -26,14 +28,7 @@ fn transitions(records: &[Value]) -> Vec<(Value, Value, Value, Value, Value, Val
         .filter(|r| r["type"] == "transition")
         .map(|r| {
             let f = |k: &str| r[k].clone();
-            (
-                f("lport"),
-                f("rport"),
-                f("old"),
-                f("new"),
-                f("pid"),
-                f("comm"),
-            )
+            (f("lport"), f("rport"), f("old"), f("new"), f("pid"), f("comm"))
         })
         .collect()
 }
@@ -41,19 +36,11 @@ fn transitions(records: &[Value]) -> Vec<(Value, Value, Value, Value, Value, Val
 #[test]
 fn watch_through_the_agent_shows_what_a_direct_watch_shows() {
     let agent = Agent::start(&Agent::test_socket("stream"));
-    let mode = std::fs::metadata(&agent.socket)
-        .unwrap()
-        .permissions()
-        .mode()
-        & 0o777;
+    let mode = std::fs::metadata(&agent.socket).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600, "root-only API socket");
     // Both watchers start before the listener exists, so both know its owner.
     let attached = Watcher::start(&["--json", "--socket", socket_arg(&agent)]);
-    assert!(
-        attached.stderr().contains("via the agent"),
-        "{}",
-        attached.stderr()
-    );
+    assert!(attached.stderr().contains("via the agent"), "{}", attached.stderr());
     let direct = Watcher::start(&["--json", "--socket", socket_arg(&agent), "--no-agent"]);
     assert!(direct.stderr().contains("tp_btf"), "{}", direct.stderr());
 
@@ -64,17 +51,11 @@ fn watch_through_the_agent_shows_what_a_direct_watch_shows() {
     server.join().unwrap();
     // CLOSE->LISTEN, five transitions a side, and the listener's LISTEN->CLOSE.
     let ours = move |records: &[Value]| -> Vec<Value> {
-        records
-            .iter()
-            .filter(|r| r["lport"] == port || r["rport"] == port)
-            .cloned()
-            .collect()
+        records.iter().filter(|r| r["lport"] == port || r["rport"] == port).cloned().collect()
     };
     let count = move |lines: &[String]| {
-        let records: Vec<Value> = lines
-            .iter()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect();
+        let records: Vec<Value> =
+            lines.iter().filter_map(|l| serde_json::from_str(l).ok()).collect();
         ours(&records).len()
     };
     attached.wait_until("12 transitions via the agent", |lines| count(lines) >= 12);
@@ -132,11 +113,7 @@ fn an_unusable_socket_path_is_a_clear_error() {
             "{stderr}"
         );
     }
-    assert_eq!(
-        std::fs::read(&file).unwrap(),
-        b"not a directory",
-        "nothing overwritten"
-    );
+    assert_eq!(std::fs::read(&file).unwrap(), b"not a directory", "nothing overwritten");
     std::fs::remove_file(&file).unwrap();
 }
 
@@ -153,34 +130,156 @@ fn malformed_and_silent_clients_do_not_disturb_others() {
     BufReader::new(&bad).read_line(&mut reply).unwrap();
     let reply: Value = serde_json::from_str(&reply).unwrap();
     assert_eq!(reply["type"], "error");
-    assert!(
-        reply["error"].as_str().unwrap().contains("malformed"),
-        "{reply}"
-    );
+    assert!(reply["error"].as_str().unwrap().contains("malformed"), "{reply}");
 
     let mut huge = UnixStream::connect(&agent.socket).unwrap();
     let _ = huge.write_all(&vec![b'x'; 1 << 20]);
     let mut reply = String::new();
     let _ = BufReader::new(&huge).read_line(&mut reply);
-    assert!(
-        reply.contains("longer than") || reply.contains("malformed"),
-        "{reply}"
-    );
+    assert!(reply.contains("longer than") || reply.contains("malformed"), "{reply}");
 
     // The silent client is dropped after its grace period; the agent serves on.
     let started = Instant::now();
     let mut line = String::new();
-    silent
-        .set_read_timeout(Some(Duration::from_secs(15)))
-        .unwrap();
+    silent.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
     BufReader::new(&silent).read_line(&mut line).unwrap();
     assert!(line.contains("no request"), "{line}");
     assert!(started.elapsed() < Duration::from_secs(10));
     let lines = watcher.stop();
-    assert!(
-        lines
+    assert!(lines.iter().all(|l| serde_json::from_str::<Value>(l).is_ok()));
+    assert!(agent.stop().success());
+}
+
+/// One `ss -H` line or one netwatch JSON row, as comparable fields: netid, ss state, local
+/// and peer (address, port), and the sorted holders.
+type Comparable = (String, String, (String, u16), (String, u16), Vec<String>);
+
+/// `127.0.0.1:80`, `[::1]:80`, `*:80`, `0.0.0.0:*` -> (address, port); `*` is the dual-stack
+/// wildcard, which netwatch's JSON spells `::`.
+fn ss_endpoint(text: &str) -> (String, u16) {
+    let (host, port) = text.rsplit_once(':').unwrap();
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let host = if host == "*" { "::" } else { host };
+    (host.to_string(), if port == "*" { 0 } else { port.parse().unwrap() })
+}
+
+fn ss_users(text: &str) -> Vec<String> {
+    let inner = text.strip_prefix("users:(").and_then(|t| t.strip_suffix(')')).unwrap_or("");
+    let mut users: Vec<String> = inner
+        .split("),(")
+        .filter(|u| !u.is_empty())
+        .map(|u| u.trim_matches(|c| c == '(' || c == ')').to_string())
+        .collect();
+    users.sort();
+    users
+}
+
+fn ss_rows(ns: &NetSpace) -> Vec<Comparable> {
+    let output = ns.command("ss").args(["-H", "-tuanp"]).output().unwrap();
+    let mut rows: Vec<Comparable> = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            (
+                f[0].into(),
+                f[1].into(),
+                ss_endpoint(f[4]),
+                ss_endpoint(f[5]),
+                ss_users(f.get(6).copied().unwrap_or("")),
+            )
+        })
+        .collect();
+    rows.sort();
+    rows
+}
+
+fn ss_state(kernel: &str) -> &'static str {
+    match kernel {
+        "ESTABLISHED" => "ESTAB",
+        "CLOSE" => "UNCONN",
+        "SYN_SENT" => "SYN-SENT",
+        "SYN_RECV" => "SYN-RECV",
+        "FIN_WAIT1" => "FIN-WAIT-1",
+        "FIN_WAIT2" => "FIN-WAIT-2",
+        "TIME_WAIT" => "TIME-WAIT",
+        "CLOSE_WAIT" => "CLOSE-WAIT",
+        "LAST_ACK" => "LAST-ACK",
+        "LISTEN" => "LISTEN",
+        "CLOSING" => "CLOSING",
+        other => panic!("state {other}"),
+    }
+}
+
+fn netwatch_rows(agent: &Agent, ns: &NetSpace) -> (Vec<Comparable>, Vec<Value>, String) {
+    let output = Command::new(netwatch_bin())
+        .args(["table", "-tuan", "--json", "--netns", &ns.name, "--socket", socket_arg(agent)])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let records: Vec<Value> = serde_json::from_slice(&output.stdout).unwrap();
+    let mut rows: Vec<Comparable> = records
+        .iter()
+        .map(|r| {
+            let mut users: Vec<String> = r["owners"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|o| {
+                    format!("\"{}\",pid={},fd={}", o["comm"].as_str().unwrap(), o["pid"], o["fd"])
+                })
+                .collect();
+            users.sort();
+            (
+                r["netid"].as_str().unwrap().into(),
+                ss_state(r["state"].as_str().unwrap()).into(),
+                (r["laddr"].as_str().unwrap().into(), r["lport"].as_u64().unwrap() as u16),
+                (r["raddr"].as_str().unwrap().into(), r["rport"].as_u64().unwrap() as u16),
+                users,
+            )
+        })
+        .collect();
+    rows.sort();
+    (rows, records, String::from_utf8_lossy(&output.stderr).into_owned())
+}
+
+type NetSpace = netwatch_tests::NetNs;
+
+/// The agent's table, kept from events, equals ss for sockets that existed before it started
+/// (seeded from its snapshot) and for sockets made after (events only), in every state the
+/// mix covers, with the same holders (pid and fd).
+#[test]
+fn agent_table_equals_ss_for_sockets_from_before_and_after_it_started() {
+    let ns = NetSpace::new("agt");
+    let before = Holder::start(&ns, env!("CARGO_BIN_EXE_sockpeer"));
+    let agent = Agent::start(&Agent::test_socket("table"));
+    let after = Holder::start(&ns, env!("CARGO_BIN_EXE_sockpeer"));
+    // The agent applies events as they arrive; give the last ones a moment.
+    thread::sleep(Duration::from_millis(300));
+
+    let (ours, records, stderr) = netwatch_rows(&agent, &ns);
+    assert!(!stderr.contains("one-shot"), "asked the agent: {stderr}");
+    let theirs = ss_rows(&ns);
+    assert_eq!(ours, theirs, "agent table vs ss -tuanp");
+    for holder in [&before, &after] {
+        let held = records
             .iter()
-            .all(|l| serde_json::from_str::<Value>(l).is_ok())
-    );
+            .filter(|r| r["owners"].as_array().unwrap().iter().any(|o| o["pid"] == holder.pid))
+            .count();
+        assert!(held >= 10, "pid {} holds its sockets: {held}", holder.pid);
+    }
+    // Sockets made after the agent started have a time in state; snapshot ones do not.
+    let new_ports: Vec<u64> = after.ports.iter().map(|p| u64::from(*p)).collect();
+    let new_listener = records
+        .iter()
+        .find(|r| r["state"] == "LISTEN" && new_ports.contains(&r["lport"].as_u64().unwrap()))
+        .unwrap();
+    assert!(new_listener["in_state_ms"].is_u64(), "{new_listener}");
+    assert!(new_listener["recv_q"].is_null(), "queues are not kept from events: {new_listener}");
+
+    // Sockets closing change the table without any further snapshot.
+    drop(after);
+    thread::sleep(Duration::from_millis(300));
+    let (ours, _, _) = netwatch_rows(&agent, &ns);
+    assert_eq!(ours, ss_rows(&ns), "after the second holder exited");
     assert!(agent.stop().success());
 }

@@ -3,58 +3,9 @@
 //! A failed unwrap is how a test reports a missing field.
 #![allow(clippy::unwrap_used)]
 
-use std::{
-    io::{BufRead as _, BufReader},
-    process::{Child, ChildStdin, Command, Stdio},
-};
+use std::process::Command;
 
-use netwatch_tests::{NetNs, netwatch_bin, require_root};
-
-/// A `sockpeer hold` running inside a fresh namespace; its sockets live until drop.
-struct Holder {
-    ns: NetNs,
-    child: Child,
-    _stdin: ChildStdin,
-    ports: Vec<u16>,
-}
-
-impl Holder {
-    fn start() -> Holder {
-        require_root();
-        let ns = NetNs::new("tbl");
-        let mut child = ns
-            .command(env!("CARGO_BIN_EXE_sockpeer"))
-            .arg("hold")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("sockpeer hold");
-        let stdin = child.stdin.take().expect("stdin");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("stdout"))
-            .read_line(&mut line)
-            .expect("ready line");
-        let ports = line
-            .strip_prefix("ready ")
-            .unwrap_or_else(|| panic!("sockpeer hold did not get ready: {line:?}"))
-            .split_whitespace()
-            .map(|p| p.parse().unwrap())
-            .collect();
-        Holder {
-            ns,
-            child,
-            _stdin: stdin,
-            ports,
-        }
-    }
-}
-
-impl Drop for Holder {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use netwatch_tests::{Holder, NetNs, netwatch_bin};
 
 /// Rows as (netid, state, recv-q, send-q, local, peer, process), sorted.
 type Rows = Vec<Vec<String>>;
@@ -76,17 +27,8 @@ fn rows_of(text: &str, skip_header: bool) -> Rows {
 }
 
 fn ss(ns: &NetNs, args: &[&str]) -> Rows {
-    let output = ns
-        .command("ss")
-        .arg("-H")
-        .args(args)
-        .output()
-        .expect("run ss");
-    assert!(
-        output.status.success(),
-        "ss {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let output = ns.command("ss").arg("-H").args(args).output().expect("run ss");
+    assert!(output.status.success(), "ss {args:?}: {}", String::from_utf8_lossy(&output.stderr));
     rows_of(&String::from_utf8_lossy(&output.stdout), false)
 }
 
@@ -98,55 +40,29 @@ fn netwatch_table(ns: &NetNs, args: &[&str]) -> (Rows, String) {
         .expect("run netwatch table");
     let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
     assert!(output.status.success(), "netwatch table {args:?}: {stderr}");
-    (
-        rows_of(&String::from_utf8_lossy(&output.stdout), true),
-        stderr,
-    )
+    (rows_of(&String::from_utf8_lossy(&output.stdout), true), stderr)
 }
 
 #[test]
 fn table_equals_ss_for_every_state_and_filter() {
-    let holder = Holder::start();
-    let [v4, v6, dual] = holder.ports[..] else {
-        panic!("three ports")
-    };
+    let ns = NetNs::new("tbl");
+    let holder = Holder::start(&ns, env!("CARGO_BIN_EXE_sockpeer"));
+    let [v4, v6, dual] = holder.ports[..] else { panic!("three ports") };
     let (v4, v6, dual) = (v4.to_string(), v6.to_string(), dual.to_string());
 
-    let (all, stderr) = netwatch_table(&holder.ns, &["-tuanp"]);
-    assert!(
-        stderr.contains("one-shot snapshot"),
-        "says it did not ask an agent: {stderr}"
-    );
-    let oracle = ss(&holder.ns, &["-tuanp"]);
+    let (all, stderr) = netwatch_table(&ns, &["-tuanp"]);
+    assert!(stderr.contains("one-shot snapshot"), "says it did not ask an agent: {stderr}");
+    let oracle = ss(&ns, &["-tuanp"]);
     assert_eq!(all, oracle, "netwatch table -tuanp vs ss -tuanp");
     // The mix really covers what the test means to cover.
     let states: Vec<&str> = all.iter().map(|r| r[1].as_str()).collect();
-    for state in [
-        "LISTEN",
-        "ESTAB",
-        "FIN-WAIT-2",
-        "CLOSE-WAIT",
-        "TIME-WAIT",
-        "UNCONN",
-    ] {
+    for state in ["LISTEN", "ESTAB", "FIN-WAIT-2", "CLOSE-WAIT", "TIME-WAIT", "UNCONN"] {
         assert!(states.contains(&state), "no {state} row in {all:#?}");
     }
-    assert!(
-        all.iter().any(|r| r[4] == format!("*:{dual}")),
-        "dual-stack listener as ss shows it"
-    );
-    assert!(
-        all.iter().any(|r| r[1] == "TIME-WAIT" && r[6].is_empty()),
-        "TIME-WAIT has no owner"
-    );
-    assert!(
-        all.iter().any(|r| r[6].contains("\"sockpeer\",pid=")),
-        "owners are shown"
-    );
-    assert!(
-        all.iter().any(|r| r[0] == "udp" && r[1] == "ESTAB"),
-        "connected UDP"
-    );
+    assert!(all.iter().any(|r| r[4] == format!("*:{dual}")), "dual-stack listener as ss shows it");
+    assert!(all.iter().any(|r| r[1] == "TIME-WAIT" && r[6].is_empty()), "TIME-WAIT has no owner");
+    assert!(all.iter().any(|r| r[6].contains("\"sockpeer\",pid=")), "owners are shown");
+    assert!(all.iter().any(|r| r[0] == "udp" && r[1] == "ESTAB"), "connected UDP");
 
     let v4_port = format!(":{v4}");
     let filters: Vec<Vec<&str>> = vec![
@@ -161,61 +77,45 @@ fn table_equals_ss_for_every_state_and_filter() {
         vec!["-tuan", "state", "synchronized"],
         vec!["-tan", "sport", "=", &v4_port],
         vec!["-tan", "dport", "=", &v4_port],
-        vec![
-            "-tan", "(", "sport", "=", &v4_port, "or", "dport", "=", &v4_port, ")",
-        ],
+        vec!["-tan", "(", "sport", "=", &v4_port, "or", "dport", "=", &v4_port, ")"],
         vec!["-tuan", "dst", "[::1]"],
-        vec![
-            "-tuan",
-            "src",
-            "127.0.0.0/8",
-            "and",
-            "not",
-            "sport",
-            "=",
-            &v4_port,
-        ],
+        vec!["-tuan", "src", "127.0.0.0/8", "and", "not", "sport", "=", &v4_port],
         vec!["-tan", "sport", ">", &v6],
         vec!["-tan", "sport", "<=", &dual],
     ];
     for filter in filters {
-        let (ours, _) = netwatch_table(&holder.ns, &filter);
-        let theirs = ss(&holder.ns, &[&["-p"], &filter[..]].concat());
+        let (ours, _) = netwatch_table(&ns, &filter);
+        let theirs = ss(&ns, &[&["-p"], &filter[..]].concat());
         assert_eq!(ours, theirs, "filter {filter:?}");
     }
 }
 
 #[test]
 fn json_lists_the_same_sockets_with_identity() {
-    let holder = Holder::start();
+    let ns = NetNs::new("tbl");
+    let _holder = Holder::start(&ns, env!("CARGO_BIN_EXE_sockpeer"));
     let output = Command::new(netwatch_bin())
-        .args(["table", "-tuan", "--json", "--netns", &holder.ns.name])
+        .args(["table", "-tuan", "--json", "--netns", &ns.name])
         .output()
         .expect("run");
     assert!(output.status.success());
     let records: Vec<serde_json::Value> =
         serde_json::from_slice(&output.stdout).expect("one JSON array");
-    assert_eq!(records.len(), ss(&holder.ns, &["-tuan"]).len());
+    assert_eq!(records.len(), ss(&ns, &["-tuan"]).len());
     for record in &records {
-        assert_eq!(record["netns"], holder.ns.inode(), "{record}");
-        assert!(
-            record["cookie"].as_u64().is_some_and(|c| c != 0),
-            "{record}"
-        );
+        assert_eq!(record["netns"], ns.inode(), "{record}");
+        assert!(record["cookie"].as_u64().is_some_and(|c| c != 0), "{record}");
         if record["owners"].as_array().is_some_and(|o| !o.is_empty()) {
             assert!(record["inode"].as_u64().is_some_and(|i| i != 0), "{record}");
         }
         if record["state"] == "TIME_WAIT" {
             assert_eq!(record["timer"]["kind"], "timewait", "{record}");
             let left = record["timer"]["remaining_ms"].as_u64().unwrap();
-            assert!(
-                left > 50_000 && left <= 60_000,
-                "TIME_WAIT lasts 60 s: {left} ms left"
-            );
+            assert!(left > 50_000 && left <= 60_000, "TIME_WAIT lasts 60 s: {left} ms left");
         }
     }
     let ndjson = Command::new(netwatch_bin())
-        .args(["table", "-tuan", "--ndjson", "--netns", &holder.ns.name])
+        .args(["table", "-tuan", "--ndjson", "--netns", &ns.name])
         .output()
         .expect("run");
     let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&ndjson.stdout)
@@ -233,22 +133,12 @@ fn bad_filters_fail_pointing_at_the_token() {
         (&["ls", "dst", "10.0.0.0/99"][..], "token 2 '10.0.0.0/99'"),
         (&["ls", "(", "sport", "=", "1"][..], "token 5 '<end>'"),
     ] {
-        let output = Command::new(netwatch_bin())
-            .args(args)
-            .output()
-            .expect("run");
+        let output = Command::new(netwatch_bin()).args(args).output().expect("run");
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
         assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
         assert!(stderr.contains(needle), "{args:?}: {stderr}");
     }
-    let output = Command::new(netwatch_bin())
-        .args(["table", "-l", "-a"])
-        .output()
-        .expect("run");
-    assert_eq!(
-        output.status.code(),
-        Some(2),
-        "conflicting flags are a usage error"
-    );
+    let output = Command::new(netwatch_bin()).args(["table", "-l", "-a"]).output().expect("run");
+    assert_eq!(output.status.code(), Some(2), "conflicting flags are a usage error");
 }

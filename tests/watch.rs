@@ -49,17 +49,11 @@ fn exchange_in_process(listen_on: SocketAddr) -> Exchange {
     let server = thread::spawn(move || serve_one(&listener).expect("serve"));
     let client = client_roundtrip(server_addr).expect("client round trip");
     server.join().expect("server thread");
-    Exchange {
-        server_port: server_addr.port(),
-        client_port: client.port(),
-    }
+    Exchange { server_port: server_addr.port(), client_port: client.port() }
 }
 
 fn is_done(lines: &[String], lport: u16, rport: u16, last: (&str, &str)) -> bool {
-    let records: Vec<Value> = lines
-        .iter()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect();
+    let records: Vec<Value> = lines.iter().filter_map(|l| serde_json::from_str(l).ok()).collect();
     transitions_between(&records, lport, rport)
         .iter()
         .any(|r| r["old"] == last.0 && r["new"] == last.1)
@@ -78,27 +72,17 @@ fn finish(watcher: Watcher, exchange: &Exchange) -> Vec<Value> {
 /// is exactly the gap between consecutive transitions of the socket.
 fn assert_durations_add_up(records: &[Value], first_has_duration: bool) {
     let first = &records[0];
-    assert_eq!(
-        !first["duration_ns"].is_null(),
-        first_has_duration,
-        "first transition: {first}"
-    );
+    assert_eq!(!first["duration_ns"].is_null(), first_has_duration, "first transition: {first}");
     for pair in records.windows(2) {
         let gap = pair[1]["mono_ns"].as_u64().unwrap() - pair[0]["mono_ns"].as_u64().unwrap();
         assert_eq!(pair[1]["duration_ns"].as_u64(), Some(gap), "{}", pair[1]);
         let ms = pair[1]["duration_ms"].as_f64().unwrap();
         assert!((ms * 1e6 - gap as f64).abs() < 1.0, "{}", pair[1]);
     }
-    let total: u64 = records[1..]
-        .iter()
-        .map(|r| r["duration_ns"].as_u64().unwrap())
-        .sum();
+    let total: u64 = records[1..].iter().map(|r| r["duration_ns"].as_u64().unwrap()).sum();
     let span =
         records.last().unwrap()["mono_ns"].as_u64().unwrap() - first["mono_ns"].as_u64().unwrap();
-    assert_eq!(
-        total, span,
-        "durations add up to the socket's lifespan after its first transition"
-    );
+    assert_eq!(total, span, "durations add up to the socket's lifespan after its first transition");
 }
 
 fn check_open_close(listen_on: SocketAddr, family: &str) {
@@ -109,44 +93,23 @@ fn check_open_close(listen_on: SocketAddr, family: &str) {
     let ip = listen_on.ip().to_string();
 
     let client = transitions_between(&records, c, s);
-    assert_eq!(
-        path(&client),
-        pairs(&CLIENT_PATH),
-        "client transitions: {client:#?}"
-    );
+    assert_eq!(path(&client), pairs(&CLIENT_PATH), "client transitions: {client:#?}");
     let server = transitions_between(&records, s, c);
-    assert_eq!(
-        path(&server),
-        pairs(&SERVER_PATH),
-        "server transitions: {server:#?}"
-    );
+    assert_eq!(path(&server), pairs(&SERVER_PATH), "server transitions: {server:#?}");
 
     let me = std::process::id();
     for record in client.iter().chain(&server) {
         assert_eq!(record["family"], family);
-        assert_eq!(
-            (record["laddr"].as_str(), record["raddr"].as_str()),
-            (Some(&*ip), Some(&*ip))
-        );
+        assert_eq!((record["laddr"].as_str(), record["raddr"].as_str()), (Some(&*ip), Some(&*ip)));
         assert_eq!(record["source"], "tp_btf");
-        assert!(
-            record["cookie"].as_u64().is_some_and(|c| c != 0),
-            "{record}"
-        );
+        assert!(record["cookie"].as_u64().is_some_and(|c| c != 0), "{record}");
         // Both ends live in this process: every transition is owned by it, never by the
         // task that happened to be on the CPU.
         assert_eq!(record["pid"], me, "{record}");
-        assert_eq!(
-            record["comm"],
-            own_comm(),
-            "the process name, not the thread's: {record}"
-        );
+        assert_eq!(record["comm"], own_comm(), "the process name, not the thread's: {record}");
     }
     let cookie = client[0]["cookie"].clone();
-    assert!(
-        client.iter().all(|r| r["cookie"] == cookie),
-        "one cookie for the client socket"
-    );
+    assert!(client.iter().all(|r| r["cookie"] == cookie), "one cookie for the client socket");
     // The first transition of an actively opened socket counts from its creation.
     assert_durations_add_up(&client, true);
     // The accepted socket is born in LISTEN->SYN_RECV: there is no earlier state of its own.
@@ -179,35 +142,19 @@ fn refused_connect_and_listener_lifecycle() {
     });
     let records = parse_json(&watcher.stop());
 
-    let listens: Vec<_> = records
-        .iter()
-        .filter(|r| r["lport"] == port && r["rport"] == 0)
-        .collect();
+    let listens: Vec<_> =
+        records.iter().filter(|r| r["lport"] == port && r["rport"] == 0).collect();
     assert_eq!(
         path(&listens.into_iter().cloned().collect::<Vec<_>>()),
         pairs(&[("CLOSE", "LISTEN"), ("LISTEN", "CLOSE")])
     );
-    let attempt: Vec<Value> = records
-        .iter()
-        .filter(|r| r["rport"] == port)
-        .cloned()
-        .collect();
-    assert_eq!(
-        path(&attempt),
-        pairs(&[("CLOSE", "SYN_SENT"), ("SYN_SENT", "CLOSE")])
-    );
+    let attempt: Vec<Value> = records.iter().filter(|r| r["rport"] == port).cloned().collect();
+    assert_eq!(path(&attempt), pairs(&[("CLOSE", "SYN_SENT"), ("SYN_SENT", "CLOSE")]));
     let client_port = attempt[0]["lport"].as_u64().unwrap();
-    assert_ne!(
-        client_port, 0,
-        "SYN_SENT carries the local port the kernel picked"
-    );
+    assert_ne!(client_port, 0, "SYN_SENT carries the local port the kernel picked");
     assert_eq!(attempt[1]["lport"].as_u64(), Some(client_port));
     assert_eq!(attempt[0]["pid"], std::process::id());
-    assert_eq!(
-        attempt[1]["pid"],
-        std::process::id(),
-        "the RST runs in softirq; owner is kept"
-    );
+    assert_eq!(attempt[1]["pid"], std::process::id(), "the RST runs in softirq; owner is kept");
     assert_durations_add_up(&attempt, true);
 }
 
@@ -217,41 +164,25 @@ fn client_in_a_separate_process_owns_its_socket() {
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind");
     let server_addr = listener.local_addr().expect("addr");
     let server = thread::spawn(move || serve_one(&listener).expect("serve"));
-    let child = sockpeer()
-        .args(["connect", &server_addr.to_string()])
-        .output()
-        .expect("run sockpeer");
-    assert!(
-        child.status.success(),
-        "sockpeer: {}",
-        String::from_utf8_lossy(&child.stderr)
-    );
+    let child =
+        sockpeer().args(["connect", &server_addr.to_string()]).output().expect("run sockpeer");
+    assert!(child.status.success(), "sockpeer: {}", String::from_utf8_lossy(&child.stderr));
     let client_addr: SocketAddr = String::from_utf8_lossy(&child.stdout)
         .trim()
         .strip_prefix("local ")
         .and_then(|a| a.parse().ok())
         .expect("sockpeer prints its local address");
     server.join().expect("server");
-    let exchange = Exchange {
-        server_port: server_addr.port(),
-        client_port: client_addr.port(),
-    };
+    let exchange = Exchange { server_port: server_addr.port(), client_port: client_addr.port() };
     let records = finish(watcher, &exchange);
 
     let client = transitions_between(&records, exchange.client_port, exchange.server_port);
     assert_eq!(path(&client), pairs(&CLIENT_PATH));
     let syn_sent = &client[0];
     let child_pid = syn_sent["pid"].as_u64().expect("owner pid");
-    assert_ne!(
-        child_pid,
-        u64::from(std::process::id()),
-        "the client is another process"
-    );
+    assert_ne!(child_pid, u64::from(std::process::id()), "the client is another process");
     assert_eq!(syn_sent["comm"], "sockpeer");
-    assert_eq!(
-        syn_sent["task_pid"], child_pid,
-        "connect() runs in the client's own task"
-    );
+    assert_eq!(syn_sent["task_pid"], child_pid, "connect() runs in the client's own task");
     for record in &client {
         assert_eq!(
             (record["pid"].as_u64(), record["comm"].as_str()),
@@ -280,32 +211,18 @@ fn accepting_process_owns_the_accepted_socket() {
         .spawn()
         .expect("sockpeer serve-forked");
     let mut ready = String::new();
-    BufReader::new(server.stdout.take().expect("stdout"))
-        .read_line(&mut ready)
-        .expect("ready");
+    BufReader::new(server.stdout.take().expect("stdout")).read_line(&mut ready).expect("ready");
     let words: Vec<&str> = ready.split_whitespace().collect();
     let ["listening", port, "parent", parent, "child", child] = words[..] else {
         panic!("unexpected: {ready}")
     };
-    let (port, parent, child): (u16, u64, u64) = (
-        port.parse().unwrap(),
-        parent.parse().unwrap(),
-        child.parse().unwrap(),
-    );
-    assert!(
-        parent < child,
-        "pids in creation order (the first holder is the parent)"
-    );
+    let (port, parent, child): (u16, u64, u64) =
+        (port.parse().unwrap(), parent.parse().unwrap(), child.parse().unwrap());
+    assert!(parent < child, "pids in creation order (the first holder is the parent)");
     let watcher = Watcher::start(&["--json", "--port", &port.to_string()]);
     let client = client_roundtrip((Ipv4Addr::LOCALHOST, port).into()).expect("client");
     assert!(server.wait().expect("server").success());
-    let records = finish(
-        watcher,
-        &Exchange {
-            server_port: port,
-            client_port: client.port(),
-        },
-    );
+    let records = finish(watcher, &Exchange { server_port: port, client_port: client.port() });
 
     let accepted = transitions_between(&records, port, client.port());
     assert_eq!(path(&accepted), pairs(&SERVER_PATH));
@@ -353,11 +270,7 @@ fn connection_between_network_namespaces() {
         .args(["connect", "10.231.0.1:7411"])
         .output()
         .expect("client in netns b");
-    assert!(
-        client.status.success(),
-        "client: {}",
-        String::from_utf8_lossy(&client.stderr)
-    );
+    assert!(client.status.success(), "client: {}", String::from_utf8_lossy(&client.stderr));
     assert!(server.wait().expect("server").success());
     let client_port: u16 = String::from_utf8_lossy(&client.stdout)
         .trim()
@@ -365,13 +278,7 @@ fn connection_between_network_namespaces() {
         .next()
         .and_then(|p| p.parse().ok())
         .expect("client port");
-    let records = finish(
-        watcher,
-        &Exchange {
-            server_port: 7411,
-            client_port,
-        },
-    );
+    let records = finish(watcher, &Exchange { server_port: 7411, client_port });
 
     let client = transitions_between(&records, client_port, 7411);
     assert_eq!(path(&client), pairs(&CLIENT_PATH));
@@ -389,19 +296,10 @@ fn connection_between_network_namespaces() {
         assert_eq!(r["netns"], a.inode(), "server socket lives in namespace a");
         assert_eq!(r["comm"], "sockpeer");
     }
-    let listen: Vec<Value> = records
-        .iter()
-        .filter(|r| r["lport"] == 7411 && r["rport"] == 0)
-        .cloned()
-        .collect();
-    assert_eq!(
-        path(&listen),
-        pairs(&[("CLOSE", "LISTEN"), ("LISTEN", "CLOSE")])
-    );
-    assert_ne!(
-        server[0]["pid"], client[0]["pid"],
-        "two processes, two owners"
-    );
+    let listen: Vec<Value> =
+        records.iter().filter(|r| r["lport"] == 7411 && r["rport"] == 0).cloned().collect();
+    assert_eq!(path(&listen), pairs(&[("CLOSE", "LISTEN"), ("LISTEN", "CLOSE")]));
+    assert_ne!(server[0]["pid"], client[0]["pid"], "two processes, two owners");
     assert_eq!(
         server[0]["pid"], listen[0]["pid"],
         "the accepted socket belongs to the listener's owner"
@@ -422,12 +320,8 @@ fn text_and_json_show_the_same_transitions() {
     // Header, five transitions a side, and LISTEN->CLOSE when the server thread drops the
     // listener (it started listening before netwatch did).
     let expected_lines = 1 + 10 + 1;
-    text.wait_until("eleven transitions as text", |lines| {
-        lines.len() >= expected_lines
-    });
-    json.wait_until("eleven transitions as JSON", |lines| {
-        lines.len() >= expected_lines - 1
-    });
+    text.wait_until("eleven transitions as text", |lines| lines.len() >= expected_lines);
+    json.wait_until("eleven transitions as JSON", |lines| lines.len() >= expected_lines - 1);
     let text_lines = text.stop();
     let records = parse_json(&json.stop());
 
@@ -443,9 +337,7 @@ fn text_and_json_show_the_same_transitions() {
     for (line, record) in text_lines[1..].iter().zip(&records) {
         let fields: Vec<&str> = line.split_whitespace().collect();
         let expected = [
-            record["pid"]
-                .as_u64()
-                .map_or("-".into(), |pid| pid.to_string()),
+            record["pid"].as_u64().map_or("-".into(), |pid| pid.to_string()),
             record["comm"].as_str().unwrap_or("-").to_string(),
             format!("{}:{}", record["laddr"].as_str().unwrap(), record["lport"]),
             format!("{}:{}", record["raddr"].as_str().unwrap(), record["rport"]),
@@ -458,10 +350,7 @@ fn text_and_json_show_the_same_transitions() {
             ("-", None) => {}
             (text_ms, Some(json_ms)) => {
                 let text_ms: f64 = text_ms.parse().expect("ms is a number");
-                assert!(
-                    (text_ms - json_ms).abs() < 0.5,
-                    "text line {line} vs {record}"
-                );
+                assert!((text_ms - json_ms).abs() < 0.5, "text line {line} vs {record}");
             }
             (text_ms, None) => panic!("text has {text_ms} ms where JSON has null: {line}"),
         }
@@ -501,10 +390,8 @@ fn filters_select_exactly_the_expected_lines() {
     .collect();
 
     let v4_server = thread::spawn(move || serve_one(&v4).expect("serve v4"));
-    let child = sockpeer()
-        .args(["connect", &format!("127.0.0.1:{port}")])
-        .output()
-        .expect("sockpeer");
+    let child =
+        sockpeer().args(["connect", &format!("127.0.0.1:{port}")]).output().expect("sockpeer");
     assert!(child.status.success());
     v4_server.join().expect("v4 server");
     let v6_server = thread::spawn(move || serve_one(&v6).expect("serve v6"));
@@ -513,11 +400,7 @@ fn filters_select_exactly_the_expected_lines() {
 
     all.wait_until("22 transitions", |lines| lines.len() >= 22);
     let everything = parse_json(&all.stop());
-    assert_eq!(
-        everything.len(),
-        22,
-        "two connections of ten transitions, two listeners closed"
-    );
+    assert_eq!(everything.len(), 22, "two connections of ten transitions, two listeners closed");
     let pick = |keep: &dyn Fn(&Value) -> bool| -> Vec<Value> {
         everything.iter().filter(|r| keep(r)).cloned().collect()
     };
@@ -535,10 +418,7 @@ fn filters_select_exactly_the_expected_lines() {
         pick(&|r| r["pid"].as_u64() == Some(u64::from(std::process::id()))),
     ];
     for ((args, watcher), expected) in filtered.into_iter().zip(expected) {
-        assert!(
-            !expected.is_empty(),
-            "{args:?} must select something to be a real check"
-        );
+        assert!(!expected.is_empty(), "{args:?} must select something to be a real check");
         let got = parse_json(&watcher.stop());
         let key = |r: &Value| (r["cookie"].clone(), r["old"].clone(), r["new"].clone());
         assert_eq!(
@@ -553,9 +433,7 @@ fn filters_select_exactly_the_expected_lines() {
 fn classic_tracepoint_fallback_keys_by_address() {
     let watcher = Watcher::start(&["--json", "--source", "classic"]);
     assert!(
-        watcher
-            .stderr()
-            .contains("tracepoint sock:inet_sock_set_state"),
+        watcher.stderr().contains("tracepoint sock:inet_sock_set_state"),
         "says which source: {}",
         watcher.stderr()
     );
@@ -574,10 +452,7 @@ fn classic_tracepoint_fallback_keys_by_address() {
         assert_eq!(r["source"], "tracepoint");
         assert!(r["cookie"].is_null(), "no cookie without BTF: {r}");
     }
-    assert!(
-        client.iter().all(|r| r["skaddr"] == client[0]["skaddr"]),
-        "one socket address"
-    );
+    assert!(client.iter().all(|r| r["skaddr"] == client[0]["skaddr"]), "one socket address");
     assert_durations_add_up(&client[1..], true);
     assert_durations_add_up(&server, false);
 }
@@ -598,9 +473,8 @@ fn lost_events_are_reported_in_the_stream() {
     }
     // SAFETY: as above.
     unsafe { libc::kill(watcher.pid() as i32, libc::SIGCONT) };
-    watcher.wait_until("a lost record", |lines| {
-        lines.iter().any(|l| l.contains("\"type\":\"lost\""))
-    });
+    watcher
+        .wait_until("a lost record", |lines| lines.iter().any(|l| l.contains("\"type\":\"lost\"")));
     let records = parse_json(&watcher.stop());
     let lost: Vec<&Value> = records.iter().filter(|r| r["type"] == "lost").collect();
     assert_eq!(lost[0]["reason"], "ring_buffer_full");
@@ -609,18 +483,12 @@ fn lost_events_are_reported_in_the_stream() {
         .filter(|r| r["reason"] == "ring_buffer_full")
         .map(|r| r["count"].as_u64().unwrap())
         .sum();
-    let last_total = lost
-        .iter()
-        .rev()
-        .find(|r| r["reason"] == "ring_buffer_full")
-        .unwrap()["total"]
-        .as_u64()
-        .unwrap();
+    let last_total =
+        lost.iter().rev().find(|r| r["reason"] == "ring_buffer_full").unwrap()["total"]
+            .as_u64()
+            .unwrap();
     assert!(counted > 0);
-    assert_eq!(
-        counted, last_total,
-        "each report counts what is new since the previous one"
-    );
+    assert_eq!(counted, last_total, "each report counts what is new since the previous one");
     // 100 connections make well over 1000 records; a 4 KiB ring holds about 40.
     assert!(counted > 500, "lost {counted}");
 }
@@ -654,23 +522,12 @@ fn sigint_and_broken_pipe_end_cleanly() {
         if let Some(status) = child.try_wait().expect("wait") {
             break status;
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "netwatch kept running with no reader"
-        );
+        assert!(std::time::Instant::now() < deadline, "netwatch kept running with no reader");
         thread::sleep(Duration::from_millis(50));
     };
     let mut stderr = String::new();
-    child
-        .stderr
-        .take()
-        .expect("stderr")
-        .read_to_string(&mut stderr)
-        .expect("stderr");
-    assert!(
-        status.success(),
-        "broken pipe is not an error: {status}, stderr: {stderr}"
-    );
+    child.stderr.take().expect("stderr").read_to_string(&mut stderr).expect("stderr");
+    assert!(status.success(), "broken pipe is not an error: {status}, stderr: {stderr}");
 }
 
 #[test]
@@ -678,28 +535,16 @@ fn bad_arguments_exit_2_with_one_line_naming_the_value() {
     for (args, needle) in [
         (&["--state", "SYN_SEND"][..], "'SYN_SEND'"),
         (&["watch", "--port", "70000"][..], "70000"),
-        (
-            &["watch", "--transition", "SYN_SENT-ESTABLISHED"][..],
-            "OLD:NEW",
-        ),
+        (&["watch", "--transition", "SYN_SENT-ESTABLISHED"][..], "OLD:NEW"),
         (&["-4", "-6"][..], "cannot be used with"),
     ] {
-        let output = Command::new(netwatch_bin())
-            .args(args)
-            .output()
-            .expect("run netwatch");
+        let output = Command::new(netwatch_bin()).args(args).output().expect("run netwatch");
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
-        assert!(
-            stderr.lines().next().is_some_and(|l| l.contains(needle)),
-            "{args:?}: {stderr}"
-        );
+        assert!(stderr.lines().next().is_some_and(|l| l.contains(needle)), "{args:?}: {stderr}");
         assert!(output.stdout.is_empty());
     }
-    let output = Command::new(netwatch_bin())
-        .args(["--state", "nope"])
-        .output()
-        .expect("run");
+    let output = Command::new(netwatch_bin()).args(["--state", "nope"]).output().expect("run");
     assert!(String::from_utf8_lossy(&output.stderr).contains("ESTABLISHED, SYN_SENT, SYN_RECV"));
 }
 

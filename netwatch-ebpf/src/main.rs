@@ -225,11 +225,7 @@ fn fill_from_sock(event: &mut SockEvent, sk: *const u8) {
     // inet_sport survives until the socket is freed; skc_num is already 0 at CLOSE and not
     // yet copied into inet_sport for an autobound listener.
     let sport = u16::from_be(read_kernel(sk, constant(&OFF_INET_SPORT)));
-    event.sport = if sport != 0 {
-        sport
-    } else {
-        read_kernel(sk, constant(&OFF_SKC_NUM))
-    };
+    event.sport = if sport != 0 { sport } else { read_kernel(sk, constant(&OFF_SKC_NUM)) };
     event.dport = u16::from_be(read_kernel(sk, constant(&OFF_SKC_DPORT)));
     if event.family == AF_INET6 {
         event.saddr = read_kernel(sk, constant(&OFF_SKC_V6_RCV_SADDR));
@@ -358,11 +354,7 @@ fn socket_of_fd(fd: u32) -> Option<FdSocket> {
     }
     let inode_ptr: u64 = read_kernel(file as *const u8, constant(&OFF_FILE_INODE));
     let inode: u64 = read_kernel(inode_ptr as *const u8, constant(&OFF_INODE_INO));
-    Some(FdSocket {
-        sk,
-        inode,
-        protocol: protocol as u8,
-    })
+    Some(FdSocket { sk, inode, protocol: protocol as u8 })
 }
 
 /// Sends `event_kind` for the socket behind `fd`, with its addresses and state now.
@@ -400,9 +392,7 @@ fn syscall_ret(ctx: &TracePointContext) -> Option<u32> {
 #[inline(always)]
 fn syscall_arg0(ctx: &TracePointContext) -> Option<u32> {
     // SAFETY: as above.
-    unsafe { ctx.read_at::<u64>(constant(&TP_SYSCALL_ARG0)) }
-        .ok()
-        .map(|v| v as u32)
+    unsafe { ctx.read_at::<u64>(constant(&TP_SYSCALL_ARG0)) }.ok().map(|v| v as u32)
 }
 
 /// sys_exit_accept4 / sys_exit_accept: the accepting process receives the socket.

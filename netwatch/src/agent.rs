@@ -1,5 +1,6 @@
-//! `netwatch agent`: loads the programs once and serves their stream on the local API socket
-//! (`api`) to any number of `netwatch watch` clients, until SIGTERM/SIGINT.
+//! `netwatch agent`: loads the programs once, keeps the socket table current from events, and
+//! serves the stream and the table on the local API socket (`api`) to any number of
+//! `netwatch watch` / `netwatch table` clients, until SIGTERM/SIGINT.
 //!
 //! Each client gets its own task and a bounded queue (a tokio broadcast receiver): a slow
 //! client is told how many records it missed, in-stream, and never holds up the others; a
@@ -10,13 +11,13 @@ use anyhow::Context as _;
 use tokio::{
     io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader, BufWriter},
     net::{UnixListener, UnixStream},
-    sync::broadcast,
+    sync::{broadcast, mpsc, oneshot},
 };
 
 use crate::{
     api::{self, Command, Request, SocketFile},
     cli::AgentArgs,
-    output::{LossReason, LossRecord, StreamRecord, WallClock},
+    output::{LossReason, LossRecord, StreamRecord, WallClock, table::Listed},
     tracer::Tracer,
     watch::Signals,
 };
@@ -31,13 +32,12 @@ pub async fn run(args: &AgentArgs) -> anyhow::Result<()> {
     // Bind first: a second agent fails before touching the kernel.
     let listener = api::bind(&args.socket)?;
     let socket_file = SocketFile(args.socket.clone());
-    listener
-        .set_nonblocking(true)
-        .context("configuring the agent socket")?;
+    listener.set_nonblocking(true).context("configuring the agent socket")?;
     let listener = UnixListener::from_std(listener).context("registering the agent socket")?;
 
-    let mut tracer = Tracer::start(&args.load_options())?;
+    let mut tracer = Tracer::start(&args.load_options())?.keeping_rows();
     let (sender, _) = broadcast::channel::<Arc<StreamRecord>>(CLIENT_QUEUE);
+    let (table_requests, mut table_queue) = mpsc::channel::<oneshot::Sender<Vec<Listed>>>(64);
     eprintln!(
         "netwatch agent: tracing via {}; serving {}",
         tracer.describe(),
@@ -48,9 +48,15 @@ pub async fn run(args: &AgentArgs) -> anyhow::Result<()> {
         tokio::select! {
             _ = signals.stop() => break,
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => { tokio::spawn(serve(stream, sender.subscribe())); }
+                Ok((stream, _)) => {
+                    tokio::spawn(serve(stream, sender.subscribe(), table_requests.clone()));
+                }
                 Err(error) => tracing::warn!("accepting an API client: {error}"),
             },
+            Some(reply) = table_queue.recv() => {
+                // The client may have gone; nothing to do then.
+                let _ = reply.send(tracer.listed());
+            }
             next = tracer.next(&mut records) => {
                 next?;
                 for record in records.drain(..) {
@@ -70,7 +76,11 @@ pub async fn run(args: &AgentArgs) -> anyhow::Result<()> {
 }
 
 /// One client connection: read its request, then answer it.
-async fn serve(stream: UnixStream, records: broadcast::Receiver<Arc<StreamRecord>>) {
+async fn serve(
+    stream: UnixStream,
+    records: broadcast::Receiver<Arc<StreamRecord>>,
+    table_requests: mpsc::Sender<oneshot::Sender<Vec<Listed>>>,
+) {
     let (read, write) = stream.into_split();
     let mut write = BufWriter::new(write);
     let mut line = Vec::new();
@@ -86,16 +96,20 @@ async fn serve(stream: UnixStream, records: broadcast::Receiver<Arc<StreamRecord
         Ok(Ok(_)) => Request::parse(line.strip_suffix(b"\n").unwrap_or(&line)),
     };
     let result = match request {
-        Ok(Request {
-            command: Command::Watch,
-            ..
-        }) => stream_records(&mut write, records).await,
+        Ok(Request { command: Command::Watch, .. }) => stream_records(&mut write, records).await,
+        Ok(Request { command: Command::Table, .. }) => {
+            let (reply, rows) = oneshot::channel();
+            let rows = match table_requests.send(reply).await {
+                Ok(()) => rows.await.unwrap_or_default(),
+                Err(_) => Vec::new(),
+            };
+            let json = serde_json::to_string(&rows);
+            let line = json.unwrap_or_else(|e| api::error_line(&e.to_string())) + "\n";
+            write.write_all(line.as_bytes()).await.and(write.flush().await)
+        }
         Err(message) => {
             let reply = api::error_line(&message) + "\n";
-            write
-                .write_all(reply.as_bytes())
-                .await
-                .and(write.flush().await)
+            write.write_all(reply.as_bytes()).await.and(write.flush().await)
         }
     };
     if let Err(error) = result {

@@ -25,6 +25,8 @@ pub enum Command {
     /// Stream every transition and loss report, as NDJSON `StreamRecord`s, until either side
     /// closes.
     Watch,
+    /// The socket table now: one line, a JSON array of `Listed` rows.
+    Table,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -36,10 +38,7 @@ pub struct Request {
 
 impl Request {
     pub fn new(command: Command) -> Self {
-        Request {
-            v: VERSION,
-            command,
-        }
+        Request { v: VERSION, command }
     }
 
     /// Parses one request line; the error text goes back to the client.
@@ -67,14 +66,8 @@ pub fn error_line(message: &str) -> String {
 /// Binds the agent's socket: refuses when another agent answers there, replaces a stale
 /// socket file left by a killed agent, and creates the file with mode 0600.
 pub fn bind(path: &Path) -> Result<std::os::unix::net::UnixListener> {
-    let fail = |reason: String| Error::ApiSocket {
-        path: path.to_path_buf(),
-        reason,
-    };
-    if let Some(dir) = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty() && !d.exists())
-    {
+    let fail = |reason: String| Error::ApiSocket { path: path.to_path_buf(), reason };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
         std::fs::create_dir_all(dir)
             .map_err(|e| fail(format!("cannot create {}: {e}", dir.display())))?;
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
@@ -86,9 +79,7 @@ pub fn bind(path: &Path) -> Result<std::os::unix::net::UnixListener> {
         }
         Ok(_) => match std::os::unix::net::UnixStream::connect(path) {
             Ok(_) => {
-                return Err(Error::AgentRunning {
-                    path: path.to_path_buf(),
-                });
+                return Err(Error::AgentRunning { path: path.to_path_buf() });
             }
             Err(e) if e.kind() == ErrorKind::ConnectionRefused => {
                 tracing::info!("replacing stale agent socket {}", path.display());
@@ -137,25 +128,10 @@ mod tests {
     fn requests_round_trip_and_bad_ones_are_explained() {
         let line = serde_json::to_string(&Request::new(Command::Watch)).unwrap();
         assert_eq!(line, r#"{"v":1,"cmd":"watch"}"#);
-        assert_eq!(
-            Request::parse(line.as_bytes()),
-            Ok(Request::new(Command::Watch))
-        );
-        assert!(
-            Request::parse(br#"{"v":1,"cmd":"reboot"}"#)
-                .unwrap_err()
-                .contains("malformed")
-        );
-        assert!(
-            Request::parse(br#"{"v":2,"cmd":"watch"}"#)
-                .unwrap_err()
-                .contains("version 2")
-        );
-        assert!(
-            Request::parse(b"\xff\xfe")
-                .unwrap_err()
-                .contains("malformed")
-        );
+        assert_eq!(Request::parse(line.as_bytes()), Ok(Request::new(Command::Watch)));
+        assert!(Request::parse(br#"{"v":1,"cmd":"reboot"}"#).unwrap_err().contains("malformed"));
+        assert!(Request::parse(br#"{"v":2,"cmd":"watch"}"#).unwrap_err().contains("version 2"));
+        assert!(Request::parse(b"\xff\xfe").unwrap_err().contains("malformed"));
         let long = vec![b' '; MAX_REQUEST_BYTES + 1];
         assert!(Request::parse(&long).unwrap_err().contains("longer"));
     }
@@ -168,11 +144,7 @@ mod tests {
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
         assert_eq!(
-            std::fs::metadata(path.parent().unwrap())
-                .unwrap()
-                .permissions()
-                .mode()
-                & 0o777,
+            std::fs::metadata(path.parent().unwrap()).unwrap().permissions().mode() & 0o777,
             0o700
         );
         assert!(matches!(bind(&path), Err(Error::AgentRunning { .. })));
@@ -180,12 +152,7 @@ mod tests {
         assert!(path.exists());
         let _second = bind(&path).unwrap();
         std::fs::write(dir.join("plain"), b"x").unwrap();
-        assert!(
-            bind(&dir.join("plain"))
-                .unwrap_err()
-                .to_string()
-                .contains("not a socket")
-        );
+        assert!(bind(&dir.join("plain")).unwrap_err().to_string().contains("not a socket"));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

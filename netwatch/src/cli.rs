@@ -58,19 +58,14 @@ pub struct AgentArgs {
 
 impl AgentArgs {
     pub fn load_options(&self) -> LoadOptions {
-        LoadOptions {
-            source: self.source,
-            ring_size: self.ring_size,
-        }
+        LoadOptions { source: self.source, ring_size: self.ring_size }
     }
 }
 
-#[derive(Clone, Debug, Default, Args)]
-#[command(
-    after_help = "FILTER: [state NAME]... [EXPR], e.g. `state established dport = :443` or \
+#[derive(Clone, Debug, Args)]
+#[command(after_help = "FILTER: [state NAME]... [EXPR], e.g. `state established dport = :443` or \
     `sport >= 1024 and dst 10.0.0.0/8`. EXPR combines `sport|dport OP PORT` and \
-    `src|dst ADDR[/LEN]` with and, or, not and parentheses; OP is = != < > <= >=."
-)]
+    `src|dst ADDR[/LEN]` with and, or, not and parentheses; OP is = != < > <= >=.")]
 pub struct TableArgs {
     /// TCP sockets (with -u: both; neither: both).
     #[arg(short = 't', long = "tcp")]
@@ -108,6 +103,12 @@ pub struct TableArgs {
     /// Only this network namespace: an inode number or an `ip netns` name.
     #[arg(long, value_name = "INODE|NAME")]
     pub netns: Option<String>,
+    /// Take a snapshot of our own even when an agent is running.
+    #[arg(long)]
+    pub no_agent: bool,
+    /// Where to look for a running agent.
+    #[arg(long, value_name = "PATH", default_value = api::DEFAULT_SOCKET)]
+    pub socket: PathBuf,
     /// One JSON array.
     #[arg(long, conflicts_with = "ndjson")]
     pub json: bool,
@@ -115,11 +116,7 @@ pub struct TableArgs {
     #[arg(long)]
     pub ndjson: bool,
     /// ss-style filter (see below).
-    #[arg(
-        value_name = "FILTER",
-        allow_hyphen_values = true,
-        trailing_var_arg = true
-    )]
+    #[arg(value_name = "FILTER", allow_hyphen_values = true, trailing_var_arg = true)]
     pub filter: Vec<String>,
 }
 
@@ -178,13 +175,9 @@ fn parse_state(text: &str) -> Result<TcpState, String> {
 }
 
 fn parse_ring_size(text: &str) -> Result<u32, String> {
-    let size: u32 = text
-        .parse()
-        .map_err(|_| format!("'{text}' is not a number of bytes"))?;
+    let size: u32 = text.parse().map_err(|_| format!("'{text}' is not a number of bytes"))?;
     if size < 4096 || !size.is_power_of_two() {
-        return Err(format!(
-            "{size} is not a power of two of at least 4096 (e.g. 1048576)"
-        ));
+        return Err(format!("{size} is not a power of two of at least 4096 (e.g. 1048576)"));
     }
     Ok(size)
 }
@@ -208,18 +201,11 @@ impl WatchArgs {
     }
 
     pub fn format(&self) -> Format {
-        if self.json {
-            Format::Json
-        } else {
-            Format::Text
-        }
+        if self.json { Format::Json } else { Format::Text }
     }
 
     pub fn load_options(&self) -> LoadOptions {
-        LoadOptions {
-            source: self.source,
-            ring_size: self.ring_size,
-        }
+        LoadOptions { source: self.source, ring_size: self.ring_size }
     }
 }
 
@@ -240,15 +226,10 @@ mod tests {
         assert_eq!(cli.watch.port, Some(80));
         assert_eq!(cli.watch.format(), Format::Json);
         let cli = parse(&["watch", "-6", "--transition", "syn_sent:established"]).unwrap();
-        let Some(Command::Watch(args)) = cli.command else {
-            panic!("not watch")
-        };
+        let Some(Command::Watch(args)) = cli.command else { panic!("not watch") };
         let filter = args.filter();
         assert_eq!(filter.family, Some(Family::Ipv6));
-        assert_eq!(
-            filter.transition,
-            Some((TcpState::SynSent, TcpState::Established))
-        );
+        assert_eq!(filter.transition, Some((TcpState::SynSent, TcpState::Established)));
     }
 
     #[test]
@@ -265,36 +246,16 @@ mod tests {
             assert_eq!(error.exit_code(), 2);
         }
         let error = parse(&["--state", "bogus"]).unwrap_err().to_string();
-        assert!(
-            error.contains("ESTABLISHED, SYN_SENT"),
-            "lists accepted names: {error}"
-        );
+        assert!(error.contains("ESTABLISHED, SYN_SENT"), "lists accepted names: {error}");
     }
 
     #[test]
     fn table_takes_ss_style_flags_and_a_filter() {
-        let cli = parse(&[
-            "ls",
-            "-tanp",
-            "state",
-            "established",
-            "sport",
-            ">=",
-            ":1024",
-        ])
-        .unwrap();
-        let Some(Command::Table(args)) = cli.command else {
-            panic!("not table")
-        };
+        let cli = parse(&["ls", "-tanp", "state", "established", "sport", ">=", ":1024"]).unwrap();
+        let Some(Command::Table(args)) = cli.command else { panic!("not table") };
         assert!(args.tcp && args.all && args.numeric && !args.udp);
-        assert_eq!(
-            args.filter,
-            ["state", "established", "sport", ">=", ":1024"]
-        );
-        assert_eq!(
-            parse(&["table", "-l", "-a"]).unwrap_err().kind(),
-            ErrorKind::ArgumentConflict
-        );
+        assert_eq!(args.filter, ["state", "established", "sport", ">=", ":1024"]);
+        assert_eq!(parse(&["table", "-l", "-a"]).unwrap_err().kind(), ErrorKind::ArgumentConflict);
     }
 
     #[test]

@@ -68,11 +68,7 @@ impl TcpState {
 
     /// The accepted spellings, for error messages.
     pub fn names() -> String {
-        Self::ALL
-            .iter()
-            .map(|s| s.name())
-            .collect::<Vec<_>>()
-            .join(", ")
+        Self::ALL.iter().map(|s| s.name()).collect::<Vec<_>>().join(", ")
     }
 }
 
@@ -92,12 +88,7 @@ impl FromStr for TcpState {
             .iter()
             .copied()
             .find(|state| state.name() == wanted)
-            .ok_or_else(|| {
-                format!(
-                    "unknown TCP state '{s}' (expected one of: {})",
-                    Self::names()
-                )
-            })
+            .ok_or_else(|| format!("unknown TCP state '{s}' (expected one of: {})", Self::names()))
     }
 }
 
@@ -249,11 +240,7 @@ fn comm(raw: &[u8; 16]) -> String {
 }
 
 fn task(raw: &SockEvent) -> Task {
-    Task {
-        pid: (raw.pid_tgid >> 32) as u32,
-        tid: raw.pid_tgid as u32,
-        comm: comm(&raw.comm),
-    }
+    Task { pid: (raw.pid_tgid >> 32) as u32, tid: raw.pid_tgid as u32, comm: comm(&raw.comm) }
 }
 
 fn address(family: Family, bytes: &[u8; 16]) -> IpAddr {
@@ -280,16 +267,9 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
             };
             let state = |code| TcpState::from_kernel(code).ok_or(DecodeError::UnknownState(code));
             let (source, key, cookie) = if raw.kind == kind::STATE_BTF {
-                (
-                    StateSource::TpBtf,
-                    SockKey::Cookie(raw.cookie),
-                    Some(raw.cookie),
-                )
+                (StateSource::TpBtf, SockKey::Cookie(raw.cookie), Some(raw.cookie))
             } else {
-                let key = SockKey::Addr {
-                    netns: raw.netns,
-                    skaddr: raw.skaddr,
-                };
+                let key = SockKey::Addr { netns: raw.netns, skaddr: raw.skaddr };
                 (StateSource::Tracepoint, key, None)
             };
             Ok(Event::State(StateChange {
@@ -309,11 +289,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
             }))
         }
         kind::SOCK_CREATE | kind::SOCK_RELEASE => {
-            let life = SockLife {
-                ts_ns: raw.ts_ns,
-                cookie: raw.cookie,
-                task: task(&raw),
-            };
+            let life = SockLife { ts_ns: raw.ts_ns, cookie: raw.cookie, task: task(&raw) };
             Ok(if raw.kind == kind::SOCK_CREATE {
                 Event::Created(life)
             } else {
@@ -351,11 +327,9 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
                 _ => Event::Addresses(fd),
             })
         }
-        kind::FORK => Ok(Event::Forked {
-            ts_ns: raw.ts_ns,
-            parent: task(&raw),
-            child_tgid: raw.arg as u32,
-        }),
+        kind::FORK => {
+            Ok(Event::Forked { ts_ns: raw.ts_ns, parent: task(&raw), child_tgid: raw.arg as u32 })
+        }
         kind::EXEC => Ok(Event::Exec(task(&raw))),
         kind::EXIT => Ok(Event::Exit(task(&raw))),
         other => Err(DecodeError::UnknownKind(other)),
@@ -443,18 +417,8 @@ mod tests {
         assert_eq!(change.key, SockKey::Cookie(7));
         assert_eq!(change.local, ("127.0.0.1".parse().unwrap(), 40000));
         assert_eq!(change.remote, ("127.0.0.2".parse().unwrap(), 80));
-        assert_eq!(
-            (change.old, change.new),
-            (TcpState::SynSent, TcpState::Established)
-        );
-        assert_eq!(
-            change.task,
-            Task {
-                pid: 1000,
-                tid: 1001,
-                comm: "curl".into()
-            }
-        );
+        assert_eq!((change.old, change.new), (TcpState::SynSent, TcpState::Established));
+        assert_eq!(change.task, Task { pid: 1000, tid: 1001, comm: "curl".into() });
         assert!(!change.deferred_connect);
     }
 
@@ -463,13 +427,7 @@ mod tests {
         let Ok(Event::State(change)) = decode(&bytes(&raw_state(kind::STATE_CLASSIC))) else {
             panic!("not a state change")
         };
-        assert_eq!(
-            change.key,
-            SockKey::Addr {
-                netns: 4026531840,
-                skaddr: 0xffff_0000_1234
-            }
-        );
+        assert_eq!(change.key, SockKey::Addr { netns: 4026531840, skaddr: 0xffff_0000_1234 });
         assert_eq!(change.cookie, None);
     }
 
@@ -479,9 +437,7 @@ mod tests {
         raw.family = AF_INET6;
         raw.saddr = Ipv6Addr::LOCALHOST.octets();
         raw.daddr = "fd00::2".parse::<Ipv6Addr>().unwrap().octets();
-        let Ok(Event::State(change)) = decode(&bytes(&raw)) else {
-            panic!("not a state change")
-        };
+        let Ok(Event::State(change)) = decode(&bytes(&raw)) else { panic!("not a state change") };
         assert_eq!(change.local.0, IpAddr::V6(Ipv6Addr::LOCALHOST));
         assert_eq!(change.remote.0, "fd00::2".parse::<IpAddr>().unwrap());
     }
@@ -489,15 +445,9 @@ mod tests {
     #[test]
     fn decodes_lifecycle_events() {
         let mut raw = raw_state(kind::SOCK_CREATE);
-        assert!(matches!(
-            decode(&bytes(&raw)),
-            Ok(Event::Created(SockLife { cookie: 7, .. }))
-        ));
+        assert!(matches!(decode(&bytes(&raw)), Ok(Event::Created(SockLife { cookie: 7, .. }))));
         raw.kind = kind::SOCK_RELEASE;
-        assert!(matches!(
-            decode(&bytes(&raw)),
-            Ok(Event::Released(SockLife { ts_ns: 42, .. }))
-        ));
+        assert!(matches!(decode(&bytes(&raw)), Ok(Event::Released(SockLife { ts_ns: 42, .. }))));
     }
 
     #[test]
@@ -532,9 +482,6 @@ mod tests {
         }
         assert_eq!("syn-sent".parse::<TcpState>(), Ok(TcpState::SynSent));
         let err = "SYN_SEND".parse::<TcpState>().unwrap_err();
-        assert!(
-            err.contains("'SYN_SEND'") && err.contains("SYN_SENT, SYN_RECV"),
-            "{err}"
-        );
+        assert!(err.contains("'SYN_SEND'") && err.contains("SYN_SENT, SYN_RECV"), "{err}");
     }
 }

@@ -28,15 +28,10 @@ impl TransitionFilter {
             && self.sport.is_none_or(|p| p == lport)
             && self.dport.is_none_or(|p| p == rport)
             && self.pid.is_none_or(|pid| t.pid == Some(pid))
-            && self
-                .comm
-                .as_ref()
-                .is_none_or(|comm| t.comm.as_ref() == Some(comm))
+            && self.comm.as_ref().is_none_or(|comm| t.comm.as_ref() == Some(comm))
             && self.family.is_none_or(|f| f == t.family)
             && self.state.is_none_or(|s| s == t.old || s == t.new)
-            && self
-                .transition
-                .is_none_or(|(old, new)| old == t.old && new == t.new)
+            && self.transition.is_none_or(|(old, new)| old == t.old && new == t.new)
     }
 }
 
@@ -73,17 +68,10 @@ mod tests {
                 remote: (IpAddr::V4(Ipv4Addr::LOCALHOST), rport),
                 old,
                 new,
-                task: Task {
-                    pid: 0,
-                    tid: 0,
-                    comm: "swapper/0".into(),
-                },
+                task: Task { pid: 0, tid: 0, comm: "swapper/0".into() },
                 deferred_connect: false,
             },
-            owner: Some(Owner {
-                pid: 42,
-                comm: "curl".into(),
-            }),
+            owner: Some(Owner { pid: 42, comm: "curl".into() }),
             in_old_state_ns: None,
         };
         TransitionRecord::new(&transition, &WallClock::with_offset_ns(0))
@@ -95,82 +83,30 @@ mod tests {
         let all = TransitionFilter::default();
         assert!(all.matches(&t));
         let f = |f: TransitionFilter| f.matches(&t);
-        assert!(f(TransitionFilter {
-            port: Some(80),
-            ..all.clone()
-        }));
-        assert!(f(TransitionFilter {
-            port: Some(40000),
-            ..all.clone()
-        }));
-        assert!(!f(TransitionFilter {
-            port: Some(81),
-            ..all.clone()
-        }));
-        assert!(f(TransitionFilter {
-            sport: Some(40000),
-            dport: Some(80),
-            ..all.clone()
-        }));
-        assert!(!f(TransitionFilter {
-            sport: Some(80),
-            ..all.clone()
-        }));
-        assert!(f(TransitionFilter {
-            pid: Some(42),
-            comm: Some("curl".into()),
-            ..all.clone()
-        }));
-        assert!(!f(TransitionFilter {
-            pid: Some(42),
-            comm: Some("wget".into()),
-            ..all.clone()
-        }));
-        assert!(!f(TransitionFilter {
-            family: Some(Family::Ipv6),
-            ..all.clone()
-        }));
-        assert!(f(TransitionFilter {
-            state: Some(TcpState::SynSent),
-            ..all.clone()
-        }));
-        assert!(f(TransitionFilter {
-            state: Some(TcpState::Established),
-            ..all.clone()
-        }));
-        assert!(!f(TransitionFilter {
-            state: Some(TcpState::Listen),
-            ..all.clone()
-        }));
+        assert!(f(TransitionFilter { port: Some(80), ..all.clone() }));
+        assert!(f(TransitionFilter { port: Some(40000), ..all.clone() }));
+        assert!(!f(TransitionFilter { port: Some(81), ..all.clone() }));
+        assert!(f(TransitionFilter { sport: Some(40000), dport: Some(80), ..all.clone() }));
+        assert!(!f(TransitionFilter { sport: Some(80), ..all.clone() }));
+        assert!(f(TransitionFilter { pid: Some(42), comm: Some("curl".into()), ..all.clone() }));
+        assert!(!f(TransitionFilter { pid: Some(42), comm: Some("wget".into()), ..all.clone() }));
+        assert!(!f(TransitionFilter { family: Some(Family::Ipv6), ..all.clone() }));
+        assert!(f(TransitionFilter { state: Some(TcpState::SynSent), ..all.clone() }));
+        assert!(f(TransitionFilter { state: Some(TcpState::Established), ..all.clone() }));
+        assert!(!f(TransitionFilter { state: Some(TcpState::Listen), ..all.clone() }));
         let syn = Some((TcpState::SynSent, TcpState::Established));
-        assert!(f(TransitionFilter {
-            transition: syn,
-            ..all.clone()
-        }));
+        assert!(f(TransitionFilter { transition: syn, ..all.clone() }));
         let reversed = Some((TcpState::Established, TcpState::SynSent));
-        assert!(!f(TransitionFilter {
-            transition: reversed,
-            ..all.clone()
-        }));
+        assert!(!f(TransitionFilter { transition: reversed, ..all.clone() }));
     }
 
     #[test]
     fn unknown_owner_matches_no_pid_or_comm() {
         let mut t = transition(1, 2, TcpState::Listen, TcpState::SynRecv);
         (t.pid, t.comm) = (None, None);
+        assert!(!TransitionFilter { pid: Some(0), ..Default::default() }.matches(&t));
         assert!(
-            !TransitionFilter {
-                pid: Some(0),
-                ..Default::default()
-            }
-            .matches(&t)
-        );
-        assert!(
-            !TransitionFilter {
-                comm: Some("swapper/0".into()),
-                ..Default::default()
-            }
-            .matches(&t)
+            !TransitionFilter { comm: Some("swapper/0".into()), ..Default::default() }.matches(&t)
         );
     }
 
@@ -180,15 +116,7 @@ mod tests {
             parse_transition("syn_sent:ESTABLISHED"),
             Ok((TcpState::SynSent, TcpState::Established))
         );
-        assert!(
-            parse_transition("SYN_SENT")
-                .unwrap_err()
-                .contains("OLD:NEW")
-        );
-        assert!(
-            parse_transition("SYN_SENT:BOGUS")
-                .unwrap_err()
-                .contains("'BOGUS'")
-        );
+        assert!(parse_transition("SYN_SENT").unwrap_err().contains("OLD:NEW"));
+        assert!(parse_transition("SYN_SENT:BOGUS").unwrap_err().contains("'BOGUS'"));
     }
 }

@@ -1,5 +1,5 @@
-//! `netwatch table`: the socket table, from a one-shot snapshot, filtered like `ss` and printed
-//! as text or JSON.
+//! `netwatch table`: the socket table - kept by a running agent, or else from a one-shot
+//! snapshot - filtered like `ss` and printed as text or JSON.
 use std::{
     collections::HashMap,
     io::{self, Write as _},
@@ -8,6 +8,7 @@ use std::{
 use anyhow::Context as _;
 
 use crate::{
+    api::{self, Command, Request},
     cli::TableArgs,
     error::Error,
     events::{Family, TcpState},
@@ -36,14 +37,10 @@ impl Selection {
         let (tcp_states, udp_states) = match query.states {
             Some(states) => (states, states),
             None if args.all => (StateSet::ALL, StateSet::ALL),
-            None if args.listening => (
-                StateSet::of(&[TcpState::Listen]),
-                StateSet::of(&[TcpState::Close]),
-            ),
-            None => (
-                StateSet::connected_default(),
-                StateSet::of(&[TcpState::Established]),
-            ),
+            None if args.listening => {
+                (StateSet::of(&[TcpState::Listen]), StateSet::of(&[TcpState::Close]))
+            }
+            None => (StateSet::connected_default(), StateSet::of(&[TcpState::Established])),
         };
         let protocols = match (args.tcp, args.udp) {
             (true, false) => vec![Protocol::Tcp],
@@ -89,19 +86,13 @@ impl Selection {
         self.protocols.contains(&row.protocol)
             && self.family.is_none_or(|f| f == row.family)
             && states.contains(row.state)
-            && self.query.expr.as_ref().is_none_or(|e| {
-                e.matches(&Endpoints {
-                    local: row.local,
-                    remote: row.remote,
-                })
-            })
             && self
-                .pid
-                .is_none_or(|pid| listed.owners.iter().any(|o| o.pid == pid))
-            && self
-                .comm
+                .query
+                .expr
                 .as_ref()
-                .is_none_or(|c| listed.owners.iter().any(|o| &o.comm == c))
+                .is_none_or(|e| e.matches(&Endpoints { local: row.local, remote: row.remote }))
+            && self.pid.is_none_or(|pid| listed.owners.iter().any(|o| o.pid == pid))
+            && self.comm.as_ref().is_none_or(|c| listed.owners.iter().any(|o| &o.comm == c))
             && self.netns.as_ref().is_none_or(|ns| {
                 row.netns.to_string() == *ns || listed.netns_name.as_deref() == Some(ns.as_str())
             })
@@ -110,58 +101,74 @@ impl Selection {
 
 /// Rows of a snapshot with their owners and namespace names, in a stable order.
 pub fn listed_from(snapshot: Snapshot) -> Vec<Listed> {
-    let names: HashMap<u32, String> = snapshot
-        .namespaces
-        .iter()
-        .filter_map(|ns| Some((ns.inode, ns.name.clone()?)))
-        .collect();
+    let names: HashMap<u32, String> =
+        snapshot.namespaces.iter().filter_map(|ns| Some((ns.inode, ns.name.clone()?))).collect();
     let mut owners = snapshot.owners;
     let mut rows: Vec<Listed> = snapshot
         .rows
         .into_iter()
         .map(|row: SocketRow| Listed {
-            owners: owners
-                .get(&row.inode)
-                .filter(|_| row.inode != 0)
-                .cloned()
-                .unwrap_or_default(),
+            owners: owners.get(&row.inode).filter(|_| row.inode != 0).cloned().unwrap_or_default(),
             netns_name: names.get(&row.netns).cloned(),
             in_state: None,
+            queues_known: true,
             row,
         })
         .collect();
     owners.clear();
-    rows.sort_by(|a, b| {
-        let key = |l: &Listed| {
-            (
-                l.row.netns,
-                l.row.protocol,
-                l.row.local,
-                l.row.remote,
-                l.row.cookie,
-            )
-        };
-        key(a).cmp(&key(b))
-    });
+    sort(&mut rows);
     rows
 }
 
-pub fn run(args: &TableArgs) -> anyhow::Result<()> {
+/// A stable order: namespace, protocol, local then remote endpoint.
+fn sort(rows: &mut [Listed]) {
+    rows.sort_by(|a, b| {
+        let key =
+            |l: &Listed| (l.row.netns, l.row.protocol, l.row.local, l.row.remote, l.row.cookie);
+        key(a).cmp(&key(b))
+    });
+}
+
+/// The table kept by a running agent; None when no agent listens at `socket`.
+async fn from_agent(socket: &std::path::Path) -> anyhow::Result<Option<Vec<Listed>>> {
+    use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
+    let Some(stream) = api::connect(socket).await.context("connecting to the agent")? else {
+        return Ok(None);
+    };
+    let (read, mut write) = stream.into_split();
+    let request = serde_json::to_string(&Request::new(Command::Table))? + "\n";
+    write.write_all(request.as_bytes()).await.context("asking the agent")?;
+    let mut line = String::new();
+    tokio::io::BufReader::new(read)
+        .read_line(&mut line)
+        .await
+        .context("reading the agent's table")?;
+    let rows = serde_json::from_str(&line)
+        .with_context(|| format!("the agent at {} answered: {}", socket.display(), line.trim()))?;
+    Ok(Some(rows))
+}
+
+pub async fn run(args: &TableArgs) -> anyhow::Result<()> {
     let services = Services::load();
     let selection = Selection::new(args, &services)?;
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         return Err(Error::NotRoot.into());
     }
-    eprintln!("netwatch: no agent to ask: showing a one-shot snapshot (no time-in-state)");
-    let snapshot = Snapshot::take();
-    for problem in &snapshot.problems {
-        tracing::warn!("{problem}");
-    }
-    let rows: Vec<Listed> = listed_from(snapshot)
-        .into_iter()
-        .filter(|l| selection.keeps(l))
-        .collect();
+    let agent = if args.no_agent { None } else { from_agent(&args.socket).await? };
+    let all = match agent {
+        Some(rows) => rows,
+        None => {
+            eprintln!("netwatch: no agent to ask: showing a one-shot snapshot (no time-in-state)");
+            let snapshot = Snapshot::take();
+            for problem in &snapshot.problems {
+                tracing::warn!("{problem}");
+            }
+            listed_from(snapshot)
+        }
+    };
+    let mut rows: Vec<Listed> = all.into_iter().filter(|l| selection.keeps(l)).collect();
+    sort(&mut rows);
     let text = if args.json {
         table::json_array(&rows)
     } else if args.ndjson {
@@ -170,15 +177,7 @@ pub fn run(args: &TableArgs) -> anyhow::Result<()> {
         let services = (!args.numeric).then_some(&services);
         let netid = selection.protocols.len() > 1;
         let state = selection.shown_states().count() > 1;
-        table::text(
-            &rows,
-            &TextOptions {
-                services,
-                timers: args.timers,
-                netid,
-                state,
-            },
-        )
+        table::text(&rows, &TextOptions { services, timers: args.timers, netid, state })
     };
     let mut out = io::stdout().lock();
     let written = writeln!(out, "{text}").and_then(|()| out.flush());

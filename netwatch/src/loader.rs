@@ -59,22 +59,14 @@ pub struct Probes {
 
 impl Probes {
     pub fn take_ring(&mut self) -> Result<RingBuf<MapData>> {
-        let map = self
-            .ebpf
-            .take_map("EVENTS")
-            .ok_or(Error::Missing("EVENTS"))?;
-        RingBuf::try_from(map).map_err(|source| Error::Map {
-            name: "EVENTS",
-            source,
-        })
+        let map = self.ebpf.take_map("EVENTS").ok_or(Error::Missing("EVENTS"))?;
+        RingBuf::try_from(map).map_err(|source| Error::Map { name: "EVENTS", source })
     }
 
     pub fn take_lost_counter(&mut self) -> Result<LostCounter> {
         let map = self.ebpf.take_map("LOST").ok_or(Error::Missing("LOST"))?;
-        let map = PerCpuArray::try_from(map).map_err(|source| Error::Map {
-            name: "LOST",
-            source,
-        })?;
+        let map =
+            PerCpuArray::try_from(map).map_err(|source| Error::Map { name: "LOST", source })?;
         Ok(LostCounter { map })
     }
 }
@@ -87,10 +79,7 @@ pub struct LostCounter {
 impl LostCounter {
     /// Sum over CPUs since the programs were loaded.
     pub fn total(&self) -> Result<u64> {
-        let values = self.map.get(&0, 0).map_err(|source| Error::Map {
-            name: "LOST",
-            source,
-        })?;
+        let values = self.map.get(&0, 0).map_err(|source| Error::Map { name: "LOST", source })?;
         Ok(values.iter().sum())
     }
 }
@@ -151,17 +140,11 @@ pub fn load(options: &LoadOptions) -> Result<Probes> {
     let mut ebpf = loader.load(EBPF_OBJECT)?;
 
     let source = if kernel_btf.is_some() {
-        let btf = Btf::from_sys_fs().map_err(|e| Error::Btf {
-            path: crate::btf::VMLINUX.into(),
-            reason: e.to_string(),
-        })?;
+        let btf = Btf::from_sys_fs()
+            .map_err(|e| Error::Btf { path: crate::btf::VMLINUX.into(), reason: e.to_string() })?;
         let program: &mut BtfTracePoint = program(&mut ebpf, "state_btf")?;
-        program
-            .load("inet_sock_set_state", &btf)
-            .map_err(attach_error("state_btf"))?;
-        program
-            .attach()
-            .map_err(attach_error("tp_btf/inet_sock_set_state"))?;
+        program.load("inet_sock_set_state", &btf).map_err(attach_error("state_btf"))?;
+        program.attach().map_err(attach_error("tp_btf/inet_sock_set_state"))?;
         StateSource::TpBtf
     } else {
         let program: &mut TracePoint = program(&mut ebpf, "state_classic")?;
@@ -187,12 +170,7 @@ pub fn load(options: &LoadOptions) -> Result<Probes> {
         ),
     }
 
-    Ok(Probes {
-        ebpf,
-        source,
-        warnings,
-        load_time: started.elapsed(),
-    })
+    Ok(Probes { ebpf, source, warnings, load_time: started.elapsed() })
 }
 
 fn attach_cgroup_hooks(
@@ -203,45 +181,30 @@ fn attach_cgroup_hooks(
 ) -> Result<()> {
     let root = File::open(root).map_err(|e| Error::io(format!("open {}", root.display()), e))?;
     for (name, consequence) in [
-        (
-            "sock_create",
-            "the first transition of a socket shows no time since its creation",
-        ),
-        (
-            "sock_release",
-            "closed sockets that never connected are forgotten only by eviction",
-        ),
+        ("sock_create", "the first transition of a socket shows no time since its creation"),
+        ("sock_release", "closed sockets that never connected are forgotten only by eviction"),
     ] {
         let program: &mut CgroupSock = program(ebpf, name)?;
         // Single = flags 0, which bpf_link_create requires; cgroup links are multi-attach anyway,
         // so this coexists with other tools' programs (and another netwatch) on the root.
-        let attached = program
-            .load()
-            .and_then(|()| program.attach(&root, CgroupAttachMode::Single).map(drop));
+        let attached =
+            program.load().and_then(|()| program.attach(&root, CgroupAttachMode::Single).map(drop));
         if let Err(error) = attached {
-            warnings.push(format!(
-                "cannot attach cgroup/{name} ({error}): {consequence}"
-            ));
+            warnings.push(format!("cannot attach cgroup/{name} ({error}): {consequence}"));
         }
     }
 
     let program: &mut SockOps = program(ebpf, "connect_port")?;
-    let attached = program
-        .load()
-        .and_then(|()| program.attach(&root, CgroupAttachMode::Single).map(drop));
+    let attached =
+        program.load().and_then(|()| program.attach(&root, CgroupAttachMode::Single).map(drop));
     match attached {
         Ok(()) if source == StateSource::TpBtf => {
             let map = ebpf.map_mut("CONFIG").ok_or(Error::Missing("CONFIG"))?;
-            let mut config: Array<_, u32> = Array::try_from(map).map_err(|source| Error::Map {
-                name: "CONFIG",
-                source,
-            })?;
+            let mut config: Array<_, u32> =
+                Array::try_from(map).map_err(|source| Error::Map { name: "CONFIG", source })?;
             config
                 .set(config::DEFER_CONNECT, 1, 0)
-                .map_err(|source| Error::Map {
-                    name: "CONFIG",
-                    source,
-                })?;
+                .map_err(|source| Error::Map { name: "CONFIG", source })?;
         }
         Ok(()) => warnings.push(
             "the classic tracepoint cannot wait for the connect callback: SYN_SENT shows local \
@@ -260,10 +223,7 @@ fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T>
 where
     &'a mut T: TryFrom<&'a mut aya::programs::Program>,
 {
-    ebpf.program_mut(name)
-        .ok_or(Error::Missing(name))?
-        .try_into()
-        .map_err(|_| Error::Missing(name))
+    ebpf.program_mut(name).ok_or(Error::Missing(name))?.try_into().map_err(|_| Error::Missing(name))
 }
 
 fn attach_error(program: &'static str) -> impl Fn(aya::programs::ProgramError) -> Error {
@@ -280,11 +240,7 @@ fn kernel_offsets(btf: &KernelBtf) -> Result<Vec<(&'static str, u32)>> {
         ("OFF_SKC_FAMILY", "sock", "__sk_common.skc_family"),
         ("OFF_SKC_NET", "sock", "__sk_common.skc_net.net"),
         ("OFF_SKC_V6_DADDR", "sock", "__sk_common.skc_v6_daddr"),
-        (
-            "OFF_SKC_V6_RCV_SADDR",
-            "sock",
-            "__sk_common.skc_v6_rcv_saddr",
-        ),
+        ("OFF_SKC_V6_RCV_SADDR", "sock", "__sk_common.skc_v6_rcv_saddr"),
         ("OFF_SK_PROTOCOL", "sock", "sk_protocol"),
         ("OFF_INET_SPORT", "inet_sock", "inet_sport"),
         ("OFF_NET_NS_INUM", "net", "ns.inum"),
@@ -316,10 +272,8 @@ const TRACEFS_PATHS: [&str; 2] = ["/sys/kernel/tracing", "/sys/kernel/debug/trac
 fn classic_tracepoint_fields() -> Result<Vec<(&'static str, u32)>> {
     let tracefs = tracefs()?;
     let path = tracefs.join("events/sock/inet_sock_set_state/format");
-    let text = std::fs::read_to_string(&path).map_err(|e| Error::TracepointFormat {
-        path: path.clone(),
-        reason: e.to_string(),
-    })?;
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| Error::TracepointFormat { path: path.clone(), reason: e.to_string() })?;
     let fields = parse_tracepoint_format(&text);
     [
         ("TP_SKADDR", "skaddr"),
@@ -352,49 +306,29 @@ const OWNERSHIP_DEGRADED: &str = "sockets are attributed only to the process tha
 fn attach_ownership_programs(ebpf: &mut Ebpf) -> Result<()> {
     let syscalls: [(&'static str, &[&str]); 5] = [
         ("accept_exit", &["sys_exit_accept4", "sys_exit_accept"]),
-        (
-            "fd_open_exit",
-            &[
-                "sys_exit_socket",
-                "sys_exit_dup",
-                "sys_exit_dup2",
-                "sys_exit_dup3",
-            ],
-        ),
+        ("fd_open_exit", &["sys_exit_socket", "sys_exit_dup", "sys_exit_dup2", "sys_exit_dup3"]),
         ("close_enter", &["sys_enter_close"]),
-        (
-            "addr_syscall_enter",
-            &["sys_enter_bind", "sys_enter_connect"],
-        ),
+        ("addr_syscall_enter", &["sys_enter_bind", "sys_enter_connect"]),
         ("addr_syscall_exit", &["sys_exit_bind", "sys_exit_connect"]),
     ];
     for (name, tracepoints) in syscalls {
         let program: &mut TracePoint = program(ebpf, name)?;
         program.load().map_err(attach_error(name))?;
         for tracepoint in tracepoints {
-            program
-                .attach("syscalls", tracepoint)
-                .map_err(attach_error(name))?;
+            program.attach("syscalls", tracepoint).map_err(attach_error(name))?;
         }
     }
-    for (name, tracepoint) in [
-        ("process_exec", "sched_process_exec"),
-        ("process_exit", "sched_process_exit"),
-    ] {
+    for (name, tracepoint) in
+        [("process_exec", "sched_process_exec"), ("process_exit", "sched_process_exit")]
+    {
         let program: &mut TracePoint = program(ebpf, name)?;
         program.load().map_err(attach_error(name))?;
-        program
-            .attach("sched", tracepoint)
-            .map_err(attach_error(name))?;
+        program.attach("sched", tracepoint).map_err(attach_error(name))?;
     }
-    let btf = Btf::from_sys_fs().map_err(|e| Error::Btf {
-        path: crate::btf::VMLINUX.into(),
-        reason: e.to_string(),
-    })?;
+    let btf = Btf::from_sys_fs()
+        .map_err(|e| Error::Btf { path: crate::btf::VMLINUX.into(), reason: e.to_string() })?;
     let program: &mut BtfTracePoint = program(ebpf, "process_fork")?;
-    program
-        .load("sched_process_fork", &btf)
-        .map_err(attach_error("process_fork"))?;
+    program.load("sched_process_fork", &btf).map_err(attach_error("process_fork"))?;
     program.attach().map_err(attach_error("process_fork"))?;
     Ok(())
 }
@@ -402,34 +336,20 @@ fn attach_ownership_programs(ebpf: &mut Ebpf) -> Result<()> {
 /// `TP_SYSCALL_RET` and `TP_SYSCALL_ARG0` from the syscall tracepoints' format files.
 fn syscall_field_offsets() -> Result<Vec<(&'static str, u32)>> {
     Ok(vec![
-        (
-            "TP_SYSCALL_RET",
-            syscall_field_offset("sys_exit_accept4", "ret")?,
-        ),
-        (
-            "TP_SYSCALL_ARG0",
-            syscall_field_offset("sys_enter_close", "fd")?,
-        ),
+        ("TP_SYSCALL_RET", syscall_field_offset("sys_exit_accept4", "ret")?),
+        ("TP_SYSCALL_ARG0", syscall_field_offset("sys_enter_close", "fd")?),
     ])
 }
 
 /// Offset of `field` in a `syscalls:*` record.
 fn syscall_field_offset(tracepoint: &str, field: &str) -> Result<u32> {
-    let path = tracefs()?
-        .join("events/syscalls")
-        .join(tracepoint)
-        .join("format");
-    let text = std::fs::read_to_string(&path).map_err(|e| Error::TracepointFormat {
-        path: path.clone(),
-        reason: e.to_string(),
-    })?;
+    let path = tracefs()?.join("events/syscalls").join(tracepoint).join("format");
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| Error::TracepointFormat { path: path.clone(), reason: e.to_string() })?;
     parse_tracepoint_format(&text)
         .get(field)
         .copied()
-        .ok_or_else(|| Error::TracepointFormat {
-            path,
-            reason: format!("no field {field}"),
-        })
+        .ok_or_else(|| Error::TracepointFormat { path, reason: format!("no field {field}") })
 }
 
 /// Field name -> offset from a tracepoint `format` file
@@ -441,9 +361,7 @@ pub fn parse_tracepoint_format(text: &str) -> HashMap<String, u32> {
             let (declaration, rest) = line.split_once(';')?;
             let name = declaration.split_whitespace().last()?;
             let name = name.split('[').next()?.trim_start_matches('*');
-            let offset = rest
-                .split(';')
-                .find_map(|part| part.trim().strip_prefix("offset:"))?;
+            let offset = rest.split(';').find_map(|part| part.trim().strip_prefix("offset:"))?;
             Some((name.to_string(), offset.parse().ok()?))
         })
         .collect()
@@ -451,28 +369,16 @@ pub fn parse_tracepoint_format(text: &str) -> HashMap<String, u32> {
 
 /// Where tracefs is mounted, mounting it at /sys/kernel/tracing if it is nowhere.
 pub fn tracefs() -> Result<PathBuf> {
-    if let Some(path) = TRACEFS_PATHS
-        .iter()
-        .map(Path::new)
-        .find(|p| p.join("events").is_dir())
-    {
+    if let Some(path) = TRACEFS_PATHS.iter().map(Path::new).find(|p| p.join("events").is_dir()) {
         return Ok(path.to_path_buf());
     }
     let target = c"/sys/kernel/tracing";
     // SAFETY: valid NUL-terminated strings; no data argument.
     let rc = unsafe {
-        libc::mount(
-            c"tracefs".as_ptr(),
-            target.as_ptr(),
-            c"tracefs".as_ptr(),
-            0,
-            std::ptr::null(),
-        )
+        libc::mount(c"tracefs".as_ptr(), target.as_ptr(), c"tracefs".as_ptr(), 0, std::ptr::null())
     };
     if rc != 0 {
-        return Err(Error::Tracefs {
-            reason: std::io::Error::last_os_error().to_string(),
-        });
+        return Err(Error::Tracefs { reason: std::io::Error::last_os_error().to_string() });
     }
     tracing::info!("mounted tracefs at /sys/kernel/tracing");
     Ok(PathBuf::from(TRACEFS_PATHS[0]))
@@ -482,24 +388,15 @@ pub fn tracefs() -> Result<PathBuf> {
 /// `/sys/fs/cgroup/unified` on hybrid ones).
 fn cgroup2_root() -> Option<PathBuf> {
     let mounts = procfs::process::Process::myself().ok()?.mountinfo().ok()?;
-    mounts
-        .into_iter()
-        .find(|m| m.fs_type == "cgroup2")
-        .map(|m| m.mount_point)
+    mounts.into_iter().find(|m| m.fs_type == "cgroup2").map(|m| m.mount_point)
 }
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; harmless on newer ones.
 fn raise_memlock_limit() {
-    let unlimited = libc::rlimit {
-        rlim_cur: libc::RLIM_INFINITY,
-        rlim_max: libc::RLIM_INFINITY,
-    };
+    let unlimited = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
     // SAFETY: valid pointer to an initialised rlimit.
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
-        tracing::debug!(
-            "setrlimit(RLIMIT_MEMLOCK) failed: {}",
-            std::io::Error::last_os_error()
-        );
+        tracing::debug!("setrlimit(RLIMIT_MEMLOCK) failed: {}", std::io::Error::last_os_error());
     }
 }
 

@@ -21,10 +21,7 @@ fn main() -> ExitCode {
         )
         .init();
 
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("netwatch: cannot start the async runtime: {error}");
@@ -34,7 +31,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match &cli.command {
             Some(Command::Watch(args)) => netwatch::watch::run(args).await,
-            Some(Command::Table(args)) => netwatch::listing::run(args),
+            Some(Command::Table(args)) => netwatch::listing::run(args).await,
             Some(Command::Agent(args)) => netwatch::agent::run(args).await,
             None => netwatch::watch::run(&cli.watch).await,
         }
@@ -44,10 +41,7 @@ fn main() -> ExitCode {
         Err(error) => {
             eprintln!("netwatch: {error:#}");
             // A bad filter is a usage error, like clap's: exit 2.
-            if error
-                .downcast_ref::<netwatch::query::QueryError>()
-                .is_some()
-            {
+            if error.downcast_ref::<netwatch::query::QueryError>().is_some() {
                 ExitCode::from(2)
             } else {
                 ExitCode::FAILURE

@@ -86,19 +86,11 @@ fn in_prefix(addr: IpAddr, net: IpAddr, len: u8) -> bool {
     };
     match (addr, net) {
         (IpAddr::V4(a), IpAddr::V4(n)) => {
-            let mask = if len == 0 {
-                0
-            } else {
-                u32::MAX << (32 - u32::from(len))
-            };
+            let mask = if len == 0 { 0 } else { u32::MAX << (32 - u32::from(len)) };
             u32::from(a) & mask == u32::from(n) & mask
         }
         (IpAddr::V6(a), IpAddr::V6(n)) => {
-            let mask = if len == 0 {
-                0
-            } else {
-                u128::MAX << (128 - u32::from(len))
-            };
+            let mask = if len == 0 { 0 } else { u128::MAX << (128 - u32::from(len)) };
             u128::from(a) & mask == u128::from(n) & mask
         }
         _ => false,
@@ -127,15 +119,7 @@ impl StateSet {
     /// ss's default: connections, without listeners, closed sockets, TIME_WAIT and SYN_RECV.
     pub fn connected_default() -> StateSet {
         use TcpState::*;
-        StateSet::of(&[
-            Established,
-            SynSent,
-            FinWait1,
-            FinWait2,
-            CloseWait,
-            LastAck,
-            Closing,
-        ])
+        StateSet::of(&[Established, SynSent, FinWait1, FinWait2, CloseWait, LastAck, Closing])
     }
 
     /// Parses one state name or group, as ss and the kernel spell them.
@@ -217,10 +201,7 @@ impl<'a> Parser<'a> {
     fn error(&self, index: usize, expected: impl Into<String>) -> QueryError {
         QueryError {
             position: index + 1,
-            token: self
-                .tokens
-                .get(index)
-                .map_or("<end>".to_string(), |t| t.to_string()),
+            token: self.tokens.get(index).map_or("<end>".to_string(), |t| t.to_string()),
             expected: expected.into(),
         }
     }
@@ -272,19 +253,11 @@ impl<'a> Parser<'a> {
             Some(word @ ("sport" | "dport")) => {
                 let cmp = self.cmp()?;
                 let port = self.port()?;
-                Ok(if word == "sport" {
-                    Expr::Sport(cmp, port)
-                } else {
-                    Expr::Dport(cmp, port)
-                })
+                Ok(if word == "sport" { Expr::Sport(cmp, port) } else { Expr::Dport(cmp, port) })
             }
             Some(word @ ("src" | "dst")) => {
                 let (net, len) = self.prefix()?;
-                Ok(if word == "src" {
-                    Expr::Src(net, len)
-                } else {
-                    Expr::Dst(net, len)
-                })
+                Ok(if word == "src" { Expr::Src(net, len) } else { Expr::Dst(net, len) })
             }
             Some("state") => Err(self.error(index, "'state NAME' goes before the expression")),
             _ => Err(self.error(index, "sport, dport, src, dst, not or '('")),
@@ -316,10 +289,7 @@ impl<'a> Parser<'a> {
             return Ok(port);
         }
         self.services.port_of(text).ok_or_else(|| {
-            self.error(
-                index,
-                "a port number (0-65535) or a service name from /etc/services",
-            )
+            self.error(index, "a port number (0-65535) or a service name from /etc/services")
         })
     }
 
@@ -335,11 +305,7 @@ impl<'a> Parser<'a> {
         let addr: IpAddr = addr.parse().map_err(|_| bad())?;
         let max = if addr.is_ipv4() { 32 } else { 128 };
         let len = match len {
-            Some(len) => len
-                .parse::<u8>()
-                .ok()
-                .filter(|l| *l <= max)
-                .ok_or_else(bad)?,
+            Some(len) => len.parse::<u8>().ok().filter(|l| *l <= max).ok_or_else(bad)?,
             None => max,
         };
         Ok((addr, len))
@@ -349,28 +315,18 @@ impl<'a> Parser<'a> {
 /// Parses the filter words given after the options.
 pub fn parse(words: &[String], services: &Services) -> Result<Query, QueryError> {
     let tokens: Vec<&str> = words.iter().map(String::as_str).collect();
-    let mut parser = Parser {
-        tokens,
-        at: 0,
-        depth: 0,
-        services,
-    };
+    let mut parser = Parser { tokens, at: 0, depth: 0, services };
     let mut states: Option<StateSet> = None;
     while parser.peek() == Some("state") {
         parser.next();
         let index = parser.at;
-        let name = parser
-            .next()
-            .ok_or_else(|| parser.error(index, format!("a state: {STATE_NAMES}")))?;
+        let name =
+            parser.next().ok_or_else(|| parser.error(index, format!("a state: {STATE_NAMES}")))?;
         let set = StateSet::parse(name)
             .ok_or_else(|| parser.error(index, format!("a state: {STATE_NAMES}")))?;
         states = Some(states.map_or(set, |s| s.union(set)));
     }
-    let expr = if parser.peek().is_some() {
-        Some(parser.expr()?)
-    } else {
-        None
-    };
+    let expr = if parser.peek().is_some() { Some(parser.expr()?) } else { None };
     if parser.peek().is_some() {
         return Err(parser.error(parser.at, "the end of the filter"));
     }
@@ -409,10 +365,8 @@ mod tests {
 
     #[test]
     fn and_binds_tighter_than_or_and_is_implicit() {
-        let expr = query("sport = :ssh dst 10.0.0.0/8 or not ( dport != 443 )")
-            .unwrap()
-            .expr
-            .unwrap();
+        let expr =
+            query("sport = :ssh dst 10.0.0.0/8 or not ( dport != 443 )").unwrap().expr.unwrap();
         assert!(expr.matches(&row(("1.1.1.1", 22), ("10.9.9.9", 5))));
         assert!(!expr.matches(&row(("1.1.1.1", 22), ("11.0.0.1", 5))));
         assert!(expr.matches(&row(("1.1.1.1", 1), ("11.0.0.1", 443))));
@@ -420,28 +374,12 @@ mod tests {
 
     #[test]
     fn prefixes_cover_both_families() {
-        assert!(in_prefix(
-            IpAddr::V4(Ipv4Addr::new(10, 1, 2, 3)),
-            "10.0.0.0".parse().unwrap(),
-            8
-        ));
-        assert!(!in_prefix(
-            IpAddr::V4(Ipv4Addr::new(11, 1, 2, 3)),
-            "10.0.0.0".parse().unwrap(),
-            8
-        ));
-        assert!(in_prefix(
-            IpAddr::V6(Ipv6Addr::LOCALHOST),
-            "::1".parse().unwrap(),
-            128
-        ));
+        assert!(in_prefix(IpAddr::V4(Ipv4Addr::new(10, 1, 2, 3)), "10.0.0.0".parse().unwrap(), 8));
+        assert!(!in_prefix(IpAddr::V4(Ipv4Addr::new(11, 1, 2, 3)), "10.0.0.0".parse().unwrap(), 8));
+        assert!(in_prefix(IpAddr::V6(Ipv6Addr::LOCALHOST), "::1".parse().unwrap(), 128));
         let mapped: IpAddr = "::ffff:127.0.0.1".parse().unwrap();
         assert!(in_prefix(mapped, "127.0.0.0".parse().unwrap(), 8));
-        assert!(in_prefix(
-            IpAddr::V4(Ipv4Addr::new(1, 2, 3, 4)),
-            "0.0.0.0".parse().unwrap(),
-            0
-        ));
+        assert!(in_prefix(IpAddr::V4(Ipv4Addr::new(1, 2, 3, 4)), "0.0.0.0".parse().unwrap(), 0));
         let expr = query("src [::1]").unwrap().expr.unwrap();
         assert!(expr.matches(&row(("::1", 1), ("::1", 2))));
     }
@@ -454,11 +392,7 @@ mod tests {
         let synchronized = StateSet::parse("synchronized").unwrap();
         assert!(!synchronized.contains(TcpState::SynSent));
         assert_eq!(StateSet::parse("SYN_SENT"), StateSet::parse("syn-sent"));
-        assert!(
-            StateSet::parse("all")
-                .unwrap()
-                .contains(TcpState::NewSynRecv)
-        );
+        assert!(StateSet::parse("all").unwrap().contains(TcpState::NewSynRecv));
     }
 
     #[test]
@@ -494,9 +428,7 @@ mod tests {
         assert!(query(&deep).is_ok());
         let too_deep = "not ".repeat(10_000) + "sport = 1";
         assert_eq!(query(&too_deep).unwrap_err().position, MAX_DEPTH + 1);
-        for text in [
-            "(", ")", "not", "and", "or", "sport", "sport =", "src", "! ! !", "&& ||",
-        ] {
+        for text in ["(", ")", "not", "and", "or", "sport", "sport =", "src", "! ! !", "&& ||"] {
             assert!(query(text).is_err(), "{text}");
         }
     }

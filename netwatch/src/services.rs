@@ -38,10 +38,7 @@ impl Services {
                 "udp" => Protocol::Udp,
                 _ => continue,
             };
-            services
-                .by_port
-                .entry((port, protocol))
-                .or_insert_with(|| name.to_string());
+            services.by_port.entry((port, protocol)).or_insert_with(|| name.to_string());
             for alias in std::iter::once(name).chain(words) {
                 services.by_name.entry(alias.to_string()).or_insert(port);
             }

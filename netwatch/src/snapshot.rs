@@ -23,13 +23,13 @@ use netlink_packet_sock_diag::{
     inet::{ExtensionFlags, InetRequest, SocketId, StateFlags},
 };
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_SOCK_DIAG};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 pub use crate::events::Protocol;
 use crate::events::{Family, TcpState};
 
 /// The kernel timer running on a socket, as `ss -o` shows it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum TimerKind {
     On,
@@ -38,7 +38,7 @@ pub enum TimerKind {
     Persist,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Timer {
     pub kind: TimerKind,
     /// Time left until it fires, at the moment of the dump.
@@ -46,7 +46,7 @@ pub struct Timer {
 }
 
 /// One socket as sock_diag reports it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SocketRow {
     pub netns: u32,
     pub protocol: Protocol,
@@ -67,7 +67,7 @@ pub struct SocketRow {
 }
 
 /// A process holding a socket through one of its file descriptors.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FdOwner {
     pub pid: u32,
     pub comm: String,
@@ -101,10 +101,7 @@ impl Snapshot {
     /// Dumps every namespace and joins owners.
     pub fn take() -> Snapshot {
         let started = Instant::now();
-        let mut snapshot = Snapshot {
-            namespaces: network_namespaces(),
-            ..Default::default()
-        };
+        let mut snapshot = Snapshot { namespaces: network_namespaces(), ..Default::default() };
         for namespace in &snapshot.namespaces {
             match dump_namespace(namespace) {
                 Ok(rows) => snapshot.rows.extend(rows),
@@ -157,11 +154,13 @@ pub fn network_namespaces() -> Vec<NetNamespace> {
     found.into_values().collect()
 }
 
-/// Runs the four dumps (TCP/UDP x IPv4/IPv6) inside `namespace`, from a thread of its own so
-/// that this thread's namespace never changes.
-fn dump_namespace(namespace: &NetNamespace) -> io::Result<Vec<SocketRow>> {
-    let file = File::open(&namespace.path)?;
-    let inode = namespace.inode;
+/// Runs `work` inside the network namespace at `path`, from a thread of its own so that the
+/// caller's namespace never changes.
+fn in_namespace<T: Send>(
+    path: &std::path::Path,
+    work: impl FnOnce() -> io::Result<T> + Send,
+) -> io::Result<T> {
+    let file = File::open(path)?;
     std::thread::scope(|scope| {
         scope
             .spawn(|| {
@@ -169,16 +168,39 @@ fn dump_namespace(namespace: &NetNamespace) -> io::Result<Vec<SocketRow>> {
                 if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
                     return Err(io::Error::last_os_error());
                 }
-                let mut rows = Vec::new();
-                for protocol in [Protocol::Tcp, Protocol::Udp] {
-                    for family in [Family::Ipv4, Family::Ipv6] {
-                        dump(inode, protocol, family, &mut rows)?;
-                    }
-                }
-                Ok(rows)
+                work()
             })
             .join()
-            .unwrap_or_else(|_| Err(io::Error::other("namespace dump thread panicked")))
+            .unwrap_or_else(|_| Err(io::Error::other("namespace thread panicked")))
+    })
+}
+
+/// Runs the four dumps (TCP/UDP x IPv4/IPv6) inside `namespace`.
+fn dump_namespace(namespace: &NetNamespace) -> io::Result<Vec<SocketRow>> {
+    in_namespace(&namespace.path, || {
+        let mut rows = Vec::new();
+        for protocol in [Protocol::Tcp, Protocol::Udp] {
+            for family in [Family::Ipv4, Family::Ipv6] {
+                query(namespace.inode, protocol, family, None, &mut rows)?;
+            }
+        }
+        Ok(rows)
+    })
+}
+
+/// The socket the kernel keeps for a TCP 4-tuple in the namespace at `path` (after its full
+/// socket closed: the timewait socket, if any). An exact sock_diag lookup, not a dump.
+pub fn lookup_tcp(
+    path: &std::path::Path,
+    netns: u32,
+    family: Family,
+    local: (IpAddr, u16),
+    remote: (IpAddr, u16),
+) -> io::Result<Option<SocketRow>> {
+    in_namespace(path, || {
+        let mut rows = Vec::new();
+        query(netns, Protocol::Tcp, family, Some((local, remote)), &mut rows)?;
+        Ok(rows.pop())
     })
 }
 
@@ -186,10 +208,13 @@ fn dump_namespace(namespace: &NetNamespace) -> io::Result<Vec<SocketRow>> {
 /// Read by hand because netlink-packet-sock-diag drops it for TIME_WAIT rows.
 const EXPIRES_OFFSET: usize = 16 + 4 + 48;
 
-fn dump(
+/// A sock_diag dump of every socket of `protocol` and `family`, or, given a 4-tuple, the exact
+/// lookup of one; rows go to `rows`.
+fn query(
     netns: u32,
     protocol: Protocol,
     family: Family,
+    exact: Option<((IpAddr, u16), (IpAddr, u16))>,
     rows: &mut Vec<SocketRow>,
 ) -> io::Result<()> {
     let mut socket = Socket::new(NETLINK_SOCK_DIAG)?;
@@ -197,7 +222,16 @@ fn dump(
     socket.connect(&SocketAddr::new(0, 0))?;
 
     let mut header = NetlinkHeader::default();
-    header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+    header.flags = if exact.is_some() { NLM_F_REQUEST } else { NLM_F_REQUEST | NLM_F_DUMP };
+    let mut socket_id = match family {
+        Family::Ipv4 => SocketId::new_v4(),
+        Family::Ipv6 => SocketId::new_v6(),
+    };
+    if let Some((local, remote)) = exact {
+        (socket_id.source_address, socket_id.source_port) = local;
+        (socket_id.destination_address, socket_id.destination_port) = remote;
+        socket_id.cookie = [0xff; 8]; // INET_DIAG_NOCOOKIE: match on the 4-tuple alone
+    }
     let mut request = NetlinkMessage::new(
         header,
         SockDiagMessage::InetRequest(InetRequest {
@@ -211,10 +245,7 @@ fn dump(
             },
             extensions: ExtensionFlags::empty(),
             states: StateFlags::all(),
-            socket_id: match family {
-                Family::Ipv4 => SocketId::new_v4(),
-                Family::Ipv6 => SocketId::new_v6(),
-            },
+            socket_id,
         })
         .into(),
     );
@@ -235,21 +266,29 @@ fn dump(
             match message.payload {
                 NetlinkPayload::Done(_) => return Ok(()),
                 NetlinkPayload::Error(error) => {
-                    return Err(io::Error::other(format!("sock_diag: {error:?}")));
+                    let code = error.code.map_or(0, |c| -c.get());
+                    // An exact lookup of a socket that is not there answers ENOENT.
+                    if exact.is_some() && code == libc::ENOENT {
+                        return Ok(());
+                    }
+                    return Err(io::Error::other(format!(
+                        "sock_diag: {}",
+                        io::Error::from_raw_os_error(code)
+                    )));
                 }
                 NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(response)) => {
                     let expires = bytes
                         .get(EXPIRES_OFFSET..EXPIRES_OFFSET + 4)
                         .map_or(0, |b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]));
                     let v6only = response.nlas.iter().any(|nla| {
-                        matches!(
-                            nla,
-                            netlink_packet_sock_diag::inet::nlas::Nla::SkV6Only(true)
-                        )
+                        matches!(nla, netlink_packet_sock_diag::inet::nlas::Nla::SkV6Only(true))
                     });
                     if let Some(row) = row_from(netns, protocol, &response.header, expires, v6only)
                     {
                         rows.push(row);
+                    }
+                    if exact.is_some() {
+                        return Ok(());
                     }
                 }
                 _ => {}
@@ -319,11 +358,7 @@ pub fn socket_owners(problems: &mut Vec<String>) -> HashMap<u64, Vec<FdOwner>> {
         }
     };
     for entry in entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|name| name.parse::<u32>().ok())
-        else {
+        let Some(pid) = entry.file_name().to_str().and_then(|name| name.parse::<u32>().ok()) else {
             continue;
         };
         // Processes exit while we look: whatever cannot be read is simply not there any more.
@@ -332,9 +367,7 @@ pub fn socket_owners(problems: &mut Vec<String>) -> HashMap<u64, Vec<FdOwner>> {
         };
         let mut process: Option<Option<procfs::process::Stat>> = None;
         for fd in fds.flatten() {
-            let Some(inode) = std::fs::read_link(fd.path())
-                .ok()
-                .and_then(|t| socket_inode(&t))
+            let Some(inode) = std::fs::read_link(fd.path()).ok().and_then(|t| socket_inode(&t))
             else {
                 continue;
             };
@@ -362,12 +395,7 @@ pub fn socket_owners(problems: &mut Vec<String>) -> HashMap<u64, Vec<FdOwner>> {
 
 /// The inode of an fd link target `socket:[12345]`.
 fn socket_inode(target: &std::path::Path) -> Option<u64> {
-    target
-        .to_str()?
-        .strip_prefix("socket:[")?
-        .strip_suffix(']')?
-        .parse()
-        .ok()
+    target.to_str()?.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
 }
 
 #[cfg(test)]
@@ -376,10 +404,7 @@ mod tests {
 
     #[test]
     fn socket_links_give_their_inode() {
-        assert_eq!(
-            socket_inode(std::path::Path::new("socket:[4026]")),
-            Some(4026)
-        );
+        assert_eq!(socket_inode(std::path::Path::new("socket:[4026]")), Some(4026));
         assert_eq!(socket_inode(std::path::Path::new("pipe:[4026]")), None);
         assert_eq!(socket_inode(std::path::Path::new("/dev/null")), None);
         assert_eq!(socket_inode(std::path::Path::new("socket:[x]")), None);

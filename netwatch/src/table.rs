@@ -30,10 +30,7 @@ pub struct Owner {
 
 impl From<&Task> for Owner {
     fn from(task: &Task) -> Self {
-        Owner {
-            pid: task.pid,
-            comm: task.comm.clone(),
-        }
+        Owner { pid: task.pid, comm: task.comm.clone() }
     }
 }
 
@@ -137,27 +134,21 @@ impl Table {
     /// connections it spawns.
     pub fn seed(&mut self, rows: &[SocketRow], owners: &HashMap<u64, Vec<FdOwner>>, now_ns: u64) {
         for row in rows {
-            self.insert_row(
-                row,
-                owners.get(&row.inode).filter(|_| row.inode != 0),
-                now_ns,
-            );
+            self.insert_row(row, owners.get(&row.inode).filter(|_| row.inode != 0), now_ns);
         }
     }
 
     /// Adds a socket found by a targeted lookup (a timewait socket after its full socket
     /// closed) or by the snapshot.
     pub fn insert_row(&mut self, row: &SocketRow, holders: Option<&Vec<FdOwner>>, now_ns: u64) {
-        let owner = holders.and_then(|list| list.first()).map(|o| Owner {
-            pid: o.pid,
-            comm: o.comm.clone(),
-        });
+        let owner = holders
+            .and_then(|list| list.first())
+            .map(|o| Owner { pid: o.pid, comm: o.comm.clone() });
         if row.protocol == Protocol::Tcp
             && row.state == TcpState::Listen
             && let Some(owner) = &owner
         {
-            self.listeners
-                .insert((row.netns, row.local.1, row.local.0), owner.clone());
+            self.listeners.insert((row.netns, row.local.1, row.local.0), owner.clone());
         }
         let key = SockKey::Cookie(row.cookie);
         let socket = self.sockets.entry(key).or_default();
@@ -179,9 +170,7 @@ impl Table {
                 .map(|t| now_ns + u64::from(t.remaining_ms) * 1_000_000),
         });
         for holder in holders.into_iter().flatten() {
-            socket
-                .holders
-                .insert((holder.pid, holder.fd), holder.comm.clone());
+            socket.holders.insert((holder.pid, holder.fd), holder.comm.clone());
             self.by_pid.entry(holder.pid).or_default().insert(key);
         }
     }
@@ -190,10 +179,7 @@ impl Table {
     pub fn apply(&mut self, event: Event) -> Option<Transition> {
         match event {
             Event::Created(life) => {
-                let socket = self
-                    .sockets
-                    .entry(SockKey::Cookie(life.cookie))
-                    .or_default();
+                let socket = self.sockets.entry(SockKey::Cookie(life.cookie)).or_default();
                 socket.created_ns = Some(life.ts_ns);
                 socket.owner = Some(Owner::from(&life.task));
             }
@@ -203,10 +189,7 @@ impl Table {
                     socket.released = true;
                     // The last file reference is gone, whoever held it.
                     let holders = std::mem::take(&mut socket.holders);
-                    let udp = socket
-                        .facts
-                        .as_ref()
-                        .is_some_and(|f| f.protocol == Protocol::Udp);
+                    let udp = socket.facts.as_ref().is_some_and(|f| f.protocol == Protocol::Udp);
                     // Never connected, already closed, or UDP: no CLOSE transition follows.
                     if udp || matches!(socket.state, None | Some(TcpState::Close)) {
                         self.sockets.remove(&key);
@@ -235,16 +218,9 @@ impl Table {
             Event::Addresses(fd) => {
                 self.learn(&fd);
             }
-            Event::Forked {
-                parent, child_tgid, ..
-            } => {
-                let keys: Vec<SockKey> = self
-                    .by_pid
-                    .get(&parent.pid)
-                    .into_iter()
-                    .flatten()
-                    .copied()
-                    .collect();
+            Event::Forked { parent, child_tgid, .. } => {
+                let keys: Vec<SockKey> =
+                    self.by_pid.get(&parent.pid).into_iter().flatten().copied().collect();
                 for key in &keys {
                     if let Some(socket) = self.sockets.get_mut(key) {
                         let inherited: Vec<((u32, i32), String)> = socket
@@ -262,9 +238,8 @@ impl Table {
             Event::Exec(task) => {
                 for key in self.by_pid.get(&task.pid).into_iter().flatten() {
                     if let Some(socket) = self.sockets.get_mut(key) {
-                        for ((_, _), comm) in socket
-                            .holders
-                            .range_mut((task.pid, i32::MIN)..=(task.pid, i32::MAX))
+                        for ((_, _), comm) in
+                            socket.holders.range_mut((task.pid, i32::MIN)..=(task.pid, i32::MAX))
                         {
                             comm.clone_from(&task.comm);
                         }
@@ -288,9 +263,7 @@ impl Table {
         let key = SockKey::Cookie(fd.cookie);
         self.learn(fd);
         if let Some(socket) = self.sockets.get_mut(&key) {
-            socket
-                .holders
-                .insert((fd.task.pid, fd.fd), fd.task.comm.clone());
+            socket.holders.insert((fd.task.pid, fd.fd), fd.task.comm.clone());
             self.by_pid.entry(fd.task.pid).or_default().insert(key);
         }
     }
@@ -347,9 +320,9 @@ impl Table {
             (Some(state), Some(since)) if state == change.old => {
                 Some(change.ts_ns.saturating_sub(since))
             }
-            (None, _) if change.old == TcpState::Close => socket
-                .created_ns
-                .map(|created| change.ts_ns.saturating_sub(created)),
+            (None, _) if change.old == TcpState::Close => {
+                socket.created_ns.map(|created| change.ts_ns.saturating_sub(created))
+            }
             _ => None,
         };
         if runs_in_owner_syscall(change.old, change.new) {
@@ -404,24 +377,16 @@ impl Table {
                 self.remember_closed(change.key);
             }
         }
-        Transition {
-            change,
-            owner,
-            in_old_state_ns,
-        }
+        Transition { change, owner, in_old_state_ns }
     }
 
     /// The owner of the listener a passively opened socket came from: the exact local address
     /// first, then a wildcard listener of either family (a `[::]` listener takes IPv4 too).
     fn listener_owner(&self, netns: u32, (addr, port): (IpAddr, u16)) -> Option<Owner> {
-        [
-            addr,
-            IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-            IpAddr::V6(Ipv6Addr::UNSPECIFIED),
-        ]
-        .iter()
-        .find_map(|a| self.listeners.get(&(netns, port, *a)))
-        .cloned()
+        [addr, IpAddr::V4(Ipv4Addr::UNSPECIFIED), IpAddr::V6(Ipv6Addr::UNSPECIFIED)]
+            .iter()
+            .find_map(|a| self.listeners.get(&(netns, port, *a)))
+            .cloned()
     }
 
     fn remember_closed(&mut self, key: SockKey) {
@@ -436,14 +401,24 @@ impl Table {
         }
     }
 
+    /// Timewait sockets whose substate is FIN_WAIT2 (orphans whose peer has not closed yet).
+    pub fn timewait_in_fin_wait2(&self) -> Vec<SocketRow> {
+        self.rows(0)
+            .into_iter()
+            .filter(|r| r.row.state == TcpState::FinWait2 && r.row.timer.is_some())
+            .map(|r| r.row)
+            .collect()
+    }
+
+    /// Drops a socket that is known to be gone.
+    pub fn forget(&mut self, cookie: u64) {
+        self.sockets.remove(&SockKey::Cookie(cookie));
+    }
+
     /// Forgets timewait sockets whose time is up.
     pub fn expire(&mut self, now_ns: u64) {
         self.sockets.retain(|_, socket| {
-            socket
-                .facts
-                .as_ref()
-                .and_then(|f| f.expires_ns)
-                .is_none_or(|end| end > now_ns)
+            socket.facts.as_ref().and_then(|f| f.expires_ns).is_none_or(|end| end > now_ns)
         });
     }
 
@@ -508,11 +483,7 @@ mod tests {
     use std::collections::HashMap;
 
     fn task(pid: u32, comm: &str) -> Task {
-        Task {
-            pid,
-            tid: pid,
-            comm: comm.into(),
-        }
+        Task { pid, tid: pid, comm: comm.into() }
     }
 
     fn change(cookie: u64, ts_ns: u64, old: TcpState, new: TcpState, on_cpu: Task) -> Event {
@@ -534,108 +505,51 @@ mod tests {
     }
 
     fn created(cookie: u64, ts_ns: u64, by: Task) -> Event {
-        Event::Created(SockLife {
-            ts_ns,
-            cookie,
-            task: by,
-        })
+        Event::Created(SockLife { ts_ns, cookie, task: by })
     }
 
     fn released(cookie: u64, ts_ns: u64) -> Event {
-        Event::Released(SockLife {
-            ts_ns,
-            cookie,
-            task: task(1, "x"),
-        })
+        Event::Released(SockLife { ts_ns, cookie, task: task(1, "x") })
     }
 
     #[test]
     fn first_transition_counts_from_creation() {
         let mut table = Table::new();
         assert_eq!(table.apply(created(1, 1_000, task(10, "curl"))), None);
-        let t = table
-            .apply(change(1, 4_000, Close, SynSent, task(10, "curl")))
-            .unwrap();
+        let t = table.apply(change(1, 4_000, Close, SynSent, task(10, "curl"))).unwrap();
         assert_eq!(t.in_old_state_ns, Some(3_000));
-        let t = table
-            .apply(change(1, 9_000, SynSent, Established, task(0, "swapper/1")))
-            .unwrap();
+        let t = table.apply(change(1, 9_000, SynSent, Established, task(0, "swapper/1"))).unwrap();
         assert_eq!(t.in_old_state_ns, Some(5_000));
-        assert_eq!(
-            t.owner,
-            Some(Owner {
-                pid: 10,
-                comm: "curl".into()
-            })
-        );
+        assert_eq!(t.owner, Some(Owner { pid: 10, comm: "curl".into() }));
     }
 
     #[test]
     fn softirq_task_never_becomes_owner() {
         let mut table = Table::new();
         // Seen mid-life: no owner known, and the on-CPU task must not be taken as one.
-        let t = table
-            .apply(change(2, 10, Established, CloseWait, task(99, "peer")))
-            .unwrap();
+        let t = table.apply(change(2, 10, Established, CloseWait, task(99, "peer"))).unwrap();
         assert_eq!(t.owner, None);
         assert_eq!(t.in_old_state_ns, None, "did not see ESTABLISHED begin");
         // close() by the owner names it.
-        let t = table
-            .apply(change(2, 20, CloseWait, LastAck, task(7, "server")))
-            .unwrap();
-        assert_eq!(
-            t.owner,
-            Some(Owner {
-                pid: 7,
-                comm: "server".into()
-            })
-        );
+        let t = table.apply(change(2, 20, CloseWait, LastAck, task(7, "server"))).unwrap();
+        assert_eq!(t.owner, Some(Owner { pid: 7, comm: "server".into() }));
         assert_eq!(t.in_old_state_ns, Some(10));
-        let t = table
-            .apply(change(2, 30, LastAck, Close, task(0, "swapper/0")))
-            .unwrap();
-        assert_eq!(
-            t.owner,
-            Some(Owner {
-                pid: 7,
-                comm: "server".into()
-            })
-        );
+        let t = table.apply(change(2, 30, LastAck, Close, task(0, "swapper/0"))).unwrap();
+        assert_eq!(t.owner, Some(Owner { pid: 7, comm: "server".into() }));
     }
 
     #[test]
     fn passive_socket_inherits_the_listener_owner() {
         let mut table = Table::new();
         table.apply(created(5, 0, task(7, "server")));
-        let t = table
-            .apply(change(5, 100, Close, Listen, task(7, "server")))
-            .unwrap();
+        let t = table.apply(change(5, 100, Close, Listen, task(7, "server"))).unwrap();
         assert_eq!(t.in_old_state_ns, Some(100));
         // The child is cloned in softirq while the client is on the CPU.
-        let t = table
-            .apply(change(6, 200, Listen, SynRecv, task(8, "client")))
-            .unwrap();
-        assert_eq!(
-            t.owner,
-            Some(Owner {
-                pid: 7,
-                comm: "server".into()
-            })
-        );
-        assert_eq!(
-            t.in_old_state_ns, None,
-            "the child never was in LISTEN itself"
-        );
-        let t = table
-            .apply(change(6, 250, SynRecv, Established, task(8, "client")))
-            .unwrap();
-        assert_eq!(
-            t.owner,
-            Some(Owner {
-                pid: 7,
-                comm: "server".into()
-            })
-        );
+        let t = table.apply(change(6, 200, Listen, SynRecv, task(8, "client"))).unwrap();
+        assert_eq!(t.owner, Some(Owner { pid: 7, comm: "server".into() }));
+        assert_eq!(t.in_old_state_ns, None, "the child never was in LISTEN itself");
+        let t = table.apply(change(6, 250, SynRecv, Established, task(8, "client"))).unwrap();
+        assert_eq!(t.owner, Some(Owner { pid: 7, comm: "server".into() }));
         assert_eq!(t.in_old_state_ns, Some(50));
     }
 
@@ -646,24 +560,11 @@ mod tests {
         table.apply(change(6, 200, Listen, SynRecv, task(8, "client")));
         table.apply(change(6, 250, SynRecv, Established, task(8, "client")));
         assert_eq!(
-            table.apply(Event::Accepted(fd_event(
-                6,
-                9,
-                task(70, "worker"),
-                Protocol::Tcp
-            ))),
+            table.apply(Event::Accepted(fd_event(6, 9, task(70, "worker"), Protocol::Tcp))),
             None
         );
-        let t = table
-            .apply(change(6, 400, Established, CloseWait, task(8, "client")))
-            .unwrap();
-        assert_eq!(
-            t.owner,
-            Some(Owner {
-                pid: 70,
-                comm: "worker".into()
-            })
-        );
+        let t = table.apply(change(6, 400, Established, CloseWait, task(8, "client"))).unwrap();
+        assert_eq!(t.owner, Some(Owner { pid: 70, comm: "worker".into() }));
     }
 
     fn fd_event(cookie: u64, fd: i32, by: Task, protocol: Protocol) -> FdSocket {
@@ -676,11 +577,7 @@ mod tests {
             protocol,
             family: Family::Ipv4,
             netns: 1,
-            state: Some(if protocol == Protocol::Udp {
-                Close
-            } else {
-                Established
-            }),
+            state: Some(if protocol == Protocol::Udp { Close } else { Established }),
             local: (IpAddr::V4(Ipv4Addr::LOCALHOST), 5353),
             remote: (IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0),
         }
@@ -688,14 +585,8 @@ mod tests {
 
     fn holders(table: &Table, cookie: u64) -> Vec<(u32, i32, String)> {
         let rows = table.rows(0);
-        let row = rows
-            .iter()
-            .find(|r| r.row.cookie == cookie)
-            .expect("listed");
-        row.owners
-            .iter()
-            .map(|o| (o.pid, o.fd, o.comm.clone()))
-            .collect()
+        let row = rows.iter().find(|r| r.row.cookie == cookie).expect("listed");
+        row.owners.iter().map(|o| (o.pid, o.fd, o.comm.clone())).collect()
     }
 
     #[test]
@@ -704,24 +595,13 @@ mod tests {
         let udp = |fd, by| fd_event(1, fd, by, Protocol::Udp);
         table.apply(Event::FdOpened(udp(3, task(10, "app"))));
         table.apply(Event::FdOpened(udp(4, task(10, "app")))); // dup
-        table.apply(Event::Forked {
-            ts_ns: 2,
-            parent: task(10, "app"),
-            child_tgid: 11,
-        });
+        table.apply(Event::Forked { ts_ns: 2, parent: task(10, "app"), child_tgid: 11 });
         let expected = |list: &[(u32, i32, &str)]| {
-            list.iter()
-                .map(|(p, f, c)| (*p, *f, c.to_string()))
-                .collect::<Vec<_>>()
+            list.iter().map(|(p, f, c)| (*p, *f, c.to_string())).collect::<Vec<_>>()
         };
         assert_eq!(
             holders(&table, 1),
-            expected(&[
-                (10, 3, "app"),
-                (10, 4, "app"),
-                (11, 3, "app"),
-                (11, 4, "app")
-            ])
+            expected(&[(10, 3, "app"), (10, 4, "app"), (11, 3, "app"), (11, 4, "app")])
         );
         table.apply(Event::Exec(task(11, "helper")));
         table.apply(Event::FdClosed(udp(4, task(10, "app"))));
@@ -732,20 +612,10 @@ mod tests {
         table.apply(Event::Exit(task(11, "helper")));
         assert_eq!(holders(&table, 1), expected(&[(10, 3, "app")]));
         // A fork after the exit does not bring the dead child's fds back.
-        table.apply(Event::Forked {
-            ts_ns: 3,
-            parent: task(10, "app"),
-            child_tgid: 12,
-        });
-        assert_eq!(
-            holders(&table, 1),
-            expected(&[(10, 3, "app"), (12, 3, "app")])
-        );
+        table.apply(Event::Forked { ts_ns: 3, parent: task(10, "app"), child_tgid: 12 });
+        assert_eq!(holders(&table, 1), expected(&[(10, 3, "app"), (12, 3, "app")]));
         table.apply(released(1, 9));
-        assert!(
-            table.is_empty() && table.by_pid.is_empty(),
-            "released UDP sockets leave no trace"
-        );
+        assert!(table.is_empty() && table.by_pid.is_empty(), "released UDP sockets leave no trace");
     }
 
     #[test]
@@ -773,19 +643,9 @@ mod tests {
     fn timewait_rows_expire() {
         let mut table = Table::new();
         let mut tw = row(9, TimeWait, 5000, 0);
-        tw.timer = Some(Timer {
-            kind: TimerKind::Timewait,
-            remaining_ms: 60_000,
-        });
+        tw.timer = Some(Timer { kind: TimerKind::Timewait, remaining_ms: 60_000 });
         table.insert_row(&tw, None, 1_000);
-        assert_eq!(
-            table.rows(30_000_001_000)[0]
-                .row
-                .timer
-                .unwrap()
-                .remaining_ms,
-            30_000
-        );
+        assert_eq!(table.rows(30_000_001_000)[0].row.timer.unwrap().remaining_ms, 30_000);
         assert!(table.rows(60_000_001_000).is_empty(), "gone at its end");
         table.expire(60_000_001_000);
         assert!(table.is_empty());
@@ -794,19 +654,11 @@ mod tests {
     #[test]
     fn closed_tcp_sockets_are_not_listed_but_keep_their_holders() {
         let mut table = Table::new();
-        table.apply(Event::FdOpened(fd_event(
-            3,
-            7,
-            task(30, "curl"),
-            Protocol::Tcp,
-        )));
+        table.apply(Event::FdOpened(fd_event(3, 7, task(30, "curl"), Protocol::Tcp)));
         table.apply(change(3, 10, Close, SynSent, task(30, "curl")));
         assert_eq!(table.rows(20)[0].in_state_ns, Some(10));
         table.apply(change(3, 30, SynSent, Close, task(0, "swapper/0")));
-        assert!(
-            table.rows(40).is_empty(),
-            "a refused socket is not hashed: ss does not list it"
-        );
+        assert!(table.rows(40).is_empty(), "a refused socket is not hashed: ss does not list it");
         table.apply(change(3, 50, Close, SynSent, task(30, "curl")));
         assert_eq!(holders(&table, 3), [(30, 7, "curl".to_string())]);
     }
@@ -832,41 +684,21 @@ mod tests {
     #[test]
     fn snapshot_seeds_owners_and_listeners_but_not_state_times() {
         let mut table = Table::new();
-        let holder = |pid, comm: &str| FdOwner {
-            pid,
-            comm: comm.into(),
-            fd: 3,
-            start_time: Some(1),
-        };
+        let holder =
+            |pid, comm: &str| FdOwner { pid, comm: comm.into(), fd: 3, start_time: Some(1) };
         let owners = HashMap::from([
             (10, vec![holder(7, "nginx"), holder(8, "nginx")]),
             (11, vec![holder(9, "app")]),
         ]);
-        table.seed(
-            &[row(1, Established, 5000, 11), row(2, Listen, 8080, 10)],
-            &owners,
-            0,
-        );
+        table.seed(&[row(1, Established, 5000, 11), row(2, Listen, 8080, 10)], &owners, 0);
         // A transition out of a snapshot state: owner known, time in state not.
-        let t = table
-            .apply(change(1, 50, Established, FinWait1, task(9, "app")))
-            .unwrap();
+        let t = table.apply(change(1, 50, Established, FinWait1, task(9, "app"))).unwrap();
         assert_eq!((t.owner.unwrap().pid, t.in_old_state_ns), (9, None));
-        let t = table
-            .apply(change(1, 70, FinWait1, FinWait2, task(0, "swapper/0")))
-            .unwrap();
+        let t = table.apply(change(1, 70, FinWait1, FinWait2, task(0, "swapper/0"))).unwrap();
         assert_eq!(t.in_old_state_ns, Some(20));
         // A new connection to the seeded listener belongs to its first holder.
-        let t = table
-            .apply(change(3, 100, Listen, SynRecv, task(55, "client")))
-            .unwrap();
-        assert_eq!(
-            t.owner,
-            Some(Owner {
-                pid: 7,
-                comm: "nginx".into()
-            })
-        );
+        let t = table.apply(change(3, 100, Listen, SynRecv, task(55, "client"))).unwrap();
+        assert_eq!(t.owner, Some(Owner { pid: 7, comm: "nginx".into() }));
     }
 
     #[test]
@@ -879,10 +711,7 @@ mod tests {
         table.apply(change(1, 20, SynSent, Established, task(0, "swapper/0")));
         table.apply(change(1, 30, Established, Close, task(4, "curl")));
         table.apply(released(1, 40));
-        assert!(
-            table.is_empty(),
-            "a socket closed during the snapshot is not resurrected"
-        );
+        assert!(table.is_empty(), "a socket closed during the snapshot is not resurrected");
     }
 
     #[test]
@@ -890,9 +719,7 @@ mod tests {
         let mut table = Table::new();
         table.apply(change(5, 100, Close, Listen, task(7, "server")));
         table.apply(change(5, 150, Listen, Close, task(7, "server")));
-        let t = table
-            .apply(change(6, 200, Listen, SynRecv, task(8, "client")))
-            .unwrap();
+        let t = table.apply(change(6, 200, Listen, SynRecv, task(8, "client"))).unwrap();
         assert_eq!(t.owner, None);
     }
 
@@ -920,9 +747,7 @@ mod tests {
         table.apply(created(1, 0, task(10, "app")));
         table.apply(change(1, 10, Close, SynSent, task(10, "app")));
         table.apply(change(1, 20, SynSent, Close, task(0, "swapper/0")));
-        let t = table
-            .apply(change(1, 50, Close, SynSent, task(10, "app")))
-            .unwrap();
+        let t = table.apply(change(1, 50, Close, SynSent, task(10, "app"))).unwrap();
         assert_eq!(t.in_old_state_ns, Some(30));
         table.apply(change(1, 60, SynSent, Close, task(0, "swapper/0")));
         table.apply(released(1, 70));

@@ -1,22 +1,27 @@
 //! The kernel-to-records pipeline shared by `netwatch watch` (direct mode) and the agent:
 //! attached programs, the ring buffer reader, the socket table, and loss accounting, turned
 //! into [`StreamRecord`]s as the kernel delivers events.
-use std::time::Duration;
+use std::{collections::HashMap, time::Duration};
 
 use anyhow::Context as _;
 
 use crate::{
-    events::{Event, EventReader},
+    events::{Event, EventReader, StateChange},
     loader::{self, LoadOptions, LostCounter, Probes},
-    output::{LossReason, LossRecord, StreamRecord, TransitionRecord, WallClock},
-    snapshot::Snapshot,
-    table::Table,
+    output::{LossReason, LossRecord, StreamRecord, TransitionRecord, WallClock, table::Listed},
+    snapshot::{NetNamespace, Snapshot, lookup_tcp, network_namespaces},
+    table::{Table, may_leave_timewait},
 };
 
 /// How often the kernel's loss counter is read; a loss is reported at most this late.
 const LOSS_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
 pub struct Tracer {
+    /// Whether this tracer keeps the socket table's rows current (the agent does; a direct
+    /// watch only needs owners and state times). Timewait lookups cost a netlink request.
+    keep_rows: bool,
+    /// Namespace inode -> a path to enter it, for targeted lookups and names.
+    namespaces: HashMap<u32, NetNamespace>,
     probes: Option<Probes>,
     reader: EventReader,
     lost: LostCounter,
@@ -45,18 +50,13 @@ impl Tracer {
         for problem in &snapshot.problems {
             tracing::warn!("snapshot: {problem}");
         }
-        tracing::info!(
-            "snapshot: {} sockets in {:.1?}",
-            snapshot.rows.len(),
-            snapshot.took
-        );
+        tracing::info!("snapshot: {} sockets in {:.1?}", snapshot.rows.len(), snapshot.took);
         let mut table = Table::new();
-        table.seed(
-            &snapshot.rows,
-            &snapshot.owners,
-            WallClock::monotonic_now_ns(),
-        );
+        table.seed(&snapshot.rows, &snapshot.owners, WallClock::monotonic_now_ns());
+        let namespaces = snapshot.namespaces.into_iter().map(|ns| (ns.inode, ns)).collect();
         Ok(Tracer {
+            keep_rows: false,
+            namespaces,
             probes: Some(probes),
             reader,
             lost,
@@ -67,6 +67,30 @@ impl Tracer {
             reported_malformed: 0,
             batch: Vec::new(),
         })
+    }
+
+    /// Keeps the table's rows exact (timewait sockets looked up as they appear).
+    pub fn keeping_rows(mut self) -> Self {
+        self.keep_rows = true;
+        self
+    }
+
+    /// The socket table now, as `ss -tuanp` would list it.
+    pub fn listed(&mut self) -> Vec<Listed> {
+        self.refresh_orphaned_fin_wait2();
+        let now = WallClock::monotonic_now_ns();
+        self.table.expire(now);
+        self.table
+            .rows(now)
+            .into_iter()
+            .map(|row| Listed {
+                netns_name: self.namespaces.get(&row.row.netns).and_then(|ns| ns.name.clone()),
+                in_state: row.in_state_ns.map(Duration::from_nanos),
+                owners: row.owners,
+                row: row.row,
+                queues_known: false,
+            })
+            .collect()
     }
 
     /// One line for the user: which source, how long loading took.
@@ -99,34 +123,56 @@ impl Tracer {
     }
 
     fn apply_batch(&mut self, out: &mut Vec<StreamRecord>) {
+        let mut closed = Vec::new();
         for event in self.batch.drain(..) {
             if let Some(transition) = self.table.apply(event) {
-                out.push(StreamRecord::Transition(TransitionRecord::new(
-                    &transition,
-                    &self.clock,
-                )));
+                if self.keep_rows && may_leave_timewait(&transition.change) {
+                    closed.push(transition.change.clone());
+                }
+                out.push(StreamRecord::Transition(TransitionRecord::new(&transition, &self.clock)));
+            }
+        }
+        for change in closed {
+            self.look_up_timewait(&change);
+        }
+    }
+
+    /// A full socket closed from FIN_WAIT*/CLOSING: the kernel may keep a timewait socket for
+    /// its 4-tuple, which no tracepoint reports. Ask sock_diag for that one socket.
+    fn look_up_timewait(&mut self, change: &StateChange) {
+        if !self.namespaces.contains_key(&change.netns) {
+            self.namespaces.extend(network_namespaces().into_iter().map(|ns| (ns.inode, ns)));
+        }
+        let Some(namespace) = self.namespaces.get(&change.netns) else { return };
+        match lookup_tcp(&namespace.path, change.netns, change.family, change.local, change.remote)
+        {
+            // The timewait socket carries the full socket's cookie.
+            Ok(Some(row)) => self.table.insert_row(&row, None, WallClock::monotonic_now_ns()),
+            Ok(None) => {}
+            Err(error) => tracing::debug!("timewait lookup in netns {}: {error}", change.netns),
+        }
+    }
+
+    /// A timewait socket made from an orphaned FIN_WAIT2 socket turns into TIME_WAIT when the
+    /// peer's FIN arrives, which no tracepoint reports: look such sockets up again.
+    fn refresh_orphaned_fin_wait2(&mut self) {
+        for row in self.table.timewait_in_fin_wait2() {
+            let Some(namespace) = self.namespaces.get(&row.netns) else { continue };
+            match lookup_tcp(&namespace.path, row.netns, row.family, row.local, row.remote) {
+                Ok(Some(now)) => self.table.insert_row(&now, None, WallClock::monotonic_now_ns()),
+                Ok(None) => self.table.forget(row.cookie),
+                Err(error) => tracing::debug!("timewait lookup in netns {}: {error}", row.netns),
             }
         }
     }
 
     /// A `lost` record per reason whose count grew since the previous report.
     fn report_losses(&mut self, out: &mut Vec<StreamRecord>) -> anyhow::Result<()> {
-        let ring_full = self
-            .lost
-            .total()
-            .context("reading the lost-event counter")?;
+        let ring_full = self.lost.total().context("reading the lost-event counter")?;
         let time = self.clock.wall(WallClock::monotonic_now_ns());
         for (reason, total, reported) in [
-            (
-                LossReason::RingBufferFull,
-                ring_full,
-                &mut self.reported_ring_full,
-            ),
-            (
-                LossReason::Malformed,
-                self.reader.malformed,
-                &mut self.reported_malformed,
-            ),
+            (LossReason::RingBufferFull, ring_full, &mut self.reported_ring_full),
+            (LossReason::Malformed, self.reader.malformed, &mut self.reported_malformed),
         ] {
             if total > *reported {
                 out.push(StreamRecord::Lost(LossRecord {

@@ -64,11 +64,8 @@ impl Signals {
 
 pub async fn run(args: &WatchArgs) -> anyhow::Result<()> {
     let mut signals = Signals::install()?;
-    let mut printer = Printer {
-        out: BufWriter::new(io::stdout()),
-        format: args.format(),
-        filter: args.filter(),
-    };
+    let mut printer =
+        Printer { out: BufWriter::new(io::stdout()), format: args.format(), filter: args.filter() };
     // Options that shape the kernel side need programs of our own.
     let own_programs =
         args.no_agent || args.source != SourceChoice::Auto || args.ring_size.is_some();
@@ -102,10 +99,7 @@ async fn direct(
     printer: &mut Printer,
 ) -> anyhow::Result<()> {
     let mut tracer = Tracer::start(&args.load_options())?;
-    eprintln!(
-        "netwatch: watching TCP state changes via {}; Ctrl-C to stop",
-        tracer.describe()
-    );
+    eprintln!("netwatch: watching TCP state changes via {}; Ctrl-C to stop", tracer.describe());
     header(args, printer)?;
     let mut records = Vec::new();
     loop {
@@ -130,10 +124,7 @@ async fn attached(
     let (read, mut write) = stream.into_split();
     let mut request = serde_json::to_string(&Request::new(Command::Watch))?;
     request.push('\n');
-    write
-        .write_all(request.as_bytes())
-        .await
-        .context("sending the watch request")?;
+    write.write_all(request.as_bytes()).await.context("sending the watch request")?;
     eprintln!(
         "netwatch: watching TCP state changes via the agent at {}; Ctrl-C to stop",
         args.socket.display()
@@ -160,8 +151,6 @@ async fn attached(
 /// Output piped into `head` ends with EPIPE: that is the reader's choice, not an error.
 fn is_broken_pipe(error: &anyhow::Error) -> bool {
     error.chain().any(|cause| {
-        cause
-            .downcast_ref::<io::Error>()
-            .is_some_and(|e| e.kind() == io::ErrorKind::BrokenPipe)
+        cause.downcast_ref::<io::Error>().is_some_and(|e| e.kind() == io::ErrorKind::BrokenPipe)
     })
 }

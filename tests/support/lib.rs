@@ -21,11 +21,9 @@ pub const PATIENCE: Duration = Duration::from_secs(30);
 /// The netwatch binary under test: `$NETWATCH_BIN` (set by `cargo xtask test`) or the
 /// workspace's release build.
 pub fn netwatch_bin() -> PathBuf {
-    let path = std::env::var_os("NETWATCH_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release/netwatch")
-        });
+    let path = std::env::var_os("NETWATCH_BIN").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release/netwatch")
+    });
     assert!(
         path.exists(),
         "netwatch binary not found at {}: run `cargo xtask test` (it builds it and sets NETWATCH_BIN)",
@@ -47,10 +45,7 @@ pub fn require_root() {
 /// This process's name as the kernel (and `ss -p`) shows it: the test binary's, not a
 /// test thread's.
 pub fn own_comm() -> String {
-    std::fs::read_to_string("/proc/self/comm")
-        .expect("read /proc/self/comm")
-        .trim()
-        .to_string()
+    std::fs::read_to_string("/proc/self/comm").expect("read /proc/self/comm").trim().to_string()
 }
 
 /// A netwatch process whose stdout lines and stderr text are collected as they arrive.
@@ -106,12 +101,7 @@ fn spawn_until_ready(args: &[&str], ready: &'static str) -> Spawned {
             stderr_text.lock().expect("stderr")
         );
     }
-    Spawned {
-        child,
-        lines,
-        stderr: stderr_text,
-        stdout_reader,
-    }
+    Spawned { child, lines, stderr: stderr_text, stdout_reader }
 }
 
 /// A running `netwatch agent` on its own socket; killed when dropped.
@@ -126,11 +116,7 @@ impl Agent {
         let socket_arg = socket.to_str().expect("utf-8 path");
         let Spawned { child, stderr, .. } =
             spawn_until_ready(&["agent", "--socket", socket_arg], "serving");
-        Agent {
-            child,
-            socket: socket.to_path_buf(),
-            stderr,
-        }
+        Agent { child, socket: socket.to_path_buf(), stderr }
     }
 
     /// A socket path of this test's own, in a fresh directory.
@@ -166,21 +152,10 @@ pub struct Watcher {
 impl Watcher {
     /// Starts `netwatch watch ARGS` and waits until it says it is attached.
     pub fn start(args: &[&str]) -> Watcher {
-        let args: Vec<&str> = std::iter::once("watch")
-            .chain(args.iter().copied())
-            .collect();
-        let Spawned {
-            child,
-            lines,
-            stderr,
-            stdout_reader,
-        } = spawn_until_ready(&args, "netwatch: watching");
-        Watcher {
-            child,
-            lines,
-            stdout_reader: Some(stdout_reader),
-            stderr,
-        }
+        let args: Vec<&str> = std::iter::once("watch").chain(args.iter().copied()).collect();
+        let Spawned { child, lines, stderr, stdout_reader } =
+            spawn_until_ready(&args, "netwatch: watching");
+        Watcher { child, lines, stdout_reader: Some(stdout_reader), stderr }
     }
 
     pub fn pid(&self) -> u32 {
@@ -288,10 +263,7 @@ pub fn path(records: &[Value]) -> Vec<(String, String)> {
 }
 
 pub fn pairs(expected: &[(&str, &str)]) -> Vec<(String, String)> {
-    expected
-        .iter()
-        .map(|(a, b)| (a.to_string(), b.to_string()))
-        .collect()
+    expected.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
 }
 
 /// The client side of the test protocol: connect, send "ping", read "pong", close first.
@@ -340,11 +312,7 @@ impl NetNs {
             .args(command)
             .status()
             .expect("ip netns exec");
-        assert!(
-            status.success(),
-            "{command:?} in {} failed: {status}",
-            self.name
-        );
+        assert!(status.success(), "{command:?} in {} failed: {status}", self.name);
     }
 
     pub fn command(&self, program: &str) -> Command {
@@ -356,26 +324,19 @@ impl NetNs {
     /// The namespace's inode number, as netwatch reports it.
     pub fn inode(&self) -> u64 {
         use std::os::unix::fs::MetadataExt as _;
-        std::fs::metadata(format!("/run/netns/{}", self.name))
-            .expect("netns file")
-            .ino()
+        std::fs::metadata(format!("/run/netns/{}", self.name)).expect("netns file").ino()
     }
 }
 
 impl Drop for NetNs {
     fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
     }
 }
 
 /// Runs `ip ARGS` and asserts it succeeded.
 pub fn ip(args: &[&str]) {
-    let status = Command::new("ip")
-        .args(args)
-        .status()
-        .expect("run ip (iproute2)");
+    let status = Command::new("ip").args(args).status().expect("run ip (iproute2)");
     assert!(status.success(), "ip {args:?} failed: {status}");
 }
 
@@ -384,10 +345,7 @@ pub fn ip(args: &[&str]) {
 pub fn veth_pair() -> (NetNs, NetNs) {
     let a = NetNs::new("a");
     let b = NetNs::new("b");
-    let (va, vb) = (
-        format!("nwa{}", std::process::id()),
-        format!("nwb{}", std::process::id()),
-    );
+    let (va, vb) = (format!("nwa{}", std::process::id()), format!("nwb{}", std::process::id()));
     ip(&[
         "link", "add", &va, "netns", &a.name, "type", "veth", "peer", "name", &vb, "netns", &b.name,
     ]);
@@ -396,4 +354,46 @@ pub fn veth_pair() -> (NetNs, NetNs) {
     a.exec(&["ip", "link", "set", &va, "up"]);
     b.exec(&["ip", "link", "set", &vb, "up"]);
     (a, b)
+}
+
+/// A `sockpeer hold` running inside `ns`, holding a mix of sockets in every state `ss` lists
+/// until dropped. `ports` are its three listeners' (IPv4, IPv6, dual-stack).
+pub struct Holder {
+    child: Child,
+    _stdin: std::process::ChildStdin,
+    pub pid: u32,
+    pub ports: Vec<u16>,
+}
+
+impl Holder {
+    /// `sockpeer` is the test binary's path (`env!("CARGO_BIN_EXE_sockpeer")` in a test).
+    pub fn start(ns: &NetNs, sockpeer: &str) -> Holder {
+        require_root();
+        let mut child = ns
+            .command(sockpeer)
+            .arg("hold")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("sockpeer hold");
+        let stdin = child.stdin.take().expect("stdin");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("ready line");
+        let ports = line
+            .strip_prefix("ready ")
+            .unwrap_or_else(|| panic!("sockpeer hold did not get ready: {line:?}"))
+            .split_whitespace()
+            .map(|p| p.parse().expect("port"))
+            .collect();
+        Holder { pid: child.id(), child, _stdin: stdin, ports }
+    }
+}
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

@@ -26,15 +26,11 @@ fn main() -> ExitCode {
         }),
         ["connect", addr] => match addr.parse() {
             Ok(server) => client_roundtrip(server).map(|local| println!("local {local}")),
-            Err(error) => Err(std::io::Error::other(format!(
-                "bad address {addr}: {error}"
-            ))),
+            Err(error) => Err(std::io::Error::other(format!("bad address {addr}: {error}"))),
         },
         ["serve-forked", addr] => serve_forked(addr),
         ["hold"] => hold(),
-        _ => Err(std::io::Error::other(
-            "usage: sockpeer serve|connect ADDR:PORT | hold",
-        )),
+        _ => Err(std::io::Error::other("usage: sockpeer serve|connect ADDR:PORT | hold")),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -60,10 +56,7 @@ fn serve_forked(addr: &str) -> std::io::Result<()> {
             unsafe { libc::_exit(code) }
         }
         child => {
-            println!(
-                "listening {port} parent {} child {child}",
-                std::process::id()
-            );
+            println!("listening {port} parent {} child {child}", std::process::id());
             std::io::stdout().flush()?;
             let mut status = 0;
             // SAFETY: waiting for our own child.
@@ -71,9 +64,7 @@ fn serve_forked(addr: &str) -> std::io::Result<()> {
             if libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0 {
                 Ok(())
             } else {
-                Err(std::io::Error::other(format!(
-                    "child failed: status {status}"
-                )))
+                Err(std::io::Error::other(format!("child failed: status {status}")))
             }
         }
     }
@@ -130,30 +121,10 @@ fn hold() -> std::io::Result<()> {
     // Let the last ACKs land so that queues and states are settled when the test looks.
     thread::sleep(Duration::from_millis(100));
     let ports: Vec<SocketAddr> = vec![v4.local_addr()?, v6.local_addr()?, dual.local_addr()?];
-    println!(
-        "ready {}",
-        ports
-            .iter()
-            .map(|p| p.port().to_string())
-            .collect::<Vec<_>>()
-            .join(" ")
-    );
+    println!("ready {}", ports.iter().map(|p| p.port().to_string()).collect::<Vec<_>>().join(" "));
     std::io::stdout().flush()?;
     std::io::stdin().read_to_end(&mut Vec::new())?;
-    drop((
-        established_v4,
-        established_v6,
-        mapped_client,
-        mapped_server,
-        half_client,
-        half_server,
-    ));
-    drop((
-        queued,
-        udp_bound_v4,
-        udp_bound_v6,
-        udp_connected_v4,
-        udp_connected_v6,
-    ));
+    drop((established_v4, established_v6, mapped_client, mapped_server, half_client, half_server));
+    drop((queued, udp_bound_v4, udp_bound_v6, udp_connected_v4, udp_connected_v6));
     Ok(())
 }

@@ -92,14 +92,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 let status = Command::new(env_or("CARGO", "cargo"))
                     .current_dir(&root)
                     .env("NETWATCH_BIN", &binary)
-                    .args([
-                        "test",
-                        "--release",
-                        "-p",
-                        "netwatch-tests",
-                        "--",
-                        "--test-threads=1",
-                    ])
+                    .args(["test", "--release", "-p", "netwatch-tests", "--", "--test-threads=1"])
                     .status()
                     .context("running cargo")?;
                 if !status.success() {

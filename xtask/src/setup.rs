@@ -42,21 +42,13 @@ pub fn ensure_all() -> anyhow::Result<()> {
     }
     let llvm = nightly_llvm_major()?;
 
-    let packages = [
-        format!("llvm-{llvm}-dev"),
-        format!("libpolly-{llvm}-dev"),
-        "iproute2".into(),
-    ];
-    let missing: Vec<&str> = packages
-        .iter()
-        .map(String::as_str)
-        .filter(|p| !package_installed(p))
-        .collect();
+    let packages = [format!("llvm-{llvm}-dev"), format!("libpolly-{llvm}-dev"), "iproute2".into()];
+    let missing: Vec<&str> =
+        packages.iter().map(String::as_str).filter(|p| !package_installed(p)).collect();
     if !missing.is_empty() {
-        step(
-            &format!("install Debian packages: {}", missing.join(" ")),
-            || install_packages(&missing),
-        )?;
+        step(&format!("install Debian packages: {}", missing.join(" ")), || {
+            install_packages(&missing)
+        })?;
         installed.push("Debian packages");
     }
 
@@ -83,10 +75,9 @@ pub fn ensure_all() -> anyhow::Result<()> {
                      {BPF_LINKER_VERSION} on LLVM {llvm} (nightly rustc's): rebuilding it"
                 );
             }
-            step(
-                &format!("build bpf-linker {BPF_LINKER_VERSION} against LLVM {llvm}"),
-                || install_bpf_linker(llvm),
-            )?;
+            step(&format!("build bpf-linker {BPF_LINKER_VERSION} against LLVM {llvm}"), || {
+                install_bpf_linker(llvm)
+            })?;
             installed.push("bpf-linker");
         }
     }
@@ -96,11 +87,7 @@ pub fn ensure_all() -> anyhow::Result<()> {
         installed.push("tracefs");
     }
 
-    let what = if installed.is_empty() {
-        "all present".into()
-    } else {
-        installed.join(", ")
-    };
+    let what = if installed.is_empty() { "all present".into() } else { installed.join(", ") };
     eprintln!("==> set-up checked in {:.2?} ({what})", started.elapsed());
     Ok(())
 }
@@ -131,10 +118,7 @@ fn package_installed(name: &str) -> bool {
 }
 
 fn install_packages(packages: &[&str]) -> anyhow::Result<()> {
-    let by_hand = format!(
-        "apt-get update && apt-get install -y {}",
-        packages.join(" ")
-    );
+    let by_hand = format!("apt-get update && apt-get install -y {}", packages.join(" "));
     if !is_root() {
         bail!("installing Debian packages needs root; run by hand: sudo sh -c '{by_hand}'");
     }
@@ -154,9 +138,7 @@ fn rust_src_installed() -> anyhow::Result<bool> {
         .args(["component", "list", "--installed", "--toolchain", "nightly"])
         .output()
         .context("running rustup")?;
-    Ok(String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .any(|l| l.starts_with("rust-src")))
+    Ok(String::from_utf8_lossy(&output.stdout).lines().any(|l| l.starts_with("rust-src")))
 }
 
 fn cargo_bin_dir() -> PathBuf {
@@ -169,21 +151,14 @@ fn cargo_bin_dir() -> PathBuf {
 
 fn bpf_linker_path() -> PathBuf {
     let in_cargo_home = cargo_bin_dir().join("bpf-linker");
-    if in_cargo_home.exists() {
-        in_cargo_home
-    } else {
-        PathBuf::from("bpf-linker")
-    }
+    if in_cargo_home.exists() { in_cargo_home } else { PathBuf::from("bpf-linker") }
 }
 
 /// The installed bpf-linker's version and the LLVM major of the libLLVM it is linked to.
 fn bpf_linker_llvm() -> Option<(String, Option<u32>)> {
     let path = bpf_linker_path();
     let output = Command::new(&path).arg("--version").output().ok()?;
-    let version = String::from_utf8_lossy(&output.stdout)
-        .split_whitespace()
-        .nth(1)?
-        .to_string();
+    let version = String::from_utf8_lossy(&output.stdout).split_whitespace().nth(1)?.to_string();
     let full_path = if path.is_absolute() {
         path
     } else {
@@ -192,17 +167,15 @@ fn bpf_linker_llvm() -> Option<(String, Option<u32>)> {
         )
     };
     let ldd = Command::new("ldd").arg(full_path).output().ok()?;
-    let major = String::from_utf8_lossy(&ldd.stdout)
-        .lines()
-        .find_map(|line| {
-            let rest = line.trim().strip_prefix("libLLVM")?;
-            let digits: String = rest
-                .trim_start_matches(|c: char| !c.is_ascii_digit())
-                .chars()
-                .take_while(char::is_ascii_digit)
-                .collect();
-            digits.parse().ok()
-        });
+    let major = String::from_utf8_lossy(&ldd.stdout).lines().find_map(|line| {
+        let rest = line.trim().strip_prefix("libLLVM")?;
+        let digits: String = rest
+            .trim_start_matches(|c: char| !c.is_ascii_digit())
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
+        digits.parse().ok()
+    });
     Some((version, major))
 }
 
@@ -220,27 +193,19 @@ fn install_bpf_linker(llvm: u32) -> anyhow::Result<()> {
         "--features",
         &feature,
     ];
-    run_visible(
-        Command::new("cargo")
-            .env("LLVM_PREFIX", &prefix)
-            .env("PATH", &path)
-            .args(args),
-    )
-    .with_context(|| {
-        format!(
-            "run by hand: LLVM_PREFIX={prefix} PATH={prefix}/bin:$PATH cargo {}",
-            args.join(" ")
-        )
-    })
+    run_visible(Command::new("cargo").env("LLVM_PREFIX", &prefix).env("PATH", &path).args(args))
+        .with_context(|| {
+            format!(
+                "run by hand: LLVM_PREFIX={prefix} PATH={prefix}/bin:$PATH cargo {}",
+                args.join(" ")
+            )
+        })
 }
 
 fn tracefs_mounted() -> bool {
-    [
-        "/sys/kernel/tracing/events",
-        "/sys/kernel/debug/tracing/events",
-    ]
-    .iter()
-    .any(|p| Path::new(p).is_dir())
+    ["/sys/kernel/tracing/events", "/sys/kernel/debug/tracing/events"]
+        .iter()
+        .any(|p| Path::new(p).is_dir())
 }
 
 fn mount_tracefs() -> anyhow::Result<()> {
@@ -253,9 +218,7 @@ fn mount_tracefs() -> anyhow::Result<()> {
 }
 
 fn run_visible(command: &mut Command) -> anyhow::Result<()> {
-    let status = command
-        .status()
-        .with_context(|| format!("starting {command:?}"))?;
+    let status = command.status().with_context(|| format!("starting {command:?}"))?;
     if !status.success() {
         bail!("{command:?} failed ({status})");
     }

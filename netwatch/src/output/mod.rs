@@ -24,10 +24,7 @@ pub struct WallClock {
 }
 
 fn clock_ns(clock: libc::clockid_t) -> i128 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: valid pointer; both clocks always exist on Linux.
     unsafe { libc::clock_gettime(clock, &mut ts) };
     i128::from(ts.tv_sec) * 1_000_000_000 + i128::from(ts.tv_nsec)
@@ -37,16 +34,12 @@ impl WallClock {
     pub fn now() -> Self {
         let monotonic = clock_ns(libc::CLOCK_MONOTONIC);
         let realtime = clock_ns(libc::CLOCK_REALTIME);
-        Self {
-            realtime_minus_monotonic_ns: realtime - monotonic,
-        }
+        Self { realtime_minus_monotonic_ns: realtime - monotonic }
     }
 
     /// For tests: a clock whose monotonic 0 is the given wall time.
     pub fn with_offset_ns(offset: i128) -> Self {
-        Self {
-            realtime_minus_monotonic_ns: offset,
-        }
+        Self { realtime_minus_monotonic_ns: offset }
     }
 
     /// Current CLOCK_MONOTONIC, the kernel timestamps' clock.
@@ -162,13 +155,10 @@ impl TransitionRecord {
 
     pub fn text(&self) -> String {
         let time = self.time.with_timezone(&Local).format("%H:%M:%S%.6f");
-        let pid = self
-            .pid
-            .map_or_else(|| "-".to_string(), |pid| pid.to_string());
+        let pid = self.pid.map_or_else(|| "-".to_string(), |pid| pid.to_string());
         let comm = self.comm.as_deref().unwrap_or("-");
-        let ms = self
-            .duration_ns
-            .map_or_else(|| "-".to_string(), |ns| format!("{:.3}", millis(ns)));
+        let ms =
+            self.duration_ns.map_or_else(|| "-".to_string(), |ns| format!("{:.3}", millis(ns)));
         format!(
             "{time} {pid:<7} {comm:<16} {:<23} {:<23} {:<12} -> {:<12} {ms}",
             SocketAddr::from((self.laddr, self.lport)).to_string(),
@@ -256,11 +246,7 @@ mod tests {
                 remote: (IpAddr::V6(Ipv6Addr::LOCALHOST), 8080),
                 old: TcpState::SynSent,
                 new: TcpState::Established,
-                task: Task {
-                    pid: 0,
-                    tid: 0,
-                    comm: "swapper/1".into(),
-                },
+                task: Task { pid: 0, tid: 0, comm: "swapper/1".into() },
                 deferred_connect: false,
             },
             owner,
@@ -269,10 +255,7 @@ mod tests {
     }
 
     fn curl() -> Option<Owner> {
-        Some(Owner {
-            pid: 4242,
-            comm: "curl".into(),
-        })
+        Some(Owner { pid: 4242, comm: "curl".into() })
     }
 
     #[test]
@@ -285,16 +268,7 @@ mod tests {
         let fields: Vec<_> = line.split_whitespace().collect();
         assert_eq!(
             fields[1..],
-            [
-                "4242",
-                "curl",
-                "[::1]:40000",
-                "[::1]:8080",
-                "SYN_SENT",
-                "->",
-                "ESTABLISHED",
-                "0.412"
-            ]
+            ["4242", "curl", "[::1]:40000", "[::1]:8080", "SYN_SENT", "->", "ESTABLISHED", "0.412"]
         );
     }
 
@@ -305,10 +279,7 @@ mod tests {
         let fields: Vec<_> = line.split_whitespace().collect();
         assert_eq!(fields[1..3], ["-", "-"]);
         assert_eq!(fields.last(), Some(&"-"));
-        assert!(
-            !line.contains("swapper"),
-            "the on-CPU task is never shown as owner: {line}"
-        );
+        assert!(!line.contains("swapper"), "the on-CPU task is never shown as owner: {line}");
     }
 
     #[test]
@@ -323,31 +294,16 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&line).unwrap();
         assert_eq!(v["time"], "2023-11-14T22:13:21.500000000Z");
         assert_eq!(v["mono_ns"], 1_500_000_000u64);
-        assert_eq!(
-            (v["old"].as_str(), v["new"].as_str()),
-            (Some("SYN_SENT"), Some("ESTABLISHED"))
-        );
+        assert_eq!((v["old"].as_str(), v["new"].as_str()), (Some("SYN_SENT"), Some("ESTABLISHED")));
         assert_eq!(
             (v["duration_ns"].as_u64(), v["duration_ms"].as_f64()),
             (Some(1_250_000), Some(1.25))
         );
-        assert_eq!(
-            (v["pid"].as_u64(), v["comm"].as_str()),
-            (Some(4242), Some("curl"))
-        );
+        assert_eq!((v["pid"].as_u64(), v["comm"].as_str()), (Some(4242), Some("curl")));
         assert_eq!(v["family"], "ipv6");
-        assert_eq!(
-            (v["laddr"].as_str(), v["lport"].as_u64()),
-            (Some("::1"), Some(40000))
-        );
-        assert_eq!(
-            (v["raddr"].as_str(), v["rport"].as_u64()),
-            (Some("::1"), Some(8080))
-        );
-        assert_eq!(
-            (v["cookie"].as_u64(), v["netns"].as_u64()),
-            (Some(77), Some(4026531840))
-        );
+        assert_eq!((v["laddr"].as_str(), v["lport"].as_u64()), (Some("::1"), Some(40000)));
+        assert_eq!((v["raddr"].as_str(), v["rport"].as_u64()), (Some("::1"), Some(8080)));
+        assert_eq!((v["cookie"].as_u64(), v["netns"].as_u64()), (Some(77), Some(4026531840)));
         assert_eq!(v["skaddr"], "0xffff888000001000");
         assert_eq!(
             (v["task_comm"].as_str(), v["source"].as_str()),
@@ -375,18 +331,11 @@ mod tests {
             count: 12,
             total: 40,
         });
-        assert!(
-            record
-                .render(Format::Text)
-                .contains("LOST 12 events (ring buffer full")
-        );
+        assert!(record.render(Format::Text).contains("LOST 12 events (ring buffer full"));
         let line = record.render(Format::Json);
         assert!(line.starts_with(r#"{"type":"lost","#), "{line}");
         let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-        assert_eq!(
-            (v["count"].as_u64(), v["total"].as_u64()),
-            (Some(12), Some(40))
-        );
+        assert_eq!((v["count"].as_u64(), v["total"].as_u64()), (Some(12), Some(40)));
         assert_eq!(v["reason"], "ring_buffer_full");
         assert_eq!(serde_json::from_str::<StreamRecord>(&line).unwrap(), record);
     }

@@ -2,7 +2,7 @@
 use std::{net::SocketAddr, time::Duration};
 
 use comfy_table::{CellAlignment, ContentArrangement, Table, presets};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{
     events::{Family, TcpState},
@@ -10,8 +10,8 @@ use crate::{
     snapshot::{FdOwner, Protocol, SocketRow, Timer},
 };
 
-/// One socket as the table shows it.
-#[derive(Clone, Debug, PartialEq)]
+/// One socket as the table shows it (and as the agent sends it to `netwatch table`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Listed {
     pub row: SocketRow,
     pub owners: Vec<FdOwner>,
@@ -19,6 +19,9 @@ pub struct Listed {
     pub in_state: Option<Duration>,
     /// The `ip netns` name of the socket's namespace, if it has one.
     pub netns_name: Option<String>,
+    /// False for rows kept by the agent from events: queue lengths change with every
+    /// packet and no event reports them, so they are not shown rather than shown stale.
+    pub queues_known: bool,
 }
 
 /// The state as ss spells it (a closed socket, e.g. unconnected UDP, is UNCONN).
@@ -66,22 +69,14 @@ pub fn users(owners: &[FdOwner]) -> String {
     if owners.is_empty() {
         return String::new();
     }
-    let list: Vec<String> = owners
-        .iter()
-        .map(|o| format!("(\"{}\",pid={},fd={})", o.comm, o.pid, o.fd))
-        .collect();
+    let list: Vec<String> =
+        owners.iter().map(|o| format!("(\"{}\",pid={},fd={})", o.comm, o.pid, o.fd)).collect();
     format!("users:({})", list.join(","))
 }
 
 fn timer_text(timer: &Timer) -> String {
-    let kind = serde_json::to_value(timer.kind)
-        .ok()
-        .and_then(|v| v.as_str().map(String::from));
-    format!(
-        "timer:({},{:.3}sec)",
-        kind.unwrap_or_default(),
-        f64::from(timer.remaining_ms) / 1000.0
-    )
+    let kind = serde_json::to_value(timer.kind).ok().and_then(|v| v.as_str().map(String::from));
+    format!("timer:({},{:.3}sec)", kind.unwrap_or_default(), f64::from(timer.remaining_ms) / 1000.0)
 }
 
 fn duration_text(d: Duration) -> String {
@@ -92,6 +87,10 @@ fn duration_text(d: Duration) -> String {
         60..=3599 => format!("{}m{:02}s", secs / 60, secs % 60),
         _ => format!("{}h{:02}m", secs / 3600, (secs % 3600) / 60),
     }
+}
+
+fn queue(listed: &Listed, length: u32) -> String {
+    if listed.queues_known { length.to_string() } else { "-".to_string() }
 }
 
 pub struct TextOptions<'a> {
@@ -143,8 +142,8 @@ pub fn text(rows: &[Listed], options: &TextOptions<'_>) -> String {
         let mut cells = vec![
             row.protocol.name().to_string(),
             ss_state(row.state).to_string(),
-            row.recv_q.to_string(),
-            row.send_q.to_string(),
+            queue(listed, row.recv_q),
+            queue(listed, row.send_q),
             endpoint(row, row.local, options.services),
             endpoint(row, row.remote, options.services),
             users(&listed.owners),
@@ -159,12 +158,7 @@ pub fn text(rows: &[Listed], options: &TextOptions<'_>) -> String {
             cells.push(listed.in_state.map_or("-".to_string(), duration_text));
         }
         if show_netns {
-            cells.push(
-                listed
-                    .netns_name
-                    .clone()
-                    .unwrap_or_else(|| row.netns.to_string()),
-            );
+            cells.push(listed.netns_name.clone().unwrap_or_else(|| row.netns.to_string()));
         }
         if options.timers {
             cells.push(row.timer.as_ref().map(timer_text).unwrap_or_default());
@@ -180,11 +174,7 @@ pub fn text(rows: &[Listed], options: &TextOptions<'_>) -> String {
             column.set_cell_alignment(CellAlignment::Right);
         }
     }
-    table
-        .lines()
-        .map(|line| line.trim_end().to_string())
-        .collect::<Vec<_>>()
-        .join("\n")
+    table.lines().map(|line| line.trim_end().to_string()).collect::<Vec<_>>().join("\n")
 }
 
 /// One socket as a JSON object.
@@ -193,8 +183,8 @@ struct Record<'a> {
     netid: Protocol,
     state: TcpState,
     family: Family,
-    recv_q: u32,
-    send_q: u32,
+    recv_q: Option<u32>,
+    send_q: Option<u32>,
     laddr: String,
     lport: u16,
     raddr: String,
@@ -215,8 +205,8 @@ fn record(listed: &Listed) -> Record<'_> {
         netid: row.protocol,
         state: row.state,
         family: row.family,
-        recv_q: row.recv_q,
-        send_q: row.send_q,
+        recv_q: listed.queues_known.then_some(row.recv_q),
+        send_q: listed.queues_known.then_some(row.send_q),
         laddr: row.local.0.to_string(),
         lport: row.local.1,
         raddr: row.remote.0.to_string(),
@@ -265,11 +255,7 @@ mod tests {
             row: SocketRow {
                 netns: 4026531840,
                 protocol,
-                family: if local.0.is_ipv4() {
-                    Family::Ipv4
-                } else {
-                    Family::Ipv6
-                },
+                family: if local.0.is_ipv4() { Family::Ipv4 } else { Family::Ipv6 },
                 state,
                 local,
                 remote,
@@ -282,21 +268,12 @@ mod tests {
                 v6only: true,
             },
             owners: vec![
-                FdOwner {
-                    pid: 812,
-                    comm: "nginx".into(),
-                    fd: 6,
-                    start_time: Some(1),
-                },
-                FdOwner {
-                    pid: 813,
-                    comm: "nginx".into(),
-                    fd: 6,
-                    start_time: Some(2),
-                },
+                FdOwner { pid: 812, comm: "nginx".into(), fd: 6, start_time: Some(1) },
+                FdOwner { pid: 813, comm: "nginx".into(), fd: 6, start_time: Some(2) },
             ],
             in_state: None,
             netns_name: None,
+            queues_known: true,
         }
     }
 
@@ -315,17 +292,9 @@ mod tests {
         let services = Services::parse("http 80/tcp\n");
         let named = text(
             &rows,
-            &TextOptions {
-                services: Some(&services),
-                timers: false,
-                netid: true,
-                state: true,
-            },
+            &TextOptions { services: Some(&services), timers: false, netid: true, state: true },
         );
-        let lines: Vec<Vec<&str>> = named
-            .lines()
-            .map(|l| l.split_whitespace().collect())
-            .collect();
+        let lines: Vec<Vec<&str>> = named.lines().map(|l| l.split_whitespace().collect()).collect();
         assert_eq!(
             lines[0],
             [
@@ -352,39 +321,18 @@ mod tests {
                 r#"users:(("nginx",pid=812,fd=6),("nginx",pid=813,fd=6))"#
             ]
         );
-        assert_eq!(
-            lines[2][..6],
-            ["udp", "UNCONN", "0", "128", "[::1]:53", "[::]:*"]
-        );
+        assert_eq!(lines[2][..6], ["udp", "UNCONN", "0", "128", "[::1]:53", "[::]:*"]);
         let mut dual = rows[1].clone();
         dual.row.v6only = false;
         dual.row.local.0 = IpAddr::V6(Ipv6Addr::UNSPECIFIED);
-        let out = text(
-            &[dual],
-            &TextOptions {
-                services: None,
-                timers: false,
-                netid: true,
-                state: true,
-            },
-        );
+        let out =
+            text(&[dual], &TextOptions { services: None, timers: false, netid: true, state: true });
         assert_eq!(
-            out.lines()
-                .nth(1)
-                .unwrap()
-                .split_whitespace()
-                .collect::<Vec<_>>()[4..6],
+            out.lines().nth(1).unwrap().split_whitespace().collect::<Vec<_>>()[4..6],
             ["*:53", "*:*"]
         );
-        let numeric = text(
-            &rows,
-            &TextOptions {
-                services: None,
-                timers: false,
-                netid: true,
-                state: true,
-            },
-        );
+        let numeric =
+            text(&rows, &TextOptions { services: None, timers: false, netid: true, state: true });
         assert!(numeric.contains("0.0.0.0:80"), "{numeric}");
     }
 
@@ -392,24 +340,14 @@ mod tests {
     fn optional_columns_appear_when_informative() {
         let lo = IpAddr::V4(Ipv4Addr::LOCALHOST);
         let mut a = listed(Protocol::Tcp, TcpState::TimeWait, (lo, 1), (lo, 2));
-        a.row.timer = Some(Timer {
-            kind: TimerKind::Timewait,
-            remaining_ms: 59_500,
-        });
+        a.row.timer = Some(Timer { kind: TimerKind::Timewait, remaining_ms: 59_500 });
         a.in_state = Some(Duration::from_millis(500));
         let mut b = a.clone();
         b.row.netns = 1;
         b.netns_name = Some("blue".into());
         b.in_state = Some(Duration::from_secs(3725));
-        let out = text(
-            &[a, b],
-            &TextOptions {
-                services: None,
-                timers: true,
-                netid: true,
-                state: true,
-            },
-        );
+        let out =
+            text(&[a, b], &TextOptions { services: None, timers: true, netid: true, state: true });
         let lines: Vec<&str> = out.lines().collect();
         assert!(lines[0].ends_with("In-State  Netns       Timer"), "{out:?}");
         assert!(
@@ -418,42 +356,23 @@ mod tests {
                 && lines[1].contains("timer:(timewait,59.500sec)"),
             "{out}"
         );
-        assert!(
-            lines[2].contains("1h02m") && lines[2].contains("blue"),
-            "{out}"
-        );
+        assert!(lines[2].contains("1h02m") && lines[2].contains("blue"), "{out}");
     }
 
     #[test]
     fn json_has_every_field() {
         let lo = IpAddr::V4(Ipv4Addr::LOCALHOST);
-        let rows = vec![listed(
-            Protocol::Tcp,
-            TcpState::Established,
-            (lo, 1),
-            (lo, 2),
-        )];
+        let rows = vec![listed(Protocol::Tcp, TcpState::Established, (lo, 1), (lo, 2))];
         let v: serde_json::Value = serde_json::from_str(&json_array(&rows)).unwrap();
         let r = &v[0];
+        assert_eq!((r["netid"].as_str(), r["state"].as_str()), (Some("tcp"), Some("ESTABLISHED")));
         assert_eq!(
-            (r["netid"].as_str(), r["state"].as_str()),
-            (Some("tcp"), Some("ESTABLISHED"))
-        );
-        assert_eq!(
-            (
-                r["laddr"].as_str(),
-                r["lport"].as_u64(),
-                r["rport"].as_u64()
-            ),
+            (r["laddr"].as_str(), r["lport"].as_u64(), r["rport"].as_u64()),
             (Some("127.0.0.1"), Some(1), Some(2))
         );
         assert_eq!(r["owners"][1]["pid"], 813);
         assert_eq!(
-            (
-                r["cookie"].as_u64(),
-                r["inode"].as_u64(),
-                r["send_q"].as_u64()
-            ),
+            (r["cookie"].as_u64(), r["inode"].as_u64(), r["send_q"].as_u64()),
             (Some(9), Some(1234), Some(128))
         );
         assert!(r["in_state_ms"].is_null() && r["timer"].is_null());
