@@ -283,3 +283,33 @@ fn agent_table_equals_ss_for_sockets_from_before_and_after_it_started() {
     assert_eq!(ours, ss_rows(&ns), "after the second holder exited");
     assert!(agent.stop().success());
 }
+
+/// A stalled agent with the smallest ring buffer loses events; it says so in the stream,
+/// rebuilds its table from a new snapshot, and the table equals ss again.
+#[test]
+fn table_converges_to_ss_after_lost_events() {
+    let ns = NetSpace::new("lost");
+    let agent = Agent::start_with(&Agent::test_socket("lost"), &["--ring-size", "4096"]);
+    let watcher = Watcher::start(&["--json", "--port", "1", "--socket", socket_arg(&agent)]);
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(agent.child.id() as i32, libc::SIGSTOP) };
+    let holder = Holder::start(&ns, env!("CARGO_BIN_EXE_sockpeer"));
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+    for _ in 0..100 {
+        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        drop(listener.accept().unwrap());
+        drop(client);
+    }
+    // SAFETY: as above.
+    unsafe { libc::kill(agent.child.id() as i32, libc::SIGCONT) };
+    watcher.wait_until("a lost record from the agent", |lines| {
+        lines.iter().any(|l| l.contains("ring_buffer_full"))
+    });
+    thread::sleep(Duration::from_millis(500));
+    let (ours, _, _) = netwatch_rows(&agent, &ns);
+    assert_eq!(ours, ss_rows(&ns), "after the resync");
+    assert!(agent.stderr.lock().unwrap().contains("rebuilt from a new snapshot"));
+    drop(holder);
+    drop(watcher);
+    assert!(agent.stop().success());
+}

@@ -69,6 +69,22 @@ impl Tracer {
         })
     }
 
+    /// After lost events the table may be wrong in ways no later event will fix: rebuild it
+    /// from a fresh snapshot, exactly as at start (events still queued are newer and are
+    /// applied after it). State times restart unknown; owners and rows are right again.
+    fn resync(&mut self) {
+        let snapshot = Snapshot::take();
+        tracing::warn!(
+            "events were lost: the table was rebuilt from a new snapshot ({} sockets in {:.1?})",
+            snapshot.rows.len(),
+            snapshot.took
+        );
+        let mut table = Table::new();
+        table.seed(&snapshot.rows, &snapshot.owners, WallClock::monotonic_now_ns());
+        self.table = table;
+        self.namespaces = snapshot.namespaces.into_iter().map(|ns| (ns.inode, ns)).collect();
+    }
+
     /// Keeps the table's rows exact (timewait sockets looked up as they appear).
     pub fn keeping_rows(mut self) -> Self {
         self.keep_rows = true;
@@ -170,6 +186,9 @@ impl Tracer {
     fn report_losses(&mut self, out: &mut Vec<StreamRecord>) -> anyhow::Result<()> {
         let ring_full = self.lost.total().context("reading the lost-event counter")?;
         let time = self.clock.wall(WallClock::monotonic_now_ns());
+        if ring_full > self.reported_ring_full || self.reader.malformed > self.reported_malformed {
+            self.resync();
+        }
         for (reason, total, reported) in [
             (LossReason::RingBufferFull, ring_full, &mut self.reported_ring_full),
             (LossReason::Malformed, self.reader.malformed, &mut self.reported_malformed),

@@ -113,9 +113,14 @@ pub struct Agent {
 
 impl Agent {
     pub fn start(socket: &std::path::Path) -> Agent {
+        Agent::start_with(socket, &[])
+    }
+
+    pub fn start_with(socket: &std::path::Path, extra: &[&str]) -> Agent {
         let socket_arg = socket.to_str().expect("utf-8 path");
-        let Spawned { child, stderr, .. } =
-            spawn_until_ready(&["agent", "--socket", socket_arg], "serving");
+        let args: Vec<&str> =
+            ["agent", "--socket", socket_arg].into_iter().chain(extra.iter().copied()).collect();
+        let Spawned { child, stderr, .. } = spawn_until_ready(&args, "serving");
         Agent { child, socket: socket.to_path_buf(), stderr }
     }
 
