@@ -313,3 +313,44 @@ fn table_converges_to_ss_after_lost_events() {
     drop(watcher);
     assert!(agent.stop().success());
 }
+
+/// Holders follow fork (the child inherits every fd) and exec (close-on-exec fds are gone,
+/// the others stay under the new command name), as ss sees them.
+#[test]
+fn holders_follow_fork_and_exec() {
+    let ns = NetSpace::new("fork");
+    let agent = Agent::start(&Agent::test_socket("fork"));
+    let mut child = ns
+        .command(env!("CARGO_BIN_EXE_sockpeer"))
+        .arg("fork-exec")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let pids: Vec<u64> = line.split_whitespace().skip(1).map(|p| p.parse().unwrap()).collect();
+    let [parent, forked] = pids[..] else { panic!("{line}") };
+    thread::sleep(Duration::from_millis(300));
+
+    let (ours, records, _) = netwatch_rows(&agent, &ns);
+    assert_eq!(ours, ss_rows(&ns));
+    let holders = |netid: &str| -> Vec<(u64, String)> {
+        let row = records.iter().find(|r| r["netid"] == netid).unwrap();
+        row["owners"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|o| (o["pid"].as_u64().unwrap(), o["comm"].as_str().unwrap().to_string()))
+            .collect()
+    };
+    assert_eq!(
+        holders("tcp"),
+        [(parent, "sockpeer".to_string())],
+        "close-on-exec listener left the child"
+    );
+    assert_eq!(holders("udp"), [(parent, "sockpeer".to_string()), (forked, "sleep".to_string())]);
+    drop(child.stdin.take());
+    child.wait().unwrap();
+    assert!(agent.stop().success());
+}

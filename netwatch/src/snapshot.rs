@@ -393,6 +393,17 @@ pub fn socket_owners(problems: &mut Vec<String>) -> HashMap<u64, Vec<FdOwner>> {
     owners
 }
 
+/// fd -> socket inode for one process (empty if it is gone).
+pub fn socket_fds(pid: u32) -> HashMap<i32, u64> {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { return HashMap::new() };
+    fds.flatten()
+        .filter_map(|fd| {
+            let inode = socket_inode(&std::fs::read_link(fd.path()).ok()?)?;
+            Some((fd.file_name().to_str()?.parse().ok()?, inode))
+        })
+        .collect()
+}
+
 /// The inode of an fd link target `socket:[12345]`.
 fn socket_inode(target: &std::path::Path) -> Option<u64> {
     target.to_str()?.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()

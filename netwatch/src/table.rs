@@ -401,6 +401,21 @@ impl Table {
         }
     }
 
+    /// After an exec, keeps only the holders of `pid` whose fd still names the same socket
+    /// inode in `fds` (fd -> socket inode, read from /proc/PID/fd): close-on-exec fds are
+    /// closed by the kernel without a close() call.
+    pub fn keep_open_fds(&mut self, pid: u32, fds: &HashMap<i32, u64>) {
+        let keys: Vec<SockKey> = self.by_pid.get(&pid).into_iter().flatten().copied().collect();
+        for key in keys {
+            let Some(socket) = self.sockets.get_mut(&key) else { continue };
+            let inode = socket.facts.as_ref().map_or(0, |f| f.inode);
+            socket.holders.retain(|(holder, fd), _| *holder != pid || fds.get(fd) == Some(&inode));
+            if !socket.holders.keys().any(|(holder, _)| *holder == pid) {
+                self.forget_holders(key, [pid]);
+            }
+        }
+    }
+
     /// Timewait sockets whose substate is FIN_WAIT2 (orphans whose peer has not closed yet).
     pub fn timewait_in_fin_wait2(&self) -> Vec<SocketRow> {
         self.rows(0)
@@ -609,6 +624,9 @@ mod tests {
             holders(&table, 1),
             expected(&[(10, 3, "app"), (11, 3, "helper"), (11, 4, "helper")])
         );
+        // The exec closed fd 4 (close-on-exec); fd 3 is still the same socket.
+        table.keep_open_fds(11, &HashMap::from([(3, 1001), (4, 7777)]));
+        assert_eq!(holders(&table, 1), expected(&[(10, 3, "app"), (11, 3, "helper")]));
         table.apply(Event::Exit(task(11, "helper")));
         assert_eq!(holders(&table, 1), expected(&[(10, 3, "app")]));
         // A fork after the exit does not bring the dead child's fds back.

@@ -9,7 +9,7 @@ use crate::{
     events::{Event, EventReader, StateChange},
     loader::{self, LoadOptions, LostCounter, Probes},
     output::{LossReason, LossRecord, StreamRecord, TransitionRecord, WallClock, table::Listed},
-    snapshot::{NetNamespace, Snapshot, lookup_tcp, network_namespaces},
+    snapshot::{NetNamespace, Snapshot, lookup_tcp, network_namespaces, socket_fds},
     table::{Table, may_leave_timewait},
 };
 
@@ -140,7 +140,11 @@ impl Tracer {
 
     fn apply_batch(&mut self, out: &mut Vec<StreamRecord>) {
         let mut closed = Vec::new();
+        let mut execs = Vec::new();
         for event in self.batch.drain(..) {
+            if let (true, Event::Exec(task)) = (self.keep_rows, &event) {
+                execs.push(task.pid);
+            }
             if let Some(transition) = self.table.apply(event) {
                 if self.keep_rows && may_leave_timewait(&transition.change) {
                     closed.push(transition.change.clone());
@@ -150,6 +154,10 @@ impl Tracer {
         }
         for change in closed {
             self.look_up_timewait(&change);
+        }
+        for pid in execs {
+            // A targeted look at one process's fds: exec closed its close-on-exec ones.
+            self.table.keep_open_fds(pid, &socket_fds(pid));
         }
     }
 

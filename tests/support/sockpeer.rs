@@ -4,6 +4,9 @@
 //! - `sockpeer serve ADDR:PORT` prints `listening PORT`, serves one connection and exits;
 //! - `sockpeer connect ADDR:PORT` prints `local ADDR:PORT` after its round trip and exits;
 //! - `sockpeer serve-forked ADDR:PORT` listens, forks, and lets the child serve one connection;
+//! - `sockpeer fork-exec` holds a TCP listener (close-on-exec) and a UDP socket (inherited
+//!   across exec), forks a child that execs `sleep`, prints `ready PARENT CHILD`, and keeps
+//!   them until its stdin closes;
 //! - `sockpeer hold` makes a mix of sockets in every state `ss` lists, prints `ready`, and
 //!   keeps them until its stdin closes.
 use std::{
@@ -30,6 +33,7 @@ fn main() -> ExitCode {
         },
         ["serve-forked", addr] => serve_forked(addr),
         ["hold"] => hold(),
+        ["fork-exec"] => fork_exec(),
         _ => Err(std::io::Error::other("usage: sockpeer serve|connect ADDR:PORT | hold")),
     };
     match result {
@@ -68,6 +72,39 @@ fn serve_forked(addr: &str) -> std::io::Result<()> {
             }
         }
     }
+}
+
+fn fork_exec() -> std::io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+    let udp = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?;
+    // SAFETY: clearing FD_CLOEXEC on our own fd.
+    if unsafe { libc::fcntl(udp.as_raw_fd(), libc::F_SETFD, 0) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: single-threaded here; the child only calls async-signal-safe functions.
+    let child = unsafe { libc::fork() };
+    if child == 0 {
+        // SAFETY: the child dies with its parent, then becomes `sleep` (fds without
+        // FD_CLOEXEC stay open across the exec).
+        unsafe {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            let argv = [c"sleep".as_ptr(), c"60".as_ptr(), std::ptr::null()];
+            libc::execvp(c"sleep".as_ptr(), argv.as_ptr());
+            libc::_exit(127);
+        }
+    }
+    if child < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    thread::sleep(Duration::from_millis(200));
+    println!("ready {} {child}", std::process::id());
+    std::io::stdout().flush()?;
+    std::io::stdin().read_to_end(&mut Vec::new())?;
+    // SAFETY: our own child.
+    unsafe { libc::kill(child, libc::SIGKILL) };
+    drop((listener, udp));
+    Ok(())
 }
 
 /// A connected pair through `listener`: (client, accepted server side).
