@@ -354,3 +354,42 @@ fn holders_follow_fork_and_exec() {
     child.wait().unwrap();
     assert!(agent.stop().success());
 }
+
+/// A socket passed over a unix socket with SCM_RIGHTS has both processes as holders.
+#[test]
+fn a_socket_passed_with_scm_rights_lists_both_holders() {
+    let ns = NetSpace::new("scm");
+    let agent = Agent::start(&Agent::test_socket("scm"));
+    let mut child = ns
+        .command(env!("CARGO_BIN_EXE_sockpeer"))
+        .arg("pass-fd")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let numbers: Vec<i64> = line.split_whitespace().skip(1).map(|p| p.parse().unwrap()).collect();
+    let [parent, receiver, fd] = numbers[..] else { panic!("{line}") };
+    assert!(fd >= 0, "the child received an fd: {line}");
+    thread::sleep(Duration::from_millis(300));
+
+    let (ours, records, _) = netwatch_rows(&agent, &ns);
+    assert_eq!(ours, ss_rows(&ns));
+    let udp = records.iter().find(|r| r["netid"] == "udp").unwrap();
+    let holders: Vec<(i64, i64)> = udp["owners"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| (o["pid"].as_i64().unwrap(), o["fd"].as_i64().unwrap()))
+        .collect();
+    assert!(
+        holders.contains(&(receiver, fd)),
+        "the receiver holds it through fd {fd}: {holders:?}"
+    );
+    assert!(holders.iter().any(|(pid, _)| *pid == parent), "{holders:?}");
+    assert_eq!(holders.len(), 2, "{holders:?}");
+    drop(child.stdin.take());
+    child.wait().unwrap();
+    assert!(agent.stop().success());
+}

@@ -16,7 +16,7 @@ use aya_ebpf::{
     EbpfContext as _,
     bindings::BPF_SOCK_OPS_TCP_CONNECT_CB,
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_probe_read_kernel,
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_probe_read_kernel, bpf_probe_read_user,
         generated::{bpf_get_current_task, bpf_get_socket_cookie, bpf_ktime_get_ns},
     },
     macros::{btf_tracepoint, cgroup_sock, map, sock_ops, tracepoint},
@@ -72,6 +72,11 @@ load_time_constants!(
     /// `syscalls:sys_enter_*` records (the same for every syscall).
     TP_SYSCALL_RET,
     TP_SYSCALL_ARG0,
+    /// Offset of `msg` in `syscalls:sys_enter_recvmsg`, and of `msg_control` /
+    /// `msg_controllen` in `struct user_msghdr`: fds passed with SCM_RIGHTS.
+    TP_RECVMSG_MSG,
+    OFF_MSGHDR_CONTROL,
+    OFF_MSGHDR_CONTROLLEN,
     /// Field offsets of the classic `sock:inet_sock_set_state` record, from its format file.
     TP_SKADDR,
     TP_OLDSTATE,
@@ -358,7 +363,8 @@ fn socket_of_fd(fd: u32) -> Option<FdSocket> {
 }
 
 /// Sends `event_kind` for the socket behind `fd`, with its addresses and state now.
-#[inline(always)]
+/// Not inlined: the SCM_RIGHTS loop calls it several times.
+#[inline(never)]
 fn fd_event(event_kind: u8, fd: u32) {
     let Some(found) = socket_of_fd(fd) else {
         return;
@@ -454,6 +460,74 @@ pub fn addr_syscall_exit(ctx: TracePointContext) -> u32 {
         fd_event(kind::ADDRS, fd);
     }
     0
+}
+
+/// The user `msghdr` of a recvmsg in progress that asked for control data, by thread.
+#[map]
+static RECVMSG_MSGHDR: LruHashMap<u64, u64> = LruHashMap::with_max_entries(4096, 0);
+
+/// sys_enter_recvmsg: remember the msghdr if the caller has room for control messages.
+#[tracepoint]
+pub fn recvmsg_enter(ctx: TracePointContext) -> u32 {
+    // SAFETY: offset from the format file; checked helper reads.
+    let msghdr: u64 = unsafe { ctx.read_at(constant(&TP_RECVMSG_MSG)) }.unwrap_or(0);
+    let control: u64 = read_user(msghdr, constant(&OFF_MSGHDR_CONTROL));
+    if control != 0 {
+        let _ = RECVMSG_MSGHDR.insert(bpf_get_current_pid_tgid(), msghdr, 0);
+    }
+    0
+}
+
+/// Most fds one SCM_RIGHTS message is looked at for (the verifier needs a bound).
+const MAX_PASSED_FDS: usize = 8;
+
+/// sys_exit_recvmsg: fds received with SCM_RIGHTS are new holders of their sockets.
+#[tracepoint]
+pub fn recvmsg_exit(ctx: TracePointContext) -> u32 {
+    let key = bpf_get_current_pid_tgid();
+    let Some(msghdr) = RECVMSG_MSGHDR.get_ptr(key).map(|m| {
+        // SAFETY: pointer into the map value, read before the remove below.
+        unsafe { *m }
+    }) else {
+        return 0;
+    };
+    let _ = RECVMSG_MSGHDR.remove(key);
+    if syscall_ret(&ctx).is_none() {
+        return 0;
+    }
+    // The kernel wrote back how much control data it delivered.
+    let control: u64 = read_user(msghdr, constant(&OFF_MSGHDR_CONTROL));
+    let control_len: u64 = read_user(msghdr, constant(&OFF_MSGHDR_CONTROLLEN));
+    // struct cmsghdr { size_t cmsg_len; int cmsg_level; int cmsg_type; int fds[]; }
+    let cmsg_len: u64 = read_user(control, 0);
+    let level: i32 = read_user(control, 8);
+    let cmsg_type: i32 = read_user(control, 12);
+    const SOL_SOCKET: i32 = 1;
+    const SCM_RIGHTS: i32 = 1;
+    if control_len < 20 || level != SOL_SOCKET || cmsg_type != SCM_RIGHTS || cmsg_len < 20 {
+        return 0;
+    }
+    let count = ((cmsg_len.min(control_len) - 16) / 4) as usize;
+    for i in 0..MAX_PASSED_FDS {
+        if i >= count {
+            break;
+        }
+        let fd: i32 = read_user(control, 16 + 4 * i);
+        if fd >= 0 {
+            fd_event(kind::FD_OPEN, fd as u32);
+        }
+    }
+    0
+}
+
+/// Reads a `T` at `base + offset` in the current process's memory; zero if the read faults.
+#[inline(always)]
+fn read_user<T: Default>(base: u64, offset: usize) -> T {
+    if base == 0 {
+        return T::default();
+    }
+    // SAFETY: bpf_probe_read_user checks the address and fails instead of faulting.
+    unsafe { bpf_probe_read_user((base as usize + offset) as *const T).unwrap_or_default() }
 }
 
 /// tp_btf/sched_process_fork(parent, child): a new process inherits every fd.

@@ -232,7 +232,7 @@ fn attach_error(program: &'static str) -> impl Fn(aya::programs::ProgramError) -
 
 /// Kernel struct offsets the programs read, named as the programs' globals.
 fn kernel_offsets(btf: &KernelBtf) -> Result<Vec<(&'static str, u32)>> {
-    const FIELDS: [(&str, &str, &str); 26] = [
+    const FIELDS: [(&str, &str, &str); 28] = [
         ("OFF_SKC_DADDR", "sock", "__sk_common.skc_daddr"),
         ("OFF_SKC_RCV_SADDR", "sock", "__sk_common.skc_rcv_saddr"),
         ("OFF_SKC_DPORT", "sock", "__sk_common.skc_dport"),
@@ -259,6 +259,8 @@ fn kernel_offsets(btf: &KernelBtf) -> Result<Vec<(&'static str, u32)>> {
         ("OFF_INODE_INO", "inode", "i_ino"),
         ("OFF_TASK_PID", "task_struct", "pid"),
         ("OFF_TASK_TGID", "task_struct", "tgid"),
+        ("OFF_MSGHDR_CONTROL", "user_msghdr", "msg_control"),
+        ("OFF_MSGHDR_CONTROLLEN", "user_msghdr", "msg_controllen"),
     ];
     FIELDS
         .iter()
@@ -304,12 +306,14 @@ const OWNERSHIP_DEGRADED: &str = "sockets are attributed only to the process tha
 
 /// Attaches the programs that follow sockets through fd tables and processes.
 fn attach_ownership_programs(ebpf: &mut Ebpf) -> Result<()> {
-    let syscalls: [(&'static str, &[&str]); 5] = [
+    let syscalls: [(&'static str, &[&str]); 7] = [
         ("accept_exit", &["sys_exit_accept4", "sys_exit_accept"]),
         ("fd_open_exit", &["sys_exit_socket", "sys_exit_dup", "sys_exit_dup2", "sys_exit_dup3"]),
         ("close_enter", &["sys_enter_close"]),
         ("addr_syscall_enter", &["sys_enter_bind", "sys_enter_connect"]),
         ("addr_syscall_exit", &["sys_exit_bind", "sys_exit_connect"]),
+        ("recvmsg_enter", &["sys_enter_recvmsg"]),
+        ("recvmsg_exit", &["sys_exit_recvmsg"]),
     ];
     for (name, tracepoints) in syscalls {
         let program: &mut TracePoint = program(ebpf, name)?;
@@ -333,11 +337,12 @@ fn attach_ownership_programs(ebpf: &mut Ebpf) -> Result<()> {
     Ok(())
 }
 
-/// `TP_SYSCALL_RET` and `TP_SYSCALL_ARG0` from the syscall tracepoints' format files.
+/// Syscall record field offsets (`TP_*`) from the syscall tracepoints' format files.
 fn syscall_field_offsets() -> Result<Vec<(&'static str, u32)>> {
     Ok(vec![
         ("TP_SYSCALL_RET", syscall_field_offset("sys_exit_accept4", "ret")?),
         ("TP_SYSCALL_ARG0", syscall_field_offset("sys_enter_close", "fd")?),
+        ("TP_RECVMSG_MSG", syscall_field_offset("sys_enter_recvmsg", "msg")?),
     ])
 }
 

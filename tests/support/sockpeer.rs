@@ -7,6 +7,9 @@
 //! - `sockpeer fork-exec` holds a TCP listener (close-on-exec) and a UDP socket (inherited
 //!   across exec), forks a child that execs `sleep`, prints `ready PARENT CHILD`, and keeps
 //!   them until its stdin closes;
+//! - `sockpeer pass-fd` binds a UDP socket, forks a child and passes it the socket over a
+//!   unix socket pair with SCM_RIGHTS (the child closes its inherited copy first), prints
+//!   `ready PARENT CHILD FD`, and keeps both until its stdin closes;
 //! - `sockpeer hold` makes a mix of sockets in every state `ss` lists, prints `ready`, and
 //!   keeps them until its stdin closes.
 use std::{
@@ -34,6 +37,7 @@ fn main() -> ExitCode {
         ["serve-forked", addr] => serve_forked(addr),
         ["hold"] => hold(),
         ["fork-exec"] => fork_exec(),
+        ["pass-fd"] => pass_fd(),
         _ => Err(std::io::Error::other("usage: sockpeer serve|connect ADDR:PORT | hold")),
     };
     match result {
@@ -105,6 +109,90 @@ fn fork_exec() -> std::io::Result<()> {
     unsafe { libc::kill(child, libc::SIGKILL) };
     drop((listener, udp));
     Ok(())
+}
+
+fn pass_fd() -> std::io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    let (parent_end, child_end) = std::os::unix::net::UnixStream::pair()?;
+    let udp = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?;
+    let (mut report_read, report_write) = std::os::unix::net::UnixStream::pair()?;
+    // SAFETY: single-threaded here.
+    let child = unsafe { libc::fork() };
+    if child == 0 {
+        // SAFETY: the child gives up the copy of the socket fork gave it, so that it holds the
+        // socket only through the fd it receives; it dies with its parent.
+        unsafe {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            libc::close(udp.as_raw_fd());
+        }
+        let received = receive_fd(child_end.as_raw_fd());
+        let mut report = &report_write;
+        let _ = writeln!(report, "{received}");
+        loop {
+            thread::sleep(Duration::from_secs(1));
+        }
+    }
+    if child < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    send_fd(parent_end.as_raw_fd(), udp.as_raw_fd())?;
+    let mut received = [0u8; 16];
+    let n = report_read.read(&mut received)?;
+    let received = String::from_utf8_lossy(&received[..n]).trim().to_string();
+    println!("ready {} {child} {received}", std::process::id());
+    std::io::stdout().flush()?;
+    std::io::stdin().read_to_end(&mut Vec::new())?;
+    // SAFETY: our own child.
+    unsafe { libc::kill(child, libc::SIGKILL) };
+    drop(udp);
+    Ok(())
+}
+
+/// Sends `fd` over the unix socket `over` with SCM_RIGHTS.
+fn send_fd(over: i32, fd: i32) -> std::io::Result<()> {
+    let mut byte = [0u8; 1];
+    let mut control = [0u64; 4]; // room for CMSG_SPACE(4), 8-byte aligned
+    // SAFETY: msghdr and cmsg built in buffers that outlive the call.
+    unsafe {
+        let mut iov = libc::iovec { iov_base: byte.as_mut_ptr().cast(), iov_len: 1 };
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = libc::CMSG_SPACE(4) as usize;
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(4) as usize;
+        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<i32>(), fd);
+        if libc::sendmsg(over, &msg, 0) < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Receives one fd sent with SCM_RIGHTS; -1 on failure.
+fn receive_fd(over: i32) -> i32 {
+    let mut byte = [0u8; 1];
+    let mut control = [0u64; 4];
+    // SAFETY: as in send_fd.
+    unsafe {
+        let mut iov = libc::iovec { iov_base: byte.as_mut_ptr().cast(), iov_len: 1 };
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = std::mem::size_of_val(&control);
+        if libc::recvmsg(over, &mut msg, 0) < 0 {
+            return -1;
+        }
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        if cmsg.is_null() || (*cmsg).cmsg_type != libc::SCM_RIGHTS {
+            return -1;
+        }
+        std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<i32>())
+    }
 }
 
 /// A connected pair through `listener`: (client, accepted server side).
