@@ -393,3 +393,43 @@ fn a_socket_passed_with_scm_rights_lists_both_holders() {
     child.wait().unwrap();
     assert!(agent.stop().success());
 }
+
+/// Hundreds of connections opened and closed quickly by several processes: afterwards the
+/// agent's table (hundreds of TIME_WAIT sockets, which no tracepoint reports) equals ss.
+#[test]
+fn churn_ends_with_the_table_equal_to_ss() {
+    const CLIENTS: usize = 4;
+    const EACH: usize = 100;
+    let ns = NetSpace::new("churn");
+    let agent = Agent::start(&Agent::test_socket("churn"));
+    let mut server = ns
+        .command(env!("CARGO_BIN_EXE_sockpeer"))
+        .args(["serve-many", "127.0.0.1:0", &(CLIENTS * EACH).to_string()])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(server.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let port = line.trim().strip_prefix("listening ").unwrap().to_string();
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|_| {
+            ns.command(env!("CARGO_BIN_EXE_sockpeer"))
+                .args(["churn", &format!("127.0.0.1:{port}"), &EACH.to_string()])
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for mut client in clients {
+        assert!(client.wait().unwrap().success());
+    }
+    assert!(server.wait().unwrap().success());
+    thread::sleep(Duration::from_millis(500));
+
+    let (ours, _, _) = netwatch_rows(&agent, &ns);
+    let theirs = ss_rows(&ns);
+    let time_wait = theirs.iter().filter(|r| r.1 == "TIME-WAIT").count();
+    assert!(time_wait >= CLIENTS * EACH, "the churn leaves its TIME-WAIT sockets: {time_wait}");
+    assert_eq!(ours.len(), theirs.len());
+    assert_eq!(ours, theirs);
+    assert!(agent.stop().success());
+}

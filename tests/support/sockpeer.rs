@@ -10,6 +10,8 @@
 //! - `sockpeer pass-fd` binds a UDP socket, forks a child and passes it the socket over a
 //!   unix socket pair with SCM_RIGHTS (the child closes its inherited copy first), prints
 //!   `ready PARENT CHILD FD`, and keeps both until its stdin closes;
+//! - `sockpeer serve-many ADDR:PORT N` prints `listening PORT` and serves N connections;
+//! - `sockpeer churn ADDR:PORT N` makes N round trips to it, one after another;
 //! - `sockpeer hold` makes a mix of sockets in every state `ss` lists, prints `ready`, and
 //!   keeps them until its stdin closes.
 use std::{
@@ -38,6 +40,8 @@ fn main() -> ExitCode {
         ["hold"] => hold(),
         ["fork-exec"] => fork_exec(),
         ["pass-fd"] => pass_fd(),
+        ["serve-many", addr, count] => serve_many(addr, count),
+        ["churn", addr, count] => churn(addr, count),
         _ => Err(std::io::Error::other("usage: sockpeer serve|connect ADDR:PORT | hold")),
     };
     match result {
@@ -193,6 +197,29 @@ fn receive_fd(over: i32) -> i32 {
         }
         std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<i32>())
     }
+}
+
+fn count_arg(count: &str) -> std::io::Result<usize> {
+    count.parse().map_err(|e| std::io::Error::other(format!("bad count {count}: {e}")))
+}
+
+fn serve_many(addr: &str, count: &str) -> std::io::Result<()> {
+    let listener = TcpListener::bind(addr)?;
+    println!("listening {}", listener.local_addr()?.port());
+    std::io::stdout().flush()?;
+    for _ in 0..count_arg(count)? {
+        serve_one(&listener)?;
+    }
+    Ok(())
+}
+
+fn churn(addr: &str, count: &str) -> std::io::Result<()> {
+    let server: SocketAddr =
+        addr.parse().map_err(|e| std::io::Error::other(format!("{addr}: {e}")))?;
+    for _ in 0..count_arg(count)? {
+        client_roundtrip(server)?;
+    }
+    Ok(())
 }
 
 /// A connected pair through `listener`: (client, accepted server side).
