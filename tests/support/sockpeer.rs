@@ -12,6 +12,8 @@
 //!   `ready PARENT CHILD FD`, and keeps both until its stdin closes;
 //! - `sockpeer serve-many ADDR:PORT N` prints `listening PORT` and serves N connections;
 //! - `sockpeer churn ADDR:PORT N` makes N round trips to it, one after another;
+//! - `sockpeer pairs N` makes a listener and N/2 established loopback pairs (N sockets),
+//!   prints `ready`, and keeps them until its stdin closes (for benchmarks);
 //! - `sockpeer hold` makes a mix of sockets in every state `ss` lists, prints `ready`, and
 //!   keeps them until its stdin closes.
 use std::{
@@ -38,6 +40,7 @@ fn main() -> ExitCode {
         },
         ["serve-forked", addr] => serve_forked(addr),
         ["hold"] => hold(),
+        ["pairs", count] => pairs(count),
         ["fork-exec"] => fork_exec(),
         ["pass-fd"] => pass_fd(),
         ["serve-many", addr, count] => serve_many(addr, count),
@@ -197,6 +200,27 @@ fn receive_fd(over: i32) -> i32 {
         }
         std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<i32>())
     }
+}
+
+fn pairs(count: &str) -> std::io::Result<()> {
+    // Each socket is an fd: raise the soft limit to the hard one.
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: valid pointers to a local rlimit.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
+        limit.rlim_cur = limit.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+    }
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+    let mut kept = Vec::new();
+    for _ in 0..count_arg(count)? / 2 {
+        kept.push(pair(&listener)?);
+    }
+    println!("ready");
+    std::io::stdout().flush()?;
+    std::io::stdin().read_to_end(&mut Vec::new())?;
+    drop(kept);
+    Ok(())
 }
 
 fn count_arg(count: &str) -> std::io::Result<usize> {

@@ -3,6 +3,7 @@
 //! Every command first makes sure the machine has what the build and the tests need and
 //! installs what is missing, printing each step and how long it took. With everything present
 //! the checks cost well under a second.
+mod bench;
 mod setup;
 
 use std::{
@@ -33,6 +34,12 @@ enum Task {
     },
     /// Set up, then run the unit tests and the privileged integration tests.
     Test,
+    /// Set up, build in release mode and run the benchmarks (report in target/bench/).
+    Bench {
+        /// Socket counts for the snapshot scenario.
+        #[arg(long, value_delimiter = ',', default_value = "10000,50000")]
+        sockets: Vec<usize>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -64,6 +71,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let binary = root.join("target/release/netwatch");
             let error = Command::new(&binary).args(&args).exec();
             Err(error).with_context(|| format!("starting {}", binary.display()))
+        }
+        Task::Bench { sockets } => {
+            setup::ensure_all()?;
+            if !setup::is_root() {
+                bail!("the benchmarks load eBPF programs: run `sudo -E cargo xtask bench`");
+            }
+            step("build netwatch and sockpeer (release)", || {
+                cargo(
+                    &root,
+                    &["build", "--release", "-p", "netwatch", "-p", "netwatch-tests", "--bins"],
+                )
+            })?;
+            bench::Bench::new(&root).snapshot(&sockets)
         }
         Task::Test => {
             setup::ensure_all()?;
