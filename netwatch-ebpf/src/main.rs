@@ -65,6 +65,8 @@ load_time_constants!(
     /// `file.f_inode`, `inode.i_ino`: the socket inode `/proc/PID/fd` names.
     OFF_FILE_INODE,
     OFF_INODE_INO,
+    /// `sock.sk_socket`: from a socket to its struct socket (and file, and inode).
+    OFF_SK_SOCKET,
     /// `task_struct.pid` / `.tgid`: telling a new process from a new thread at fork.
     OFF_TASK_PID,
     OFF_TASK_TGID,
@@ -192,6 +194,7 @@ pub fn state_btf(ctx: BtfTracePointContext) -> u32 {
     event.oldstate = oldstate as u8;
     event.newstate = newstate as u8;
     fill_from_sock(&mut event, sk);
+    event.inode = inode_of_sock(sk);
 
     if defer_connect_enabled() {
         if event.oldstate == tcp_state::CLOSE && event.newstate == tcp_state::SYN_SENT {
@@ -245,6 +248,25 @@ fn fill_from_sock(event: &mut SockEvent, sk: *const u8) {
     if net != 0 {
         event.netns = read_kernel(net as *const u8, constant(&OFF_NET_NS_INUM));
     }
+}
+
+/// The sockfs inode of a socket that still has its file; 0 for an orphan or a child not yet
+/// accepted.
+#[inline(always)]
+fn inode_of_sock(sk: *const u8) -> u64 {
+    let socket: u64 = read_kernel(sk, constant(&OFF_SK_SOCKET));
+    if socket == 0 {
+        return 0;
+    }
+    let file: u64 = read_kernel(socket as *const u8, constant(&OFF_SOCKET_FILE));
+    if file == 0 {
+        return 0;
+    }
+    let inode: u64 = read_kernel(file as *const u8, constant(&OFF_FILE_INODE));
+    if inode == 0 {
+        return 0;
+    }
+    read_kernel(inode as *const u8, constant(&OFF_INODE_INO))
 }
 
 // ---------------------------------------------------------------------------------------------

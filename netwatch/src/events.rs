@@ -161,6 +161,8 @@ pub struct StateChange {
     pub cookie: Option<u64>,
     pub skaddr: u64,
     pub netns: u32,
+    /// The socket's sockfs inode while it has a file; 0 otherwise.
+    pub inode: u64,
     pub family: Family,
     pub local: (IpAddr, u16),
     pub remote: (IpAddr, u16),
@@ -279,6 +281,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
                 cookie,
                 skaddr: raw.skaddr,
                 netns: raw.netns,
+                inode: raw.inode,
                 family,
                 local: (address(family, &raw.saddr), raw.sport),
                 remote: (address(family, &raw.daddr), raw.dport),

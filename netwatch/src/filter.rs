@@ -62,6 +62,7 @@ mod tests {
                 key: SockKey::Cookie(1),
                 cookie: Some(1),
                 skaddr: 0,
+                inode: 0,
                 netns: 1,
                 family: Family::Ipv4,
                 local: (IpAddr::V4(Ipv4Addr::LOCALHOST), lport),

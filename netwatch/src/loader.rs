@@ -232,7 +232,7 @@ fn attach_error(program: &'static str) -> impl Fn(aya::programs::ProgramError) -
 
 /// Kernel struct offsets the programs read, named as the programs' globals.
 fn kernel_offsets(btf: &KernelBtf) -> Result<Vec<(&'static str, u32)>> {
-    const FIELDS: [(&str, &str, &str); 28] = [
+    const FIELDS: [(&str, &str, &str); 29] = [
         ("OFF_SKC_DADDR", "sock", "__sk_common.skc_daddr"),
         ("OFF_SKC_RCV_SADDR", "sock", "__sk_common.skc_rcv_saddr"),
         ("OFF_SKC_DPORT", "sock", "__sk_common.skc_dport"),
@@ -257,6 +257,7 @@ fn kernel_offsets(btf: &KernelBtf) -> Result<Vec<(&'static str, u32)>> {
         ("OFF_SKC_STATE", "sock", "__sk_common.skc_state"),
         ("OFF_FILE_INODE", "file", "f_inode"),
         ("OFF_INODE_INO", "inode", "i_ino"),
+        ("OFF_SK_SOCKET", "sock", "sk_socket"),
         ("OFF_TASK_PID", "task_struct", "pid"),
         ("OFF_TASK_TGID", "task_struct", "tgid"),
         ("OFF_MSGHDR_CONTROL", "user_msghdr", "msg_control"),

@@ -240,6 +240,7 @@ mod tests {
                 key: SockKey::Cookie(77),
                 cookie: Some(77),
                 skaddr: 0xffff_8880_0000_1000,
+                inode: 0,
                 netns: 4026531840,
                 family: Family::Ipv6,
                 local: (IpAddr::V6(Ipv6Addr::LOCALHOST), 40000),
