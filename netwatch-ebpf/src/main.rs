@@ -19,9 +19,11 @@ use aya_ebpf::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_probe_read_kernel, bpf_probe_read_user,
         generated::{bpf_get_current_task, bpf_get_socket_cookie, bpf_ktime_get_ns},
     },
-    macros::{btf_tracepoint, cgroup_sock, map, sock_ops, tracepoint},
+    macros::{btf_tracepoint, cgroup_sock, cgroup_sock_addr, map, sock_ops, tracepoint},
     maps::{Array, LruHashMap, PerCpuArray, RingBuf},
-    programs::{BtfTracePointContext, SockContext, SockOpsContext, TracePointContext},
+    programs::{
+        BtfTracePointContext, SockAddrContext, SockContext, SockOpsContext, TracePointContext,
+    },
 };
 use netwatch_common::{
     AF_INET, AF_INET6, IPPROTO_TCP, IPPROTO_UDP, SockEvent, config, flags, kind, tcp_state,
@@ -67,6 +69,9 @@ load_time_constants!(
     OFF_INODE_INO,
     /// `sock.sk_socket`: from a socket to its struct socket (and file, and inode).
     OFF_SK_SOCKET,
+    /// `task_struct.nsproxy`, `nsproxy.net_ns`: the current task's network namespace.
+    OFF_TASK_NSPROXY,
+    OFF_NSPROXY_NET_NS,
     /// `task_struct.pid` / `.tgid`: telling a new process from a new thread at fork.
     OFF_TASK_PID,
     OFF_TASK_TGID,
@@ -581,6 +586,74 @@ pub fn process_exit(_ctx: TracePointContext) -> u32 {
         submit(&new_event(kind::EXIT));
     }
     0
+}
+
+// ---------------------------------------------------------------------------------------------
+// cgroup sendmsg4/sendmsg6: a UDP socket's first send. A socket that was never bound is bound
+// by the kernel to an ephemeral port before this hook runs (inet_send_prepare), with no other
+// event to say so; report its addresses once per socket.
+// ---------------------------------------------------------------------------------------------
+
+/// UDP sockets whose first send was reported, by cookie; LRU so it cannot fill up.
+#[map]
+static UDP_SENT: LruHashMap<u64, u8> = LruHashMap::with_max_entries(65_536, 0);
+
+#[inline(always)]
+fn udp_first_send(ctx: &SockAddrContext) {
+    // SAFETY: the program's own context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if UDP_SENT.get_ptr(cookie).is_some() {
+        return;
+    }
+    let _ = UDP_SENT.insert(cookie, 1, 0);
+    // SAFETY: the kernel passes a valid bpf_sock_addr whose sk, when set, is a bpf_sock.
+    let sk = unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk };
+    if sk.is_null() {
+        return;
+    }
+    // SAFETY: checked for null above; fields of the context's socket.
+    let sock = unsafe { &*sk };
+    if sock.protocol != IPPROTO_UDP as u32 {
+        return;
+    }
+    let mut event = new_event(kind::ADDRS);
+    event.cookie = cookie;
+    event.protocol = IPPROTO_UDP;
+    event.family = sock.family as u8;
+    event.newstate = sock.state as u8;
+    event.sport = sock.src_port as u16;
+    event.dport = u16::from_be(sock.dst_port);
+    if event.family == AF_INET6 {
+        for i in 0..4 {
+            event.saddr[4 * i..4 * i + 4].copy_from_slice(&sock.src_ip6[i].to_ne_bytes());
+            event.daddr[4 * i..4 * i + 4].copy_from_slice(&sock.dst_ip6[i].to_ne_bytes());
+        }
+    } else {
+        event.saddr[..4].copy_from_slice(&sock.src_ip4.to_ne_bytes());
+        event.daddr[..4].copy_from_slice(&sock.dst_ip4.to_ne_bytes());
+    }
+    // Sending happens in the socket's own namespace as far as the sender can tell: use the
+    // sending task's.
+    // SAFETY: helper with no arguments; the pointer is only used through probe reads.
+    let task = unsafe { bpf_get_current_task() } as *const u8;
+    let nsproxy: u64 = read_kernel(task, constant(&OFF_TASK_NSPROXY));
+    let net: u64 = read_kernel(nsproxy as *const u8, constant(&OFF_NSPROXY_NET_NS));
+    if nsproxy != 0 && net != 0 {
+        event.netns = read_kernel(net as *const u8, constant(&OFF_NET_NS_INUM));
+    }
+    submit(&event);
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn udp_sendmsg4(ctx: SockAddrContext) -> i32 {
+    udp_first_send(&ctx);
+    1 // always allow
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn udp_sendmsg6(ctx: SockAddrContext) -> i32 {
+    udp_first_send(&ctx);
+    1 // always allow
 }
 
 // ---------------------------------------------------------------------------------------------

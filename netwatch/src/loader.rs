@@ -15,7 +15,7 @@ use std::{
 use aya::{
     Btf, Ebpf, EbpfLoader,
     maps::{Array, MapData, PerCpuArray, RingBuf},
-    programs::{BtfTracePoint, CgroupAttachMode, CgroupSock, SockOps, TracePoint},
+    programs::{BtfTracePoint, CgroupAttachMode, CgroupSock, CgroupSockAddr, SockOps, TracePoint},
 };
 use netwatch_common::config;
 
@@ -194,6 +194,18 @@ fn attach_cgroup_hooks(
         }
     }
 
+    for name in ["udp_sendmsg4", "udp_sendmsg6"] {
+        let program: &mut CgroupSockAddr = program(ebpf, name)?;
+        let attached =
+            program.load().and_then(|()| program.attach(&root, CgroupAttachMode::Single).map(drop));
+        if let Err(error) = attached {
+            warnings.push(format!(
+                "cannot attach cgroup/{name} ({error}): a UDP socket bound implicitly by its \
+                 first send is not listed by the agent"
+            ));
+        }
+    }
+
     let program: &mut SockOps = program(ebpf, "connect_port")?;
     let attached =
         program.load().and_then(|()| program.attach(&root, CgroupAttachMode::Single).map(drop));
@@ -232,7 +244,7 @@ fn attach_error(program: &'static str) -> impl Fn(aya::programs::ProgramError) -
 
 /// Kernel struct offsets the programs read, named as the programs' globals.
 fn kernel_offsets(btf: &KernelBtf) -> Result<Vec<(&'static str, u32)>> {
-    const FIELDS: [(&str, &str, &str); 29] = [
+    const FIELDS: [(&str, &str, &str); 31] = [
         ("OFF_SKC_DADDR", "sock", "__sk_common.skc_daddr"),
         ("OFF_SKC_RCV_SADDR", "sock", "__sk_common.skc_rcv_saddr"),
         ("OFF_SKC_DPORT", "sock", "__sk_common.skc_dport"),
@@ -258,6 +270,8 @@ fn kernel_offsets(btf: &KernelBtf) -> Result<Vec<(&'static str, u32)>> {
         ("OFF_FILE_INODE", "file", "f_inode"),
         ("OFF_INODE_INO", "inode", "i_ino"),
         ("OFF_SK_SOCKET", "sock", "sk_socket"),
+        ("OFF_TASK_NSPROXY", "task_struct", "nsproxy"),
+        ("OFF_NSPROXY_NET_NS", "nsproxy", "net_ns"),
         ("OFF_TASK_PID", "task_struct", "pid"),
         ("OFF_TASK_TGID", "task_struct", "tgid"),
         ("OFF_MSGHDR_CONTROL", "user_msghdr", "msg_control"),

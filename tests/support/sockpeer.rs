@@ -246,6 +246,39 @@ fn churn(addr: &str, count: &str) -> std::io::Result<()> {
     Ok(())
 }
 
+/// A UDP socket never bound nor connected, that sends once: the kernel binds it to an
+/// ephemeral port as it sends (std's UdpSocket always binds first, hence libc).
+fn autobound_udp(to: SocketAddr) -> std::io::Result<UdpSocket> {
+    use std::os::fd::FromRawFd as _;
+    let SocketAddr::V4(to) = to else { return Err(std::io::Error::other("IPv4 only")) };
+    // SAFETY: plain socket calls on a new fd, handed to UdpSocket, which closes it.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let socket = UdpSocket::from_raw_fd(fd);
+        let address = libc::sockaddr_in {
+            sin_family: libc::AF_INET as u16,
+            sin_port: to.port().to_be(),
+            sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(to.ip().octets()) },
+            sin_zero: [0; 8],
+        };
+        let sent = libc::sendto(
+            fd,
+            b"x".as_ptr().cast(),
+            1,
+            0,
+            (&address as *const libc::sockaddr_in).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as u32,
+        );
+        if sent < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(socket)
+    }
+}
+
 /// A connected pair through `listener`: (client, accepted server side).
 fn pair(listener: &TcpListener) -> std::io::Result<(TcpStream, TcpStream)> {
     let client = TcpStream::connect(listener.local_addr()?)?;
@@ -293,6 +326,7 @@ fn hold() -> std::io::Result<()> {
     udp_connected_v4.connect(udp_bound_v4.local_addr()?)?;
     let udp_connected_v6 = UdpSocket::bind((Ipv6Addr::LOCALHOST, 0))?;
     udp_connected_v6.connect(udp_bound_v6.local_addr()?)?;
+    let udp_autobound = autobound_udp(udp_bound_v4.local_addr()?)?;
 
     // Let the last ACKs land so that queues and states are settled when the test looks.
     thread::sleep(Duration::from_millis(100));
@@ -301,6 +335,6 @@ fn hold() -> std::io::Result<()> {
     std::io::stdout().flush()?;
     std::io::stdin().read_to_end(&mut Vec::new())?;
     drop((established_v4, established_v6, mapped_client, mapped_server, half_client, half_server));
-    drop((queued, udp_bound_v4, udp_bound_v6, udp_connected_v4, udp_connected_v6));
+    drop((queued, udp_bound_v4, udp_bound_v6, udp_connected_v4, udp_connected_v6, udp_autobound));
     Ok(())
 }
