@@ -91,6 +91,20 @@ fn table_equals_ss_for_every_state_and_filter() {
 }
 
 #[test]
+fn the_proc_net_fallback_lists_the_same_rows() {
+    let ns = NetNs::new("proc");
+    let _holder = Holder::start(&ns, env!("CARGO_BIN_EXE_sockpeer"));
+    let (ours, _) = netwatch_table(&ns, &["-tuanp", "--from-proc"]);
+    // /proc/net has no listener backlog (netstat shows 0 there too); ss shows it as Send-Q.
+    let mut theirs = ss(&ns, &["-tuanp"]);
+    for row in theirs.iter_mut().filter(|r| r[1] == "LISTEN") {
+        row[3] = "0".into();
+    }
+    assert_eq!(ours, theirs);
+    assert!(ours.len() >= 15, "the mix: {ours:#?}");
+}
+
+#[test]
 fn json_lists_the_same_sockets_with_identity() {
     let ns = NetNs::new("tbl");
     let _holder = Holder::start(&ns, env!("CARGO_BIN_EXE_sockpeer"));

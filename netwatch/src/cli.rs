@@ -106,6 +106,10 @@ pub struct TableArgs {
     /// Take a snapshot of our own even when an agent is running.
     #[arg(long)]
     pub no_agent: bool,
+    /// Read /proc/net/* (as netstat does) instead of netlink sock_diag; implies --no-agent.
+    /// No socket cookies, timers or IPV6_V6ONLY then.
+    #[arg(long)]
+    pub from_proc: bool,
     /// Where to look for a running agent.
     #[arg(long, value_name = "PATH", default_value = api::DEFAULT_SOCKET)]
     pub socket: PathBuf,

@@ -15,7 +15,7 @@ use crate::{
     output::table::{self, Listed, TextOptions},
     query::{self, Endpoints, Query, StateSet},
     services::Services,
-    snapshot::{Protocol, Snapshot, SocketRow},
+    snapshot::{Protocol, Snapshot, SocketRow, Source},
 };
 
 /// Everything `netwatch table` was asked for, resolved before any socket is read.
@@ -155,12 +155,14 @@ pub async fn run(args: &TableArgs) -> anyhow::Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         return Err(Error::NotRoot.into());
     }
-    let agent = if args.no_agent { None } else { from_agent(&args.socket).await? };
+    let agent =
+        if args.no_agent || args.from_proc { None } else { from_agent(&args.socket).await? };
     let all = match agent {
         Some(rows) => rows,
         None => {
             eprintln!("netwatch: no agent to ask: showing a one-shot snapshot (no time-in-state)");
-            let snapshot = Snapshot::take();
+            let source = if args.from_proc { Source::ProcNet } else { Source::SockDiag };
+            let snapshot = Snapshot::take_from(source);
             for problem in &snapshot.problems {
                 tracing::warn!("{problem}");
             }

@@ -100,10 +100,27 @@ pub struct Snapshot {
 impl Snapshot {
     /// Dumps every namespace and joins owners.
     pub fn take() -> Snapshot {
+        Snapshot::take_from(Source::SockDiag)
+    }
+
+    /// Dumps every namespace from `source`; sock_diag falls back to /proc/net per namespace
+    /// when it fails (a kernel without inet_diag), and says so in `problems`.
+    pub fn take_from(source: Source) -> Snapshot {
         let started = Instant::now();
         let mut snapshot = Snapshot { namespaces: network_namespaces(), ..Default::default() };
         for namespace in &snapshot.namespaces {
-            match dump_namespace(namespace) {
+            let rows = match source {
+                Source::SockDiag => dump_namespace(namespace).or_else(|error| {
+                    snapshot.problems.push(format!(
+                        "netns {}: sock_diag failed ({error}); read /proc/net instead (no \
+                         cookies, timers or IPV6_V6ONLY)",
+                        namespace.inode
+                    ));
+                    read_proc_net(namespace)
+                }),
+                Source::ProcNet => read_proc_net(namespace),
+            };
+            match rows {
                 Ok(rows) => snapshot.rows.extend(rows),
                 Err(error) => snapshot.problems.push(format!(
                     "netns {} ({}): {error}",
@@ -186,6 +203,110 @@ fn dump_namespace(namespace: &NetNamespace) -> io::Result<Vec<SocketRow>> {
         }
         Ok(rows)
     })
+}
+
+/// Where a snapshot reads sockets from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// Netlink sock_diag: cookies, timers, IPV6_V6ONLY.
+    SockDiag,
+    /// `/proc/net/{tcp,tcp6,udp,udp6}`, as netstat reads them: addresses, states, queues,
+    /// uid and inode only.
+    ProcNet,
+}
+
+/// The /proc/net tables as seen from inside `namespace` (`/proc/thread-self/net` follows the
+/// reading thread's namespace).
+fn read_proc_net(namespace: &NetNamespace) -> io::Result<Vec<SocketRow>> {
+    use procfs::FromBufReadSI as _;
+    let netns = namespace.inode;
+    in_namespace(&namespace.path, move || {
+        let open = |name: &str| -> io::Result<std::io::BufReader<File>> {
+            Ok(std::io::BufReader::new(File::open(format!("/proc/thread-self/net/{name}"))?))
+        };
+        let info = procfs::current_system_info();
+        let bad = |e: procfs::ProcError| io::Error::other(e.to_string());
+        let mut rows = Vec::new();
+        for (name, family) in [("tcp", Family::Ipv4), ("tcp6", Family::Ipv6)] {
+            let entries =
+                procfs::net::TcpNetEntries::from_buf_read(open(name)?, info).map_err(bad)?;
+            for e in entries.0 {
+                let Some(state) = TcpState::from_kernel(e.state as u8) else { continue };
+                rows.push(proc_row(
+                    netns,
+                    Protocol::Tcp,
+                    family,
+                    state,
+                    e.local_address,
+                    e.remote_address,
+                    (e.rx_queue, e.tx_queue),
+                    e.uid,
+                    e.inode,
+                ));
+            }
+        }
+        for (name, family) in [("udp", Family::Ipv4), ("udp6", Family::Ipv6)] {
+            let entries =
+                procfs::net::UdpNetEntries::from_buf_read(open(name)?, info).map_err(bad)?;
+            for e in entries.0 {
+                let Some(state) = TcpState::from_kernel(e.state as u8) else { continue };
+                rows.push(proc_row(
+                    netns,
+                    Protocol::Udp,
+                    family,
+                    state,
+                    e.local_address,
+                    e.remote_address,
+                    (e.rx_queue, e.tx_queue),
+                    e.uid,
+                    e.inode,
+                ));
+            }
+        }
+        Ok(rows)
+    })
+}
+
+#[allow(clippy::too_many_arguments)] // one row's columns, as /proc/net lists them
+fn proc_row(
+    netns: u32,
+    protocol: Protocol,
+    family: Family,
+    state: TcpState,
+    local: std::net::SocketAddr,
+    remote: std::net::SocketAddr,
+    (recv_q, send_q): (u32, u32),
+    uid: u32,
+    inode: u64,
+) -> SocketRow {
+    SocketRow {
+        netns,
+        protocol,
+        family,
+        state,
+        local: (local.ip(), local.port()),
+        remote: (remote.ip(), remote.port()),
+        cookie: 0,
+        inode,
+        uid,
+        recv_q,
+        send_q,
+        timer: None,
+        v6only: v6only_guess(local.ip()),
+    }
+}
+
+/// /proc/net does not say whether an IPv6 socket is IPV6_V6ONLY. The kernel sets it on any
+/// socket bound to a specific, non-v4-mapped IPv6 address; a wildcard one gets the option's
+/// default, net.ipv6.bindv6only (a program may have changed it: this is a guess).
+fn v6only_guess(local: IpAddr) -> bool {
+    match local {
+        IpAddr::V4(_) => false,
+        IpAddr::V6(v6) if v6.is_unspecified() => {
+            std::fs::read_to_string("/proc/sys/net/ipv6/bindv6only").is_ok_and(|v| v.trim() == "1")
+        }
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().is_none(),
+    }
 }
 
 /// The socket the kernel keeps for a TCP 4-tuple in the namespace at `path` (after its full

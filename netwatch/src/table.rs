@@ -136,7 +136,8 @@ impl Table {
     /// first process (lowest pid) holding it, and a listener's owner passes on to the
     /// connections it spawns.
     pub fn seed(&mut self, rows: &[SocketRow], owners: &HashMap<u64, Vec<FdOwner>>, now_ns: u64) {
-        for row in rows {
+        // Rows without a cookie (read from /proc/net) could never be matched with events.
+        for row in rows.iter().filter(|r| r.cookie != 0) {
             self.insert_row(row, owners.get(&row.inode).filter(|_| row.inode != 0), now_ns);
         }
         let listed: HashSet<u64> = rows.iter().map(|r| r.inode).collect();
