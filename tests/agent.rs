@@ -433,3 +433,49 @@ fn churn_ends_with_the_table_equal_to_ss() {
     assert_eq!(ours, theirs);
     assert!(agent.stop().success());
 }
+
+/// A server process and a separate client process: the accepted socket is held by the
+/// server, the client's by the client - in the agent's table as in ss.
+#[test]
+fn separate_server_and_client_each_hold_their_end() {
+    let ns = NetSpace::new("pair");
+    let agent = Agent::start(&Agent::test_socket("pair"));
+    let sockpeer = env!("CARGO_BIN_EXE_sockpeer");
+    let mut server = ns
+        .command(sockpeer)
+        .args(["serve", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(server.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let port = line.trim().strip_prefix("listening ").unwrap().to_string();
+    let mut client = ns
+        .command(sockpeer)
+        .args(["connect-hold", &format!("127.0.0.1:{port}")])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(client.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    thread::sleep(Duration::from_millis(300));
+
+    let (ours, records, _) = netwatch_rows(&agent, &ns);
+    assert_eq!(ours, ss_rows(&ns));
+    let port: u64 = port.parse().unwrap();
+    let holder_of = |lport_is_server: bool| -> u64 {
+        let row = records
+            .iter()
+            .find(|r| r["state"] == "ESTABLISHED" && (r["lport"] == port) == lport_is_server)
+            .unwrap();
+        row["owners"][0]["pid"].as_u64().unwrap()
+    };
+    assert_eq!(holder_of(true), u64::from(server.id()), "the accepted socket is the server's");
+    assert_eq!(holder_of(false), u64::from(client.id()), "the connecting socket is the client's");
+    let _ = server.kill();
+    server.wait().unwrap();
+    drop(client.stdin.take());
+    client.wait().unwrap();
+    assert!(agent.stop().success());
+}

@@ -14,6 +14,8 @@
 //! - `sockpeer churn ADDR:PORT N` makes N round trips to it, one after another;
 //! - `sockpeer pairs N` makes a listener and N/2 established loopback pairs (N sockets),
 //!   prints `ready`, and keeps them until its stdin closes (for benchmarks);
+//! - `sockpeer connect-hold ADDR:PORT` connects, prints `ready LOCALPORT`, and keeps the
+//!   connection until its stdin closes;
 //! - `sockpeer hold` makes a mix of sockets in every state `ss` lists, prints `ready`, and
 //!   keeps them until its stdin closes.
 use std::{
@@ -40,6 +42,7 @@ fn main() -> ExitCode {
         },
         ["serve-forked", addr] => serve_forked(addr),
         ["hold"] => hold(),
+        ["connect-hold", addr] => connect_hold(addr),
         ["pairs", count] => pairs(count),
         ["fork-exec"] => fork_exec(),
         ["pass-fd"] => pass_fd(),
@@ -220,6 +223,15 @@ fn pairs(count: &str) -> std::io::Result<()> {
     std::io::stdout().flush()?;
     std::io::stdin().read_to_end(&mut Vec::new())?;
     drop(kept);
+    Ok(())
+}
+
+fn connect_hold(addr: &str) -> std::io::Result<()> {
+    let stream = TcpStream::connect(addr)?;
+    println!("ready {}", stream.local_addr()?.port());
+    std::io::stdout().flush()?;
+    std::io::stdin().read_to_end(&mut Vec::new())?;
+    drop(stream);
     Ok(())
 }
 
