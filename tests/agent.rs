@@ -472,6 +472,15 @@ fn separate_server_and_client_each_hold_their_end() {
         row["owners"][0]["pid"].as_u64().unwrap()
     };
     assert_eq!(holder_of(true), u64::from(server.id()), "the accepted socket is the server's");
+    let accepted =
+        records.iter().find(|r| r["state"] == "ESTABLISHED" && r["lport"] == port).unwrap();
+    let history = accepted["owner_history"].as_array().unwrap();
+    assert_eq!(
+        history.last().unwrap()["pid"],
+        server.id(),
+        "owner history ends with the acceptor: {accepted}"
+    );
+    assert!(history.last().unwrap()["ago_ms"].is_u64(), "an event named it: {accepted}");
     assert_eq!(holder_of(false), u64::from(client.id()), "the connecting socket is the client's");
     let _ = server.kill();
     server.wait().unwrap();

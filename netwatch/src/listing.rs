@@ -112,6 +112,7 @@ pub fn listed_from(snapshot: Snapshot) -> Vec<Listed> {
             netns_name: names.get(&row.netns).cloned(),
             in_state: None,
             queues_known: true,
+            owner_history: Vec::new(),
             row,
         })
         .collect();

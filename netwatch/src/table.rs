@@ -72,6 +72,26 @@ struct Socket {
     facts: Option<Facts>,
     /// Every (pid, fd) holding the socket, with the process's command name.
     holders: BTreeMap<(u32, i32), String>,
+    /// The owners the socket had, oldest first, with when each took over (None: found in the
+    /// snapshot); at most OWNER_HISTORY entries.
+    owner_history: VecDeque<(Option<u64>, Owner)>,
+}
+
+/// How many owners a socket remembers.
+const OWNER_HISTORY: usize = 8;
+
+impl Socket {
+    fn set_owner(&mut self, owner: Option<Owner>, at_ns: Option<u64>) {
+        if let Some(new) = &owner
+            && self.owner.as_ref() != Some(new)
+        {
+            if self.owner_history.len() == OWNER_HISTORY {
+                self.owner_history.pop_front();
+            }
+            self.owner_history.push_back((at_ns, new.clone()));
+        }
+        self.owner = owner;
+    }
 }
 
 /// A socket as the table lists it: `ss`'s row, every holder, and the time in its state.
@@ -80,6 +100,8 @@ pub struct Row {
     pub row: SocketRow,
     pub owners: Vec<FdOwner>,
     pub in_state_ns: Option<u64>,
+    /// The owners the socket had, oldest first, with how long ago each took over.
+    pub owner_history: Vec<(Option<u64>, Owner)>,
 }
 
 /// Listeners by (netns, local port, local address).
@@ -164,7 +186,7 @@ impl Table {
         let socket = self.sockets.entry(key).or_default();
         socket.state = Some(row.state);
         socket.since_ns = None;
-        socket.owner = owner;
+        socket.set_owner(owner, None);
         socket.facts = Some(Facts {
             protocol: row.protocol,
             family: row.family,
@@ -191,7 +213,7 @@ impl Table {
             Event::Created(life) => {
                 let socket = self.sockets.entry(SockKey::Cookie(life.cookie)).or_default();
                 socket.created_ns = Some(life.ts_ns);
-                socket.owner = Some(Owner::from(&life.task));
+                socket.set_owner(Some(Owner::from(&life.task)), Some(life.ts_ns));
             }
             Event::Released(life) => {
                 let key = SockKey::Cookie(life.cookie);
@@ -212,7 +234,7 @@ impl Table {
                 let owner = Owner::from(&fd.task);
                 self.hold(&fd);
                 if let Some(socket) = self.sockets.get_mut(&SockKey::Cookie(fd.cookie)) {
-                    socket.owner = Some(owner);
+                    socket.set_owner(Some(owner), Some(fd.ts_ns));
                 }
             }
             Event::FdOpened(fd) => self.hold(&fd),
@@ -353,9 +375,9 @@ impl Table {
             _ => None,
         };
         if runs_in_owner_syscall(change.old, change.new) {
-            socket.owner = Some(Owner::from(&change.task));
+            socket.set_owner(Some(Owner::from(&change.task)), Some(change.ts_ns));
         } else if socket.owner.is_none() {
-            socket.owner = listener_owner;
+            socket.set_owner(listener_owner, Some(change.ts_ns));
         }
         socket.state = Some(change.new);
         socket.since_ns = Some(change.ts_ns);
@@ -536,6 +558,11 @@ impl Table {
                     })
                     .collect(),
                 in_state_ns: socket.since_ns.map(|since| now_ns.saturating_sub(since)),
+                owner_history: socket
+                    .owner_history
+                    .iter()
+                    .map(|(at, owner)| (at.map(|at| now_ns.saturating_sub(at)), owner.clone()))
+                    .collect(),
             });
         }
         rows
@@ -783,6 +810,19 @@ mod tests {
         table.apply(change(1, 30, Established, Close, task(4, "curl")));
         table.apply(released(1, 40));
         assert!(table.is_empty(), "a socket closed during the snapshot is not resurrected");
+    }
+
+    #[test]
+    fn owner_history_keeps_each_takeover() {
+        let mut table = Table::new();
+        table.apply(change(5, 100, Close, Listen, task(7, "master")));
+        table.apply(change(6, 200, Listen, SynRecv, task(8, "client")));
+        table.apply(Event::Accepted(fd_event(6, 9, task(70, "worker"), Protocol::Tcp)));
+        let rows = table.rows(1_000);
+        let child = rows.iter().find(|r| r.row.cookie == 6).unwrap();
+        let history: Vec<(Option<u64>, u32)> =
+            child.owner_history.iter().map(|(ago, o)| (*ago, o.pid)).collect();
+        assert_eq!(history, [(Some(800), 7), (Some(999), 70)]);
     }
 
     #[test]

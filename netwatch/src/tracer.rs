@@ -8,7 +8,10 @@ use anyhow::Context as _;
 use crate::{
     events::{Event, EventReader, StateChange},
     loader::{self, LoadOptions, LostCounter, Probes},
-    output::{LossReason, LossRecord, StreamRecord, TransitionRecord, WallClock, table::Listed},
+    output::{
+        LossReason, LossRecord, StreamRecord, TransitionRecord, WallClock,
+        table::{Listed, OwnerChange},
+    },
     snapshot::{NetNamespace, Snapshot, lookup_tcp, network_namespaces, socket_fds},
     table::{Table, may_leave_timewait},
 };
@@ -105,6 +108,15 @@ impl Tracer {
                 owners: row.owners,
                 row: row.row,
                 queues_known: false,
+                owner_history: row
+                    .owner_history
+                    .iter()
+                    .map(|(ago, owner)| OwnerChange {
+                        pid: owner.pid,
+                        comm: owner.comm.clone(),
+                        ago: ago.map(Duration::from_nanos),
+                    })
+                    .collect(),
             })
             .collect()
     }

@@ -22,6 +22,18 @@ pub struct Listed {
     /// False for rows kept by the agent from events: queue lengths change with every
     /// packet and no event reports them, so they are not shown rather than shown stale.
     pub queues_known: bool,
+    /// The owners the socket had, oldest first (known only to an agent).
+    #[serde(default)]
+    pub owner_history: Vec<OwnerChange>,
+}
+
+/// A process that became a socket's owner: connecting, listening, accepting, closing.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct OwnerChange {
+    pub pid: u32,
+    pub comm: String,
+    /// How long before the table was taken; None when the snapshot found it.
+    pub ago: Option<Duration>,
 }
 
 /// The state as ss spells it (a closed socket, e.g. unconnected UDP, is UNCONN).
@@ -177,6 +189,13 @@ pub fn text(rows: &[Listed], options: &TextOptions<'_>) -> String {
     table.lines().map(|line| line.trim_end().to_string()).collect::<Vec<_>>().join("\n")
 }
 
+#[derive(Serialize)]
+struct OwnerRecord<'a> {
+    pid: u32,
+    comm: &'a str,
+    ago_ms: Option<u128>,
+}
+
 /// One socket as a JSON object.
 #[derive(Serialize)]
 struct Record<'a> {
@@ -191,6 +210,7 @@ struct Record<'a> {
     rport: u16,
     owners: &'a [FdOwner],
     in_state_ms: Option<u128>,
+    owner_history: Vec<OwnerRecord<'a>>,
     netns: u32,
     netns_name: Option<&'a str>,
     cookie: u64,
@@ -213,6 +233,15 @@ fn record(listed: &Listed) -> Record<'_> {
         rport: row.remote.1,
         owners: &listed.owners,
         in_state_ms: listed.in_state.map(|d| d.as_millis()),
+        owner_history: listed
+            .owner_history
+            .iter()
+            .map(|o| OwnerRecord {
+                pid: o.pid,
+                comm: &o.comm,
+                ago_ms: o.ago.map(|d| d.as_millis()),
+            })
+            .collect(),
         netns: row.netns,
         netns_name: listed.netns_name.as_deref(),
         cookie: row.cookie,
@@ -274,6 +303,7 @@ mod tests {
             in_state: None,
             netns_name: None,
             queues_known: true,
+            owner_history: Vec::new(),
         }
     }
 
