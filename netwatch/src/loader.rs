@@ -139,11 +139,18 @@ pub fn load(options: &LoadOptions) -> Result<Probes> {
     }
     let mut ebpf = loader.load(EBPF_OBJECT)?;
 
-    let source = if kernel_btf.is_some() {
-        let btf = Btf::from_sys_fs()
-            .map_err(|e| Error::Btf { path: crate::btf::VMLINUX.into(), reason: e.to_string() })?;
+    // aya's own parse of the kernel BTF, for the tp_btf programs (one parse for all of them).
+    let aya_btf =
+        match kernel_btf {
+            Some(_) => Some(Btf::from_sys_fs().map_err(|e| Error::Btf {
+                path: crate::btf::VMLINUX.into(),
+                reason: e.to_string(),
+            })?),
+            None => None,
+        };
+    let source = if let Some(btf) = &aya_btf {
         let program: &mut BtfTracePoint = program(&mut ebpf, "state_btf")?;
-        program.load("inet_sock_set_state", &btf).map_err(attach_error("state_btf"))?;
+        program.load("inet_sock_set_state", btf).map_err(attach_error("state_btf"))?;
         program.attach().map_err(attach_error("tp_btf/inet_sock_set_state"))?;
         StateSource::TpBtf
     } else {
@@ -155,8 +162,9 @@ pub fn load(options: &LoadOptions) -> Result<Probes> {
         StateSource::Tracepoint
     };
 
-    if !syscall_fields.is_empty()
-        && let Err(error) = attach_ownership_programs(&mut ebpf)
+    if let Some(btf) = &aya_btf
+        && !syscall_fields.is_empty()
+        && let Err(error) = attach_ownership_programs(&mut ebpf, btf)
     {
         warnings.push(format!("{error}: {OWNERSHIP_DEGRADED}"));
     }
@@ -320,7 +328,7 @@ const OWNERSHIP_DEGRADED: &str = "sockets are attributed only to the process tha
     listens or closes them (not to the one that accepts, dups or inherits them)";
 
 /// Attaches the programs that follow sockets through fd tables and processes.
-fn attach_ownership_programs(ebpf: &mut Ebpf) -> Result<()> {
+fn attach_ownership_programs(ebpf: &mut Ebpf, btf: &Btf) -> Result<()> {
     let syscalls: [(&'static str, &[&str]); 7] = [
         ("accept_exit", &["sys_exit_accept4", "sys_exit_accept"]),
         ("fd_open_exit", &["sys_exit_socket", "sys_exit_dup", "sys_exit_dup2", "sys_exit_dup3"]),
@@ -344,10 +352,8 @@ fn attach_ownership_programs(ebpf: &mut Ebpf) -> Result<()> {
         program.load().map_err(attach_error(name))?;
         program.attach("sched", tracepoint).map_err(attach_error(name))?;
     }
-    let btf = Btf::from_sys_fs()
-        .map_err(|e| Error::Btf { path: crate::btf::VMLINUX.into(), reason: e.to_string() })?;
     let program: &mut BtfTracePoint = program(ebpf, "process_fork")?;
-    program.load("sched_process_fork", &btf).map_err(attach_error("process_fork"))?;
+    program.load("sched_process_fork", btf).map_err(attach_error("process_fork"))?;
     program.attach().map_err(attach_error("process_fork"))?;
     Ok(())
 }
