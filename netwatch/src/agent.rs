@@ -17,6 +17,7 @@ use tokio::{
 use crate::{
     api::{self, Command, Request, SocketFile},
     cli::AgentArgs,
+    eventlog::Logging,
     output::{LossReason, LossRecord, StreamRecord, WallClock, table::Listed},
     tracer::Tracer,
     watch::Signals,
@@ -43,6 +44,7 @@ pub async fn run(args: &AgentArgs) -> anyhow::Result<()> {
         tracer.describe(),
         args.socket.display()
     );
+    let mut log = Logging::start(args.log.options());
     let mut records = Vec::new();
     loop {
         tokio::select! {
@@ -59,6 +61,7 @@ pub async fn run(args: &AgentArgs) -> anyhow::Result<()> {
             }
             next = tracer.next(&mut records) => {
                 next?;
+                log.write(&records);
                 for record in records.drain(..) {
                     // No subscriber is fine: nobody is watching.
                     let _ = sender.send(Arc::new(record));
@@ -67,6 +70,7 @@ pub async fn run(args: &AgentArgs) -> anyhow::Result<()> {
         }
     }
     tracer.finish(&mut records)?;
+    log.write(&records);
     for record in records.drain(..) {
         let _ = sender.send(Arc::new(record));
     }

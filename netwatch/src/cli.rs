@@ -6,6 +6,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::{
     api,
+    eventlog::{self, LogOptions},
     events::{Family, TcpState},
     filter::{TransitionFilter, parse_transition},
     loader::{LoadOptions, SourceChoice},
@@ -43,6 +44,27 @@ pub enum Command {
     Agent(AgentArgs),
 }
 
+/// `--log`: where and how much to keep of every stream record.
+#[derive(Clone, Debug, Args)]
+pub struct LogArgs {
+    /// Append every record (NDJSON, one line each, "v":1) to this file.
+    #[arg(long, value_name = "PATH")]
+    pub log: Option<PathBuf>,
+    /// Rotate the log when it would grow past this size (K, M, G).
+    #[arg(long, value_name = "SIZE", default_value = "100M", value_parser = eventlog::parse_size)]
+    pub log_max_size: u64,
+    /// How many rotated logs to keep (PATH.1 .. PATH.N).
+    #[arg(long, value_name = "N", default_value_t = 5)]
+    pub log_keep: u32,
+}
+
+impl LogArgs {
+    pub fn options(&self) -> Option<LogOptions> {
+        let path = self.log.clone()?;
+        Some(LogOptions { path, max_size: self.log_max_size, keep: self.log_keep })
+    }
+}
+
 #[derive(Clone, Debug, Args)]
 pub struct AgentArgs {
     /// The API socket (created mode 0600; its directory 0700 if netwatch creates it).
@@ -54,6 +76,8 @@ pub struct AgentArgs {
     /// Ring buffer size in bytes: a power of two, at least 4096.
     #[arg(long, value_name = "BYTES", value_parser = parse_ring_size)]
     pub ring_size: Option<u32>,
+    #[command(flatten)]
+    pub log: LogArgs,
 }
 
 impl AgentArgs {
@@ -172,6 +196,9 @@ pub struct WatchArgs {
     /// Where to look for a running agent.
     #[arg(long, value_name = "PATH", default_value = api::DEFAULT_SOCKET)]
     pub socket: PathBuf,
+    /// The records shown (after the filters) are also appended to --log.
+    #[command(flatten)]
+    pub log: LogArgs,
 }
 
 fn parse_state(text: &str) -> Result<TcpState, String> {

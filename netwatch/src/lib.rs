@@ -11,6 +11,7 @@ pub mod api;
 pub mod btf;
 pub mod cli;
 pub mod error;
+pub mod eventlog;
 pub mod events;
 pub mod filter;
 pub mod listing;

@@ -13,27 +13,29 @@ use tokio::{
 use crate::{
     api::{self, Command, Request},
     cli::WatchArgs,
+    eventlog::Logging,
     filter::TransitionFilter,
     loader::SourceChoice,
     output::{self, Format, StreamRecord},
     tracer::Tracer,
 };
 
-/// Filters and prints records.
+/// Filters, logs and prints records.
 struct Printer {
     out: BufWriter<io::Stdout>,
     format: Format,
     filter: TransitionFilter,
+    log: Logging,
 }
 
 impl Printer {
     fn print(&mut self, records: &mut Vec<StreamRecord>) -> io::Result<()> {
+        records.retain(|record| match record {
+            StreamRecord::Transition(t) => self.filter.matches(t),
+            StreamRecord::Lost(_) => true,
+        });
+        self.log.write(records);
         for record in records.drain(..) {
-            if let StreamRecord::Transition(t) = &record
-                && !self.filter.matches(t)
-            {
-                continue;
-            }
             self.out.write_all(record.render(self.format).as_bytes())?;
             self.out.write_all(b"\n")?;
         }
@@ -64,8 +66,12 @@ impl Signals {
 
 pub async fn run(args: &WatchArgs) -> anyhow::Result<()> {
     let mut signals = Signals::install()?;
-    let mut printer =
-        Printer { out: BufWriter::new(io::stdout()), format: args.format(), filter: args.filter() };
+    let mut printer = Printer {
+        out: BufWriter::new(io::stdout()),
+        format: args.format(),
+        filter: args.filter(),
+        log: Logging::start(args.log.options()),
+    };
     // Options that shape the kernel side need programs of our own.
     let own_programs =
         args.no_agent || args.source != SourceChoice::Auto || args.ring_size.is_some();

@@ -1,0 +1,311 @@
+//! The durable event log (`--log PATH`): every stream record appended as one NDJSON line, with
+//! size-based rotation.
+//!
+//! Lines are whole or absent: each batch of records is formatted first and written with one
+//! `write` on an `O_APPEND` file, and a write that fails half-way (disk full) is cut back to
+//! the last complete line. A line left half-written by a crash is cut the same way when the
+//! log is reopened, so every line in the file parses. Any failure to write stops the logging,
+//! never the tracing: the caller is told once, and netwatch keeps going.
+use std::{
+    fs::{File, OpenOptions},
+    io::{self, Read as _, Seek as _, SeekFrom, Write as _},
+    path::{Path, PathBuf},
+};
+
+use crate::output::StreamRecord;
+
+/// Version of the log's line format (the `v` field of every line).
+pub const FORMAT_VERSION: u32 = 1;
+
+#[derive(Clone, Debug)]
+pub struct LogOptions {
+    pub path: PathBuf,
+    /// Rotate when the file would grow past this many bytes.
+    pub max_size: u64,
+    /// Rotated files kept (PATH.1 newest .. PATH.N oldest).
+    pub keep: u32,
+}
+
+pub struct EventLog {
+    options: LogOptions,
+    file: File,
+    size: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("event log {path}: {source}")]
+pub struct LogError {
+    pub path: PathBuf,
+    #[source]
+    pub source: io::Error,
+}
+
+impl EventLog {
+    /// Opens (appending to) the log, cutting a half-written last line left by a crash.
+    pub fn open(options: LogOptions) -> Result<EventLog, LogError> {
+        let fail = |source| LogError { path: options.path.clone(), source };
+        let mut file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .read(true)
+            .open(&options.path)
+            .map_err(fail)?;
+        let size = complete_length(&mut file).map_err(fail)?;
+        if size != file.metadata().map_err(fail)?.len() {
+            tracing::warn!(
+                "event log {}: cut a half-written last line left by a crash",
+                options.path.display()
+            );
+            file.set_len(size).map_err(fail)?;
+        }
+        Ok(EventLog { options, file, size })
+    }
+
+    /// Appends `records`, one line each, rotating whenever the next line would not fit (a
+    /// single line longer than the limit gets a file of its own).
+    pub fn append(&mut self, records: &[StreamRecord]) -> Result<(), LogError> {
+        let mut chunk = String::new();
+        for record in records {
+            let line = line(record) + "\n";
+            let used = self.size + chunk.len() as u64;
+            if used > 0 && used + line.len() as u64 > self.options.max_size {
+                self.write(&chunk)?;
+                chunk.clear();
+                self.rotate().map_err(|source| self.error(source))?;
+            }
+            chunk.push_str(&line);
+        }
+        self.write(&chunk)
+    }
+
+    /// One write of whole lines; on failure, cut back whatever part of it landed.
+    fn write(&mut self, lines: &str) -> Result<(), LogError> {
+        if lines.is_empty() {
+            return Ok(());
+        }
+        if let Err(source) = self.file.write_all(lines.as_bytes()) {
+            let _ = self.file.set_len(self.size);
+            return Err(self.error(source));
+        }
+        self.size += lines.len() as u64;
+        Ok(())
+    }
+
+    fn error(&self, source: io::Error) -> LogError {
+        LogError { path: self.options.path.clone(), source }
+    }
+
+    /// PATH -> PATH.1 -> ... -> PATH.keep (the oldest falls off), then a new, empty PATH.
+    fn rotate(&mut self) -> io::Result<()> {
+        let rotated = |n: u32| {
+            let mut name = self.options.path.clone().into_os_string();
+            name.push(format!(".{n}"));
+            PathBuf::from(name)
+        };
+        if self.options.keep == 0 {
+            self.file.set_len(0)?;
+            self.size = 0;
+            return Ok(());
+        }
+        match std::fs::remove_file(rotated(self.options.keep)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        for n in (1..self.options.keep).rev() {
+            match std::fs::rename(rotated(n), rotated(n + 1)) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+        }
+        std::fs::rename(&self.options.path, rotated(1))?;
+        self.file =
+            OpenOptions::new().create(true).append(true).read(true).open(&self.options.path)?;
+        self.size = 0;
+        Ok(())
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.options.path
+    }
+}
+
+/// One log line: the stream record with the format version first.
+pub fn line(record: &StreamRecord) -> String {
+    let json = record.json();
+    match json.strip_prefix('{') {
+        Some(rest) => format!("{{\"v\":{FORMAT_VERSION},{rest}"),
+        None => json,
+    }
+}
+
+/// Length of the file up to and including its last newline.
+fn complete_length(file: &mut File) -> io::Result<u64> {
+    let length = file.metadata()?.len();
+    let mut end = length;
+    let mut chunk = [0u8; 4096];
+    while end > 0 {
+        let start = end.saturating_sub(chunk.len() as u64);
+        let size = (end - start) as usize;
+        file.seek(SeekFrom::Start(start))?;
+        file.read_exact(&mut chunk[..size])?;
+        if let Some(at) = chunk[..size].iter().rposition(|&b| b == b'\n') {
+            return Ok(start + at as u64 + 1);
+        }
+        end = start;
+    }
+    Ok(0)
+}
+
+/// Parses sizes such as `100M`, `512K`, `1G` or plain bytes (binary units).
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let trimmed = text.trim();
+    let (digits, unit) = match trimmed.find(|c: char| !c.is_ascii_digit()) {
+        Some(at) => trimmed.split_at(at),
+        None => (trimmed, ""),
+    };
+    let number: u64 =
+        digits.parse().map_err(|_| format!("'{text}' is not a size (e.g. 100M, 512K, 1G)"))?;
+    let multiplier: u64 =
+        match unit.to_ascii_uppercase().trim_end_matches("IB").trim_end_matches('B') {
+            "" => 1,
+            "K" => 1 << 10,
+            "M" => 1 << 20,
+            "G" => 1 << 30,
+            _ => return Err(format!("'{text}': unknown unit '{unit}' (use K, M or G)")),
+        };
+    let size = number.checked_mul(multiplier).ok_or_else(|| format!("'{text}' is too large"))?;
+    if size < 4096 {
+        return Err(format!("'{text}' is below the smallest log size, 4K"));
+    }
+    Ok(size)
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::DateTime;
+
+    use super::*;
+    use crate::output::{LossReason, LossRecord};
+
+    fn record(count: u64) -> StreamRecord {
+        StreamRecord::Lost(LossRecord {
+            time: DateTime::from_timestamp_nanos(0),
+            reason: LossReason::RingBufferFull,
+            count,
+            total: count,
+        })
+    }
+
+    fn temp(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("netwatch-log-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir.join("events.ndjson")
+    }
+
+    fn lines(path: &Path) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(path)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("every line parses"))
+            .collect()
+    }
+
+    #[test]
+    fn lines_are_versioned_records() {
+        let line = line(&record(3));
+        assert!(line.starts_with(r#"{"v":1,"type":"lost","#), "{line}");
+    }
+
+    #[test]
+    fn appends_and_reopening_appends_and_cuts_a_half_line() {
+        let path = temp("append");
+        let options = LogOptions { path: path.clone(), max_size: 1 << 20, keep: 2 };
+        let mut log = EventLog::open(options.clone()).unwrap();
+        log.append(&[record(1), record(2)]).unwrap();
+        drop(log);
+        // A crash in the middle of a line.
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap()
+            .write_all(b"{\"v\":1,\"ty")
+            .unwrap();
+        let mut log = EventLog::open(options).unwrap();
+        log.append(&[record(3)]).unwrap();
+        let counts: Vec<u64> = lines(&path).iter().map(|v| v["count"].as_u64().unwrap()).collect();
+        assert_eq!(counts, [1, 2, 3]);
+    }
+
+    #[test]
+    fn rotates_at_the_size_and_keeps_n_files() {
+        let path = temp("rotate");
+        let one = line(&record(1)).len() as u64 + 1;
+        let mut log =
+            EventLog::open(LogOptions { path: path.clone(), max_size: 3 * one, keep: 2 }).unwrap();
+        for n in 0..4 {
+            log.append(&[record(n)]).unwrap();
+        }
+        // A batch larger than a file is spread over several.
+        log.append(&(4..10).map(record).collect::<Vec<_>>()).unwrap();
+        let read =
+            |p: &Path| lines(p).iter().map(|v| v["count"].as_u64().unwrap()).collect::<Vec<_>>();
+        assert_eq!(read(&path), [9]);
+        assert_eq!(read(&PathBuf::from(format!("{}.1", path.display()))), [6, 7, 8]);
+        assert_eq!(read(&PathBuf::from(format!("{}.2", path.display()))), [3, 4, 5]);
+        assert!(!PathBuf::from(format!("{}.3", path.display())).exists(), "only 2 kept");
+        assert!(std::fs::metadata(&path).unwrap().len() <= 3 * one);
+    }
+
+    #[test]
+    fn sizes_parse_with_units() {
+        assert_eq!(parse_size("100M"), Ok(100 << 20));
+        assert_eq!(parse_size("512k"), Ok(512 << 10));
+        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
+        assert_eq!(parse_size("8192"), Ok(8192));
+        assert!(parse_size("10").unwrap_err().contains("smallest"));
+        assert!(parse_size("12X").unwrap_err().contains("unknown unit"));
+        assert!(parse_size("lots").unwrap_err().contains("not a size"));
+        assert!(parse_size("99999999999999999999G").is_err());
+    }
+
+    #[test]
+    fn an_unwritable_path_is_an_error_naming_it() {
+        let error = EventLog::open(LogOptions {
+            path: "/proc/netwatch/x.log".into(),
+            max_size: 1 << 20,
+            keep: 1,
+        })
+        .err()
+        .unwrap();
+        assert!(error.to_string().starts_with("event log /proc/netwatch/x.log:"), "{error}");
+    }
+}
+
+/// An optional event log that turns itself off, once and loudly, when it cannot write.
+#[derive(Default)]
+pub struct Logging {
+    log: Option<EventLog>,
+}
+
+impl Logging {
+    pub fn start(options: Option<LogOptions>) -> Logging {
+        let log = options.and_then(|options| match EventLog::open(options) {
+            Ok(log) => Some(log),
+            Err(error) => {
+                tracing::error!("{error}: not logging; tracing goes on");
+                None
+            }
+        });
+        Logging { log }
+    }
+
+    pub fn write(&mut self, records: &[StreamRecord]) {
+        if let Some(log) = &mut self.log
+            && let Err(error) = log.append(records)
+        {
+            tracing::error!("{error}: stopped logging; tracing goes on");
+            self.log = None;
+        }
+    }
+}
