@@ -560,3 +560,53 @@ fn non_root_gets_a_clear_message() {
     assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
     assert!(stderr.contains("must run as root"), "{stderr}");
 }
+
+/// A connection's CLOSE transition carries its lifespan and payload totals, read from the
+/// socket as it closed: what each side wrote and read, not counting SYN, FIN or
+/// retransmissions twice.
+#[test]
+fn close_carries_lifespan_and_byte_totals() {
+    use std::io::{Read as _, Write as _};
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let watcher = Watcher::start(&["--json", "--no-agent", "--port", &port.to_string()]);
+    let server = thread::spawn(move || {
+        let (mut stream, _) = listener.accept().expect("accept");
+        let mut request = vec![0u8; 10_000];
+        stream.read_exact(&mut request).expect("read 10000");
+        stream.write_all(&[7u8; 2_500]).expect("write 2500");
+        stream.read_to_end(&mut Vec::new()).expect("read to EOF");
+    });
+    let mut client = TcpStream::connect((Ipv4Addr::LOCALHOST, port)).expect("connect");
+    let client_port = client.local_addr().expect("addr").port();
+    client.write_all(&[1u8; 10_000]).expect("write 10000");
+    let mut reply = vec![0u8; 2_500];
+    client.read_exact(&mut reply).expect("read 2500");
+    drop(client);
+    server.join().expect("server");
+    let records = finish(watcher, &Exchange { server_port: port, client_port });
+
+    for (lport, rport, sent, received) in
+        [(client_port, port, 10_000, 2_500), (port, client_port, 2_500, 10_000)]
+    {
+        let transitions = transitions_between(&records, lport, rport);
+        let close = transitions.last().unwrap();
+        assert_eq!(close["new"], "CLOSE");
+        assert_eq!(
+            (close["bytes_sent"].as_u64(), close["bytes_received"].as_u64()),
+            (Some(sent), Some(received)),
+            "{close}"
+        );
+        assert_eq!(close["retransmits"], 0, "loopback does not retransmit: {close}");
+        let lifespan = close["lifespan_ns"].as_u64().expect("born while watched");
+        let spent: u64 = transitions.iter().filter_map(|r| r["duration_ns"].as_u64()).sum();
+        if lport == client_port {
+            assert_eq!(lifespan, spent, "creation to CLOSE is the sum of the times in each state");
+        } else {
+            assert!(lifespan >= spent && lifespan > 0, "{lifespan} vs {spent}");
+        }
+        for other in &transitions[..transitions.len() - 1] {
+            assert!(other.get("bytes_sent").is_none(), "totals only at CLOSE: {other}");
+        }
+    }
+}

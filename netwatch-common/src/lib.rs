@@ -71,7 +71,7 @@ pub mod config {
     pub const LEN: u32 = 1;
 }
 
-/// One record in the `EVENTS` ring buffer. 112 bytes, 8-byte aligned, no implicit padding.
+/// One record in the `EVENTS` ring buffer. 144 bytes, 8-byte aligned, no implicit padding.
 ///
 /// Addresses are in network byte order; an IPv4 address uses the first 4 bytes. Ports are in
 /// host byte order. Fields a hook cannot know are zero.
@@ -112,9 +112,19 @@ pub struct SockEvent {
     pub _pad1: [u8; 4],
     /// sockfs inode of the socket (what `/proc/PID/fd` links name); 0 where unknown.
     pub inode: u64,
+    /// At a TCP socket's CLOSE transition (tp_btf only), its `tcp_sock` counters:
+    /// `bytes_sent` (payload, retransmissions included), `bytes_received` (payload, plus one
+    /// for a received FIN), `bytes_retrans`, and `total_retrans` (segments).
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub bytes_retrans: u64,
+    pub total_retrans: u32,
+    /// At CLOSE: 1 if the peer's FIN was received (`SOCK_DONE` in `sk_flags`), else 0.
+    pub fin_received: u8,
+    pub _pad2: [u8; 3],
 }
 
-const _: () = assert!(core::mem::size_of::<SockEvent>() == 112);
+const _: () = assert!(core::mem::size_of::<SockEvent>() == 144);
 const _: () = assert!(core::mem::align_of::<SockEvent>() == 8);
 
 impl SockEvent {
@@ -142,6 +152,12 @@ impl SockEvent {
             comm: [0; 16],
             _pad1: [0; 4],
             inode: 0,
+            bytes_sent: 0,
+            bytes_received: 0,
+            bytes_retrans: 0,
+            total_retrans: 0,
+            fin_received: 0,
+            _pad2: [0; 3],
         }
     }
 }

@@ -69,6 +69,12 @@ load_time_constants!(
     OFF_INODE_INO,
     /// `sock.sk_socket`: from a socket to its struct socket (and file, and inode).
     OFF_SK_SOCKET,
+    /// `tcp_sock` counters read at CLOSE, and `sock.sk_flags` (for SOCK_DONE).
+    OFF_TP_BYTES_SENT,
+    OFF_TP_BYTES_RECEIVED,
+    OFF_TP_BYTES_RETRANS,
+    OFF_TP_TOTAL_RETRANS,
+    OFF_SK_FLAGS,
     /// `task_struct.nsproxy`, `nsproxy.net_ns`: the current task's network namespace.
     OFF_TASK_NSPROXY,
     OFF_NSPROXY_NET_NS,
@@ -200,6 +206,16 @@ pub fn state_btf(ctx: BtfTracePointContext) -> u32 {
     event.newstate = newstate as u8;
     fill_from_sock(&mut event, sk);
     event.inode = inode_of_sock(sk);
+    if event.newstate == tcp_state::CLOSE {
+        event.bytes_sent = read_kernel(sk, constant(&OFF_TP_BYTES_SENT));
+        event.bytes_received = read_kernel(sk, constant(&OFF_TP_BYTES_RECEIVED));
+        event.bytes_retrans = read_kernel(sk, constant(&OFF_TP_BYTES_RETRANS));
+        event.total_retrans = read_kernel(sk, constant(&OFF_TP_TOTAL_RETRANS));
+        // SOCK_DONE (bit 1 of sk_flags) is set by tcp_fin(): the peer's FIN arrived, and
+        // bytes_received counts it as one byte. (sk_shutdown cannot tell: close() sets it.)
+        let sk_flags: u64 = read_kernel(sk, constant(&OFF_SK_FLAGS));
+        event.fin_received = ((sk_flags >> 1) & 1) as u8;
+    }
 
     if defer_connect_enabled() {
         if event.oldstate == tcp_state::CLOSE && event.newstate == tcp_state::SYN_SENT {

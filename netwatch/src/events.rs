@@ -171,6 +171,19 @@ pub struct StateChange {
     pub task: Task,
     /// Emitted late, from the connect callback, so that the local port is known.
     pub deferred_connect: bool,
+    /// The connection's totals, on a tp_btf CLOSE transition.
+    pub totals: Option<Totals>,
+}
+
+/// What a TCP connection carried, read from the socket as it closed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Totals {
+    /// Payload bytes sent, retransmissions not counted twice.
+    pub bytes_sent: u64,
+    /// Payload bytes received (the peer's FIN, which the kernel counts as one, is not).
+    pub bytes_received: u64,
+    /// Segments retransmitted.
+    pub retransmits: u32,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -289,6 +302,15 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
                 new: state(raw.newstate)?,
                 task: task(&raw),
                 deferred_connect: raw.flags & flags::DEFERRED_CONNECT != 0,
+                totals: (raw.kind == kind::STATE_BTF
+                    && raw.newstate == netwatch_common::tcp_state::CLOSE)
+                    .then(|| Totals {
+                        bytes_sent: raw.bytes_sent.saturating_sub(raw.bytes_retrans),
+                        bytes_received: raw
+                            .bytes_received
+                            .saturating_sub(u64::from(raw.fin_received & 1)),
+                        retransmits: raw.total_retrans,
+                    }),
             }))
         }
         kind::SOCK_CREATE | kind::SOCK_RELEASE => {
@@ -457,7 +479,7 @@ mod tests {
     fn rejects_short_and_malformed_records() {
         let good = bytes(&raw_state(kind::STATE_BTF));
         assert_eq!(decode(&[]), Err(DecodeError::Short(0)));
-        assert_eq!(decode(&good[..111]), Err(DecodeError::Short(111)));
+        assert_eq!(decode(&good[..143]), Err(DecodeError::Short(143)));
         let mut raw = raw_state(99);
         assert_eq!(decode(&bytes(&raw)), Err(DecodeError::UnknownKind(99)));
         raw = raw_state(kind::STATE_BTF);

@@ -71,9 +71,11 @@ mod tests {
                 new,
                 task: Task { pid: 0, tid: 0, comm: "swapper/0".into() },
                 deferred_connect: false,
+                totals: None,
             },
             owner: Some(Owner { pid: 42, comm: "curl".into() }),
             in_old_state_ns: None,
+            lifespan_ns: None,
         };
         TransitionRecord::new(&transition, &WallClock::with_offset_ns(0))
     }

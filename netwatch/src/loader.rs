@@ -252,7 +252,7 @@ fn attach_error(program: &'static str) -> impl Fn(aya::programs::ProgramError) -
 
 /// Kernel struct offsets the programs read, named as the programs' globals.
 fn kernel_offsets(btf: &KernelBtf) -> Result<Vec<(&'static str, u32)>> {
-    const FIELDS: [(&str, &str, &str); 31] = [
+    const FIELDS: [(&str, &str, &str); 36] = [
         ("OFF_SKC_DADDR", "sock", "__sk_common.skc_daddr"),
         ("OFF_SKC_RCV_SADDR", "sock", "__sk_common.skc_rcv_saddr"),
         ("OFF_SKC_DPORT", "sock", "__sk_common.skc_dport"),
@@ -278,6 +278,12 @@ fn kernel_offsets(btf: &KernelBtf) -> Result<Vec<(&'static str, u32)>> {
         ("OFF_FILE_INODE", "file", "f_inode"),
         ("OFF_INODE_INO", "inode", "i_ino"),
         ("OFF_SK_SOCKET", "sock", "sk_socket"),
+        ("OFF_TP_BYTES_SENT", "tcp_sock", "bytes_sent"),
+        ("OFF_TP_BYTES_RECEIVED", "tcp_sock", "bytes_received"),
+        ("OFF_TP_BYTES_RETRANS", "tcp_sock", "bytes_retrans"),
+        ("OFF_TP_TOTAL_RETRANS", "tcp_sock", "total_retrans"),
+        // Moved into sock_common (as skc_flags) in 6.x; `sk_flags` on older kernels.
+        ("OFF_SK_FLAGS", "sock", "__sk_common.skc_flags|sk_flags"),
         ("OFF_TASK_NSPROXY", "task_struct", "nsproxy"),
         ("OFF_NSPROXY_NET_NS", "nsproxy", "net_ns"),
         ("OFF_TASK_PID", "task_struct", "pid"),
@@ -287,7 +293,20 @@ fn kernel_offsets(btf: &KernelBtf) -> Result<Vec<(&'static str, u32)>> {
     ];
     FIELDS
         .iter()
-        .map(|&(global, strukt, path)| Ok((global, btf.offset_of(strukt, path)?)))
+        .map(|&(global, strukt, paths)| {
+            // `a|b`: the first path this kernel has.
+            let mut found = None;
+            for path in paths.split('|') {
+                match btf.offset_of(strukt, path) {
+                    Ok(offset) => {
+                        found = Some(Ok(offset));
+                        break;
+                    }
+                    Err(error) => found = Some(Err(error)),
+                }
+            }
+            Ok((global, found.unwrap_or_else(|| btf.offset_of(strukt, paths))?))
+        })
         .collect()
 }
 

@@ -43,6 +43,9 @@ pub struct Transition {
     /// Time spent in `change.old`; for a socket's first transition out of CLOSE, the time
     /// since it was created. None when netwatch did not see the old state begin.
     pub in_old_state_ns: Option<u64>,
+    /// At CLOSE: how long the socket lived, when netwatch saw it born (created, or cloned
+    /// from its listener).
+    pub lifespan_ns: Option<u64>,
 }
 
 /// What a table row needs beyond the state.
@@ -365,6 +368,12 @@ impl Table {
             .flatten();
         let socket = self.sockets.entry(change.key).or_default();
 
+        if change.old == TcpState::Listen && change.new == TcpState::SynRecv {
+            socket.created_ns.get_or_insert(change.ts_ns);
+        }
+        let lifespan_ns = (change.new == TcpState::Close)
+            .then(|| socket.created_ns.map(|born| change.ts_ns.saturating_sub(born)))
+            .flatten();
         let in_old_state_ns = match (socket.state, socket.since_ns) {
             (Some(state), Some(since)) if state == change.old => {
                 Some(change.ts_ns.saturating_sub(since))
@@ -429,7 +438,7 @@ impl Table {
                 self.remember_closed(change.key);
             }
         }
-        Transition { change, owner, in_old_state_ns }
+        Transition { change, owner, in_old_state_ns, lifespan_ns }
     }
 
     /// The owner of the listener a passively opened socket came from: the exact local address
@@ -596,6 +605,7 @@ mod tests {
             new,
             task: on_cpu,
             deferred_connect: false,
+            totals: None,
         })
     }
 
@@ -918,6 +928,7 @@ mod properties {
             new,
             task: by,
             deferred_connect: false,
+            totals: None,
         })
     }
 

@@ -161,7 +161,10 @@ impl Tracer {
                 if self.keep_rows && may_leave_timewait(&transition.change) {
                     closed.push(transition.change.clone());
                 }
-                out.push(StreamRecord::Transition(TransitionRecord::new(&transition, &self.clock)));
+                out.push(StreamRecord::Transition(Box::new(TransitionRecord::new(
+                    &transition,
+                    &self.clock,
+                ))));
             }
         }
         for change in closed {

@@ -67,7 +67,8 @@ pub const TEXT_HEADER: &str = "TIME            PID     COMM             LOCAL   
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum StreamRecord {
-    Transition(TransitionRecord),
+    /// Boxed: a transition is much larger than a loss report.
+    Transition(Box<TransitionRecord>),
     Lost(LossRecord),
 }
 
@@ -120,6 +121,16 @@ pub struct TransitionRecord {
     pub task_tid: u32,
     pub task_comm: String,
     pub source: StateSource,
+    /// On a CLOSE transition only: how long the socket lived (when netwatch saw it born),
+    /// and what it carried.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lifespan_ns: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_sent: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_received: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retransmits: Option<u32>,
 }
 
 fn millis(ns: u64) -> f64 {
@@ -150,6 +161,10 @@ impl TransitionRecord {
             task_tid: c.task.tid,
             task_comm: c.task.comm.clone(),
             source: c.source,
+            lifespan_ns: t.lifespan_ns,
+            bytes_sent: c.totals.map(|t| t.bytes_sent),
+            bytes_received: c.totals.map(|t| t.bytes_received),
+            retransmits: c.totals.map(|t| t.retransmits),
         }
     }
 
@@ -249,9 +264,11 @@ mod tests {
                 new: TcpState::Established,
                 task: Task { pid: 0, tid: 0, comm: "swapper/1".into() },
                 deferred_connect: false,
+                totals: None,
             },
             owner,
             in_old_state_ns,
+            lifespan_ns: None,
         }
     }
 
@@ -286,10 +303,10 @@ mod tests {
     #[test]
     fn json_carries_every_field() {
         let clock = WallClock::with_offset_ns(1_700_000_000_000_000_000);
-        let record = StreamRecord::Transition(TransitionRecord::new(
+        let record = StreamRecord::Transition(Box::new(TransitionRecord::new(
             &transition(curl(), Some(1_250_000)),
             &clock,
-        ));
+        )));
         let line = record.json();
         assert!(line.starts_with(r#"{"type":"transition","#), "{line}");
         let v: serde_json::Value = serde_json::from_str(&line).unwrap();
@@ -316,10 +333,10 @@ mod tests {
 
     #[test]
     fn json_unknowns_are_null() {
-        let record = StreamRecord::Transition(TransitionRecord::new(
+        let record = StreamRecord::Transition(Box::new(TransitionRecord::new(
             &transition(None, None),
             &WallClock::with_offset_ns(0),
-        ));
+        )));
         let v: serde_json::Value = serde_json::from_str(&record.json()).unwrap();
         assert!(v["pid"].is_null() && v["comm"].is_null() && v["duration_ms"].is_null());
     }
