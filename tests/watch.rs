@@ -155,6 +155,7 @@ fn refused_connect_and_listener_lifecycle() {
     assert_eq!(attempt[1]["lport"].as_u64(), Some(client_port));
     assert_eq!(attempt[0]["pid"], std::process::id());
     assert_eq!(attempt[1]["pid"], std::process::id(), "the RST runs in softirq; owner is kept");
+    assert_eq!(attempt[1]["failure"], "refused", "{}", attempt[1]);
     assert_durations_add_up(&attempt, true);
 }
 
@@ -609,4 +610,51 @@ fn close_carries_lifespan_and_byte_totals() {
             assert!(other.get("bytes_sent").is_none(), "totals only at CLOSE: {other}");
         }
     }
+}
+
+/// A connect nobody answers ends in `timeout` when the kernel gives up, and in `aborted` when
+/// its owner closes it first. The SYNs go to a made-up neighbour (a permanent entry with a
+/// MAC nobody has), so the peer namespace drops them and nothing comes back.
+#[test]
+fn unanswered_connects_are_classified() {
+    require_root();
+    let (ns, _peer) = veth_pair();
+    let device = format!("nwa{}", std::process::id());
+    ns.exec(&[
+        "ip",
+        "neigh",
+        "add",
+        "10.231.0.9",
+        "lladdr",
+        "02:00:00:00:00:09",
+        "dev",
+        &device,
+        "nud",
+        "permanent",
+    ]);
+    let watcher = Watcher::start(&["--json", "--no-agent", "--dport", "4999"]);
+    for how in ["timeout", "abort"] {
+        let status = ns
+            .command(env!("CARGO_BIN_EXE_sockpeer"))
+            .args(["connect-fail", "10.231.0.9:4999", how])
+            .status()
+            .expect("sockpeer connect-fail");
+        assert!(status.success(), "{how}");
+    }
+    watcher.wait_until("two failed attempts", |lines| {
+        lines.iter().filter(|l| l.contains("\"new\":\"CLOSE\"")).count() >= 2
+    });
+    let records = parse_json(&watcher.stop());
+    let failures: Vec<&str> = records
+        .iter()
+        .filter(|r| r["new"] == "CLOSE")
+        .map(|r| r["failure"].as_str().unwrap_or("none"))
+        .collect();
+    assert_eq!(failures, ["timeout", "aborted"], "{records:#?}");
+    let timeout = records.iter().find(|r| r["failure"] == "timeout").unwrap();
+    assert_eq!(timeout["old"], "SYN_SENT");
+    assert!(
+        timeout["duration_ms"].as_f64().unwrap() > 2500.0,
+        "one SYN retry takes about 3 s: {timeout}"
+    );
 }

@@ -31,6 +31,8 @@ pub mod kind {
     pub const EXEC: u8 = 10;
     /// The current process (its thread-group leader) exited.
     pub const EXIT: u8 = 11;
+    /// `tcp:tcp_receive_reset`: the socket `cookie` received a RST.
+    pub const RESET: u8 = 12;
 }
 
 /// `flags` bits of a [`SockEvent`].

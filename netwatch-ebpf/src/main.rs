@@ -88,6 +88,8 @@ load_time_constants!(
     /// Offset of `msg` in `syscalls:sys_enter_recvmsg`, and of `msg_control` /
     /// `msg_controllen` in `struct user_msghdr`: fds passed with SCM_RIGHTS.
     TP_RECVMSG_MSG,
+    /// Offset of `sock_cookie` in `tcp:tcp_receive_reset`.
+    TP_RESET_COOKIE,
     OFF_MSGHDR_CONTROL,
     OFF_MSGHDR_CONTROLLEN,
     /// Field offsets of the classic `sock:inet_sock_set_state` record, from its format file.
@@ -571,6 +573,19 @@ fn read_user<T: Default>(base: u64, offset: usize) -> T {
     }
     // SAFETY: bpf_probe_read_user checks the address and fails instead of faulting.
     unsafe { bpf_probe_read_user((base as usize + offset) as *const T).unwrap_or_default() }
+}
+
+/// tcp:tcp_receive_reset: which socket a RST killed (refused connect, reset connection).
+#[tracepoint]
+pub fn reset_received(ctx: TracePointContext) -> u32 {
+    // SAFETY: offset from the format file; checked helper read.
+    if let Ok(cookie) = unsafe { ctx.read_at::<u64>(constant(&TP_RESET_COOKIE)) } {
+        let mut event = new_event(kind::RESET);
+        event.cookie = cookie;
+        event.protocol = IPPROTO_TCP;
+        submit(&event);
+    }
+    0
 }
 
 /// tp_btf/sched_process_fork(parent, child): a new process inherits every fd.

@@ -233,6 +233,11 @@ pub enum Event {
     Exec(Task),
     /// The process `task` exited.
     Exit(Task),
+    /// The socket received a RST.
+    Reset {
+        ts_ns: u64,
+        cookie: u64,
+    },
 }
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -357,6 +362,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
         }
         kind::EXEC => Ok(Event::Exec(task(&raw))),
         kind::EXIT => Ok(Event::Exit(task(&raw))),
+        kind::RESET => Ok(Event::Reset { ts_ns: raw.ts_ns, cookie: raw.cookie }),
         other => Err(DecodeError::UnknownKind(other)),
     }
 }

@@ -76,6 +76,7 @@ mod tests {
             owner: Some(Owner { pid: 42, comm: "curl".into() }),
             in_old_state_ns: None,
             lifespan_ns: None,
+            failure: None,
         };
         TransitionRecord::new(&transition, &WallClock::with_offset_ns(0))
     }

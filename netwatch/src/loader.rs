@@ -364,12 +364,14 @@ fn attach_ownership_programs(ebpf: &mut Ebpf, btf: &Btf) -> Result<()> {
             program.attach("syscalls", tracepoint).map_err(attach_error(name))?;
         }
     }
-    for (name, tracepoint) in
-        [("process_exec", "sched_process_exec"), ("process_exit", "sched_process_exit")]
-    {
+    for (name, category, tracepoint) in [
+        ("process_exec", "sched", "sched_process_exec"),
+        ("process_exit", "sched", "sched_process_exit"),
+        ("reset_received", "tcp", "tcp_receive_reset"),
+    ] {
         let program: &mut TracePoint = program(ebpf, name)?;
         program.load().map_err(attach_error(name))?;
-        program.attach("sched", tracepoint).map_err(attach_error(name))?;
+        program.attach(category, tracepoint).map_err(attach_error(name))?;
     }
     let program: &mut BtfTracePoint = program(ebpf, "process_fork")?;
     program.load("sched_process_fork", btf).map_err(attach_error("process_fork"))?;
@@ -377,18 +379,24 @@ fn attach_ownership_programs(ebpf: &mut Ebpf, btf: &Btf) -> Result<()> {
     Ok(())
 }
 
-/// Syscall record field offsets (`TP_*`) from the syscall tracepoints' format files.
+/// Record field offsets (`TP_*`) from the syscall and tcp tracepoints' format files.
 fn syscall_field_offsets() -> Result<Vec<(&'static str, u32)>> {
     Ok(vec![
         ("TP_SYSCALL_RET", syscall_field_offset("sys_exit_accept4", "ret")?),
         ("TP_SYSCALL_ARG0", syscall_field_offset("sys_enter_close", "fd")?),
         ("TP_RECVMSG_MSG", syscall_field_offset("sys_enter_recvmsg", "msg")?),
+        ("TP_RESET_COOKIE", tracepoint_field_offset("tcp", "tcp_receive_reset", "sock_cookie")?),
     ])
 }
 
 /// Offset of `field` in a `syscalls:*` record.
 fn syscall_field_offset(tracepoint: &str, field: &str) -> Result<u32> {
-    let path = tracefs()?.join("events/syscalls").join(tracepoint).join("format");
+    tracepoint_field_offset("syscalls", tracepoint, field)
+}
+
+/// Offset of `field` in a `category:tracepoint` record.
+fn tracepoint_field_offset(category: &str, tracepoint: &str, field: &str) -> Result<u32> {
+    let path = tracefs()?.join("events").join(category).join(tracepoint).join("format");
     let text = std::fs::read_to_string(&path)
         .map_err(|e| Error::TracepointFormat { path: path.clone(), reason: e.to_string() })?;
     parse_tracepoint_format(&text)

@@ -46,6 +46,22 @@ pub struct Transition {
     /// At CLOSE: how long the socket lived, when netwatch saw it born (created, or cloned
     /// from its listener).
     pub lifespan_ns: Option<u64>,
+    /// At CLOSE: why the connection failed, if it did.
+    pub failure: Option<Failure>,
+}
+
+/// How a connection ended badly.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Failure {
+    /// A RST answered the SYN: nothing listens there.
+    Refused,
+    /// The SYN was never answered; the kernel gave up.
+    Timeout,
+    /// The owner closed the socket while it was still connecting.
+    Aborted,
+    /// A RST ended an established connection.
+    Reset,
 }
 
 /// What a table row needs beyond the state.
@@ -75,6 +91,8 @@ struct Socket {
     facts: Option<Facts>,
     /// Every (pid, fd) holding the socket, with the process's command name.
     holders: BTreeMap<(u32, i32), String>,
+    /// The state the socket was in when it received a RST.
+    reset_in: Option<TcpState>,
     /// The owners the socket had, oldest first, with when each took over (None: found in the
     /// snapshot); at most OWNER_HISTORY entries.
     owner_history: VecDeque<(Option<u64>, Owner)>,
@@ -288,6 +306,11 @@ impl Table {
                     }
                 }
             }
+            Event::Reset { cookie, .. } => {
+                if let Some(socket) = self.sockets.get_mut(&SockKey::Cookie(cookie)) {
+                    socket.reset_in = socket.state;
+                }
+            }
             Event::State(change) => return Some(self.apply_state(change)),
         }
         None
@@ -374,6 +397,17 @@ impl Table {
         let lifespan_ns = (change.new == TcpState::Close)
             .then(|| socket.created_ns.map(|born| change.ts_ns.saturating_sub(born)))
             .flatten();
+        let failure = match (change.new, socket.reset_in, change.old) {
+            (TcpState::Close, Some(TcpState::SynSent), _) => Some(Failure::Refused),
+            (TcpState::Close, Some(_), _) => Some(Failure::Reset),
+            // close() releases the socket before its CLOSE transition; a timeout does not.
+            (TcpState::Close, None, TcpState::SynSent) if socket.released => Some(Failure::Aborted),
+            (TcpState::Close, None, TcpState::SynSent) => Some(Failure::Timeout),
+            _ => None,
+        };
+        if change.new == TcpState::Close {
+            socket.reset_in = None;
+        }
         let in_old_state_ns = match (socket.state, socket.since_ns) {
             (Some(state), Some(since)) if state == change.old => {
                 Some(change.ts_ns.saturating_sub(since))
@@ -438,7 +472,7 @@ impl Table {
                 self.remember_closed(change.key);
             }
         }
-        Transition { change, owner, in_old_state_ns, lifespan_ns }
+        Transition { change, owner, in_old_state_ns, lifespan_ns, failure }
     }
 
     /// The owner of the listener a passively opened socket came from: the exact local address
@@ -833,6 +867,40 @@ mod tests {
         let history: Vec<(Option<u64>, u32)> =
             child.owner_history.iter().map(|(ago, o)| (*ago, o.pid)).collect();
         assert_eq!(history, [(Some(800), 7), (Some(999), 70)]);
+    }
+
+    #[test]
+    fn failures_are_classified_at_close() {
+        let failure = |events: Vec<Event>| {
+            let mut table = Table::new();
+            events.into_iter().filter_map(|e| table.apply(e)).last().and_then(|t| t.failure)
+        };
+        let reset = |cookie| Event::Reset { ts_ns: 0, cookie };
+        let syn = |c| change(c, 1, Close, SynSent, task(1, "app"));
+        assert_eq!(
+            failure(vec![syn(1), reset(1), change(1, 2, SynSent, Close, task(0, "swapper/0"))]),
+            Some(Failure::Refused)
+        );
+        assert_eq!(
+            failure(vec![syn(2), change(2, 2, SynSent, Close, task(0, "swapper/0"))]),
+            Some(Failure::Timeout)
+        );
+        assert_eq!(
+            failure(vec![syn(3), released(3, 2), change(3, 3, SynSent, Close, task(1, "app"))]),
+            Some(Failure::Aborted)
+        );
+        let established = change(4, 2, SynSent, Established, task(0, "swapper/0"));
+        assert_eq!(
+            failure(vec![
+                syn(4),
+                established.clone(),
+                reset(4),
+                change(4, 3, Established, Close, task(0, "x"))
+            ]),
+            Some(Failure::Reset)
+        );
+        let fin = change(4, 3, Established, FinWait1, task(1, "app"));
+        assert_eq!(failure(vec![syn(4), established, fin]), None, "not at CLOSE");
     }
 
     #[test]

@@ -16,6 +16,9 @@
 //!   prints `ready`, and keeps them until its stdin closes (for benchmarks);
 //! - `sockpeer connect-hold ADDR:PORT` connects, prints `ready LOCALPORT`, and keeps the
 //!   connection until its stdin closes;
+//! - `sockpeer connect-fail ADDR:PORT timeout|abort` connects somewhere that never answers:
+//!   `timeout` waits for the kernel to give up (one SYN retry, about 3 s), `abort` closes the
+//!   socket 200 ms into the attempt;
 //! - `sockpeer hold` makes a mix of sockets in every state `ss` lists, prints `ready`, and
 //!   keeps them until its stdin closes.
 use std::{
@@ -43,6 +46,7 @@ fn main() -> ExitCode {
         ["serve-forked", addr] => serve_forked(addr),
         ["hold"] => hold(),
         ["connect-hold", addr] => connect_hold(addr),
+        ["connect-fail", addr, how] => connect_fail(addr, how),
         ["pairs", count] => pairs(count),
         ["fork-exec"] => fork_exec(),
         ["pass-fd"] => pass_fd(),
@@ -233,6 +237,51 @@ fn connect_hold(addr: &str) -> std::io::Result<()> {
     std::io::stdin().read_to_end(&mut Vec::new())?;
     drop(stream);
     Ok(())
+}
+
+fn connect_fail(addr: &str, how: &str) -> std::io::Result<()> {
+    let SocketAddr::V4(to) =
+        addr.parse().map_err(|e| std::io::Error::other(format!("{addr}: {e}")))?
+    else {
+        return Err(std::io::Error::other("IPv4 only"));
+    };
+    // SAFETY: plain socket calls on our own fd, closed below.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+        let one_retry: libc::c_int = 1;
+        libc::setsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_SYNCNT,
+            (&one_retry as *const libc::c_int).cast(),
+            4,
+        );
+        if how == "abort" {
+            libc::fcntl(fd, libc::F_SETFL, libc::O_NONBLOCK);
+        }
+        let address = libc::sockaddr_in {
+            sin_family: libc::AF_INET as u16,
+            sin_port: to.port().to_be(),
+            sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(to.ip().octets()) },
+            sin_zero: [0; 8],
+        };
+        let rc = libc::connect(
+            fd,
+            (&address as *const libc::sockaddr_in).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as u32,
+        );
+        let error = std::io::Error::last_os_error();
+        if how == "abort" {
+            thread::sleep(Duration::from_millis(200));
+        }
+        libc::close(fd);
+        match (how, rc, error.raw_os_error()) {
+            ("timeout", -1, Some(libc::ETIMEDOUT)) | ("abort", -1, Some(libc::EINPROGRESS)) => {
+                Ok(())
+            }
+            _ => Err(std::io::Error::other(format!("connect {how}: rc {rc}, {error}"))),
+        }
+    }
 }
 
 fn count_arg(count: &str) -> std::io::Result<usize> {

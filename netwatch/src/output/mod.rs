@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     events::{Family, StateSource, TcpState},
-    table::Transition,
+    table::{Failure, Transition},
 };
 
 /// Converts the kernel's CLOCK_MONOTONIC timestamps to wall time, with one offset taken at
@@ -131,6 +131,9 @@ pub struct TransitionRecord {
     pub bytes_received: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retransmits: Option<u32>,
+    /// On a CLOSE transition that ended a failed connection: refused, timeout, aborted, reset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<Failure>,
 }
 
 fn millis(ns: u64) -> f64 {
@@ -165,6 +168,7 @@ impl TransitionRecord {
             bytes_sent: c.totals.map(|t| t.bytes_sent),
             bytes_received: c.totals.map(|t| t.bytes_received),
             retransmits: c.totals.map(|t| t.retransmits),
+            failure: t.failure,
         }
     }
 
@@ -269,6 +273,7 @@ mod tests {
             owner,
             in_old_state_ns,
             lifespan_ns: None,
+            failure: None,
         }
     }
 
