@@ -488,3 +488,71 @@ fn separate_server_and_client_each_hold_their_end() {
     client.wait().unwrap();
     assert!(agent.stop().success());
 }
+
+/// `netwatch stats`: the agent's connect latencies and failures per endpoint and process.
+#[test]
+fn stats_summarise_handshakes_and_failures() {
+    let agent = Agent::start(&Agent::test_socket("stats"));
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+    let addr = listener.local_addr().unwrap();
+    for _ in 0..20 {
+        let client = std::net::TcpStream::connect(addr).unwrap();
+        drop(listener.accept().unwrap());
+        drop(client);
+    }
+    let closed = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+    let refused_addr = closed.local_addr().unwrap();
+    drop(closed);
+    assert!(std::net::TcpStream::connect(refused_addr).is_err());
+    thread::sleep(Duration::from_millis(300));
+
+    let output = Command::new(netwatch_bin())
+        .args(["stats", "--json", "--socket", socket_arg(&agent)])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let report: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let remote = |key: String| {
+        report["by_remote"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["key"] == key.as_str())
+            .cloned()
+            .unwrap()
+    };
+    let ok = remote(addr.to_string());
+    assert_eq!(ok["connects"], 20, "{ok}");
+    let (p50, p99, max) = (
+        ok["p50_ms"].as_f64().unwrap(),
+        ok["p99_ms"].as_f64().unwrap(),
+        ok["max_ms"].as_f64().unwrap(),
+    );
+    assert!(0.0 < p50 && p50 <= p99 && p99 <= max && max < 1000.0, "{ok}");
+    assert_eq!(remote(refused_addr.to_string())["failed"]["refused"], 1);
+    let me = format!("{}[{}]", netwatch_tests::own_comm(), std::process::id());
+    let process = report["by_process"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["key"] == me.as_str())
+        .cloned()
+        .unwrap();
+    assert_eq!(
+        (process["connects"].as_u64(), process["failed"]["refused"].as_u64()),
+        (Some(20), Some(1))
+    );
+    let text = Command::new(netwatch_bin())
+        .args(["stats", "--socket", socket_arg(&agent)])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&text.stdout).contains(&addr.to_string()));
+    assert!(agent.stop().success());
+
+    let none = Command::new(netwatch_bin())
+        .args(["stats", "--socket", "/nonexistent/agent.sock"])
+        .output()
+        .unwrap();
+    assert_eq!(none.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&none.stderr).contains("no agent is running"));
+}

@@ -19,6 +19,7 @@ use crate::{
     cli::AgentArgs,
     eventlog::Logging,
     output::{LossReason, LossRecord, StreamRecord, WallClock, table::Listed},
+    stats::{Report, Stats},
     tracer::Tracer,
     watch::Signals,
 };
@@ -38,7 +39,8 @@ pub async fn run(args: &AgentArgs) -> anyhow::Result<()> {
 
     let mut tracer = Tracer::start(&args.load_options())?.keeping_rows();
     let (sender, _) = broadcast::channel::<Arc<StreamRecord>>(CLIENT_QUEUE);
-    let (table_requests, mut table_queue) = mpsc::channel::<oneshot::Sender<Vec<Listed>>>(64);
+    let (table_requests, mut table_queue) = mpsc::channel::<Query>(64);
+    let mut stats = Stats::new();
     eprintln!(
         "netwatch agent: tracing via {}; serving {}",
         tracer.describe(),
@@ -55,13 +57,21 @@ pub async fn run(args: &AgentArgs) -> anyhow::Result<()> {
                 }
                 Err(error) => tracing::warn!("accepting an API client: {error}"),
             },
-            Some(reply) = table_queue.recv() => {
+            Some(query) = table_queue.recv() => {
                 // The client may have gone; nothing to do then.
-                let _ = reply.send(tracer.listed());
+                match query {
+                    Query::Table(reply) => { let _ = reply.send(tracer.listed()); }
+                    Query::Stats(reply) => { let _ = reply.send(stats.report()); }
+                }
             }
             next = tracer.next(&mut records) => {
                 next?;
                 log.write(&records);
+                for record in &records {
+                    if let StreamRecord::Transition(t) = record {
+                        stats.record(t);
+                    }
+                }
                 for record in records.drain(..) {
                     // No subscriber is fine: nobody is watching.
                     let _ = sender.send(Arc::new(record));
@@ -79,11 +89,17 @@ pub async fn run(args: &AgentArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A question for the main loop, which owns the table and the statistics.
+enum Query {
+    Table(oneshot::Sender<Vec<Listed>>),
+    Stats(oneshot::Sender<Report>),
+}
+
 /// One client connection: read its request, then answer it.
 async fn serve(
     stream: UnixStream,
     records: broadcast::Receiver<Arc<StreamRecord>>,
-    table_requests: mpsc::Sender<oneshot::Sender<Vec<Listed>>>,
+    table_requests: mpsc::Sender<Query>,
 ) {
     let (read, write) = stream.into_split();
     let mut write = BufWriter::new(write);
@@ -103,11 +119,21 @@ async fn serve(
         Ok(Request { command: Command::Watch, .. }) => stream_records(&mut write, records).await,
         Ok(Request { command: Command::Table, .. }) => {
             let (reply, rows) = oneshot::channel();
-            let rows = match table_requests.send(reply).await {
+            let rows = match table_requests.send(Query::Table(reply)).await {
                 Ok(()) => rows.await.unwrap_or_default(),
                 Err(_) => Vec::new(),
             };
             let json = serde_json::to_string(&rows);
+            let line = json.unwrap_or_else(|e| api::error_line(&e.to_string())) + "\n";
+            write.write_all(line.as_bytes()).await.and(write.flush().await)
+        }
+        Ok(Request { command: Command::Stats, .. }) => {
+            let (reply, report) = oneshot::channel();
+            let report = match table_requests.send(Query::Stats(reply)).await {
+                Ok(()) => report.await.unwrap_or_default(),
+                Err(_) => Report::default(),
+            };
+            let json = serde_json::to_string(&report);
             let line = json.unwrap_or_else(|e| api::error_line(&e.to_string())) + "\n";
             write.write_all(line.as_bytes()).await.and(write.flush().await)
         }

@@ -27,6 +27,8 @@ pub enum Command {
     Watch,
     /// The socket table now: one line, a JSON array of `Listed` rows.
     Table,
+    /// Handshake latency and failure statistics: one line, a JSON `stats::Report`.
+    Stats,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -109,6 +111,18 @@ pub async fn connect(path: &Path) -> io::Result<Option<tokio::net::UnixStream>> 
         }
         Err(e) => Err(e),
     }
+}
+
+/// Sends one request and reads the one-line answer; None when no agent listens at `path`.
+pub async fn ask(path: &Path, command: Command) -> io::Result<Option<String>> {
+    use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
+    let Some(stream) = connect(path).await? else { return Ok(None) };
+    let (read, mut write) = stream.into_split();
+    let request = serde_json::to_string(&Request::new(command)).map_err(io::Error::other)? + "\n";
+    write.write_all(request.as_bytes()).await?;
+    let mut line = String::new();
+    tokio::io::BufReader::new(read).read_line(&mut line).await?;
+    Ok(Some(line))
 }
 
 /// Removes the socket file when the agent stops.

@@ -42,6 +42,19 @@ pub enum Command {
     Table(TableArgs),
     /// Load the programs once and serve their stream to `netwatch watch` clients.
     Agent(AgentArgs),
+    /// Connect latency (p50/p90/p99/max) and failed connects, per remote endpoint and per
+    /// process, from a running agent.
+    Stats(StatsArgs),
+}
+
+#[derive(Clone, Debug, Args)]
+pub struct StatsArgs {
+    /// The running agent's socket.
+    #[arg(long, value_name = "PATH", default_value = api::DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+    /// One JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `--log`: where and how much to keep of every stream record.

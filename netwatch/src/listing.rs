@@ -8,7 +8,7 @@ use std::{
 use anyhow::Context as _;
 
 use crate::{
-    api::{self, Command, Request},
+    api::{self, Command},
     cli::TableArgs,
     error::Error,
     events::{Family, TcpState},
@@ -132,18 +132,9 @@ fn sort(rows: &mut [Listed]) {
 
 /// The table kept by a running agent; None when no agent listens at `socket`.
 async fn from_agent(socket: &std::path::Path) -> anyhow::Result<Option<Vec<Listed>>> {
-    use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
-    let Some(stream) = api::connect(socket).await.context("connecting to the agent")? else {
+    let Some(line) = api::ask(socket, Command::Table).await.context("asking the agent")? else {
         return Ok(None);
     };
-    let (read, mut write) = stream.into_split();
-    let request = serde_json::to_string(&Request::new(Command::Table))? + "\n";
-    write.write_all(request.as_bytes()).await.context("asking the agent")?;
-    let mut line = String::new();
-    tokio::io::BufReader::new(read)
-        .read_line(&mut line)
-        .await
-        .context("reading the agent's table")?;
     let rows = serde_json::from_str(&line)
         .with_context(|| format!("the agent at {} answered: {}", socket.display(), line.trim()))?;
     Ok(Some(rows))

@@ -33,6 +33,7 @@ fn main() -> ExitCode {
             Some(Command::Watch(args)) => netwatch::watch::run(args).await,
             Some(Command::Table(args)) => netwatch::listing::run(args).await,
             Some(Command::Agent(args)) => netwatch::agent::run(args).await,
+            Some(Command::Stats(args)) => netwatch::report::run(args).await,
             None => netwatch::watch::run(&cli.watch).await,
         }
     });

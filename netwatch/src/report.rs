@@ -1,0 +1,28 @@
+//! `netwatch stats`: the agent's handshake latency and failure statistics, as text tables or
+//! JSON. Only an agent sees connections for long enough to keep them.
+use anyhow::{Context as _, bail};
+
+use crate::{
+    api::{self, Command},
+    cli::StatsArgs,
+    stats::{self, Report},
+};
+
+pub async fn run(args: &StatsArgs) -> anyhow::Result<()> {
+    let Some(line) = api::ask(&args.socket, Command::Stats).await.context("asking the agent")?
+    else {
+        bail!(
+            "no agent is running at {}: start `netwatch agent` (statistics are kept by the agent)",
+            args.socket.display()
+        );
+    };
+    let report: Report = serde_json::from_str(&line).with_context(|| {
+        format!("the agent at {} answered: {}", args.socket.display(), line.trim())
+    })?;
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!("{}", stats::text(&report));
+    }
+    Ok(())
+}

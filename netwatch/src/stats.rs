@@ -1,0 +1,245 @@
+//! Handshake and failure statistics the agent keeps from the stream: connect latency
+//! (SYN_SENT -> ESTABLISHED) per remote endpoint and per process, and failed connects by
+//! reason. Pure: transition records in, summaries out.
+//!
+//! Memory is bounded: each key keeps its count, max and last `SAMPLES` latencies (the
+//! percentiles are over those), and at most `KEYS` keys per table are kept, the least
+//! recently seen going first.
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{events::TcpState, output::TransitionRecord, table::Failure};
+
+const SAMPLES: usize = 4096;
+const KEYS: usize = 1024;
+
+#[derive(Debug, Default)]
+struct Series {
+    count: u64,
+    max_ns: u64,
+    recent: VecDeque<u64>,
+    failures: BTreeMap<String, u64>,
+    last_seen: u64,
+}
+
+/// One row of `netwatch stats`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Summary {
+    /// `ADDR:PORT` or `COMM[PID]`.
+    pub key: String,
+    pub connects: u64,
+    pub p50_ms: Option<f64>,
+    pub p90_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
+    pub max_ms: Option<f64>,
+    /// Failed connects by reason (refused, timeout, aborted, reset).
+    pub failed: BTreeMap<String, u64>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    pub by_remote: Vec<Summary>,
+    pub by_process: Vec<Summary>,
+}
+
+#[derive(Debug, Default)]
+pub struct Stats {
+    by_remote: HashMap<String, Series>,
+    by_process: HashMap<String, Series>,
+    clock: u64,
+}
+
+fn failure_name(failure: Failure) -> &'static str {
+    match failure {
+        Failure::Refused => "refused",
+        Failure::Timeout => "timeout",
+        Failure::Aborted => "aborted",
+        Failure::Reset => "reset",
+    }
+}
+
+impl Stats {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn record(&mut self, t: &TransitionRecord) {
+        let latency = (t.old == TcpState::SynSent && t.new == TcpState::Established)
+            .then_some(t.duration_ns)
+            .flatten();
+        let failure = t.failure.map(failure_name);
+        if latency.is_none() && failure.is_none() {
+            return;
+        }
+        self.clock += 1;
+        let remote = std::net::SocketAddr::from((t.raddr, t.rport)).to_string();
+        let process = match (&t.comm, t.pid) {
+            (Some(comm), Some(pid)) => format!("{comm}[{pid}]"),
+            _ => "-".to_string(),
+        };
+        for (table, key) in [(&mut self.by_remote, remote), (&mut self.by_process, process)] {
+            if !table.contains_key(&key)
+                && table.len() >= KEYS
+                && let Some(oldest) =
+                    table.iter().min_by_key(|(_, s)| s.last_seen).map(|(k, _)| k.clone())
+            {
+                table.remove(&oldest);
+            }
+            let series = table.entry(key).or_default();
+            series.last_seen = self.clock;
+            if let Some(ns) = latency {
+                series.count += 1;
+                series.max_ns = series.max_ns.max(ns);
+                if series.recent.len() == SAMPLES {
+                    series.recent.pop_front();
+                }
+                series.recent.push_back(ns);
+            }
+            if let Some(reason) = failure {
+                *series.failures.entry(reason.to_string()).or_default() += 1;
+            }
+        }
+    }
+
+    pub fn report(&self) -> Report {
+        let summarize = |table: &HashMap<String, Series>| {
+            let mut rows: Vec<Summary> = table
+                .iter()
+                .map(|(key, s)| {
+                    let mut sorted: Vec<u64> = s.recent.iter().copied().collect();
+                    sorted.sort_unstable();
+                    let pick = |q: f64| {
+                        (!sorted.is_empty()).then(|| {
+                            let at =
+                                ((sorted.len() as f64 * q).ceil() as usize).clamp(1, sorted.len());
+                            sorted[at - 1] as f64 / 1e6
+                        })
+                    };
+                    Summary {
+                        key: key.clone(),
+                        connects: s.count,
+                        p50_ms: pick(0.50),
+                        p90_ms: pick(0.90),
+                        p99_ms: pick(0.99),
+                        max_ms: (s.count > 0).then(|| s.max_ns as f64 / 1e6),
+                        failed: s.failures.clone(),
+                    }
+                })
+                .collect();
+            rows.sort_by(|a, b| b.connects.cmp(&a.connects).then_with(|| a.key.cmp(&b.key)));
+            rows
+        };
+        Report { by_remote: summarize(&self.by_remote), by_process: summarize(&self.by_process) }
+    }
+}
+
+/// The report as two aligned text tables.
+pub fn text(report: &Report) -> String {
+    let ms = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.3}"));
+    let mut out = String::new();
+    for (title, rows) in [("REMOTE", &report.by_remote), ("PROCESS", &report.by_process)] {
+        out.push_str(&format!(
+            "{title:<40} {:>8} {:>10} {:>10} {:>10} {:>10}  FAILED\n",
+            "CONNECTS", "P50_MS", "P90_MS", "P99_MS", "MAX_MS"
+        ));
+        for row in rows {
+            let failed: Vec<String> =
+                row.failed.iter().map(|(why, n)| format!("{why}={n}")).collect();
+            out.push_str(&format!(
+                "{:<40} {:>8} {:>10} {:>10} {:>10} {:>10}  {}\n",
+                row.key,
+                row.connects,
+                ms(row.p50_ms),
+                ms(row.p90_ms),
+                ms(row.p99_ms),
+                ms(row.max_ms),
+                if failed.is_empty() { "-".to_string() } else { failed.join(" ") }
+            ));
+        }
+        out.push('\n');
+    }
+    out.trim_end().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{IpAddr, Ipv4Addr};
+
+    use chrono::DateTime;
+
+    use super::*;
+    use crate::events::{Family, StateSource};
+
+    fn record(
+        old: TcpState,
+        new: TcpState,
+        ms: Option<u64>,
+        failure: Option<Failure>,
+        pid: u32,
+    ) -> TransitionRecord {
+        TransitionRecord {
+            time: DateTime::from_timestamp_nanos(0),
+            mono_ns: 0,
+            old,
+            new,
+            duration_ns: ms.map(|ms| ms * 1_000_000),
+            duration_ms: ms.map(|ms| ms as f64),
+            pid: Some(pid),
+            comm: Some("curl".into()),
+            family: Family::Ipv4,
+            laddr: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            lport: 40000,
+            raddr: IpAddr::V4(Ipv4Addr::new(10, 0, 0, 5)),
+            rport: 5432,
+            cookie: Some(1),
+            netns: 1,
+            skaddr: "0x0".into(),
+            task_pid: 0,
+            task_tid: 0,
+            task_comm: "swapper/0".into(),
+            source: StateSource::TpBtf,
+            lifespan_ns: None,
+            bytes_sent: None,
+            bytes_received: None,
+            retransmits: None,
+            failure,
+        }
+    }
+
+    #[test]
+    fn latency_percentiles_and_failures_per_endpoint_and_process() {
+        use TcpState::*;
+        let mut stats = Stats::new();
+        for ms in 1..=100 {
+            stats.record(&record(SynSent, Established, Some(ms), None, 7));
+        }
+        stats.record(&record(SynSent, Close, Some(3), Some(Failure::Refused), 7));
+        stats.record(&record(SynSent, Close, Some(3000), Some(Failure::Timeout), 8));
+        stats.record(&record(Established, FinWait1, Some(5), None, 7)); // not a handshake
+        let report = stats.report();
+        let remote = &report.by_remote[0];
+        assert_eq!((remote.key.as_str(), remote.connects), ("10.0.0.5:5432", 100));
+        assert_eq!(
+            (remote.p50_ms, remote.p90_ms, remote.p99_ms, remote.max_ms),
+            (Some(50.0), Some(90.0), Some(99.0), Some(100.0))
+        );
+        assert_eq!(remote.failed, BTreeMap::from([("refused".into(), 1), ("timeout".into(), 1)]));
+        let processes: Vec<(&str, u64)> =
+            report.by_process.iter().map(|s| (s.key.as_str(), s.connects)).collect();
+        assert_eq!(processes, [("curl[7]", 100), ("curl[8]", 0)]);
+        assert_eq!(report.by_process[1].p50_ms, None);
+        let text = text(&report);
+        assert!(text.contains("10.0.0.5:5432") && text.contains("refused=1 timeout=1"), "{text}");
+    }
+
+    #[test]
+    fn keys_are_bounded() {
+        let mut stats = Stats::new();
+        for pid in 0..(KEYS as u32 + 10) {
+            stats.record(&record(TcpState::SynSent, TcpState::Established, Some(1), None, pid));
+        }
+        assert_eq!(stats.by_process.len(), KEYS);
+        assert!(!stats.by_process.contains_key("curl[0]"), "the least recently seen went first");
+    }
+}
