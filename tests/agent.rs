@@ -556,3 +556,91 @@ fn stats_summarise_handshakes_and_failures() {
     assert_eq!(none.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&none.stderr).contains("no agent is running"));
 }
+
+/// `--metrics`: Prometheus text that a real parser reads, with counters that follow the
+/// test's traffic; a port already in use is a clear error.
+#[test]
+fn metrics_parse_and_count_the_traffic() {
+    let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap().local_addr().unwrap().port();
+    let address = format!("127.0.0.1:{port}");
+    let agent = Agent::start_with(&Agent::test_socket("metrics"), &["--metrics", &address]);
+    let scrape = || -> prometheus_parse::Scrape {
+        use std::io::{Read as _, Write as _};
+        let mut stream = std::net::TcpStream::connect(&address).unwrap();
+        stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        let (head, body) = response.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string()))).unwrap()
+    };
+    let value = |scrape: &prometheus_parse::Scrape,
+                 name: &str,
+                 label: Option<(&str, &str)>|
+     -> f64 {
+        scrape
+            .samples
+            .iter()
+            .filter(|s| s.metric == name && label.is_none_or(|(k, v)| s.labels.get(k) == Some(v)))
+            .map(|s| match s.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => v,
+                _ => 0.0,
+            })
+            .sum()
+    };
+    let before = scrape();
+    let established = |s: &prometheus_parse::Scrape| {
+        s.samples
+            .iter()
+            .filter(|x| {
+                x.metric == "netwatch_transitions_total"
+                    && x.labels.get("old") == Some("SYN_SENT")
+                    && x.labels.get("new") == Some("ESTABLISHED")
+            })
+            .map(|x| match x.value {
+                prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) => v,
+                _ => 0.0,
+            })
+            .sum::<f64>()
+    };
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+    for _ in 0..10 {
+        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        drop(listener.accept().unwrap());
+        drop(client);
+    }
+    let gone = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap().local_addr().unwrap();
+    assert!(std::net::TcpStream::connect(gone).is_err());
+    thread::sleep(Duration::from_millis(300));
+    let after = scrape();
+    assert!(established(&after) - established(&before) >= 10.0, "ten handshakes counted");
+    let refused = |s: &prometheus_parse::Scrape| {
+        value(s, "netwatch_connect_failures_total", Some(("reason", "refused")))
+    };
+    assert!(refused(&after) - refused(&before) >= 1.0);
+    assert!(
+        value(&after, "netwatch_sockets", Some(("state", "LISTEN"))) >= 1.0,
+        "the listener is in the table"
+    );
+    assert_eq!(value(&after, "netwatch_lost_events_total", None), 0.0);
+
+    let second = Command::new(netwatch_bin())
+        .args([
+            "agent",
+            "--socket",
+            Agent::test_socket("metrics2").to_str().unwrap(),
+            "--metrics",
+            &address,
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert_eq!(second.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("cannot serve metrics on {address}")) && stderr.contains("in use"),
+        "{stderr}"
+    );
+    assert!(agent.stop().success());
+}

@@ -18,6 +18,7 @@ use crate::{
     api::{self, Command, Request, SocketFile},
     cli::AgentArgs,
     eventlog::Logging,
+    metrics::{self, Metrics},
     output::{LossReason, LossRecord, StreamRecord, WallClock, table::Listed},
     stats::{Report, Stats},
     tracer::Tracer,
@@ -41,6 +42,12 @@ pub async fn run(args: &AgentArgs) -> anyhow::Result<()> {
     let (sender, _) = broadcast::channel::<Arc<StreamRecord>>(CLIENT_QUEUE);
     let (table_requests, mut table_queue) = mpsc::channel::<Query>(64);
     let mut stats = Stats::new();
+    let metrics = Metrics::new();
+    metrics.snapshot_taken(chrono::Utc::now().timestamp_millis() as f64 / 1e3);
+    let metrics_listener = match args.metrics {
+        Some(address) => Some(metrics::bind(address).await?),
+        None => None,
+    };
     eprintln!(
         "netwatch agent: tracing via {}; serving {}",
         tracer.describe(),
@@ -51,6 +58,9 @@ pub async fn run(args: &AgentArgs) -> anyhow::Result<()> {
     loop {
         tokio::select! {
             _ = signals.stop() => break,
+            Some(scrape) = accept_scrape(metrics_listener.as_ref()) => {
+                tokio::spawn(serve_metrics(scrape, table_requests.clone()));
+            }
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
                     tokio::spawn(serve(stream, sender.subscribe(), table_requests.clone()));
@@ -62,12 +72,14 @@ pub async fn run(args: &AgentArgs) -> anyhow::Result<()> {
                 match query {
                     Query::Table(reply) => { let _ = reply.send(tracer.listed()); }
                     Query::Stats(reply) => { let _ = reply.send(stats.report()); }
+                    Query::Metrics(reply) => { let _ = reply.send(metrics.render(&tracer.listed())); }
                 }
             }
             next = tracer.next(&mut records) => {
                 next?;
                 log.write(&records);
                 for record in &records {
+                    metrics.observe(record);
                     if let StreamRecord::Transition(t) = record {
                         stats.record(t);
                     }
@@ -89,10 +101,39 @@ pub async fn run(args: &AgentArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The next connection to the metrics endpoint, if there is one; pending forever otherwise.
+async fn accept_scrape(
+    listener: Option<&tokio::net::TcpListener>,
+) -> Option<tokio::net::TcpStream> {
+    match listener {
+        Some(listener) => listener.accept().await.ok().map(|(stream, _)| stream),
+        None => std::future::pending().await,
+    }
+}
+
 /// A question for the main loop, which owns the table and the statistics.
 enum Query {
     Table(oneshot::Sender<Vec<Listed>>),
     Stats(oneshot::Sender<Report>),
+    Metrics(oneshot::Sender<String>),
+}
+
+/// One scrape of the metrics endpoint.
+async fn serve_metrics(mut stream: tokio::net::TcpStream, queries: mpsc::Sender<Query>) {
+    let mut request = [0u8; 2048];
+    let read = tokio::time::timeout(REQUEST_TIMEOUT, stream.read(&mut request)).await;
+    let Ok(Ok(n)) = read else { return };
+    let head = String::from_utf8_lossy(&request[..n]).into_owned();
+    let reply = metrics::respond(&head, || async {
+        let (reply, body) = oneshot::channel();
+        match queries.send(Query::Metrics(reply)).await {
+            Ok(()) => body.await.unwrap_or_default(),
+            Err(_) => String::new(),
+        }
+    })
+    .await;
+    let _ = stream.write_all(reply.as_bytes()).await;
+    let _ = stream.shutdown().await;
 }
 
 /// One client connection: read its request, then answer it.

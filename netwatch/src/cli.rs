@@ -91,6 +91,10 @@ pub struct AgentArgs {
     pub ring_size: Option<u32>,
     #[command(flatten)]
     pub log: LogArgs,
+    /// Serve Prometheus metrics at http://ADDR/metrics (default 127.0.0.1:9911; any other
+    /// address only when given).
+    #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = "127.0.0.1:9911")]
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 impl AgentArgs {

@@ -48,17 +48,14 @@ pub enum Error {
     #[error("another netwatch agent is already running on {path}")]
     AgentRunning { path: PathBuf },
 
-    #[error("{context}: {source}")]
-    Io {
-        context: String,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("{context}: {error}")]
+    /// The I/O error is part of the message (not a `source`), so it is printed once.
+    Io { context: String, error: std::io::Error },
 }
 
 impl Error {
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
-        Error::Io { context: context.into(), source }
+        Error::Io { context: context.into(), error: source }
     }
 }
 

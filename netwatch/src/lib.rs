@@ -16,6 +16,7 @@ pub mod events;
 pub mod filter;
 pub mod listing;
 pub mod loader;
+pub mod metrics;
 pub mod output;
 pub mod query;
 pub mod report;
