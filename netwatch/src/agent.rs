@@ -118,20 +118,36 @@ enum Query {
     Metrics(oneshot::Sender<String>),
 }
 
+/// Asks the main loop (which owns the table and the statistics) and waits for its answer;
+/// the empty answer if the agent is stopping.
+async fn ask_main_loop<T: Default>(
+    queries: &mpsc::Sender<Query>,
+    question: impl FnOnce(oneshot::Sender<T>) -> Query,
+) -> T {
+    let (reply, answer) = oneshot::channel();
+    match queries.send(question(reply)).await {
+        Ok(()) => answer.await.unwrap_or_default(),
+        Err(_) => T::default(),
+    }
+}
+
+async fn write_json_line(
+    write: &mut BufWriter<tokio::net::unix::OwnedWriteHalf>,
+    value: &impl serde::Serialize,
+) -> std::io::Result<()> {
+    let json = serde_json::to_string(value);
+    let line = json.unwrap_or_else(|e| api::error_line(&e.to_string())) + "\n";
+    write.write_all(line.as_bytes()).await?;
+    write.flush().await
+}
+
 /// One scrape of the metrics endpoint.
 async fn serve_metrics(mut stream: tokio::net::TcpStream, queries: mpsc::Sender<Query>) {
     let mut request = [0u8; 2048];
     let read = tokio::time::timeout(REQUEST_TIMEOUT, stream.read(&mut request)).await;
     let Ok(Ok(n)) = read else { return };
     let head = String::from_utf8_lossy(&request[..n]).into_owned();
-    let reply = metrics::respond(&head, || async {
-        let (reply, body) = oneshot::channel();
-        match queries.send(Query::Metrics(reply)).await {
-            Ok(()) => body.await.unwrap_or_default(),
-            Err(_) => String::new(),
-        }
-    })
-    .await;
+    let reply = metrics::respond(&head, || ask_main_loop(&queries, Query::Metrics)).await;
     let _ = stream.write_all(reply.as_bytes()).await;
     let _ = stream.shutdown().await;
 }
@@ -159,24 +175,12 @@ async fn serve(
     let result = match request {
         Ok(Request { command: Command::Watch, .. }) => stream_records(&mut write, records).await,
         Ok(Request { command: Command::Table, .. }) => {
-            let (reply, rows) = oneshot::channel();
-            let rows = match table_requests.send(Query::Table(reply)).await {
-                Ok(()) => rows.await.unwrap_or_default(),
-                Err(_) => Vec::new(),
-            };
-            let json = serde_json::to_string(&rows);
-            let line = json.unwrap_or_else(|e| api::error_line(&e.to_string())) + "\n";
-            write.write_all(line.as_bytes()).await.and(write.flush().await)
+            let rows = ask_main_loop(&table_requests, Query::Table).await;
+            write_json_line(&mut write, &rows).await
         }
         Ok(Request { command: Command::Stats, .. }) => {
-            let (reply, report) = oneshot::channel();
-            let report = match table_requests.send(Query::Stats(reply)).await {
-                Ok(()) => report.await.unwrap_or_default(),
-                Err(_) => Report::default(),
-            };
-            let json = serde_json::to_string(&report);
-            let line = json.unwrap_or_else(|e| api::error_line(&e.to_string())) + "\n";
-            write.write_all(line.as_bytes()).await.and(write.flush().await)
+            let report = ask_main_loop(&table_requests, Query::Stats).await;
+            write_json_line(&mut write, &report).await
         }
         Err(message) => {
             let reply = api::error_line(&message) + "\n";

@@ -259,12 +259,7 @@ fn connect_fail(addr: &str, how: &str) -> std::io::Result<()> {
         if how == "abort" {
             libc::fcntl(fd, libc::F_SETFL, libc::O_NONBLOCK);
         }
-        let address = libc::sockaddr_in {
-            sin_family: libc::AF_INET as u16,
-            sin_port: to.port().to_be(),
-            sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(to.ip().octets()) },
-            sin_zero: [0; 8],
-        };
+        let address = sockaddr_in(to);
         let rc = libc::connect(
             fd,
             (&address as *const libc::sockaddr_in).cast(),
@@ -319,12 +314,7 @@ fn autobound_udp(to: SocketAddr) -> std::io::Result<UdpSocket> {
             return Err(std::io::Error::last_os_error());
         }
         let socket = UdpSocket::from_raw_fd(fd);
-        let address = libc::sockaddr_in {
-            sin_family: libc::AF_INET as u16,
-            sin_port: to.port().to_be(),
-            sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(to.ip().octets()) },
-            sin_zero: [0; 8],
-        };
+        let address = sockaddr_in(to);
         let sent = libc::sendto(
             fd,
             b"x".as_ptr().cast(),
@@ -337,6 +327,16 @@ fn autobound_udp(to: SocketAddr) -> std::io::Result<UdpSocket> {
             return Err(std::io::Error::last_os_error());
         }
         Ok(socket)
+    }
+}
+
+/// `to` as the C struct connect/sendto take.
+fn sockaddr_in(to: std::net::SocketAddrV4) -> libc::sockaddr_in {
+    libc::sockaddr_in {
+        sin_family: libc::AF_INET as u16,
+        sin_port: to.port().to_be(),
+        sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(to.ip().octets()) },
+        sin_zero: [0; 8],
     }
 }
 
