@@ -644,3 +644,73 @@ fn metrics_parse_and_count_the_traffic() {
     );
     assert!(agent.stop().success());
 }
+
+/// `netwatch history`: a connection's path in order, with durations that add up to its
+/// lifespan; filters by port, `--closed`, `--failed` and `--cookie`.
+#[test]
+fn history_shows_each_connections_path() {
+    let agent = Agent::start(&Agent::test_socket("history"));
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = thread::spawn(move || serve_one(&listener).unwrap());
+    let client = client_roundtrip((Ipv4Addr::LOCALHOST, port).into()).unwrap();
+    server.join().unwrap();
+    let gone = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap().local_addr().unwrap();
+    assert!(std::net::TcpStream::connect(gone).is_err());
+    thread::sleep(Duration::from_millis(300));
+
+    let history = |args: &[&str]| -> Vec<Value> {
+        let output = Command::new(netwatch_bin())
+            .args(["history", "--json", "--socket", socket_arg(&agent)])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        serde_json::from_slice(&output.stdout).unwrap()
+    };
+    let dport = format!(":{port}");
+    let clients = history(&["--closed", "dport", "=", &dport]);
+    let mine: Vec<&Value> = clients.iter().filter(|h| h["lport"] == client.port()).collect();
+    assert_eq!(mine.len(), 1, "{clients:#?}");
+    let h = mine[0];
+    let states: Vec<(&str, &str)> = h["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| (s["old"].as_str().unwrap(), s["new"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        states,
+        [
+            ("CLOSE", "SYN_SENT"),
+            ("SYN_SENT", "ESTABLISHED"),
+            ("ESTABLISHED", "FIN_WAIT1"),
+            ("FIN_WAIT1", "FIN_WAIT2"),
+            ("FIN_WAIT2", "CLOSE")
+        ]
+    );
+    assert_eq!(h["first_seen"], "event");
+    let spent: u64 =
+        h["steps"].as_array().unwrap().iter().map(|s| s["duration_ns"].as_u64().unwrap()).sum();
+    assert_eq!(h["lifespan_ns"].as_u64(), Some(spent), "durations add up to the lifespan");
+    assert_eq!((h["bytes_sent"].as_u64(), h["bytes_received"].as_u64()), (Some(4), Some(4)));
+
+    let failed = history(&["--failed"]);
+    assert!(
+        failed.iter().any(|h| h["rport"] == gone.port() && h["failure"] == "refused"),
+        "{failed:#?}"
+    );
+    assert!(failed.iter().all(|h| !h["failure"].is_null()));
+    let one = history(&["--cookie", &h["cookie"].to_string()]);
+    assert_eq!(one.len(), 1);
+    let text = Command::new(netwatch_bin())
+        .args(["history", "--socket", socket_arg(&agent), "--cookie", &h["cookie"].to_string()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("SYN_SENT") && text.contains("-> ESTABLISHED") && text.contains("sent=4B"),
+        "{text}"
+    );
+    assert!(agent.stop().success());
+}

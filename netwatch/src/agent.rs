@@ -18,6 +18,7 @@ use crate::{
     api::{self, Command, Request, SocketFile},
     cli::AgentArgs,
     eventlog::Logging,
+    history::{Histories, History, Retention},
     metrics::{self, Metrics},
     output::{LossReason, LossRecord, StreamRecord, WallClock, table::Listed},
     stats::{Report, Stats},
@@ -42,6 +43,8 @@ pub async fn run(args: &AgentArgs) -> anyhow::Result<()> {
     let (sender, _) = broadcast::channel::<Arc<StreamRecord>>(CLIENT_QUEUE);
     let (table_requests, mut table_queue) = mpsc::channel::<Query>(64);
     let mut stats = Stats::new();
+    let mut histories = Histories::new(Retention::default());
+    histories.seed(&tracer.take_initial_rows());
     let metrics = Metrics::new();
     metrics.snapshot_taken(chrono::Utc::now().timestamp_millis() as f64 / 1e3);
     let metrics_listener = match args.metrics {
@@ -73,6 +76,10 @@ pub async fn run(args: &AgentArgs) -> anyhow::Result<()> {
                     Query::Table(reply) => { let _ = reply.send(tracer.listed()); }
                     Query::Stats(reply) => { let _ = reply.send(stats.report()); }
                     Query::Metrics(reply) => { let _ = reply.send(metrics.render(&tracer.listed())); }
+                    Query::History(reply) => {
+                        histories.expire(chrono::Utc::now());
+                        let _ = reply.send(histories.all());
+                    }
                 }
             }
             next = tracer.next(&mut records) => {
@@ -82,6 +89,7 @@ pub async fn run(args: &AgentArgs) -> anyhow::Result<()> {
                     metrics.observe(record);
                     if let StreamRecord::Transition(t) = record {
                         stats.record(t);
+                        histories.record(t);
                     }
                 }
                 for record in records.drain(..) {
@@ -116,6 +124,7 @@ enum Query {
     Table(oneshot::Sender<Vec<Listed>>),
     Stats(oneshot::Sender<Report>),
     Metrics(oneshot::Sender<String>),
+    History(oneshot::Sender<Vec<History>>),
 }
 
 /// Asks the main loop (which owns the table and the statistics) and waits for its answer;
@@ -181,6 +190,10 @@ async fn serve(
         Ok(Request { command: Command::Stats, .. }) => {
             let report = ask_main_loop(&table_requests, Query::Stats).await;
             write_json_line(&mut write, &report).await
+        }
+        Ok(Request { command: Command::History, .. }) => {
+            let histories = ask_main_loop(&table_requests, Query::History).await;
+            write_json_line(&mut write, &histories).await
         }
         Err(message) => {
             let reply = api::error_line(&message) + "\n";

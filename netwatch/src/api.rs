@@ -29,6 +29,9 @@ pub enum Command {
     Table,
     /// Handshake latency and failure statistics: one line, a JSON `stats::Report`.
     Stats,
+    /// Connection histories, open then retained closed ones: one line, a JSON array of
+    /// `history::History`.
+    History,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

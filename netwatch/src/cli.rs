@@ -45,6 +45,54 @@ pub enum Command {
     /// Connect latency (p50/p90/p99/max) and failed connects, per remote endpoint and per
     /// process, from a running agent.
     Stats(StatsArgs),
+    /// Each connection's state-machine history (open, and recently closed), from a running
+    /// agent.
+    History(HistoryArgs),
+}
+
+#[derive(Clone, Debug, Args)]
+#[command(after_help = "FILTER: as for `netwatch table`, e.g. `dport = :5432 dst 10.0.0.5`.")]
+pub struct HistoryArgs {
+    /// The running agent's socket.
+    #[arg(long, value_name = "PATH", default_value = api::DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+    /// Only connections active (with a transition) within this long, e.g. 10m, 2h, 30s.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub since: Option<chrono::Duration>,
+    /// Only closed connections.
+    #[arg(long)]
+    pub closed: bool,
+    /// Only failed connections (refused, timeout, aborted, reset).
+    #[arg(long)]
+    pub failed: bool,
+    /// Only the connection with this socket cookie, in full detail.
+    #[arg(long)]
+    pub cookie: Option<u64>,
+    /// JSON (one array) instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// ss-style address and port filter.
+    #[arg(value_name = "FILTER", allow_hyphen_values = true, trailing_var_arg = true)]
+    pub filter: Vec<String>,
+}
+
+/// `30s`, `10m`, `2h`, `1d`.
+fn parse_duration(text: &str) -> Result<chrono::Duration, String> {
+    let (digits, unit) =
+        text.split_at(text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len()));
+    let number: i64 =
+        digits.parse().map_err(|_| format!("'{text}' is not a duration (e.g. 30s, 10m, 2h)"))?;
+    let seconds = match unit {
+        "s" | "" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(format!("'{text}': unknown unit '{unit}' (use s, m, h or d)")),
+    };
+    number
+        .checked_mul(seconds)
+        .and_then(chrono::Duration::try_seconds)
+        .ok_or_else(|| format!("'{text}' is too long"))
 }
 
 #[derive(Clone, Debug, Args)]

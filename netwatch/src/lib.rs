@@ -14,6 +14,8 @@ pub mod error;
 pub mod eventlog;
 pub mod events;
 pub mod filter;
+pub mod history;
+pub mod history_cmd;
 pub mod listing;
 pub mod loader;
 pub mod metrics;

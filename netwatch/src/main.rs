@@ -34,6 +34,7 @@ fn main() -> ExitCode {
             Some(Command::Table(args)) => netwatch::listing::run(args).await,
             Some(Command::Agent(args)) => netwatch::agent::run(args).await,
             Some(Command::Stats(args)) => netwatch::report::run(args).await,
+            Some(Command::History(args)) => netwatch::history_cmd::run(args).await,
             None => netwatch::watch::run(&cli.watch).await,
         }
     });

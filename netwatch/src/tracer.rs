@@ -26,6 +26,8 @@ pub struct Tracer {
     /// Namespace inode -> a path to enter it, for targeted lookups and names.
     namespaces: HashMap<u32, NetNamespace>,
     probes: Option<Probes>,
+    /// The start-up snapshot's rows, for whoever keeps more than the table (histories).
+    initial_rows: Vec<crate::snapshot::SocketRow>,
     reader: EventReader,
     lost: LostCounter,
     table: Table,
@@ -59,6 +61,7 @@ impl Tracer {
         let namespaces = snapshot.namespaces.into_iter().map(|ns| (ns.inode, ns)).collect();
         Ok(Tracer {
             keep_rows: false,
+            initial_rows: snapshot.rows,
             namespaces,
             probes: Some(probes),
             reader,
@@ -86,6 +89,11 @@ impl Tracer {
         table.seed(&snapshot.rows, &snapshot.owners, WallClock::monotonic_now_ns());
         self.table = table;
         self.namespaces = snapshot.namespaces.into_iter().map(|ns| (ns.inode, ns)).collect();
+    }
+
+    /// The rows of the snapshot taken at start (once).
+    pub fn take_initial_rows(&mut self) -> Vec<crate::snapshot::SocketRow> {
+        std::mem::take(&mut self.initial_rows)
     }
 
     /// Keeps the table's rows exact (timewait sockets looked up as they appear).

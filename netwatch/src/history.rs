@@ -1,0 +1,291 @@
+//! Per-connection state-machine histories the agent keeps: every transition of every socket
+//! from the moment netwatch saw it, and closed connections for a bounded retention (count and
+//! age). Pure: transition records and snapshot rows in, histories out.
+use std::collections::{HashMap, VecDeque};
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    events::TcpState,
+    output::TransitionRecord,
+    snapshot::{Protocol, SocketRow},
+    table::Failure,
+};
+
+/// Transitions kept per connection (a connection has about a dozen in its life).
+const STEPS: usize = 64;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FirstSeen {
+    /// Already there when the agent took its snapshot, in this state.
+    Snapshot,
+    /// Its first transition was seen.
+    Event,
+}
+
+/// One transition in a connection's history.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Step {
+    pub time: DateTime<Utc>,
+    pub old: TcpState,
+    pub new: TcpState,
+    /// Time spent in `old`, when netwatch saw it begin.
+    pub duration_ns: Option<u64>,
+    /// The socket's owner at this transition.
+    pub pid: Option<u32>,
+    pub comm: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct History {
+    pub cookie: u64,
+    pub netns: u32,
+    pub laddr: std::net::IpAddr,
+    pub lport: u16,
+    pub raddr: std::net::IpAddr,
+    pub rport: u16,
+    pub first_seen: FirstSeen,
+    /// The state it was in when the snapshot found it.
+    pub snapshot_state: Option<TcpState>,
+    pub steps: Vec<Step>,
+    pub closed: bool,
+    pub failure: Option<Failure>,
+    pub lifespan_ns: Option<u64>,
+    pub bytes_sent: Option<u64>,
+    pub bytes_received: Option<u64>,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Retention {
+    /// Closed connections kept at most.
+    pub count: usize,
+    /// Closed connections older than this (since they closed) are dropped.
+    pub max_age: chrono::Duration,
+}
+
+impl Default for Retention {
+    /// About 10k closed connections: a few MB.
+    fn default() -> Self {
+        Retention { count: 10_000, max_age: chrono::Duration::hours(1) }
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct Histories {
+    open: HashMap<u64, History>,
+    closed: VecDeque<(DateTime<Utc>, History)>,
+    retention: Option<Retention>,
+}
+
+impl Histories {
+    pub fn new(retention: Retention) -> Self {
+        Histories { retention: Some(retention), ..Default::default() }
+    }
+
+    /// Sockets the agent's snapshot found (TCP only: UDP has no state machine).
+    pub fn seed(&mut self, rows: &[SocketRow]) {
+        for row in rows.iter().filter(|r| r.protocol == Protocol::Tcp && r.cookie != 0) {
+            self.open.entry(row.cookie).or_insert_with(|| History {
+                cookie: row.cookie,
+                netns: row.netns,
+                laddr: row.local.0,
+                lport: row.local.1,
+                raddr: row.remote.0,
+                rport: row.remote.1,
+                first_seen: FirstSeen::Snapshot,
+                snapshot_state: Some(row.state),
+                steps: Vec::new(),
+                closed: false,
+                failure: None,
+                lifespan_ns: None,
+                bytes_sent: None,
+                bytes_received: None,
+            });
+        }
+    }
+
+    pub fn record(&mut self, t: &TransitionRecord) {
+        let Some(cookie) = t.cookie else { return };
+        let history = self.open.entry(cookie).or_insert_with(|| History {
+            cookie,
+            netns: t.netns,
+            laddr: t.laddr,
+            lport: t.lport,
+            raddr: t.raddr,
+            rport: t.rport,
+            first_seen: FirstSeen::Event,
+            snapshot_state: None,
+            steps: Vec::new(),
+            closed: false,
+            failure: None,
+            lifespan_ns: None,
+            bytes_sent: None,
+            bytes_received: None,
+        });
+        if t.lport != 0 {
+            history.lport = t.lport;
+            history.laddr = t.laddr;
+        }
+        (history.raddr, history.rport) = (t.raddr, t.rport);
+        if history.steps.len() < STEPS {
+            history.steps.push(Step {
+                time: t.time,
+                old: t.old,
+                new: t.new,
+                duration_ns: t.duration_ns,
+                pid: t.pid,
+                comm: t.comm.clone(),
+            });
+        }
+        if t.new == TcpState::Close {
+            history.closed = true;
+            history.failure = t.failure;
+            history.lifespan_ns = t.lifespan_ns;
+            history.bytes_sent = t.bytes_sent;
+            history.bytes_received = t.bytes_received;
+            if let Some(history) = self.open.remove(&cookie) {
+                self.closed.push_back((t.time, history));
+            }
+            self.expire(t.time);
+        }
+    }
+
+    /// Drops closed connections beyond the retention.
+    pub fn expire(&mut self, now: DateTime<Utc>) {
+        let Some(retention) = self.retention else { return };
+        while self.closed.len() > retention.count {
+            self.closed.pop_front();
+        }
+        while self.closed.front().is_some_and(|(closed, _)| now - *closed > retention.max_age) {
+            self.closed.pop_front();
+        }
+    }
+
+    /// Open connections, then closed ones, each oldest first.
+    pub fn all(&self) -> Vec<History> {
+        let mut open: Vec<History> = self.open.values().cloned().collect();
+        open.sort_by_key(|h| (h.steps.first().map(|s| s.time), h.cookie));
+        open.into_iter().chain(self.closed.iter().map(|(_, h)| h.clone())).collect()
+    }
+}
+
+/// `SYN_SENT 0.41ms -> ESTABLISHED 12.3s -> CLOSE`: each state with the time spent in it.
+pub fn path(history: &History) -> String {
+    let mut parts = Vec::new();
+    if let Some(state) = history.snapshot_state.filter(|_| history.steps.is_empty()) {
+        parts.push(format!("{state} (since before netwatch)"));
+    }
+    for (i, step) in history.steps.iter().enumerate() {
+        if i == 0 {
+            parts.push(match step.duration_ns {
+                Some(ns) => format!("{} {}", step.old, human(ns)),
+                None => step.old.to_string(),
+            });
+        }
+        let spent = history.steps.get(i + 1).and_then(|next| next.duration_ns);
+        parts.push(match spent {
+            Some(ns) => format!("{} {}", step.new, human(ns)),
+            None => step.new.to_string(),
+        });
+    }
+    parts.join(" -> ")
+}
+
+fn human(ns: u64) -> String {
+    let ms = ns as f64 / 1e6;
+    if ms < 1000.0 { format!("{ms:.2}ms") } else { format!("{:.1}s", ms / 1000.0) }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{IpAddr, Ipv4Addr};
+
+    use super::*;
+    use crate::events::{Family, StateSource};
+
+    fn record(
+        cookie: u64,
+        ms: i64,
+        old: TcpState,
+        new: TcpState,
+        duration_ms: Option<u64>,
+    ) -> TransitionRecord {
+        TransitionRecord {
+            time: DateTime::from_timestamp_nanos(ms * 1_000_000),
+            mono_ns: 0,
+            old,
+            new,
+            duration_ns: duration_ms.map(|d| d * 1_000_000),
+            duration_ms: None,
+            pid: Some(7),
+            comm: Some("curl".into()),
+            family: Family::Ipv4,
+            laddr: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            lport: 40000,
+            raddr: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            rport: 80,
+            cookie: Some(cookie),
+            netns: 1,
+            skaddr: "0x0".into(),
+            task_pid: 7,
+            task_tid: 7,
+            task_comm: "curl".into(),
+            source: StateSource::TpBtf,
+            lifespan_ns: (new == TcpState::Close).then_some(20_000_000),
+            bytes_sent: None,
+            bytes_received: None,
+            retransmits: None,
+            failure: None,
+        }
+    }
+
+    #[test]
+    fn a_connection_keeps_its_path_and_closed_ones_are_retained_within_bounds() {
+        use TcpState::*;
+        let mut histories =
+            Histories::new(Retention { count: 2, max_age: chrono::Duration::seconds(60) });
+        for cookie in 1..=3 {
+            let base = cookie as i64 * 100;
+            histories.record(&record(cookie, base, Close, SynSent, Some(1)));
+            histories.record(&record(cookie, base + 2, SynSent, Established, Some(2)));
+            histories.record(&record(cookie, base + 20, Established, Close, Some(18)));
+        }
+        let all = histories.all();
+        assert_eq!(all.iter().map(|h| h.cookie).collect::<Vec<_>>(), [2, 3], "count bound");
+        assert_eq!(
+            path(&all[0]),
+            "CLOSE 1.00ms -> SYN_SENT 2.00ms -> ESTABLISHED 18.00ms -> CLOSE"
+        );
+        assert!(all[0].closed && all[0].lifespan_ns == Some(20_000_000));
+        histories.expire(DateTime::from_timestamp_nanos(400_000_000 + 61_000_000_000));
+        assert!(histories.all().is_empty(), "age bound");
+    }
+
+    #[test]
+    fn snapshot_sockets_say_so() {
+        let mut histories = Histories::new(Retention::default());
+        let row = SocketRow {
+            netns: 1,
+            protocol: Protocol::Tcp,
+            family: Family::Ipv4,
+            state: TcpState::Established,
+            local: (IpAddr::V4(Ipv4Addr::LOCALHOST), 5000),
+            remote: (IpAddr::V4(Ipv4Addr::LOCALHOST), 6000),
+            cookie: 9,
+            inode: 1,
+            uid: 0,
+            recv_q: 0,
+            send_q: 0,
+            timer: None,
+            v6only: false,
+        };
+        histories.seed(&[row]);
+        assert_eq!(path(&histories.all()[0]), "ESTABLISHED (since before netwatch)");
+        histories.record(&record(9, 50, TcpState::Established, TcpState::FinWait1, None));
+        let history = &histories.all()[0];
+        assert_eq!(history.first_seen, FirstSeen::Snapshot);
+        assert_eq!(path(history), "ESTABLISHED -> FIN_WAIT1");
+    }
+}

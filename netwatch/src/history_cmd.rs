@@ -1,0 +1,83 @@
+//! `netwatch history`: connection histories from a running agent, filtered, one line per
+//! connection (or one connection in full with `--cookie`), or JSON.
+use anyhow::{Context as _, bail};
+
+use crate::{
+    api::{self, Command},
+    cli::HistoryArgs,
+    history::{History, path},
+    query::{self, Endpoints},
+    services::Services,
+};
+
+pub async fn run(args: &HistoryArgs) -> anyhow::Result<()> {
+    let query = query::parse(&args.filter, &Services::load())?;
+    let Some(line) = api::ask(&args.socket, Command::History).await.context("asking the agent")?
+    else {
+        bail!(
+            "no agent is running at {}: start `netwatch agent` (histories are kept by the agent)",
+            args.socket.display()
+        );
+    };
+    let all: Vec<History> = serde_json::from_str(&line).with_context(|| {
+        format!("the agent at {} answered: {}", args.socket.display(), line.trim())
+    })?;
+    let since = args.since.map(|d| chrono::Utc::now() - d);
+    let chosen: Vec<&History> = all
+        .iter()
+        .filter(|h| args.cookie.is_none_or(|c| h.cookie == c))
+        .filter(|h| !args.closed || h.closed)
+        .filter(|h| !args.failed || h.failure.is_some())
+        .filter(|h| since.is_none_or(|t| h.steps.last().is_some_and(|s| s.time >= t)))
+        .filter(|h| {
+            let states = query.states;
+            states.is_none_or(|set| {
+                h.snapshot_state.is_some_and(|s| set.contains(s))
+                    || h.steps.iter().any(|s| set.contains(s.old) || set.contains(s.new))
+            })
+        })
+        .filter(|h| {
+            let ends = Endpoints { local: (h.laddr, h.lport), remote: (h.raddr, h.rport) };
+            query.expr.as_ref().is_none_or(|e| e.matches(&ends))
+        })
+        .collect();
+    if args.json {
+        println!("{}", serde_json::to_string(&chosen)?);
+        return Ok(());
+    }
+    for h in chosen {
+        let owner =
+            h.steps.iter().rev().find_map(|s| Some(format!("{}[{}]", s.comm.as_ref()?, s.pid?)));
+        let mut line = format!(
+            "{:<8} {} -> {} {} {}",
+            h.cookie,
+            std::net::SocketAddr::from((h.laddr, h.lport)),
+            std::net::SocketAddr::from((h.raddr, h.rport)),
+            owner.unwrap_or_else(|| "-".into()),
+            path(h)
+        );
+        if let Some(failure) = h.failure {
+            line.push_str(&format!(
+                " [{}]",
+                serde_json::to_value(failure)?.as_str().unwrap_or("failed")
+            ));
+        }
+        if let (Some(sent), Some(received)) = (h.bytes_sent, h.bytes_received) {
+            line.push_str(&format!(" sent={sent}B received={received}B"));
+        }
+        if args.cookie.is_some() {
+            for step in &h.steps {
+                line.push_str(&format!(
+                    "\n  {} {} -> {} {} {}",
+                    step.time.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+                    step.old,
+                    step.new,
+                    step.duration_ns.map_or("-".into(), |ns| format!("{:.3}ms", ns as f64 / 1e6)),
+                    step.pid.map_or("-".into(), |p| p.to_string())
+                ));
+            }
+        }
+        println!("{line}");
+    }
+    Ok(())
+}
