@@ -43,7 +43,8 @@ pub async fn run(args: &AgentArgs) -> anyhow::Result<()> {
     let (sender, _) = broadcast::channel::<Arc<StreamRecord>>(CLIENT_QUEUE);
     let (table_requests, mut table_queue) = mpsc::channel::<Query>(64);
     let mut stats = Stats::new();
-    let mut histories = Histories::new(Retention::default());
+    let mut histories =
+        Histories::new(Retention { count: args.history_keep, max_age: args.history_max_age });
     histories.seed(&tracer.take_initial_rows());
     let metrics = Metrics::new();
     metrics.snapshot_taken(chrono::Utc::now().timestamp_millis() as f64 / 1e3);

@@ -139,6 +139,12 @@ pub struct AgentArgs {
     pub ring_size: Option<u32>,
     #[command(flatten)]
     pub log: LogArgs,
+    /// Closed connections whose history is kept.
+    #[arg(long, value_name = "N", default_value_t = 10_000)]
+    pub history_keep: usize,
+    /// How long a closed connection's history is kept, e.g. 30m, 2h.
+    #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = parse_duration)]
+    pub history_max_age: chrono::Duration,
     /// Serve Prometheus metrics at http://ADDR/metrics (default 127.0.0.1:9911; any other
     /// address only when given).
     #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = "127.0.0.1:9911")]
