@@ -125,6 +125,16 @@ pub struct Row {
     pub owner_history: Vec<(Option<u64>, Owner)>,
 }
 
+/// A timewait socket to look up again: its cookie and where to find it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TimewaitSocket {
+    pub cookie: u64,
+    pub netns: u32,
+    pub family: Family,
+    pub local: (IpAddr, u16),
+    pub remote: (IpAddr, u16),
+}
+
 /// Listeners by (netns, local port, local address).
 type ListenerKey = (u32, u16, IpAddr);
 
@@ -222,9 +232,24 @@ impl Table {
                 .filter(|t| t.kind == TimerKind::Timewait)
                 .map(|t| now_ns + u64::from(t.remaining_ms) * 1_000_000),
         });
-        for holder in holders.into_iter().flatten() {
-            socket.holders.insert((holder.pid, holder.fd), holder.comm.clone());
+        self.add_holders(key, holders.into_iter().flatten().cloned());
+    }
+
+    /// Records processes holding the socket `key` through their fds.
+    fn add_holders(&mut self, key: SockKey, holders: impl IntoIterator<Item = FdOwner>) {
+        let socket = self.sockets.entry(key).or_default();
+        for holder in holders {
+            socket.holders.insert((holder.pid, holder.fd), holder.comm);
             self.by_pid.entry(holder.pid).or_default().insert(key);
+        }
+    }
+
+    /// Gives `key` the holders the snapshot found for `inode`, if nothing claimed them yet.
+    fn claim_unclaimed(&mut self, key: SockKey, inode: u64) {
+        if inode != 0
+            && let Some(holders) = self.unclaimed.remove(&inode)
+        {
+            self.add_holders(key, holders);
         }
     }
 
@@ -318,24 +343,16 @@ impl Table {
 
     /// Records `fd.task` holding `fd.fd`, and what the event says about the socket.
     fn hold(&mut self, fd: &FdSocket) {
-        let key = SockKey::Cookie(fd.cookie);
         self.learn(fd);
-        if let Some(socket) = self.sockets.get_mut(&key) {
-            socket.holders.insert((fd.task.pid, fd.fd), fd.task.comm.clone());
-            self.by_pid.entry(fd.task.pid).or_default().insert(key);
-        }
+        let holder =
+            FdOwner { pid: fd.task.pid, comm: fd.task.comm.clone(), fd: fd.fd, start_time: None };
+        self.add_holders(SockKey::Cookie(fd.cookie), [holder]);
     }
 
     /// Takes a socket's addresses (and, for UDP, its state) from an fd event.
     fn learn(&mut self, fd: &FdSocket) {
         let key = SockKey::Cookie(fd.cookie);
-        if let Some(holders) = self.unclaimed.remove(&fd.inode) {
-            let socket = self.sockets.entry(key).or_default();
-            for holder in holders {
-                socket.holders.insert((holder.pid, holder.fd), holder.comm);
-                self.by_pid.entry(holder.pid).or_default().insert(key);
-            }
-        }
+        self.claim_unclaimed(key, fd.inode);
         let socket = self.sockets.entry(key).or_default();
         let facts = socket.facts.get_or_insert(Facts {
             protocol: fd.protocol,
@@ -377,15 +394,7 @@ impl Table {
     }
 
     fn apply_state(&mut self, change: StateChange) -> Transition {
-        if change.inode != 0
-            && let Some(holders) = self.unclaimed.remove(&change.inode)
-        {
-            let socket = self.sockets.entry(change.key).or_default();
-            for holder in holders {
-                socket.holders.insert((holder.pid, holder.fd), holder.comm);
-                self.by_pid.entry(holder.pid).or_default().insert(change.key);
-            }
-        }
+        self.claim_unclaimed(change.key, change.inode);
         let listener_owner = (change.old == TcpState::Listen && change.new == TcpState::SynRecv)
             .then(|| self.listener_owner(change.netns, change.local))
             .flatten();
@@ -534,11 +543,23 @@ impl Table {
     }
 
     /// Timewait sockets whose substate is FIN_WAIT2 (orphans whose peer has not closed yet).
-    pub fn timewait_in_fin_wait2(&self) -> Vec<SocketRow> {
-        self.rows(0)
-            .into_iter()
-            .filter(|r| r.row.state == TcpState::FinWait2 && r.row.timer.is_some())
-            .map(|r| r.row)
+    pub fn timewait_in_fin_wait2(&self) -> Vec<TimewaitSocket> {
+        self.sockets
+            .iter()
+            .filter_map(|(key, socket)| {
+                let (SockKey::Cookie(cookie), Some(facts)) = (key, &socket.facts) else {
+                    return None;
+                };
+                (socket.state == Some(TcpState::FinWait2) && facts.expires_ns.is_some()).then_some(
+                    TimewaitSocket {
+                        cookie: *cookie,
+                        netns: facts.netns,
+                        family: facts.family,
+                        local: facts.local,
+                        remote: facts.remote,
+                    },
+                )
+            })
             .collect()
     }
 
