@@ -57,6 +57,33 @@ pub struct History {
     pub bytes_received: Option<u64>,
 }
 
+impl History {
+    fn new(
+        cookie: u64,
+        netns: u32,
+        (laddr, lport): (std::net::IpAddr, u16),
+        (raddr, rport): (std::net::IpAddr, u16),
+        first_seen: FirstSeen,
+    ) -> History {
+        History {
+            cookie,
+            netns,
+            laddr,
+            lport,
+            raddr,
+            rport,
+            first_seen,
+            snapshot_state: None,
+            steps: Vec::new(),
+            closed: false,
+            failure: None,
+            lifespan_ns: None,
+            bytes_sent: None,
+            bytes_received: None,
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug)]
 pub struct Retention {
     /// Closed connections kept at most.
@@ -88,42 +115,19 @@ impl Histories {
     /// Sockets the agent's snapshot found (TCP only: UDP has no state machine).
     pub fn seed(&mut self, rows: &[SocketRow]) {
         for row in rows.iter().filter(|r| r.protocol == Protocol::Tcp && r.cookie != 0) {
-            self.open.entry(row.cookie).or_insert_with(|| History {
-                cookie: row.cookie,
-                netns: row.netns,
-                laddr: row.local.0,
-                lport: row.local.1,
-                raddr: row.remote.0,
-                rport: row.remote.1,
-                first_seen: FirstSeen::Snapshot,
-                snapshot_state: Some(row.state),
-                steps: Vec::new(),
-                closed: false,
-                failure: None,
-                lifespan_ns: None,
-                bytes_sent: None,
-                bytes_received: None,
+            self.open.entry(row.cookie).or_insert_with(|| {
+                let mut history =
+                    History::new(row.cookie, row.netns, row.local, row.remote, FirstSeen::Snapshot);
+                history.snapshot_state = Some(row.state);
+                history
             });
         }
     }
 
     pub fn record(&mut self, t: &TransitionRecord) {
         let Some(cookie) = t.cookie else { return };
-        let history = self.open.entry(cookie).or_insert_with(|| History {
-            cookie,
-            netns: t.netns,
-            laddr: t.laddr,
-            lport: t.lport,
-            raddr: t.raddr,
-            rport: t.rport,
-            first_seen: FirstSeen::Event,
-            snapshot_state: None,
-            steps: Vec::new(),
-            closed: false,
-            failure: None,
-            lifespan_ns: None,
-            bytes_sent: None,
-            bytes_received: None,
+        let history = self.open.entry(cookie).or_insert_with(|| {
+            History::new(cookie, t.netns, (t.laddr, t.lport), (t.raddr, t.rport), FirstSeen::Event)
         });
         if t.lport != 0 {
             history.lport = t.lport;

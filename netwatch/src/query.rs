@@ -139,16 +139,10 @@ impl StateSet {
                 LastAck,
                 Closing,
             ]),
-            "synchronized" => StateSet::of(&[
-                Established,
-                SynRecv,
-                FinWait1,
-                FinWait2,
-                TimeWait,
-                CloseWait,
-                LastAck,
-                Closing,
-            ]),
+            // ss: the connected states but SYN_SENT.
+            "synchronized" => {
+                StateSet(StateSet::parse("connected")?.0 & !StateSet::of(&[SynSent]).0)
+            }
             "established" | "estab" => StateSet::of(&[Established]),
             "syn-sent" => StateSet::of(&[SynSent]),
             "syn-recv" => StateSet::of(&[SynRecv]),

@@ -227,42 +227,32 @@ fn read_proc_net(namespace: &NetNamespace) -> io::Result<Vec<SocketRow>> {
         let info = procfs::current_system_info();
         let bad = |e: procfs::ProcError| io::Error::other(e.to_string());
         let mut rows = Vec::new();
-        for (name, family) in [("tcp", Family::Ipv4), ("tcp6", Family::Ipv6)] {
-            let entries =
-                procfs::net::TcpNetEntries::from_buf_read(open(name)?, info).map_err(bad)?;
-            for e in entries.0 {
-                let Some(state) = TcpState::from_kernel(e.state as u8) else { continue };
-                rows.push(proc_row(
-                    netns,
-                    Protocol::Tcp,
-                    family,
-                    state,
-                    e.local_address,
-                    e.remote_address,
-                    (e.rx_queue, e.tx_queue),
-                    e.uid,
-                    e.inode,
-                ));
-            }
+        // The TCP and UDP tables are different types with the same columns.
+        macro_rules! read {
+            ($entries:ty, $protocol:expr, $files:expr) => {
+                for (name, family) in $files {
+                    for e in <$entries>::from_buf_read(open(name)?, info).map_err(bad)?.0 {
+                        let Some(state) = TcpState::from_kernel(e.state as u8) else { continue };
+                        let (local, remote) = (e.local_address, e.remote_address);
+                        let queues = (e.rx_queue, e.tx_queue);
+                        let row = proc_row(
+                            netns, $protocol, family, state, local, remote, queues, e.uid, e.inode,
+                        );
+                        rows.push(row);
+                    }
+                }
+            };
         }
-        for (name, family) in [("udp", Family::Ipv4), ("udp6", Family::Ipv6)] {
-            let entries =
-                procfs::net::UdpNetEntries::from_buf_read(open(name)?, info).map_err(bad)?;
-            for e in entries.0 {
-                let Some(state) = TcpState::from_kernel(e.state as u8) else { continue };
-                rows.push(proc_row(
-                    netns,
-                    Protocol::Udp,
-                    family,
-                    state,
-                    e.local_address,
-                    e.remote_address,
-                    (e.rx_queue, e.tx_queue),
-                    e.uid,
-                    e.inode,
-                ));
-            }
-        }
+        read!(
+            procfs::net::TcpNetEntries,
+            Protocol::Tcp,
+            [("tcp", Family::Ipv4), ("tcp6", Family::Ipv6)]
+        );
+        read!(
+            procfs::net::UdpNetEntries,
+            Protocol::Udp,
+            [("udp", Family::Ipv4), ("udp6", Family::Ipv6)]
+        );
         Ok(rows)
     })
 }
