@@ -13,7 +13,7 @@ use std::{
 };
 
 use netwatch_tests::{
-    Agent, Holder, Watcher, client_roundtrip, netwatch_bin, parse_json, serve_one,
+    Agent, Holder, Watcher, client_roundtrip, netwatch_bin, parse_json, serve_one, sockpeer_in,
 };
 use serde_json::Value;
 
@@ -320,15 +320,7 @@ fn table_converges_to_ss_after_lost_events() {
 fn holders_follow_fork_and_exec() {
     let ns = NetSpace::new("fork");
     let agent = Agent::start(&Agent::test_socket("fork"));
-    let mut child = ns
-        .command(env!("CARGO_BIN_EXE_sockpeer"))
-        .arg("fork-exec")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let (mut child, line) = sockpeer_in(&ns, env!("CARGO_BIN_EXE_sockpeer"), &["fork-exec"]);
     let pids: Vec<u64> = line.split_whitespace().skip(1).map(|p| p.parse().unwrap()).collect();
     let [parent, forked] = pids[..] else { panic!("{line}") };
     thread::sleep(Duration::from_millis(300));
@@ -360,15 +352,7 @@ fn holders_follow_fork_and_exec() {
 fn a_socket_passed_with_scm_rights_lists_both_holders() {
     let ns = NetSpace::new("scm");
     let agent = Agent::start(&Agent::test_socket("scm"));
-    let mut child = ns
-        .command(env!("CARGO_BIN_EXE_sockpeer"))
-        .arg("pass-fd")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let (mut child, line) = sockpeer_in(&ns, env!("CARGO_BIN_EXE_sockpeer"), &["pass-fd"]);
     let numbers: Vec<i64> = line.split_whitespace().skip(1).map(|p| p.parse().unwrap()).collect();
     let [parent, receiver, fd] = numbers[..] else { panic!("{line}") };
     assert!(fd >= 0, "the child received an fd: {line}");
@@ -402,14 +386,9 @@ fn churn_ends_with_the_table_equal_to_ss() {
     const EACH: usize = 100;
     let ns = NetSpace::new("churn");
     let agent = Agent::start(&Agent::test_socket("churn"));
-    let mut server = ns
-        .command(env!("CARGO_BIN_EXE_sockpeer"))
-        .args(["serve-many", "127.0.0.1:0", &(CLIENTS * EACH).to_string()])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(server.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let total = (CLIENTS * EACH).to_string();
+    let (mut server, line) =
+        sockpeer_in(&ns, env!("CARGO_BIN_EXE_sockpeer"), &["serve-many", "127.0.0.1:0", &total]);
     let port = line.trim().strip_prefix("listening ").unwrap().to_string();
     let clients: Vec<_> = (0..CLIENTS)
         .map(|_| {
@@ -441,24 +420,10 @@ fn separate_server_and_client_each_hold_their_end() {
     let ns = NetSpace::new("pair");
     let agent = Agent::start(&Agent::test_socket("pair"));
     let sockpeer = env!("CARGO_BIN_EXE_sockpeer");
-    let mut server = ns
-        .command(sockpeer)
-        .args(["serve", "127.0.0.1:0"])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(server.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let (mut server, line) = sockpeer_in(&ns, sockpeer, &["serve", "127.0.0.1:0"]);
     let port = line.trim().strip_prefix("listening ").unwrap().to_string();
-    let mut client = ns
-        .command(sockpeer)
-        .args(["connect-hold", &format!("127.0.0.1:{port}")])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(client.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let (mut client, _ready) =
+        sockpeer_in(&ns, sockpeer, &["connect-hold", &format!("127.0.0.1:{port}")]);
     thread::sleep(Duration::from_millis(300));
 
     let (ours, records, _) = netwatch_rows(&agent, &ns);

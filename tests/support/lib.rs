@@ -374,18 +374,8 @@ impl Holder {
     /// `sockpeer` is the test binary's path (`env!("CARGO_BIN_EXE_sockpeer")` in a test).
     pub fn start(ns: &NetNs, sockpeer: &str) -> Holder {
         require_root();
-        let mut child = ns
-            .command(sockpeer)
-            .arg("hold")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("sockpeer hold");
+        let (mut child, line) = sockpeer_in(ns, sockpeer, &["hold"]);
         let stdin = child.stdin.take().expect("stdin");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("stdout"))
-            .read_line(&mut line)
-            .expect("ready line");
         let ports = line
             .strip_prefix("ready ")
             .unwrap_or_else(|| panic!("sockpeer hold did not get ready: {line:?}"))
@@ -401,4 +391,21 @@ impl Drop for Holder {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Starts `sockpeer ARGS` inside `ns` with its stdin piped (the modes that hold sockets keep
+/// them until it closes) and returns it with the first line it printed.
+pub fn sockpeer_in(ns: &NetNs, sockpeer: &str, args: &[&str]) -> (Child, String) {
+    let mut child = ns
+        .command(sockpeer)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("sockpeer {args:?}: {e}"));
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .unwrap_or_else(|e| panic!("sockpeer {args:?} printed nothing: {e}"));
+    (child, line)
 }
