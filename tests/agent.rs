@@ -14,11 +14,23 @@ use std::{
 
 use netwatch_tests::{
     Agent, Holder, Watcher, client_roundtrip, netwatch_bin, parse_json, serve_one, sockpeer_in,
+    veth_pair,
 };
 use serde_json::Value;
 
 fn socket_arg(agent: &Agent) -> &str {
     agent.socket.to_str().unwrap()
+}
+
+/// `netwatch COMMAND --json --socket AGENT ARGS...`, parsed.
+fn ask_json(agent: &Agent, command: &str, args: &[&str]) -> Value {
+    let output = Command::new(netwatch_bin())
+        .args([command, "--json", "--socket", socket_arg(agent)])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    serde_json::from_slice(&output.stdout).unwrap()
 }
 
 /// (lport, rport, old, new, pid, comm) of every transition record.
@@ -676,6 +688,70 @@ fn history_shows_each_connections_path() {
     assert!(
         text.contains("SYN_SENT") && text.contains("-> ESTABLISHED") && text.contains("sent=4B"),
         "{text}"
+    );
+    assert!(agent.stop().success());
+}
+
+/// A connect between two test namespaces whose first SYN is dropped (nftables in the server's
+/// namespace) is retransmitted after the initial RTO of one second: `stats` and `history`
+/// measure a handshake of about that long, and both ends' histories add up.
+#[test]
+fn connect_latency_counts_a_retransmitted_syn() {
+    let agent = Agent::start(&Agent::test_socket("latency"));
+    let (client_ns, server_ns) = veth_pair();
+    let sockpeer = env!("CARGO_BIN_EXE_sockpeer");
+    let (mut server, line) = sockpeer_in(&server_ns, sockpeer, &["serve", "10.231.0.2:0"]);
+    let port: u16 = line.trim().strip_prefix("listening ").unwrap().parse().unwrap();
+    server_ns.drop_first(port, "syn");
+    let (mut client, line) =
+        sockpeer_in(&client_ns, sockpeer, &["connect", &format!("10.231.0.2:{port}")]);
+    assert!(line.starts_with("local 10.231.0.1:"), "{line}");
+    assert!(client.wait().unwrap().success() && server.wait().unwrap().success());
+    thread::sleep(Duration::from_millis(300));
+
+    let stats = ask_json(&agent, "stats", &[]);
+    let remote = format!("10.231.0.2:{port}");
+    let summary = stats["by_remote"].as_array().unwrap().iter().find(|r| r["key"] == *remote);
+    let summary = summary.unwrap_or_else(|| panic!("no summary for {remote}: {stats:#}"));
+    assert_eq!(summary["connects"], 1, "{summary}");
+    let max_ms = summary["max_ms"].as_f64().unwrap();
+    assert!((950.0..2000.0).contains(&max_ms), "one SYN retransmission takes ~1 s: {summary}");
+
+    let dport = format!(":{port}");
+    let clients = ask_json(&agent, "history", &["--closed", "dport", "=", &dport]);
+    let [client_history] = clients.as_array().unwrap().as_slice() else {
+        panic!("one client connection to {port}: {clients:#}")
+    };
+    let steps = client_history["steps"].as_array().unwrap();
+    assert_eq!(
+        (steps[0]["old"].as_str(), steps[0]["new"].as_str()),
+        (Some("CLOSE"), Some("SYN_SENT"))
+    );
+    let handshake = &steps[1];
+    assert_eq!(
+        (handshake["old"].as_str(), handshake["new"].as_str()),
+        (Some("SYN_SENT"), Some("ESTABLISHED"))
+    );
+    let syn_sent_ms = handshake["duration_ns"].as_f64().unwrap() / 1e6;
+    assert!((950.0..2000.0).contains(&syn_sent_ms), "{client_history:#}");
+    assert_eq!(steps.last().unwrap()["new"], "CLOSE");
+    let spent: u64 = steps.iter().map(|s| s["duration_ns"].as_u64().unwrap()).sum();
+    assert_eq!(client_history["lifespan_ns"].as_u64(), Some(spent), "{client_history:#}");
+    assert_eq!(client_history["netns"].as_u64(), Some(client_ns.inode()), "{client_history:#}");
+
+    let sport = format!(":{port}");
+    let servers = ask_json(&agent, "history", &["--closed", "sport", "=", &sport]);
+    let served: Vec<&Value> = servers
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|h| h["netns"].as_u64() == Some(server_ns.inode()))
+        .collect();
+    assert!(
+        served
+            .iter()
+            .any(|h| h["steps"][0]["old"] == "LISTEN" && h["steps"][0]["new"] == "SYN_RECV"),
+        "the accepted end's history starts at its listener: {servers:#}"
     );
     assert!(agent.stop().success());
 }

@@ -326,6 +326,32 @@ impl NetNs {
         command
     }
 
+    /// Drops the first TCP packet carrying `flag` (an nft flag name: `syn`, `psh`) that each
+    /// client socket sends to `port` in this namespace, so that the sender retransmits it (a
+    /// SYN after the initial RTO of one second, data after the minimum RTO of 200 ms).
+    pub fn drop_first(&self, port: u16, flag: &str) {
+        let matches = format!("tcp dport {port} tcp flags & {flag} == {flag}");
+        let rules = format!(
+            "table inet netwatch_test {{
+               set seen_{flag} {{ type ipv4_addr . inet_service; flags dynamic; timeout 5m; }}
+               chain drop_first_{flag} {{
+                 type filter hook input priority 0; policy accept;
+                 {matches} ip saddr . tcp sport @seen_{flag} accept
+                 {matches} add @seen_{flag} {{ ip saddr . tcp sport }} drop
+               }}
+             }}"
+        );
+        let mut nft = self
+            .command("nft")
+            .args(["-f", "-"])
+            .stdin(Stdio::piped())
+            .spawn()
+            .expect("run nft (nftables, installed by `cargo xtask setup`)");
+        nft.stdin.take().expect("stdin").write_all(rules.as_bytes()).expect("write nft rules");
+        let status = nft.wait().expect("wait for nft");
+        assert!(status.success(), "nft rules in {} failed: {status}", self.name);
+    }
+
     /// The namespace's inode number, as netwatch reports it.
     pub fn inode(&self) -> u64 {
         use std::os::unix::fs::MetadataExt as _;

@@ -2,7 +2,7 @@
 //!
 //! What is needed (DESIGN.md, Toolchain): the nightly toolchain with rust-src (the eBPF crate
 //! is built with `-Z build-std=core`), bpf-linker 0.13.0 linked against the same LLVM major as
-//! nightly rustc (from Debian's llvm-N-dev), iproute2 (`ss`, `ip`) for the tests, and tracefs
+//! nightly rustc (from Debian's llvm-N-dev), iproute2 (`ss`, `ip`) and nftables (`nft`, to drop chosen packets) for the tests, and tracefs
 //! mounted for the classic-tracepoint fallback. Each check is cheap; each install says what it
 //! runs, and a failure names the step and the command to run by hand.
 use std::{
@@ -42,7 +42,12 @@ pub fn ensure_all() -> anyhow::Result<()> {
     }
     let llvm = nightly_llvm_major()?;
 
-    let packages = [format!("llvm-{llvm}-dev"), format!("libpolly-{llvm}-dev"), "iproute2".into()];
+    let packages = [
+        format!("llvm-{llvm}-dev"),
+        format!("libpolly-{llvm}-dev"),
+        "iproute2".into(),
+        "nftables".into(),
+    ];
     let missing: Vec<&str> =
         packages.iter().map(String::as_str).filter(|p| !package_installed(p)).collect();
     if !missing.is_empty() {
