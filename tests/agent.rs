@@ -540,7 +540,10 @@ fn stats_summarise_handshakes_and_failures() {
 fn metrics_parse_and_count_the_traffic() {
     let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap().local_addr().unwrap().port();
     let address = format!("127.0.0.1:{port}");
-    let agent = Agent::start_with(&Agent::test_socket("metrics"), &["--metrics", &address]);
+    let agent = Agent::start_with(
+        &Agent::test_socket("metrics"),
+        &["--metrics", &address, "--metrics-remotes", "3"],
+    );
     let scrape = || -> prometheus_parse::Scrape {
         use std::io::{Read as _, Write as _};
         let mut stream = std::net::TcpStream::connect(&address).unwrap();
@@ -602,6 +605,21 @@ fn metrics_parse_and_count_the_traffic() {
         "the listener is in the table"
     );
     assert_eq!(value(&after, "netwatch_lost_events_total", None), 0.0);
+    assert_eq!(value(&after, "netwatch_ring_buffer_size_bytes", None), 1048576.0);
+    assert!(value(&after, "netwatch_ring_buffer_peak_bytes", None) > 0.0);
+    let endpoint = listener.local_addr().unwrap().to_string();
+    assert!(
+        value(&after, "netwatch_remote_connects_total", Some(("remote", &endpoint))) >= 10.0,
+        "--metrics-remotes labels the first endpoints"
+    );
+    let remotes: std::collections::BTreeSet<&str> = after
+        .samples
+        .iter()
+        .filter(|s| s.metric.starts_with("netwatch_remote_"))
+        .filter_map(|s| s.labels.get("remote"))
+        .filter(|r| *r != "other")
+        .collect();
+    assert!(remotes.len() <= 3, "at most 3 endpoints get labels: {remotes:?}");
 
     let second = Command::new(netwatch_bin())
         .args([
@@ -753,5 +771,109 @@ fn connect_latency_counts_a_retransmitted_syn() {
             .any(|h| h["steps"][0]["old"] == "LISTEN" && h["steps"][0]["new"] == "SYN_RECV"),
         "the accepted end's history starts at its listener: {servers:#}"
     );
+    assert!(agent.stop().success());
+}
+
+/// A data segment dropped once (nftables in the server's namespace) is sent again: the
+/// retransmission is counted live for the connection (`tcp_retransmit_skb`), in its history
+/// and per remote endpoint, and agrees with the kernel's count at close.
+#[test]
+fn a_dropped_segment_is_counted_as_a_retransmit() {
+    let agent = Agent::start(&Agent::test_socket("retransmit"));
+    let (client_ns, server_ns) = veth_pair();
+    let sockpeer = env!("CARGO_BIN_EXE_sockpeer");
+    let (mut server, line) = sockpeer_in(&server_ns, sockpeer, &["serve", "10.231.0.2:0"]);
+    let port: u16 = line.trim().strip_prefix("listening ").unwrap().parse().unwrap();
+    server_ns.drop_first(port, "psh");
+    let (mut client, line) =
+        sockpeer_in(&client_ns, sockpeer, &["connect", &format!("10.231.0.2:{port}")]);
+    assert!(line.starts_with("local 10.231.0.1:"), "{line}");
+    assert!(client.wait().unwrap().success() && server.wait().unwrap().success());
+    thread::sleep(Duration::from_millis(300));
+
+    let dport = format!(":{port}");
+    let clients = ask_json(&agent, "history", &["--closed", "dport", "=", &dport]);
+    let [h] = clients.as_array().unwrap().as_slice() else {
+        panic!("one client connection to {port}: {clients:#}")
+    };
+    let seen = h["retransmits_seen"].as_u64().unwrap();
+    assert!(seen >= 1, "{h:#}");
+    assert_eq!(h["retransmits"].as_u64(), Some(seen), "the kernel's count at close: {h:#}");
+    assert_eq!((h["bytes_sent"].as_u64(), h["bytes_received"].as_u64()), (Some(4), Some(4)));
+
+    let stats = ask_json(&agent, "stats", &[]);
+    let remote = format!("10.231.0.2:{port}");
+    let summary = stats["by_remote"].as_array().unwrap().iter().find(|r| r["key"] == *remote);
+    assert_eq!(summary.unwrap()["retransmits"].as_u64(), Some(seen), "{stats:#}");
+    assert!(agent.stop().success());
+}
+
+/// `netwatch stats` shows each listener's accept queue as counted from events, next to the
+/// kernel's (ss's Recv-Q), and its half-open connections when the handshake's last ACK is
+/// lost: the server retransmits its SYN-ACK.
+#[test]
+fn listeners_show_their_accept_queue_and_half_open_connections() {
+    let agent = Agent::start(&Agent::test_socket("listeners"));
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let clients: Vec<std::net::TcpStream> =
+        (0..3).map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).unwrap()).collect();
+    thread::sleep(Duration::from_millis(100));
+    let (_accepted, _) = listener.accept().unwrap();
+
+    let (client_ns, server_ns) = veth_pair();
+    let sockpeer = env!("CARGO_BIN_EXE_sockpeer");
+    let (mut server, line) = sockpeer_in(&server_ns, sockpeer, &["serve", "10.231.0.2:0"]);
+    let half_open_port: u16 = line.trim().strip_prefix("listening ").unwrap().parse().unwrap();
+    server_ns.drop_bare_acks(half_open_port);
+    let (mut client, line) = sockpeer_in(
+        &client_ns,
+        sockpeer,
+        &["connect-hold", &format!("10.231.0.2:{half_open_port}")],
+    );
+    assert!(line.starts_with("ready "), "{line}");
+    // The server's first SYN-ACK retransmission comes after its initial RTO of one second.
+    thread::sleep(Duration::from_millis(1600));
+
+    let stats = ask_json(&agent, "stats", &[]);
+    let find = |port: u16| {
+        stats["listeners"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["lport"] == port)
+            .cloned()
+            .unwrap_or_else(|| panic!("no listener on {port}: {stats:#}"))
+    };
+    let local = find(port);
+    let ss = Command::new("ss").args(["-Hltn", &format!("sport = :{port}")]).output().unwrap();
+    let ss = String::from_utf8_lossy(&ss.stdout);
+    let ss_recv_q: u64 = ss.split_whitespace().nth(1).unwrap().parse().unwrap();
+    assert_eq!(ss_recv_q, 2, "{ss}");
+    assert_eq!(local["accept_queue"].as_u64(), Some(ss_recv_q), "{local:#}");
+    assert_eq!(local["queued"].as_u64(), Some(ss_recv_q), "counted from events: {local:#}");
+    assert_eq!(
+        (local["handshakes"].as_u64(), local["accepted"].as_u64(), local["peak_queued"].as_u64()),
+        (Some(3), Some(1), Some(3)),
+        "{local:#}"
+    );
+    assert_eq!(local["pid"].as_u64(), Some(u64::from(std::process::id())));
+
+    let half = find(half_open_port);
+    assert_eq!(half["netns"].as_u64(), Some(server_ns.inode()), "{half:#}");
+    assert_eq!(half["half_open"].as_u64(), Some(1), "{half:#}");
+    assert!(half["synack_retransmits"].as_u64().unwrap() >= 1, "{half:#}");
+    assert_eq!(half["handshakes"].as_u64(), Some(0), "{half:#}");
+    let text = Command::new(netwatch_bin())
+        .args(["stats", "--socket", socket_arg(&agent)])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&text.stdout).contains("HALF_OPEN"));
+
+    drop(clients);
+    drop(client.stdin.take());
+    let _ = client.kill();
+    let _ = server.kill();
+    let _ = (client.wait(), server.wait());
     assert!(agent.stop().success());
 }

@@ -658,3 +658,44 @@ fn unanswered_connects_are_classified() {
         "one SYN retry takes about 3 s: {timeout}"
     );
 }
+
+/// A connection its owner closes with SO_LINGER 0 ends with a RST: `reset_sent` on the end
+/// that sent it, `reset` on the end that received it.
+#[test]
+fn an_abortive_close_is_reset_sent_on_one_end_and_reset_on_the_other() {
+    use std::os::fd::AsRawFd as _;
+    require_root();
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let watcher = Watcher::start(&["--json", "--no-agent", "--port", &port.to_string()]);
+    let client = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let client_port = client.local_addr().unwrap().port();
+    let (server, _) = listener.accept().unwrap();
+    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+    // SAFETY: a valid fd and a pointer to a linger struct of the given size.
+    let set = unsafe {
+        libc::setsockopt(
+            client.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&raw const linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(set, 0);
+    drop(client);
+    watcher.wait_until("both ends closed", |lines| {
+        lines.iter().filter(|l| l.contains("\"new\":\"CLOSE\"")).count() >= 2
+    });
+    drop(server);
+    let records = parse_json(&watcher.stop());
+    let failure_of = |lport: u16| {
+        records
+            .iter()
+            .find(|r| r["new"] == "CLOSE" && r["lport"] == lport)
+            .map(|r| (r["old"].clone(), r["failure"].clone()))
+            .unwrap_or_else(|| panic!("no CLOSE for :{lport}: {records:#?}"))
+    };
+    assert_eq!(failure_of(client_port), ("ESTABLISHED".into(), "reset_sent".into()));
+    assert_eq!(failure_of(port), ("ESTABLISHED".into(), "reset".into()));
+}

@@ -33,6 +33,11 @@ pub mod kind {
     pub const EXIT: u8 = 11;
     /// `tcp:tcp_receive_reset`: the socket `cookie` received a RST.
     pub const RESET: u8 = 12;
+    /// `tp_btf/tcp_retransmit_skb`: the connection `cookie` sent a segment again.
+    pub const RETRANSMIT: u8 = 13;
+    /// `tp_btf/tcp_retransmit_synack`: the listener `cookie` sent a SYN-ACK again to a
+    /// half-open connection; the addresses are that connection's.
+    pub const SYNACK_RETRANSMIT: u8 = 14;
 }
 
 /// `flags` bits of a [`SockEvent`].

@@ -14,7 +14,7 @@ use core::ffi::c_void;
 
 use aya_ebpf::{
     EbpfContext as _,
-    bindings::BPF_SOCK_OPS_TCP_CONNECT_CB,
+    bindings::{BPF_RB_AVAIL_DATA, BPF_SOCK_OPS_TCP_CONNECT_CB},
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_probe_read_kernel, bpf_probe_read_user,
         generated::{bpf_get_current_task, bpf_get_socket_cookie, bpf_ktime_get_ns},
@@ -117,9 +117,10 @@ fn constant(value: &'static u32) -> usize {
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
 
-/// Ring buffer reservation failures, per CPU. Never reset by the kernel side.
+/// Per CPU: [0] ring buffer reservation failures; [1] the most bytes the ring buffer held
+/// unread right after this CPU wrote to it. Never reset by the kernel side.
 #[map]
-static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(2, 0);
 
 /// Switches userspace flips after attaching; see `netwatch_common::config`.
 #[map]
@@ -132,11 +133,19 @@ static PENDING_CONNECT: LruHashMap<u64, SockEvent> = LruHashMap::with_max_entrie
 
 #[inline(always)]
 fn submit(event: &SockEvent) {
-    if EVENTS.output::<SockEvent>(event, 0).is_err()
-        && let Some(lost) = LOST.get_ptr_mut(0)
-    {
-        // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
-        unsafe { *lost += 1 };
+    if EVENTS.output::<SockEvent>(event, 0).is_err() {
+        if let Some(lost) = LOST.get_ptr_mut(0) {
+            // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
+            unsafe { *lost += 1 };
+        }
+    } else if let Some(peak) = LOST.get_ptr_mut(1) {
+        let unread = EVENTS.query(BPF_RB_AVAIL_DATA as u64);
+        // SAFETY: as above.
+        unsafe {
+            if unread > *peak {
+                *peak = unread;
+            }
+        }
     }
 }
 
@@ -583,6 +592,40 @@ pub fn reset_received(ctx: TracePointContext) -> u32 {
         let mut event = new_event(kind::RESET);
         event.cookie = cookie;
         event.protocol = IPPROTO_TCP;
+        submit(&event);
+    }
+    0
+}
+
+/// tp_btf/tcp_retransmit_skb(sk, skb, err): a segment sent again; failed sends (`err`) are
+/// not retransmissions the peer sees and are not counted by the kernel's `total_retrans`.
+#[btf_tracepoint(function = "tcp_retransmit_skb")]
+pub fn retransmit(ctx: BtfTracePointContext) -> u32 {
+    let sk: *const u8 = ctx.arg(0);
+    let err: i32 = ctx.arg(2);
+    if !sk.is_null() && err == 0 {
+        let mut event = new_event(kind::RETRANSMIT);
+        // SAFETY: `sk` is the tracepoint's own socket argument.
+        event.cookie = unsafe { bpf_get_socket_cookie(sk as *mut c_void) };
+        event.protocol = IPPROTO_TCP;
+        fill_from_sock(&mut event, sk);
+        submit(&event);
+    }
+    0
+}
+
+/// tp_btf/tcp_retransmit_synack(listener, req): a half-open connection did not answer the
+/// SYN-ACK in time. The request socket has the connection's addresses (a sock_common).
+#[btf_tracepoint(function = "tcp_retransmit_synack")]
+pub fn synack_retransmit(ctx: BtfTracePointContext) -> u32 {
+    let listener: *const u8 = ctx.arg(0);
+    let request: *const u8 = ctx.arg(1);
+    if !listener.is_null() && !request.is_null() {
+        let mut event = new_event(kind::SYNACK_RETRANSMIT);
+        // SAFETY: `listener` is the tracepoint's own socket argument.
+        event.cookie = unsafe { bpf_get_socket_cookie(listener as *mut c_void) };
+        event.protocol = IPPROTO_TCP;
+        fill_from_sock(&mut event, request);
         submit(&event);
     }
     0

@@ -21,7 +21,7 @@ use crate::{
     history::{Histories, History, Retention},
     metrics::{self, Metrics},
     output::{LossReason, LossRecord, StreamRecord, WallClock, table::Listed},
-    stats::{Report, Stats},
+    stats::{Report, Stats, listener_summaries},
     tracer::Tracer,
     watch::Signals,
 };
@@ -46,8 +46,7 @@ pub async fn run(args: &AgentArgs) -> anyhow::Result<()> {
     let mut histories =
         Histories::new(Retention { count: args.history_keep, max_age: args.history_max_age });
     histories.seed(&tracer.take_initial_rows());
-    let metrics = Metrics::new();
-    metrics.snapshot_taken(chrono::Utc::now().timestamp_millis() as f64 / 1e3);
+    let metrics = Metrics::new(args.metrics_remotes);
     let metrics_listener = match args.metrics {
         Some(address) => Some(metrics::bind(address).await?),
         None => None,
@@ -75,8 +74,13 @@ pub async fn run(args: &AgentArgs) -> anyhow::Result<()> {
                 // The client may have gone; nothing to do then.
                 match query {
                     Query::Table(reply) => { let _ = reply.send(tracer.listed()); }
-                    Query::Stats(reply) => { let _ = reply.send(stats.report()); }
-                    Query::Metrics(reply) => { let _ = reply.send(metrics.render(&tracer.listed())); }
+                    Query::Stats(reply) => {
+                        let mut report = stats.report();
+                        let kernel = tracer.passive_sockets();
+                        report.listeners = listener_summaries(tracer.listeners(), kernel.as_deref());
+                        let _ = reply.send(report);
+                    }
+                    Query::Metrics(reply) => { let _ = reply.send(metrics.render(&tracer.listed(), tracer.health())); }
                     Query::History(reply) => {
                         histories.expire(chrono::Utc::now());
                         let _ = reply.send(histories.all());
@@ -88,9 +92,16 @@ pub async fn run(args: &AgentArgs) -> anyhow::Result<()> {
                 log.write(&records);
                 for record in &records {
                     metrics.observe(record);
-                    if let StreamRecord::Transition(t) = record {
-                        stats.record(t);
-                        histories.record(t);
+                    match record {
+                        StreamRecord::Transition(t) => {
+                            stats.record(t);
+                            histories.record(t);
+                        }
+                        StreamRecord::Retransmit(r) => {
+                            stats.record_retransmit(r);
+                            histories.record_retransmit(r);
+                        }
+                        StreamRecord::Lost(_) => {}
                     }
                 }
                 for record in records.drain(..) {

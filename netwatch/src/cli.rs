@@ -149,6 +149,10 @@ pub struct AgentArgs {
     /// address only when given).
     #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = "127.0.0.1:9911")]
     pub metrics: Option<std::net::SocketAddr>,
+    /// Also count connects, failures and retransmits per remote endpoint (IP:PORT) in the
+    /// metrics, for the first N endpoints seen; later ones are counted as remote="other".
+    #[arg(long, value_name = "N", default_value_t = 0, requires = "metrics")]
+    pub metrics_remotes: usize,
 }
 
 impl AgentArgs {

@@ -238,6 +238,21 @@ pub enum Event {
         ts_ns: u64,
         cookie: u64,
     },
+    /// A connection sent a segment again, or a listener a SYN-ACK.
+    Retransmit(Retransmit),
+}
+
+/// A retransmission: of a data segment by the connection `cookie`, or (`synack`) of a
+/// SYN-ACK by the listener `cookie` to the half-open connection `local`/`remote`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Retransmit {
+    pub ts_ns: u64,
+    pub cookie: u64,
+    pub synack: bool,
+    pub netns: u32,
+    pub family: Family,
+    pub local: (IpAddr, u16),
+    pub remote: (IpAddr, u16),
 }
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -263,6 +278,14 @@ fn task(raw: &SockEvent) -> Task {
     Task { pid: (raw.pid_tgid >> 32) as u32, tid: raw.pid_tgid as u32, comm: comm(&raw.comm) }
 }
 
+fn family(code: u8) -> Result<Family, DecodeError> {
+    match code {
+        AF_INET => Ok(Family::Ipv4),
+        AF_INET6 => Ok(Family::Ipv6),
+        other => Err(DecodeError::UnknownFamily(other)),
+    }
+}
+
 fn address(family: Family, bytes: &[u8; 16]) -> IpAddr {
     match family {
         Family::Ipv4 => IpAddr::V4(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3])),
@@ -280,11 +303,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
     let raw: SockEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
     match raw.kind {
         kind::STATE_BTF | kind::STATE_CLASSIC => {
-            let family = match raw.family {
-                AF_INET => Family::Ipv4,
-                AF_INET6 => Family::Ipv6,
-                other => return Err(DecodeError::UnknownFamily(other)),
-            };
+            let family = family(raw.family)?;
             let state = |code| TcpState::from_kernel(code).ok_or(DecodeError::UnknownState(code));
             let (source, key, cookie) = if raw.kind == kind::STATE_BTF {
                 (StateSource::TpBtf, SockKey::Cookie(raw.cookie), Some(raw.cookie))
@@ -327,11 +346,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
             })
         }
         kind::ACCEPT | kind::FD_OPEN | kind::FD_CLOSE | kind::ADDRS => {
-            let family = match raw.family {
-                AF_INET => Family::Ipv4,
-                AF_INET6 => Family::Ipv6,
-                other => return Err(DecodeError::UnknownFamily(other)),
-            };
+            let family = family(raw.family)?;
             let protocol = match raw.protocol {
                 IPPROTO_TCP => Protocol::Tcp,
                 IPPROTO_UDP => Protocol::Udp,
@@ -363,6 +378,18 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
         kind::EXEC => Ok(Event::Exec(task(&raw))),
         kind::EXIT => Ok(Event::Exit(task(&raw))),
         kind::RESET => Ok(Event::Reset { ts_ns: raw.ts_ns, cookie: raw.cookie }),
+        kind::RETRANSMIT | kind::SYNACK_RETRANSMIT => {
+            let family = family(raw.family)?;
+            Ok(Event::Retransmit(Retransmit {
+                ts_ns: raw.ts_ns,
+                cookie: raw.cookie,
+                synack: raw.kind == kind::SYNACK_RETRANSMIT,
+                netns: raw.netns,
+                family,
+                local: (address(family, &raw.saddr), raw.sport),
+                remote: (address(family, &raw.daddr), raw.dport),
+            }))
+        }
         other => Err(DecodeError::UnknownKind(other)),
     }
 }

@@ -1,7 +1,7 @@
-//! Which transitions the user asked to see. All given conditions must hold.
+//! Which stream records the user asked to see. All given conditions must hold.
 use crate::{
     events::{Family, TcpState},
-    output::TransitionRecord,
+    output::{RetransmitRecord, TransitionRecord},
 };
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -23,15 +23,33 @@ pub struct TransitionFilter {
 
 impl TransitionFilter {
     pub fn matches(&self, t: &TransitionRecord) -> bool {
-        let (lport, rport) = (t.lport, t.rport);
+        self.socket_matches(t.lport, t.rport, t.pid, t.comm.as_deref(), t.family)
+            && self.state.is_none_or(|s| s == t.old || s == t.new)
+            && self.transition.is_none_or(|(old, new)| old == t.old && new == t.new)
+    }
+
+    /// A retransmission passes the socket filters and a `--state` it is in; never a
+    /// `--transition` filter.
+    pub fn matches_retransmit(&self, r: &RetransmitRecord) -> bool {
+        self.socket_matches(r.lport, r.rport, r.pid, r.comm.as_deref(), r.family)
+            && self.state.is_none_or(|s| r.state == Some(s))
+            && self.transition.is_none()
+    }
+
+    fn socket_matches(
+        &self,
+        lport: u16,
+        rport: u16,
+        pid: Option<u32>,
+        comm: Option<&str>,
+        family: Family,
+    ) -> bool {
         self.port.is_none_or(|p| p == lport || p == rport)
             && self.sport.is_none_or(|p| p == lport)
             && self.dport.is_none_or(|p| p == rport)
-            && self.pid.is_none_or(|pid| t.pid == Some(pid))
-            && self.comm.as_ref().is_none_or(|comm| t.comm.as_ref() == Some(comm))
-            && self.family.is_none_or(|f| f == t.family)
-            && self.state.is_none_or(|s| s == t.old || s == t.new)
-            && self.transition.is_none_or(|(old, new)| old == t.old && new == t.new)
+            && self.pid.is_none_or(|want| pid == Some(want))
+            && self.comm.as_deref().is_none_or(|want| comm == Some(want))
+            && self.family.is_none_or(|f| f == family)
     }
 }
 

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     events::TcpState,
-    output::TransitionRecord,
+    output::{Resent, RetransmitRecord, TransitionRecord},
     snapshot::{Protocol, SocketRow},
     table::Failure,
 };
@@ -55,6 +55,11 @@ pub struct History {
     pub lifespan_ns: Option<u64>,
     pub bytes_sent: Option<u64>,
     pub bytes_received: Option<u64>,
+    /// At close: segments retransmitted in the connection's life (the kernel's count).
+    pub retransmits: Option<u32>,
+    /// Retransmissions netwatch saw as they happened (`tcp_retransmit_skb`), open or closed.
+    #[serde(default)]
+    pub retransmits_seen: u64,
 }
 
 impl History {
@@ -80,6 +85,8 @@ impl History {
             lifespan_ns: None,
             bytes_sent: None,
             bytes_received: None,
+            retransmits: None,
+            retransmits_seen: 0,
         }
     }
 }
@@ -150,10 +157,20 @@ impl Histories {
             history.lifespan_ns = t.lifespan_ns;
             history.bytes_sent = t.bytes_sent;
             history.bytes_received = t.bytes_received;
+            history.retransmits = t.retransmits;
             if let Some(history) = self.open.remove(&cookie) {
                 self.closed.push_back((t.time, history));
             }
             self.expire(t.time);
+        }
+    }
+
+    /// Counts a retransmitted segment in its connection's history.
+    pub fn record_retransmit(&mut self, r: &RetransmitRecord) {
+        if r.resent == Resent::Segment
+            && let Some(history) = self.open.get_mut(&r.cookie)
+        {
+            history.retransmits_seen += 1;
         }
     }
 

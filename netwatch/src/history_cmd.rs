@@ -57,13 +57,15 @@ pub async fn run(args: &HistoryArgs) -> anyhow::Result<()> {
             path(h)
         );
         if let Some(failure) = h.failure {
-            line.push_str(&format!(
-                " [{}]",
-                serde_json::to_value(failure)?.as_str().unwrap_or("failed")
-            ));
+            line.push_str(&format!(" [{}]", failure.name()));
         }
         if let (Some(sent), Some(received)) = (h.bytes_sent, h.bytes_received) {
             line.push_str(&format!(" sent={sent}B received={received}B"));
+        }
+        let retransmits =
+            h.retransmits.map_or(h.retransmits_seen, |n| u64::from(n).max(h.retransmits_seen));
+        if retransmits > 0 {
+            line.push_str(&format!(" retransmits={retransmits}"));
         }
         if args.cookie.is_some() {
             for step in &h.steps {

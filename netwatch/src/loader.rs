@@ -28,6 +28,9 @@ use crate::{
 /// The kernel object built by build.rs from `netwatch-ebpf`.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/netwatch-ebpf"));
 
+/// The `EVENTS` ring buffer's size when `--ring-size` is not given (as netwatch-ebpf declares it).
+pub const DEFAULT_RING_SIZE: u32 = 1 << 20;
+
 /// Which TCP state source to use.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum SourceChoice {
@@ -71,7 +74,8 @@ impl Probes {
     }
 }
 
-/// The kernel side's per-CPU count of events it could not reserve ring buffer space for.
+/// The kernel side's per-CPU count of events it could not reserve ring buffer space for, and
+/// the ring buffer's fill level each CPU saw.
 pub struct LostCounter {
     map: PerCpuArray<MapData, u64>,
 }
@@ -81,6 +85,12 @@ impl LostCounter {
     pub fn total(&self) -> Result<u64> {
         let values = self.map.get(&0, 0).map_err(|source| Error::Map { name: "LOST", source })?;
         Ok(values.iter().sum())
+    }
+
+    /// The most bytes the ring buffer held unread at once since the programs were loaded.
+    pub fn peak_unread(&self) -> Result<u64> {
+        let values = self.map.get(&1, 0).map_err(|source| Error::Map { name: "LOST", source })?;
+        Ok(values.iter().copied().max().unwrap_or(0))
     }
 }
 
@@ -167,6 +177,19 @@ pub fn load(options: &LoadOptions) -> Result<Probes> {
         && let Err(error) = attach_ownership_programs(&mut ebpf, btf)
     {
         warnings.push(format!("{error}: {OWNERSHIP_DEGRADED}"));
+    }
+
+    if let Some(btf) = &aya_btf {
+        for (name, function, consequence) in [
+            ("retransmit", "tcp_retransmit_skb", "retransmits are counted only at close"),
+            ("synack_retransmit", "tcp_retransmit_synack", "SYN-ACK retransmits are not counted"),
+        ] {
+            let program: &mut BtfTracePoint = program(&mut ebpf, name)?;
+            let attached = program.load(function, btf).and_then(|()| program.attach().map(drop));
+            if let Err(error) = attached {
+                warnings.push(format!("cannot attach tp_btf/{function} ({error}): {consequence}"));
+            }
+        }
     }
 
     match cgroup2_root() {

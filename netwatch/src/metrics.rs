@@ -2,8 +2,14 @@
 //! gauges read from the table at scrape time, in the text format prometheus-client encodes.
 //!
 //! Label cardinality is bounded by construction: protocol x state, old x new state, failure
-//! reason, loss reason. Nothing per connection or per endpoint.
-use std::net::SocketAddr;
+//! reason, loss reason, what was retransmitted. Nothing per connection; per remote endpoint
+//! only when asked for (`--metrics-remotes N`), for at most N endpoints, the rest counted as
+//! `remote="other"`.
+use std::{
+    collections::HashSet,
+    net::{IpAddr, SocketAddr},
+    sync::Mutex,
+};
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
@@ -11,10 +17,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::{
-    output::{LossReason, StreamRecord, table::Listed},
-    table::Failure,
-};
+use crate::output::{LossReason, Resent, StreamRecord, table::Listed};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct SocketLabels {
@@ -33,6 +36,57 @@ struct ReasonLabels {
     reason: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResentLabels {
+    resent: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RemoteLabels {
+    remote: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RemoteReasonLabels {
+    remote: String,
+    reason: String,
+}
+
+/// The opt-in per-remote-endpoint counters and the endpoints they have labels for.
+struct PerRemote {
+    cap: usize,
+    labelled: Mutex<HashSet<String>>,
+    connects: Family<RemoteLabels, Counter>,
+    failures: Family<RemoteReasonLabels, Counter>,
+    retransmits: Family<RemoteLabels, Counter>,
+}
+
+impl PerRemote {
+    /// `ip:port` for the first `cap` endpoints seen, `other` after that.
+    fn label(&self, addr: IpAddr, port: u16) -> String {
+        let endpoint = SocketAddr::from((addr, port)).to_string();
+        let mut labelled = self.labelled.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if labelled.contains(&endpoint) {
+            endpoint
+        } else if labelled.len() < self.cap {
+            labelled.insert(endpoint.clone());
+            endpoint
+        } else {
+            "other".into()
+        }
+    }
+}
+
+/// What the agent reports about itself at scrape time.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Health {
+    /// When the table was last rebuilt from a snapshot (Unix time, seconds).
+    pub last_snapshot: f64,
+    /// The most bytes the ring buffer held unread at once, and its size.
+    pub ring_peak_bytes: u64,
+    pub ring_size_bytes: u64,
+}
+
 pub struct Metrics {
     registry: Registry,
     sockets: Family<SocketLabels, Gauge>,
@@ -40,19 +94,23 @@ pub struct Metrics {
     connect_latency: Histogram,
     connect_failures: Family<ReasonLabels, Counter>,
     lost: Family<ReasonLabels, Counter>,
-    retransmits: Counter,
+    retransmits: Family<ResentLabels, Counter>,
     records: Counter,
     snapshot_time: Gauge<f64, std::sync::atomic::AtomicU64>,
+    ring_peak: Gauge,
+    ring_size: Gauge,
+    per_remote: Option<PerRemote>,
 }
 
 impl Default for Metrics {
     fn default() -> Self {
-        Self::new()
+        Self::new(0)
     }
 }
 
 impl Metrics {
-    pub fn new() -> Metrics {
+    /// `remotes`: how many remote endpoints get labels of their own (0: none).
+    pub fn new(remotes: usize) -> Metrics {
         let mut registry = Registry::with_prefix("netwatch");
         let sockets = Family::<SocketLabels, Gauge>::default();
         registry.register("sockets", "Sockets in the table by protocol and state", sockets.clone());
@@ -79,10 +137,11 @@ impl Metrics {
         );
         let lost = Family::<ReasonLabels, Counter>::default();
         registry.register("lost_events", "Events lost, by reason", lost.clone());
-        let retransmits = Counter::default();
+        let retransmits = Family::<ResentLabels, Counter>::default();
         registry.register(
             "retransmits",
-            "Segments retransmitted by connections that closed",
+            "TCP retransmissions: resent=segment (tcp_retransmit_skb) or synack (a listener's \
+             SYN-ACK to a half-open connection)",
             retransmits.clone(),
         );
         let records = Counter::default();
@@ -93,6 +152,40 @@ impl Metrics {
             "When the agent last took a snapshot (Unix time)",
             snapshot_time.clone(),
         );
+        let ring_peak = Gauge::default();
+        registry.register(
+            "ring_buffer_peak_bytes",
+            "The most bytes of events the ring buffer held unread at once (events are lost \
+             when it is full)",
+            ring_peak.clone(),
+        );
+        let ring_size = Gauge::default();
+        registry.register("ring_buffer_size_bytes", "The ring buffer's size", ring_size.clone());
+        let per_remote = (remotes > 0).then(|| {
+            let remote = PerRemote {
+                cap: remotes,
+                labelled: Mutex::new(HashSet::new()),
+                connects: Family::default(),
+                failures: Family::default(),
+                retransmits: Family::default(),
+            };
+            registry.register(
+                "remote_connects",
+                "Completed handshakes by remote endpoint (--metrics-remotes)",
+                remote.connects.clone(),
+            );
+            registry.register(
+                "remote_connect_failures",
+                "Failed connections by remote endpoint and reason (--metrics-remotes)",
+                remote.failures.clone(),
+            );
+            registry.register(
+                "remote_retransmits",
+                "Retransmitted segments by remote endpoint (--metrics-remotes)",
+                remote.retransmits.clone(),
+            );
+            remote
+        });
         Metrics {
             registry,
             sockets,
@@ -103,6 +196,9 @@ impl Metrics {
             retransmits,
             records,
             snapshot_time,
+            ring_peak,
+            ring_size,
+            per_remote,
         }
     }
 
@@ -113,25 +209,38 @@ impl Metrics {
                 let labels =
                     TransitionLabels { old: t.old.name().into(), new: t.new.name().into() };
                 self.transitions.get_or_create(&labels).inc();
-                if t.old == crate::events::TcpState::SynSent
-                    && t.new == crate::events::TcpState::Established
-                    && let Some(ns) = t.duration_ns
-                {
+                let connected = t.old == crate::events::TcpState::SynSent
+                    && t.new == crate::events::TcpState::Established;
+                if connected && let Some(ns) = t.duration_ns {
                     self.connect_latency.observe(ns as f64 / 1e9);
                 }
-                if let Some(failure) = t.failure {
-                    let reason = match failure {
-                        Failure::Refused => "refused",
-                        Failure::Timeout => "timeout",
-                        Failure::Aborted => "aborted",
-                        Failure::Reset => "reset",
-                    };
-                    self.connect_failures
-                        .get_or_create(&ReasonLabels { reason: reason.into() })
-                        .inc();
+                if connected && let Some(remote) = &self.per_remote {
+                    let labels = RemoteLabels { remote: remote.label(t.raddr, t.rport) };
+                    remote.connects.get_or_create(&labels).inc();
                 }
-                if let Some(n) = t.retransmits {
-                    self.retransmits.inc_by(u64::from(n));
+                if let Some(failure) = t.failure {
+                    let reason = failure.name().to_string();
+                    if let Some(remote) = &self.per_remote {
+                        let labels = RemoteReasonLabels {
+                            remote: remote.label(t.raddr, t.rport),
+                            reason: reason.clone(),
+                        };
+                        remote.failures.get_or_create(&labels).inc();
+                    }
+                    self.connect_failures.get_or_create(&ReasonLabels { reason }).inc();
+                }
+            }
+            StreamRecord::Retransmit(r) => {
+                let resent = match r.resent {
+                    Resent::Segment => "segment",
+                    Resent::Synack => "synack",
+                };
+                self.retransmits.get_or_create(&ResentLabels { resent: resent.into() }).inc();
+                if r.resent == Resent::Segment
+                    && let Some(remote) = &self.per_remote
+                {
+                    let labels = RemoteLabels { remote: remote.label(r.raddr, r.rport) };
+                    remote.retransmits.get_or_create(&labels).inc();
                 }
             }
             StreamRecord::Lost(loss) => {
@@ -145,12 +254,12 @@ impl Metrics {
         }
     }
 
-    pub fn snapshot_taken(&self, unix_seconds: f64) {
-        self.snapshot_time.set(unix_seconds);
-    }
-
-    /// The text exposition, with the socket gauges set from `rows` first.
-    pub fn render(&self, rows: &[Listed]) -> String {
+    /// The text exposition, with the socket gauges set from `rows` and the agent's own from
+    /// `health` first.
+    pub fn render(&self, rows: &[Listed], health: Health) -> String {
+        self.snapshot_time.set(health.last_snapshot);
+        self.ring_peak.set(i64::try_from(health.ring_peak_bytes).unwrap_or(i64::MAX));
+        self.ring_size.set(i64::try_from(health.ring_size_bytes).unwrap_or(i64::MAX));
         self.sockets.clear();
         for listed in rows {
             let labels = SocketLabels {
@@ -203,7 +312,7 @@ mod tests {
 
     #[test]
     fn renders_counters_and_gauges() {
-        let metrics = Metrics::new();
+        let metrics = Metrics::new(0);
         let lost = crate::output::LossRecord {
             time: chrono::DateTime::from_timestamp_nanos(0),
             reason: LossReason::RingBufferFull,
@@ -211,7 +320,7 @@ mod tests {
             total: 7,
         };
         metrics.observe(&StreamRecord::Lost(lost));
-        let text = metrics.render(&[]);
+        let text = metrics.render(&[], Health::default());
         assert!(
             text.contains("netwatch_lost_events_total{reason=\"ring_buffer_full\"} 7"),
             "{text}"

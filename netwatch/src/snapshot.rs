@@ -198,7 +198,7 @@ fn dump_namespace(namespace: &NetNamespace) -> io::Result<Vec<SocketRow>> {
         let mut rows = Vec::new();
         for protocol in [Protocol::Tcp, Protocol::Udp] {
             for family in [Family::Ipv4, Family::Ipv6] {
-                query(namespace.inode, protocol, family, None, &mut rows)?;
+                query(namespace.inode, protocol, family, None, StateFlags::all(), &mut rows)?;
             }
         }
         Ok(rows)
@@ -310,8 +310,23 @@ pub fn lookup_tcp(
 ) -> io::Result<Option<SocketRow>> {
     in_namespace(path, || {
         let mut rows = Vec::new();
-        query(netns, Protocol::Tcp, family, Some((local, remote)), &mut rows)?;
+        query(netns, Protocol::Tcp, family, Some((local, remote)), StateFlags::all(), &mut rows)?;
         Ok(rows.pop())
+    })
+}
+
+/// The TCP listeners and half-open (SYN_RECV request) sockets in the namespace at `path`: the
+/// kernel's accept queue length (a listener's `recv_q`) and backlog (`send_q`) right now.
+/// Queue lengths change with every packet and no tracepoint reports them; this is read when
+/// a user asks.
+pub fn passive_sockets(path: &std::path::Path, netns: u32) -> io::Result<Vec<SocketRow>> {
+    in_namespace(path, || {
+        let mut rows = Vec::new();
+        for family in [Family::Ipv4, Family::Ipv6] {
+            let states = StateFlags::LISTEN | StateFlags::SYN_RECV;
+            query(netns, Protocol::Tcp, family, None, states, &mut rows)?;
+        }
+        Ok(rows)
     })
 }
 
@@ -326,6 +341,7 @@ fn query(
     protocol: Protocol,
     family: Family,
     exact: Option<((IpAddr, u16), (IpAddr, u16))>,
+    states: StateFlags,
     rows: &mut Vec<SocketRow>,
 ) -> io::Result<()> {
     let mut socket = Socket::new(NETLINK_SOCK_DIAG)?;
@@ -355,7 +371,7 @@ fn query(
                 Protocol::Udp => IPPROTO_UDP,
             },
             extensions: ExtensionFlags::empty(),
-            states: StateFlags::all(),
+            states,
             socket_id,
         })
         .into(),

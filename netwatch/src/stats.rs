@@ -1,6 +1,7 @@
 //! Handshake and failure statistics the agent keeps from the stream: connect latency
-//! (SYN_SENT -> ESTABLISHED) per remote endpoint and per process, and failed connects by
-//! reason. Pure: transition records in, summaries out.
+//! (SYN_SENT -> ESTABLISHED), failed connects by reason and retransmitted segments, per remote
+//! endpoint and per process; and each listener's accept queue. Pure: records, the table's
+//! listener counts and the kernel's queue lengths in, summaries out.
 //!
 //! Memory is bounded: each key keeps its count, max and last `SAMPLES` latencies (the
 //! percentiles are over those), and at most `KEYS` keys per table are kept, the least
@@ -9,7 +10,14 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
-use crate::{events::TcpState, output::TransitionRecord, table::Failure};
+use std::net::IpAddr;
+
+use crate::{
+    events::TcpState,
+    output::{Resent, RetransmitRecord, TransitionRecord},
+    snapshot::SocketRow,
+    table::{Failure, Listener},
+};
 
 const SAMPLES: usize = 4096;
 const KEYS: usize = 1024;
@@ -20,6 +28,7 @@ struct Series {
     max_ns: u64,
     recent: VecDeque<u64>,
     failures: BTreeMap<String, u64>,
+    retransmits: u64,
     last_seen: u64,
 }
 
@@ -33,14 +42,87 @@ pub struct Summary {
     pub p90_ms: Option<f64>,
     pub p99_ms: Option<f64>,
     pub max_ms: Option<f64>,
-    /// Failed connects by reason (refused, timeout, aborted, reset).
+    /// Failed connects by reason (refused, timeout, aborted, reset, reset_sent).
     pub failed: BTreeMap<String, u64>,
+    /// Segments retransmitted on these connections.
+    #[serde(default)]
+    pub retransmits: u64,
+}
+
+/// One listener's line of `netwatch stats`: what netwatch counted since it saw the listener
+/// (or since the agent started), and the kernel's queues at the moment of asking.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ListenerSummary {
+    pub netns: u32,
+    pub laddr: IpAddr,
+    pub lport: u16,
+    pub pid: Option<u32>,
+    pub comm: Option<String>,
+    /// Handshakes completed, and of those taken by accept(2).
+    pub handshakes: u64,
+    pub accepted: u64,
+    /// Connections waiting for accept(2), as counted from events; and the most there were.
+    pub queued: u32,
+    pub peak_queued: u32,
+    /// SYN-ACKs sent again to clients that did not complete the handshake.
+    pub synack_retransmits: u64,
+    /// From the kernel when asked: the accept queue's length and limit (the listener's
+    /// Recv-Q and Send-Q in `ss`), and half-open connections (SYN_RECV) waiting for the
+    /// client's ACK. Null when the kernel could not be asked.
+    pub accept_queue: Option<u32>,
+    pub backlog: Option<u32>,
+    pub half_open: Option<u32>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Report {
     pub by_remote: Vec<Summary>,
     pub by_process: Vec<Summary>,
+    #[serde(default)]
+    pub listeners: Vec<ListenerSummary>,
+}
+
+/// Each listener's counts next to the kernel's view of it; `kernel` holds the LISTEN and
+/// SYN_RECV rows of a sock_diag dump (None when it failed).
+pub fn listener_summaries(
+    listeners: Vec<Listener>,
+    kernel: Option<&[SocketRow]>,
+) -> Vec<ListenerSummary> {
+    listeners
+        .into_iter()
+        .map(|l| {
+            let at = |row: &&SocketRow| row.netns == l.netns && row.local.1 == l.local.1;
+            let listening = kernel.map(|rows| {
+                rows.iter().filter(at).find(|r| r.cookie == l.cookie && r.state == TcpState::Listen)
+            });
+            // A half-open connection belongs to the listener on its port and address, or to
+            // a wildcard one.
+            let half_open = kernel.map(|rows| {
+                rows.iter()
+                    .filter(at)
+                    .filter(|r| {
+                        r.state == TcpState::SynRecv
+                            && (r.local.0 == l.local.0 || l.local.0.is_unspecified())
+                    })
+                    .count() as u32
+            });
+            ListenerSummary {
+                netns: l.netns,
+                laddr: l.local.0,
+                lport: l.local.1,
+                pid: l.owner.as_ref().map(|o| o.pid),
+                comm: l.owner.map(|o| o.comm),
+                handshakes: l.queue.handshakes,
+                accepted: l.queue.accepted,
+                queued: l.queue.queued,
+                peak_queued: l.queue.peak_queued,
+                synack_retransmits: l.queue.synack_retransmits,
+                accept_queue: listening.flatten().map(|r| r.recv_q),
+                backlog: listening.flatten().map(|r| r.send_q),
+                half_open,
+            }
+        })
+        .collect()
 }
 
 #[derive(Debug, Default)]
@@ -48,15 +130,6 @@ pub struct Stats {
     by_remote: HashMap<String, Series>,
     by_process: HashMap<String, Series>,
     clock: u64,
-}
-
-fn failure_name(failure: Failure) -> &'static str {
-    match failure {
-        Failure::Refused => "refused",
-        Failure::Timeout => "timeout",
-        Failure::Aborted => "aborted",
-        Failure::Reset => "reset",
-    }
 }
 
 impl Stats {
@@ -68,26 +141,11 @@ impl Stats {
         let latency = (t.old == TcpState::SynSent && t.new == TcpState::Established)
             .then_some(t.duration_ns)
             .flatten();
-        let failure = t.failure.map(failure_name);
+        let failure = t.failure.map(Failure::name);
         if latency.is_none() && failure.is_none() {
             return;
         }
-        self.clock += 1;
-        let remote = std::net::SocketAddr::from((t.raddr, t.rport)).to_string();
-        let process = match (&t.comm, t.pid) {
-            (Some(comm), Some(pid)) => format!("{comm}[{pid}]"),
-            _ => "-".to_string(),
-        };
-        for (table, key) in [(&mut self.by_remote, remote), (&mut self.by_process, process)] {
-            if !table.contains_key(&key)
-                && table.len() >= KEYS
-                && let Some(oldest) =
-                    table.iter().min_by_key(|(_, s)| s.last_seen).map(|(k, _)| k.clone())
-            {
-                table.remove(&oldest);
-            }
-            let series = table.entry(key).or_default();
-            series.last_seen = self.clock;
+        for series in self.series((t.raddr, t.rport), t.pid, t.comm.as_deref()) {
             if let Some(ns) = latency {
                 series.count += 1;
                 series.max_ns = series.max_ns.max(ns);
@@ -100,6 +158,41 @@ impl Stats {
                 *series.failures.entry(reason.to_string()).or_default() += 1;
             }
         }
+    }
+
+    /// Counts a retransmitted segment against its remote endpoint and process.
+    pub fn record_retransmit(&mut self, r: &RetransmitRecord) {
+        if r.resent == Resent::Segment {
+            for series in self.series((r.raddr, r.rport), r.pid, r.comm.as_deref()) {
+                series.retransmits += 1;
+            }
+        }
+    }
+
+    /// The remote endpoint's and the process's series, made if new (evicting the least
+    /// recently seen key when a table is full).
+    fn series(
+        &mut self,
+        remote: (IpAddr, u16),
+        pid: Option<u32>,
+        comm: Option<&str>,
+    ) -> [&mut Series; 2] {
+        self.clock += 1;
+        let remote = std::net::SocketAddr::from(remote).to_string();
+        let process = process_key(comm, pid);
+        let clock = self.clock;
+        [(&mut self.by_remote, remote), (&mut self.by_process, process)].map(|(table, key)| {
+            if !table.contains_key(&key)
+                && table.len() >= KEYS
+                && let Some(oldest) =
+                    table.iter().min_by_key(|(_, s)| s.last_seen).map(|(k, _)| k.clone())
+            {
+                table.remove(&oldest);
+            }
+            let series = table.entry(key).or_default();
+            series.last_seen = clock;
+            series
+        })
     }
 
     pub fn report(&self) -> Report {
@@ -124,40 +217,84 @@ impl Stats {
                         p99_ms: pick(0.99),
                         max_ms: (s.count > 0).then(|| s.max_ns as f64 / 1e6),
                         failed: s.failures.clone(),
+                        retransmits: s.retransmits,
                     }
                 })
                 .collect();
             rows.sort_by(|a, b| b.connects.cmp(&a.connects).then_with(|| a.key.cmp(&b.key)));
             rows
         };
-        Report { by_remote: summarize(&self.by_remote), by_process: summarize(&self.by_process) }
+        Report {
+            by_remote: summarize(&self.by_remote),
+            by_process: summarize(&self.by_process),
+            listeners: Vec::new(),
+        }
     }
 }
 
-/// The report as two aligned text tables.
+/// `COMM[PID]`, or `-` when the owner is unknown.
+fn process_key(comm: Option<&str>, pid: Option<u32>) -> String {
+    match (comm, pid) {
+        (Some(comm), Some(pid)) => format!("{comm}[{pid}]"),
+        _ => "-".to_string(),
+    }
+}
+
+/// The report as aligned text tables: remote endpoints, processes, listeners.
 pub fn text(report: &Report) -> String {
     let ms = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.3}"));
+    let known = |v: Option<u32>| v.map_or("-".to_string(), |v| v.to_string());
     let mut out = String::new();
     for (title, rows) in [("REMOTE", &report.by_remote), ("PROCESS", &report.by_process)] {
         out.push_str(&format!(
-            "{title:<40} {:>8} {:>10} {:>10} {:>10} {:>10}  FAILED\n",
-            "CONNECTS", "P50_MS", "P90_MS", "P99_MS", "MAX_MS"
+            "{title:<40} {:>8} {:>10} {:>10} {:>10} {:>10} {:>8}  FAILED\n",
+            "CONNECTS", "P50_MS", "P90_MS", "P99_MS", "MAX_MS", "RETRANS"
         ));
         for row in rows {
             let failed: Vec<String> =
                 row.failed.iter().map(|(why, n)| format!("{why}={n}")).collect();
             out.push_str(&format!(
-                "{:<40} {:>8} {:>10} {:>10} {:>10} {:>10}  {}\n",
+                "{:<40} {:>8} {:>10} {:>10} {:>10} {:>10} {:>8}  {}\n",
                 row.key,
                 row.connects,
                 ms(row.p50_ms),
                 ms(row.p90_ms),
                 ms(row.p99_ms),
                 ms(row.max_ms),
+                row.retransmits,
                 if failed.is_empty() { "-".to_string() } else { failed.join(" ") }
             ));
         }
         out.push('\n');
+    }
+    out.push_str(&format!(
+        "{:<40} {:<24} {:>9} {:>9} {:>10} {:>10} {:>7} {:>9} {:>9} {:>11}\n",
+        "LISTENER",
+        "PROCESS",
+        "ACCEPTQ",
+        "BACKLOG",
+        "HALF_OPEN",
+        "HANDSHAKES",
+        "ACCEPTED",
+        "QUEUED",
+        "PEAK_Q",
+        "SYNACK_RETX"
+    ));
+    for l in &report.listeners {
+        let process = process_key(l.comm.as_deref(), l.pid);
+        out.push_str(&format!(
+            "{:<40} {:<24} {:>9} {:>9} {:>10} {:>10} {:>7} {:>9} {:>9} {:>11}\n",
+            std::net::SocketAddr::from((l.laddr, l.lport)).to_string(),
+            process,
+            known(l.accept_queue),
+            known(l.backlog),
+            known(l.half_open),
+            l.handshakes,
+            l.accepted,
+            l.queued,
+            l.peak_queued,
+            l.synack_retransmits
+        ));
     }
     out.trim_end().to_string()
 }

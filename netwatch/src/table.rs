@@ -17,7 +17,7 @@ use std::{
 };
 
 use crate::{
-    events::{Event, Family, FdSocket, SockKey, StateChange, Task, TcpState},
+    events::{Event, Family, FdSocket, Retransmit, SockKey, StateChange, Task, TcpState},
     snapshot::{FdOwner, Protocol, SocketRow, Timer, TimerKind},
 };
 
@@ -56,12 +56,27 @@ pub struct Transition {
 pub enum Failure {
     /// A RST answered the SYN: nothing listens there.
     Refused,
-    /// The SYN was never answered; the kernel gave up.
+    /// The kernel gave up: the SYN, or later data or keepalives, went unanswered.
     Timeout,
     /// The owner closed the socket while it was still connecting.
     Aborted,
-    /// A RST ended an established connection.
+    /// The peer's RST ended the connection.
     Reset,
+    /// This host reset an open connection: its owner closed it with unread data or with
+    /// SO_LINGER 0 (the kernel sends a RST instead of a FIN).
+    ResetSent,
+}
+
+impl Failure {
+    pub fn name(self) -> &'static str {
+        match self {
+            Failure::Refused => "refused",
+            Failure::Timeout => "timeout",
+            Failure::Aborted => "aborted",
+            Failure::Reset => "reset",
+            Failure::ResetSent => "reset_sent",
+        }
+    }
 }
 
 /// What a table row needs beyond the state.
@@ -96,6 +111,10 @@ struct Socket {
     /// The owners the socket had, oldest first, with when each took over (None: found in the
     /// snapshot); at most OWNER_HISTORY entries.
     owner_history: VecDeque<(Option<u64>, Owner)>,
+    /// A passively opened socket not accepted yet: the listener whose accept queue holds it.
+    queued_on: Option<SockKey>,
+    /// Segments retransmitted (`tcp_retransmit_skb`); for a listener, SYN-ACKs.
+    retransmits: u64,
 }
 
 /// How many owners a socket remembers.
@@ -138,6 +157,40 @@ pub struct TimewaitSocket {
 /// Listeners by (netns, local port, local address).
 type ListenerKey = (u32, u16, IpAddr);
 
+/// What the table counts for a listening socket since netwatch saw it listen.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AcceptQueue {
+    /// Connections whose handshake completed (the kernel made their socket).
+    pub handshakes: u64,
+    /// Of those, taken by accept(2).
+    pub accepted: u64,
+    /// Established connections waiting for accept(2) now: the kernel's accept queue.
+    pub queued: u32,
+    /// The most `queued` has been.
+    pub peak_queued: u32,
+    /// SYN-ACKs sent again to half-open connections that did not complete the handshake.
+    pub synack_retransmits: u64,
+}
+
+/// A listener as [`Table::listeners`] reports it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Listener {
+    pub cookie: u64,
+    pub netns: u32,
+    pub local: (IpAddr, u16),
+    pub owner: Option<Owner>,
+    pub queue: AcceptQueue,
+}
+
+/// What the table knows about a retransmitting socket, for its record.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RetransmitSeen {
+    pub owner: Option<Owner>,
+    pub state: Option<TcpState>,
+    /// Retransmits of this socket seen so far, this one included.
+    pub count: u64,
+}
+
 /// Sockets that reached CLOSE but may still be reused (connect again) are kept for at most
 /// this many; beyond it the oldest are forgotten.
 const CLOSED_KEPT: usize = 4096;
@@ -145,7 +198,10 @@ const CLOSED_KEPT: usize = 4096;
 #[derive(Debug, Default)]
 pub struct Table {
     sockets: HashMap<SockKey, Socket>,
-    listeners: HashMap<ListenerKey, Owner>,
+    /// Each listening socket's key and owner, to find the listener of a new passive socket.
+    listeners: HashMap<ListenerKey, (SockKey, Option<Owner>)>,
+    /// Accept-queue counts, by listening socket.
+    accept_queues: HashMap<SockKey, AcceptQueue>,
     closed: VecDeque<SockKey>,
     /// Sockets each process holds, for fork, exec and exit.
     by_pid: HashMap<u32, HashSet<SockKey>>,
@@ -193,6 +249,18 @@ impl Table {
         for row in rows.iter().filter(|r| r.cookie != 0) {
             self.insert_row(row, owners.get(&row.inode).filter(|_| row.inode != 0), now_ns);
         }
+        // Established sockets without a file are children waiting in their listener's accept
+        // queue (an orphan has left ESTABLISHED/CLOSE_WAIT when its file closed).
+        for row in rows.iter().filter(|r| {
+            r.cookie != 0
+                && r.inode == 0
+                && r.protocol == Protocol::Tcp
+                && matches!(r.state, TcpState::Established | TcpState::CloseWait)
+        }) {
+            if let Some((listener, _)) = self.listener_of(row.netns, row.local) {
+                self.enqueue(SockKey::Cookie(row.cookie), listener);
+            }
+        }
         let listed: HashSet<u64> = rows.iter().map(|r| r.inode).collect();
         self.unclaimed = owners
             .iter()
@@ -207,13 +275,11 @@ impl Table {
         let owner = holders
             .and_then(|list| list.first())
             .map(|o| Owner { pid: o.pid, comm: o.comm.clone() });
-        if row.protocol == Protocol::Tcp
-            && row.state == TcpState::Listen
-            && let Some(owner) = &owner
-        {
-            self.listeners.insert((row.netns, row.local.1, row.local.0), owner.clone());
-        }
         let key = SockKey::Cookie(row.cookie);
+        if row.protocol == Protocol::Tcp && row.state == TcpState::Listen {
+            self.listeners.insert((row.netns, row.local.1, row.local.0), (key, owner.clone()));
+            self.accept_queues.entry(key).or_default();
+        }
         let socket = self.sockets.entry(key).or_default();
         socket.state = Some(row.state);
         socket.since_ns = None;
@@ -281,6 +347,12 @@ impl Table {
                 self.hold(&fd);
                 if let Some(socket) = self.sockets.get_mut(&SockKey::Cookie(fd.cookie)) {
                     socket.set_owner(Some(owner), Some(fd.ts_ns));
+                    if let Some(queue) =
+                        socket.queued_on.take().and_then(|l| self.accept_queues.get_mut(&l))
+                    {
+                        queue.accepted += 1;
+                        queue.queued = queue.queued.saturating_sub(1);
+                    }
                 }
             }
             Event::FdOpened(fd) => self.hold(&fd),
@@ -337,8 +409,76 @@ impl Table {
                 }
             }
             Event::State(change) => return Some(self.apply_state(change)),
+            Event::Retransmit(retransmit) => {
+                self.retransmit(&retransmit);
+            }
         }
         None
+    }
+
+    /// Counts a retransmission against its connection (or, for a SYN-ACK, its listener).
+    pub fn retransmit(&mut self, retransmit: &Retransmit) -> RetransmitSeen {
+        let key = SockKey::Cookie(retransmit.cookie);
+        if retransmit.synack
+            && let Some(queue) = self.accept_queues.get_mut(&key)
+        {
+            queue.synack_retransmits += 1;
+        }
+        match self.sockets.get_mut(&key) {
+            Some(socket) => {
+                socket.retransmits += 1;
+                RetransmitSeen {
+                    owner: socket.owner.clone(),
+                    state: socket.state,
+                    count: socket.retransmits,
+                }
+            }
+            None => RetransmitSeen { owner: None, state: None, count: 1 },
+        }
+    }
+
+    /// Puts the passive socket `child` in `listener`'s accept queue.
+    fn enqueue(&mut self, child: SockKey, listener: SockKey) {
+        let Some(queue) = self.accept_queues.get_mut(&listener) else { return };
+        let socket = self.sockets.entry(child).or_default();
+        if socket.queued_on.is_none() {
+            socket.queued_on = Some(listener);
+            queue.queued += 1;
+            queue.peak_queued = queue.peak_queued.max(queue.queued);
+        }
+    }
+
+    /// Every listening socket with its accept-queue counts.
+    pub fn listeners(&self) -> Vec<Listener> {
+        let mut listeners: Vec<Listener> = self
+            .listeners
+            .iter()
+            .filter_map(|(&(netns, port, addr), (key, owner))| {
+                let SockKey::Cookie(cookie) = *key else { return None };
+                Some(Listener {
+                    cookie,
+                    netns,
+                    local: (addr, port),
+                    owner: owner.clone(),
+                    queue: self.accept_queues.get(key).copied().unwrap_or_default(),
+                })
+            })
+            .collect();
+        listeners.sort_by_key(|l| (l.netns, l.local.1, l.local.0));
+        listeners
+    }
+
+    /// Takes the counts a rebuilt table cannot know from `old`, the table it replaces:
+    /// accept-queue totals of listeners that are still there.
+    pub fn keep_counts_of(&mut self, old: &Table) {
+        for (key, queue) in &mut self.accept_queues {
+            if let Some(before) = old.accept_queues.get(key) {
+                queue.handshakes += before.handshakes;
+                queue.accepted += before.accepted;
+                queue.synack_retransmits += before.synack_retransmits;
+                queue.peak_queued = queue.peak_queued.max(before.peak_queued);
+            }
+        }
     }
 
     /// Records `fd.task` holding `fd.fd`, and what the event says about the socket.
@@ -395,9 +535,15 @@ impl Table {
 
     fn apply_state(&mut self, change: StateChange) -> Transition {
         self.claim_unclaimed(change.key, change.inode);
-        let listener_owner = (change.old == TcpState::Listen && change.new == TcpState::SynRecv)
-            .then(|| self.listener_owner(change.netns, change.local))
-            .flatten();
+        let passive = change.old == TcpState::Listen && change.new == TcpState::SynRecv;
+        let listener = passive.then(|| self.listener_of(change.netns, change.local)).flatten();
+        if let Some((listener, _)) = &listener {
+            if let Some(queue) = self.accept_queues.get_mut(listener) {
+                queue.handshakes += 1;
+            }
+            self.enqueue(change.key, *listener);
+        }
+        let listener_owner = listener.and_then(|(_, owner)| owner);
         let socket = self.sockets.entry(change.key).or_default();
 
         if change.old == TcpState::Listen && change.new == TcpState::SynRecv {
@@ -406,12 +552,18 @@ impl Table {
         let lifespan_ns = (change.new == TcpState::Close)
             .then(|| socket.created_ns.map(|born| change.ts_ns.saturating_sub(born)))
             .flatten();
+        // An open connection goes straight to CLOSE only when a RST ends it (received: a
+        // tcp_receive_reset event came first; sent: close() released it first) or when the
+        // kernel gives up on it (still held).
+        let open = matches!(change.old, TcpState::Established | TcpState::CloseWait);
         let failure = match (change.new, socket.reset_in, change.old) {
             (TcpState::Close, Some(TcpState::SynSent), _) => Some(Failure::Refused),
             (TcpState::Close, Some(_), _) => Some(Failure::Reset),
             // close() releases the socket before its CLOSE transition; a timeout does not.
             (TcpState::Close, None, TcpState::SynSent) if socket.released => Some(Failure::Aborted),
             (TcpState::Close, None, TcpState::SynSent) => Some(Failure::Timeout),
+            (TcpState::Close, None, _) if open && socket.released => Some(Failure::ResetSent),
+            (TcpState::Close, None, _) if open => Some(Failure::Timeout),
             _ => None,
         };
         if change.new == TcpState::Close {
@@ -460,12 +612,15 @@ impl Table {
         let listener = (change.netns, change.local.1, change.local.0);
         match (change.old, change.new) {
             (_, TcpState::Listen) => {
-                if let Some(owner) = &owner {
-                    self.listeners.insert(listener, owner.clone());
-                }
+                self.listeners.insert(listener, (change.key, owner.clone()));
+                self.accept_queues.entry(change.key).or_default();
             }
-            (TcpState::Listen, _) => {
-                self.listeners.remove(&listener);
+            // LISTEN -> SYN_RECV is a new child socket, not the listener changing.
+            (TcpState::Listen, TcpState::Close) => {
+                if self.listeners.get(&listener).is_some_and(|(key, _)| *key == change.key) {
+                    self.listeners.remove(&listener);
+                }
+                self.accept_queues.remove(&change.key);
             }
             _ => {}
         }
@@ -486,7 +641,11 @@ impl Table {
 
     /// The owner of the listener a passively opened socket came from: the exact local address
     /// first, then a wildcard listener of either family (a `[::]` listener takes IPv4 too).
-    fn listener_owner(&self, netns: u32, (addr, port): (IpAddr, u16)) -> Option<Owner> {
+    fn listener_of(
+        &self,
+        netns: u32,
+        (addr, port): (IpAddr, u16),
+    ) -> Option<(SockKey, Option<Owner>)> {
         [addr, IpAddr::V4(Ipv4Addr::UNSPECIFIED), IpAddr::V6(Ipv6Addr::UNSPECIFIED)]
             .iter()
             .find_map(|a| self.listeners.get(&(netns, port, *a)))
@@ -921,7 +1080,91 @@ mod tests {
             Some(Failure::Reset)
         );
         let fin = change(4, 3, Established, FinWait1, task(1, "app"));
-        assert_eq!(failure(vec![syn(4), established, fin]), None, "not at CLOSE");
+        assert_eq!(failure(vec![syn(4), established.clone(), fin.clone()]), None, "not at CLOSE");
+        let fin_close = change(4, 4, FinWait2, Close, task(0, "x"));
+        assert_eq!(failure(vec![syn(4), established.clone(), fin, fin_close]), None, "orderly");
+        let abort = change(4, 3, Established, Close, task(1, "app"));
+        assert_eq!(
+            failure(vec![syn(4), established.clone(), released(4, 3), abort.clone()]),
+            Some(Failure::ResetSent),
+            "close() with SO_LINGER 0 or unread data"
+        );
+        assert_eq!(
+            failure(vec![syn(4), established, abort]),
+            Some(Failure::Timeout),
+            "the kernel gave up on a connection its owner still holds"
+        );
+    }
+
+    #[test]
+    fn accept_queue_counts_handshakes_until_accept() {
+        let mut table = Table::new();
+        table.apply(change(5, 100, Close, Listen, task(7, "server")));
+        for child in [6, 7, 8] {
+            table.apply(change(child, 200, Listen, SynRecv, task(0, "swapper/0")));
+            table.apply(change(child, 201, SynRecv, Established, task(0, "swapper/0")));
+        }
+        table.apply(Event::Accepted(fd_event(6, 9, task(7, "server"), Protocol::Tcp)));
+        table.apply(Event::Accepted(fd_event(6, 10, task(7, "server"), Protocol::Tcp)));
+        let synack = Retransmit {
+            ts_ns: 300,
+            cookie: 5,
+            synack: true,
+            netns: 1,
+            family: Family::Ipv4,
+            local: (IpAddr::V4(Ipv4Addr::LOCALHOST), 8080),
+            remote: (IpAddr::V4(Ipv4Addr::LOCALHOST), 40001),
+        };
+        assert_eq!(table.retransmit(&synack).count, 1);
+        let [listener] = table.listeners().try_into().unwrap();
+        assert_eq!((listener.cookie, listener.owner.map(|o| o.pid)), (5, Some(7)));
+        assert_eq!(
+            listener.queue,
+            AcceptQueue {
+                handshakes: 3,
+                accepted: 1,
+                queued: 2,
+                peak_queued: 3,
+                synack_retransmits: 1
+            },
+            "a second accept event for the same socket counts once"
+        );
+        table.apply(change(5, 400, Listen, Close, task(7, "server")));
+        assert!(table.listeners().is_empty());
+    }
+
+    #[test]
+    fn snapshot_children_without_a_file_wait_in_the_accept_queue() {
+        let mut table = Table::new();
+        let listener = row(1, Listen, 8080, 11);
+        let waiting = row(2, Established, 8080, 0);
+        let accepted = row(3, Established, 8080, 13);
+        table.seed(&[waiting, listener, accepted], &HashMap::new(), 0);
+        assert_eq!(table.listeners()[0].queue.queued, 1);
+        table.apply(Event::Accepted(fd_event(2, 9, task(7, "server"), Protocol::Tcp)));
+        let queue = table.listeners()[0].queue;
+        assert_eq!((queue.queued, queue.accepted, queue.peak_queued), (0, 1, 1));
+    }
+
+    #[test]
+    fn retransmits_count_per_connection() {
+        let mut table = Table::new();
+        table.apply(change(4, 1, Close, SynSent, task(1, "app")));
+        table.apply(change(4, 2, SynSent, Established, task(0, "swapper/0")));
+        let segment = Retransmit {
+            ts_ns: 3,
+            cookie: 4,
+            synack: false,
+            netns: 1,
+            family: Family::Ipv4,
+            local: (IpAddr::V4(Ipv4Addr::LOCALHOST), 8080),
+            remote: (IpAddr::V4(Ipv4Addr::LOCALHOST), 40000),
+        };
+        table.retransmit(&segment);
+        let seen = table.retransmit(&segment);
+        assert_eq!(seen.count, 2);
+        assert_eq!(seen.state, Some(Established));
+        assert_eq!(seen.owner.map(|o| o.comm), Some("app".into()));
     }
 
     #[test]

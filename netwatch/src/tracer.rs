@@ -8,11 +8,14 @@ use anyhow::Context as _;
 use crate::{
     events::{Event, EventReader, StateChange},
     loader::{self, LoadOptions, LostCounter, Probes},
+    metrics::Health,
     output::{
-        LossReason, LossRecord, StreamRecord, TransitionRecord, WallClock,
+        LossReason, LossRecord, RetransmitRecord, StreamRecord, TransitionRecord, WallClock,
         table::{Listed, OwnerChange},
     },
-    snapshot::{NetNamespace, Snapshot, lookup_tcp, network_namespaces, socket_fds},
+    snapshot::{
+        NetNamespace, Snapshot, lookup_tcp, network_namespaces, passive_sockets, socket_fds,
+    },
     table::{Table, may_leave_timewait},
 };
 
@@ -36,6 +39,13 @@ pub struct Tracer {
     reported_ring_full: u64,
     reported_malformed: u64,
     batch: Vec<Event>,
+    ring_size: u32,
+    /// When the table was last seeded from a snapshot (Unix time, seconds).
+    snapshot_at: f64,
+}
+
+fn unix_now() -> f64 {
+    chrono::Utc::now().timestamp_millis() as f64 / 1e3
 }
 
 impl Tracer {
@@ -72,6 +82,8 @@ impl Tracer {
             reported_ring_full: 0,
             reported_malformed: 0,
             batch: Vec::new(),
+            ring_size: options.ring_size.unwrap_or(loader::DEFAULT_RING_SIZE),
+            snapshot_at: unix_now(),
         })
     }
 
@@ -87,7 +99,9 @@ impl Tracer {
         );
         let mut table = Table::new();
         table.seed(&snapshot.rows, &snapshot.owners, WallClock::monotonic_now_ns());
+        table.keep_counts_of(&self.table);
         self.table = table;
+        self.snapshot_at = unix_now();
         self.namespaces = snapshot.namespaces.into_iter().map(|ns| (ns.inode, ns)).collect();
     }
 
@@ -129,6 +143,42 @@ impl Tracer {
             .collect()
     }
 
+    /// Every listening socket with its accept-queue counts.
+    pub fn listeners(&self) -> Vec<crate::table::Listener> {
+        self.table.listeners()
+    }
+
+    /// The kernel's listeners and half-open connections now, in every namespace with a
+    /// listener; None if a namespace could not be read.
+    pub fn passive_sockets(&mut self) -> Option<Vec<crate::snapshot::SocketRow>> {
+        let listeners = self.table.listeners();
+        if listeners.iter().any(|l| !self.namespaces.contains_key(&l.netns)) {
+            self.namespaces.extend(network_namespaces().into_iter().map(|ns| (ns.inode, ns)));
+        }
+        let wanted: std::collections::BTreeSet<u32> = listeners.iter().map(|l| l.netns).collect();
+        let mut rows = Vec::new();
+        for netns in wanted {
+            let namespace = self.namespaces.get(&netns)?;
+            match passive_sockets(&namespace.path, netns) {
+                Ok(found) => rows.extend(found),
+                Err(error) => {
+                    tracing::warn!("listener queues in netns {netns}: {error}");
+                    return None;
+                }
+            }
+        }
+        Some(rows)
+    }
+
+    /// The agent's own state, for its metrics.
+    pub fn health(&self) -> Health {
+        Health {
+            last_snapshot: self.snapshot_at,
+            ring_peak_bytes: self.lost.peak_unread().unwrap_or(0),
+            ring_size_bytes: u64::from(self.ring_size),
+        }
+    }
+
     /// One line for the user: which source, how long loading took.
     pub fn describe(&self) -> String {
         match &self.probes {
@@ -164,6 +214,15 @@ impl Tracer {
         for event in self.batch.drain(..) {
             if let (true, Event::Exec(task)) = (self.keep_rows, &event) {
                 execs.push(task.pid);
+            }
+            if let Event::Retransmit(retransmit) = &event {
+                let seen = self.table.retransmit(retransmit);
+                out.push(StreamRecord::Retransmit(Box::new(RetransmitRecord::new(
+                    retransmit,
+                    seen,
+                    &self.clock,
+                ))));
+                continue;
             }
             if let Some(transition) = self.table.apply(event) {
                 if self.keep_rows && may_leave_timewait(&transition.change) {

@@ -32,6 +32,7 @@ impl Printer {
     fn print(&mut self, records: &mut Vec<StreamRecord>) -> io::Result<()> {
         records.retain(|record| match record {
             StreamRecord::Transition(t) => self.filter.matches(t),
+            StreamRecord::Retransmit(r) => self.filter.matches_retransmit(r),
             StreamRecord::Lost(_) => true,
         });
         self.log.write(records);

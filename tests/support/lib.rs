@@ -341,6 +341,24 @@ impl NetNs {
                }}
              }}"
         );
+        self.nft(&rules);
+    }
+
+    /// Drops every bare ACK (no data, SYN, FIN or RST) sent to `port` in this namespace: a
+    /// handshake's last packet never arrives, and the server's side stays half-open.
+    pub fn drop_bare_acks(&self, port: u16) {
+        self.nft(&format!(
+            "table inet netwatch_test {{
+               chain drop_acks {{
+                 type filter hook input priority 0; policy accept;
+                 tcp dport {port} tcp flags & (syn | ack | fin | rst | psh) == ack drop
+               }}
+             }}"
+        ));
+    }
+
+    /// Loads nftables `rules` in this namespace.
+    pub fn nft(&self, rules: &str) {
         let mut nft = self
             .command("nft")
             .args(["-f", "-"])

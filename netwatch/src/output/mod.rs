@@ -12,8 +12,8 @@ use chrono::{DateTime, Local, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    events::{Family, StateSource, TcpState},
-    table::{Failure, Transition},
+    events::{Family, Retransmit, StateSource, TcpState},
+    table::{Failure, RetransmitSeen, Transition},
 };
 
 /// Converts the kernel's CLOCK_MONOTONIC timestamps to wall time, with one offset taken at
@@ -69,6 +69,7 @@ pub const TEXT_HEADER: &str = "TIME            PID     COMM             LOCAL   
 pub enum StreamRecord {
     /// Boxed: a transition is much larger than a loss report.
     Transition(Box<TransitionRecord>),
+    Retransmit(Box<RetransmitRecord>),
     Lost(LossRecord),
 }
 
@@ -188,6 +189,80 @@ impl TransitionRecord {
     }
 }
 
+/// What was sent again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Resent {
+    /// A segment of a connection (`tcp:tcp_retransmit_skb`).
+    Segment,
+    /// A listener's SYN-ACK to a half-open connection (`tcp:tcp_retransmit_synack`).
+    Synack,
+}
+
+/// A `retransmit` record: a connection sent a segment again, or a listener a SYN-ACK.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RetransmitRecord {
+    #[serde(with = "rfc3339_nanos")]
+    pub time: DateTime<Utc>,
+    pub mono_ns: u64,
+    pub resent: Resent,
+    /// The connection's state as netwatch knows it (LISTEN for a SYN-ACK); null if unknown.
+    pub state: Option<TcpState>,
+    /// The socket's owner (the listener's for a SYN-ACK); null when not known.
+    pub pid: Option<u32>,
+    pub comm: Option<String>,
+    pub family: Family,
+    pub laddr: IpAddr,
+    pub lport: u16,
+    pub raddr: IpAddr,
+    pub rport: u16,
+    /// The connection's cookie; for a SYN-ACK, the listener's.
+    pub cookie: u64,
+    pub netns: u32,
+    /// Retransmissions of this socket seen so far, this one included.
+    pub count: u64,
+}
+
+impl RetransmitRecord {
+    pub fn new(r: &Retransmit, seen: RetransmitSeen, clock: &WallClock) -> Self {
+        RetransmitRecord {
+            time: clock.wall(r.ts_ns),
+            mono_ns: r.ts_ns,
+            resent: if r.synack { Resent::Synack } else { Resent::Segment },
+            state: seen.state,
+            pid: seen.owner.as_ref().map(|o| o.pid),
+            comm: seen.owner.map(|o| o.comm),
+            family: r.family,
+            laddr: r.local.0,
+            lport: r.local.1,
+            raddr: r.remote.0,
+            rport: r.remote.1,
+            cookie: r.cookie,
+            netns: r.netns,
+            count: seen.count,
+        }
+    }
+
+    /// A stream line in the transition columns: `RETRANSMIT` in the OLD column, the state
+    /// after the arrow, and the socket's count last.
+    pub fn text(&self) -> String {
+        let time = self.time.with_timezone(&Local).format("%H:%M:%S%.6f");
+        let pid = self.pid.map_or_else(|| "-".to_string(), |pid| pid.to_string());
+        let comm = self.comm.as_deref().unwrap_or("-");
+        let what = match self.resent {
+            Resent::Segment => "RETRANSMIT",
+            Resent::Synack => "SYNACK-RETX",
+        };
+        let state = self.state.map_or_else(|| "-".to_string(), |s| s.to_string());
+        format!(
+            "{time} {pid:<7} {comm:<16} {:<23} {:<23} {what:<12} in {state:<12} #{}",
+            SocketAddr::from((self.laddr, self.lport)).to_string(),
+            SocketAddr::from((self.raddr, self.rport)).to_string(),
+            self.count,
+        )
+    }
+}
+
 /// Why events were lost.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -236,6 +311,7 @@ impl StreamRecord {
         match (format, self) {
             (Format::Json, record) => record.json(),
             (Format::Text, StreamRecord::Transition(t)) => t.text(),
+            (Format::Text, StreamRecord::Retransmit(r)) => r.text(),
             (Format::Text, StreamRecord::Lost(l)) => l.text(),
         }
     }
