@@ -192,17 +192,16 @@ fn in_namespace<T: Send>(
     })
 }
 
-/// Runs the four dumps (TCP/UDP x IPv4/IPv6) inside `namespace`.
+/// Runs the four dumps (TCP/UDP x IPv4/IPv6) of `namespace`.
 fn dump_namespace(namespace: &NetNamespace) -> io::Result<Vec<SocketRow>> {
-    in_namespace(&namespace.path, || {
-        let mut rows = Vec::new();
-        for protocol in [Protocol::Tcp, Protocol::Udp] {
-            for family in [Family::Ipv4, Family::Ipv6] {
-                query(namespace.inode, protocol, family, None, StateFlags::all(), &mut rows)?;
-            }
+    let mut diag = DiagSocket::open(&namespace.path, namespace.inode)?;
+    let mut rows = Vec::new();
+    for protocol in [Protocol::Tcp, Protocol::Udp] {
+        for family in [Family::Ipv4, Family::Ipv6] {
+            diag.query(protocol, family, None, StateFlags::all(), &mut rows)?;
         }
-        Ok(rows)
-    })
+    }
+    Ok(rows)
 }
 
 /// Where a snapshot reads sockets from.
@@ -299,131 +298,156 @@ fn v6only_guess(local: IpAddr) -> bool {
     }
 }
 
-/// The socket the kernel keeps for a TCP 4-tuple in the namespace at `path` (after its full
-/// socket closed: the timewait socket, if any). An exact sock_diag lookup, not a dump.
-pub fn lookup_tcp(
-    path: &std::path::Path,
-    netns: u32,
-    family: Family,
-    local: (IpAddr, u16),
-    remote: (IpAddr, u16),
-) -> io::Result<Option<SocketRow>> {
-    in_namespace(path, || {
-        let mut rows = Vec::new();
-        query(netns, Protocol::Tcp, family, Some((local, remote)), StateFlags::all(), &mut rows)?;
-        Ok(rows.pop())
-    })
-}
-
-/// The TCP listeners and half-open (SYN_RECV request) sockets in the namespace at `path`: the
-/// kernel's accept queue length (a listener's `recv_q`) and backlog (`send_q`) right now.
-/// Queue lengths change with every packet and no tracepoint reports them; this is read when
-/// a user asks.
-pub fn passive_sockets(path: &std::path::Path, netns: u32) -> io::Result<Vec<SocketRow>> {
-    in_namespace(path, || {
-        let mut rows = Vec::new();
-        for family in [Family::Ipv4, Family::Ipv6] {
-            let states = StateFlags::LISTEN | StateFlags::SYN_RECV;
-            query(netns, Protocol::Tcp, family, None, states, &mut rows)?;
-        }
-        Ok(rows)
-    })
-}
-
 /// Offset of `idiag_expires` in the netlink message (16-byte header + inet_diag_msg field).
 /// Read by hand because netlink-packet-sock-diag drops it for TIME_WAIT rows.
 const EXPIRES_OFFSET: usize = 16 + 4 + 48;
 
-/// A sock_diag dump of every socket of `protocol` and `family`, or, given a 4-tuple, the exact
-/// lookup of one; rows go to `rows`.
-fn query(
+/// A sock_diag socket opened inside one network namespace. It answers for that namespace
+/// from any thread, so only opening it needs a thread that joins the namespace; a batch of
+/// lookups shares one. It also keeps the namespace alive: drop it after the batch.
+pub struct DiagSocket {
+    socket: Socket,
     netns: u32,
-    protocol: Protocol,
-    family: Family,
-    exact: Option<((IpAddr, u16), (IpAddr, u16))>,
-    states: StateFlags,
-    rows: &mut Vec<SocketRow>,
-) -> io::Result<()> {
-    let mut socket = Socket::new(NETLINK_SOCK_DIAG)?;
-    socket.bind_auto()?;
-    socket.connect(&SocketAddr::new(0, 0))?;
+    sequence: u32,
+    receive: Vec<u8>,
+}
 
-    let mut header = NetlinkHeader::default();
-    header.flags = if exact.is_some() { NLM_F_REQUEST } else { NLM_F_REQUEST | NLM_F_DUMP };
-    let mut socket_id = match family {
-        Family::Ipv4 => SocketId::new_v4(),
-        Family::Ipv6 => SocketId::new_v6(),
-    };
-    if let Some((local, remote)) = exact {
-        (socket_id.source_address, socket_id.source_port) = local;
-        (socket_id.destination_address, socket_id.destination_port) = remote;
-        socket_id.cookie = [0xff; 8]; // INET_DIAG_NOCOOKIE: match on the 4-tuple alone
+impl DiagSocket {
+    /// Opens a socket in the namespace at `path` (inode `netns`).
+    pub fn open(path: &std::path::Path, netns: u32) -> io::Result<DiagSocket> {
+        let socket = in_namespace(path, || {
+            let mut socket = Socket::new(NETLINK_SOCK_DIAG)?;
+            socket.bind_auto()?;
+            socket.connect(&SocketAddr::new(0, 0))?;
+            Ok(socket)
+        })?;
+        Ok(DiagSocket { socket, netns, sequence: 0, receive: vec![0; 1 << 16] })
     }
-    let mut request = NetlinkMessage::new(
-        header,
-        SockDiagMessage::InetRequest(InetRequest {
-            family: match family {
-                Family::Ipv4 => AF_INET,
-                Family::Ipv6 => AF_INET6,
-            },
-            protocol: match protocol {
-                Protocol::Tcp => IPPROTO_TCP,
-                Protocol::Udp => IPPROTO_UDP,
-            },
-            extensions: ExtensionFlags::empty(),
-            states,
-            socket_id,
-        })
-        .into(),
-    );
-    request.finalize();
-    let mut buffer = vec![0; request.buffer_len()];
-    request.serialize(&mut buffer);
-    socket.send(&buffer, 0)?;
 
-    let mut receive = vec![0u8; 1 << 16];
-    loop {
-        let size = socket.recv(&mut &mut receive[..], 0)?;
-        let mut offset = 0;
-        while offset < size {
-            let bytes = &receive[offset..size];
-            let message = NetlinkMessage::<SockDiagMessage>::deserialize(bytes)
-                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
-            let length = message.header.length as usize;
-            match message.payload {
-                NetlinkPayload::Done(_) => return Ok(()),
-                NetlinkPayload::Error(error) => {
-                    let code = error.code.map_or(0, |c| -c.get());
-                    // An exact lookup of a socket that is not there answers ENOENT.
-                    if exact.is_some() && code == libc::ENOENT {
-                        return Ok(());
+    /// The socket the kernel keeps for a TCP 4-tuple (after its full socket closed: the
+    /// timewait socket, if any). An exact lookup, not a dump.
+    pub fn lookup_tcp(
+        &mut self,
+        family: Family,
+        local: (IpAddr, u16),
+        remote: (IpAddr, u16),
+    ) -> io::Result<Option<SocketRow>> {
+        let mut rows = Vec::new();
+        self.query(Protocol::Tcp, family, Some((local, remote)), StateFlags::all(), &mut rows)?;
+        Ok(rows.pop())
+    }
+
+    /// The TCP listeners and half-open (SYN_RECV request) sockets: the kernel's accept queue
+    /// length (a listener's `recv_q`) and backlog (`send_q`) right now. Queue lengths change
+    /// with every packet and no tracepoint reports them; this is read when a user asks.
+    pub fn passive_sockets(&mut self) -> io::Result<Vec<SocketRow>> {
+        let mut rows = Vec::new();
+        for family in [Family::Ipv4, Family::Ipv6] {
+            let states = StateFlags::LISTEN | StateFlags::SYN_RECV;
+            self.query(Protocol::Tcp, family, None, states, &mut rows)?;
+        }
+        Ok(rows)
+    }
+
+    /// A sock_diag dump of every socket of `protocol` and `family` in `states`, or, given a
+    /// 4-tuple, the exact lookup of one; rows go to `rows`. Replies to earlier requests (left
+    /// by a failed one) are told apart by sequence number and skipped.
+    fn query(
+        &mut self,
+        protocol: Protocol,
+        family: Family,
+        exact: Option<((IpAddr, u16), (IpAddr, u16))>,
+        states: StateFlags,
+        rows: &mut Vec<SocketRow>,
+    ) -> io::Result<()> {
+        self.sequence = self.sequence.wrapping_add(1);
+        let (socket, netns, sequence) = (&mut self.socket, self.netns, self.sequence);
+        let receive = &mut self.receive;
+        let mut header = NetlinkHeader::default();
+        header.sequence_number = sequence;
+        header.flags = if exact.is_some() { NLM_F_REQUEST } else { NLM_F_REQUEST | NLM_F_DUMP };
+        let mut socket_id = match family {
+            Family::Ipv4 => SocketId::new_v4(),
+            Family::Ipv6 => SocketId::new_v6(),
+        };
+        if let Some((local, remote)) = exact {
+            (socket_id.source_address, socket_id.source_port) = local;
+            (socket_id.destination_address, socket_id.destination_port) = remote;
+            socket_id.cookie = [0xff; 8]; // INET_DIAG_NOCOOKIE: match on the 4-tuple alone
+        }
+        let mut request = NetlinkMessage::new(
+            header,
+            SockDiagMessage::InetRequest(InetRequest {
+                family: match family {
+                    Family::Ipv4 => AF_INET,
+                    Family::Ipv6 => AF_INET6,
+                },
+                protocol: match protocol {
+                    Protocol::Tcp => IPPROTO_TCP,
+                    Protocol::Udp => IPPROTO_UDP,
+                },
+                extensions: ExtensionFlags::empty(),
+                states,
+                socket_id,
+            })
+            .into(),
+        );
+        request.finalize();
+        let mut buffer = vec![0; request.buffer_len()];
+        request.serialize(&mut buffer);
+        socket.send(&buffer, 0)?;
+
+        loop {
+            let size = socket.recv(&mut &mut receive[..], 0)?;
+            let mut offset = 0;
+            while offset < size {
+                let bytes = &receive[offset..size];
+                let message = NetlinkMessage::<SockDiagMessage>::deserialize(bytes)
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+                let length = message.header.length as usize;
+                if message.header.sequence_number != sequence {
+                    if length == 0 {
+                        break;
                     }
-                    return Err(io::Error::other(format!(
-                        "sock_diag: {}",
-                        io::Error::from_raw_os_error(code)
-                    )));
+                    offset += length;
+                    continue;
                 }
-                NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(response)) => {
-                    let expires = bytes
-                        .get(EXPIRES_OFFSET..EXPIRES_OFFSET + 4)
-                        .map_or(0, |b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]));
-                    let v6only = response.nlas.iter().any(|nla| {
-                        matches!(nla, netlink_packet_sock_diag::inet::nlas::Nla::SkV6Only(true))
-                    });
-                    if let Some(row) = row_from(netns, protocol, &response.header, expires, v6only)
-                    {
-                        rows.push(row);
+                match message.payload {
+                    NetlinkPayload::Done(_) => return Ok(()),
+                    NetlinkPayload::Error(error) => {
+                        let code = error.code.map_or(0, |c| -c.get());
+                        // An exact lookup of a socket that is not there answers ENOENT.
+                        if exact.is_some() && code == libc::ENOENT {
+                            return Ok(());
+                        }
+                        return Err(io::Error::other(format!(
+                            "sock_diag: {}",
+                            io::Error::from_raw_os_error(code)
+                        )));
                     }
-                    if exact.is_some() {
-                        return Ok(());
+                    NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(response)) => {
+                        let expires = bytes
+                            .get(EXPIRES_OFFSET..EXPIRES_OFFSET + 4)
+                            .map_or(0, |b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]));
+                        let v6only = response.nlas.iter().any(|nla| {
+                            matches!(nla, netlink_packet_sock_diag::inet::nlas::Nla::SkV6Only(true))
+                        });
+                        if let Some(row) =
+                            row_from(netns, protocol, &response.header, expires, v6only)
+                        {
+                            rows.push(row);
+                        }
+                        if exact.is_some() {
+                            return Ok(());
+                        }
                     }
+                    _ => {}
                 }
-                _ => {}
+                if length == 0 {
+                    break;
+                }
+                offset += length;
             }
-            if length == 0 {
-                break;
-            }
-            offset += length;
         }
     }
 }

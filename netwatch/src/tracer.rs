@@ -13,9 +13,7 @@ use crate::{
         LossReason, LossRecord, RetransmitRecord, StreamRecord, TransitionRecord, WallClock,
         table::{Listed, OwnerChange},
     },
-    snapshot::{
-        NetNamespace, Snapshot, lookup_tcp, network_namespaces, passive_sockets, socket_fds,
-    },
+    snapshot::{DiagSocket, NetNamespace, Snapshot, network_namespaces, socket_fds},
     table::{Table, may_leave_timewait},
 };
 
@@ -42,6 +40,23 @@ pub struct Tracer {
     ring_size: u32,
     /// When the table was last seeded from a snapshot (Unix time, seconds).
     snapshot_at: f64,
+}
+
+/// sock_diag sockets opened on first use, one per namespace, closed when dropped (an open one
+/// keeps its namespace alive).
+#[derive(Default)]
+struct DiagSockets(HashMap<u32, DiagSocket>);
+
+impl DiagSockets {
+    fn get(&mut self, namespace: &NetNamespace) -> std::io::Result<&mut DiagSocket> {
+        use std::collections::hash_map::Entry;
+        match self.0.entry(namespace.inode) {
+            Entry::Occupied(open) => Ok(open.into_mut()),
+            Entry::Vacant(slot) => {
+                Ok(slot.insert(DiagSocket::open(&namespace.path, namespace.inode)?))
+            }
+        }
+    }
 }
 
 fn unix_now() -> f64 {
@@ -159,7 +174,7 @@ impl Tracer {
         let mut rows = Vec::new();
         for netns in wanted {
             let namespace = self.namespaces.get(&netns)?;
-            match passive_sockets(&namespace.path, netns) {
+            match DiagSocket::open(&namespace.path, netns).and_then(|mut d| d.passive_sockets()) {
                 Ok(found) => rows.extend(found),
                 Err(error) => {
                     tracing::warn!("listener queues in netns {netns}: {error}");
@@ -234,37 +249,44 @@ impl Tracer {
                 ))));
             }
         }
-        for change in closed {
-            self.look_up_timewait(&change);
-        }
+        self.look_up_timewait(&closed);
         for pid in execs {
             // A targeted look at one process's fds: exec closed its close-on-exec ones.
             self.table.keep_open_fds(pid, &socket_fds(pid));
         }
     }
 
-    /// A full socket closed from FIN_WAIT*/CLOSING: the kernel may keep a timewait socket for
-    /// its 4-tuple, which no tracepoint reports. Ask sock_diag for that one socket.
-    fn look_up_timewait(&mut self, change: &StateChange) {
-        if !self.namespaces.contains_key(&change.netns) {
+    /// Full sockets closed from FIN_WAIT*/CLOSING: the kernel may keep a timewait socket for
+    /// each 4-tuple, which no tracepoint reports. Ask sock_diag for those sockets, one exact
+    /// lookup each, through one socket per namespace for the whole batch.
+    fn look_up_timewait(&mut self, closed: &[StateChange]) {
+        if closed.iter().any(|c| !self.namespaces.contains_key(&c.netns)) {
             self.namespaces.extend(network_namespaces().into_iter().map(|ns| (ns.inode, ns)));
         }
-        let Some(namespace) = self.namespaces.get(&change.netns) else { return };
-        match lookup_tcp(&namespace.path, change.netns, change.family, change.local, change.remote)
-        {
-            // The timewait socket carries the full socket's cookie.
-            Ok(Some(row)) => self.table.insert_row(&row, None, WallClock::monotonic_now_ns()),
-            Ok(None) => {}
-            Err(error) => tracing::debug!("timewait lookup in netns {}: {error}", change.netns),
+        let mut diag = DiagSockets::default();
+        for change in closed {
+            let Some(namespace) = self.namespaces.get(&change.netns) else { continue };
+            let found = diag
+                .get(namespace)
+                .and_then(|d| d.lookup_tcp(change.family, change.local, change.remote));
+            match found {
+                // The timewait socket carries the full socket's cookie.
+                Ok(Some(row)) => self.table.insert_row(&row, None, WallClock::monotonic_now_ns()),
+                Ok(None) => {}
+                Err(error) => tracing::debug!("timewait lookup in netns {}: {error}", change.netns),
+            }
         }
     }
 
     /// A timewait socket made from an orphaned FIN_WAIT2 socket turns into TIME_WAIT when the
     /// peer's FIN arrives, which no tracepoint reports: look such sockets up again.
     fn refresh_orphaned_fin_wait2(&mut self) {
+        let mut diag = DiagSockets::default();
         for row in self.table.timewait_in_fin_wait2() {
             let Some(namespace) = self.namespaces.get(&row.netns) else { continue };
-            match lookup_tcp(&namespace.path, row.netns, row.family, row.local, row.remote) {
+            let found =
+                diag.get(namespace).and_then(|d| d.lookup_tcp(row.family, row.local, row.remote));
+            match found {
                 Ok(Some(now)) => self.table.insert_row(&now, None, WallClock::monotonic_now_ns()),
                 Ok(None) => self.table.forget(row.cookie),
                 Err(error) => tracing::debug!("timewait lookup in netns {}: {error}", row.netns),
