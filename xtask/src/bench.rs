@@ -3,8 +3,13 @@
 //! Scenario `snapshot`: with N open TCP sockets (held by several `sockpeer pairs`
 //! processes, 10k sockets each), the wall time of a complete table from `netwatch table
 //! --no-agent`, `ss -tanp` and `netstat -tanp`, each run ROUNDS times; and the agent's
-//! resident memory with those sockets seeded, against an agent started with none. The
-//! report (Markdown and JSON) goes to target/bench/.
+//! resident memory with those sockets seeded, against an agent started with none.
+//!
+//! Scenario `retention`: an agent started with `--history-keep N` sees N loopback round trips
+//! (2N closed connections, client and server side, so the retention fills); its resident
+//! memory then, against the same agent before the traffic, divided by the histories it kept.
+//!
+//! Each scenario's report (Markdown and JSON) goes to target/bench/.
 use std::{
     io::{BufRead as _, BufReader},
     path::{Path, PathBuf},
@@ -97,29 +102,88 @@ impl Bench {
 
     /// Resident memory (KiB) of an agent started now, once it serves.
     fn agent_rss(&self) -> anyhow::Result<u64> {
-        let socket =
-            std::env::temp_dir().join(format!("netwatch-bench-{}.sock", std::process::id()));
-        let mut agent = Command::new(self.bin("netwatch"))
-            .args(["agent", "--socket"])
-            .arg(&socket)
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("starting the agent")?;
-        let mut line = String::new();
-        BufReader::new(agent.stderr.take().context("stderr")?).read_line(&mut line)?;
+        let agent = Agent::start(self, &[])?;
         std::thread::sleep(Duration::from_millis(500));
-        let status = std::fs::read_to_string(format!("/proc/{}/status", agent.id()))?;
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
-        agent.wait()?;
-        if !line.contains("serving") {
-            bail!("the agent did not start: {line}");
+        agent.rss_kib()
+    }
+
+    /// For each N in `sizes`: the agent's memory with its closed-connection retention full.
+    pub fn retention(&self, sizes: &[usize]) -> anyhow::Result<()> {
+        let mut markdown = String::from(
+            "## Retention: agent memory with the closed-connection histories full\n\n\
+             | --history-keep | closed connections | histories kept | agent RSS before | with retention full | per closed connection | loss reports |\n\
+             |---:|---:|---:|---:|---:|---:|---:|\n",
+        );
+        let mut json = Vec::new();
+        let mut measured: Vec<(usize, u64)> = Vec::new();
+        for &size in sizes {
+            eprintln!("==> bench retention: --history-keep {size}");
+            let agent = Agent::start(self, &["--history-keep", &size.to_string()])?;
+            std::thread::sleep(Duration::from_millis(500));
+            let before = agent.rss_kib()?;
+            let round_trips = size.to_string();
+            // In a namespace of its own, so that its TIME_WAIT sockets go with it.
+            let namespace = Namespace::new()?;
+            let mut server = namespace
+                .command(&self.bin("sockpeer"))
+                .args(["serve-many", "127.0.0.1:0", &round_trips])
+                .stdout(Stdio::piped())
+                .spawn()
+                .context("starting sockpeer serve-many")?;
+            let mut line = String::new();
+            BufReader::new(server.stdout.take().context("stdout")?).read_line(&mut line)?;
+            let port = line.trim().strip_prefix("listening ").context("sockpeer did not listen")?;
+            let churn = namespace
+                .command(&self.bin("sockpeer"))
+                .args(["churn", &format!("127.0.0.1:{port}"), &round_trips])
+                .status()?;
+            if !churn.success() || !server.wait()?.success() {
+                bail!("sockpeer churn {size} failed");
+            }
+            std::thread::sleep(Duration::from_secs(1));
+            let full = agent.rss_kib()?;
+            let kept = agent.closed_histories()?;
+            let per = (full.saturating_sub(before) * 1024) as f64 / kept.max(1) as f64;
+            let losses = agent.loss_reports();
+            measured.push((kept, full));
+            markdown.push_str(&format!(
+                "| {size} | {} | {kept} | {before} KiB | {full} KiB | {per:.0} B | {losses} |\n",
+                2 * size
+            ));
+            json.push(format!(
+                r#"{{"history_keep":{size},"closed":{},"kept":{kept},"rss_before_kib":{before},"rss_full_kib":{full},"loss_reports":{losses}}}"#,
+                2 * size
+            ));
         }
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .context("no VmRSS")
+        if let ([.., (small, small_rss)], Some(&(large, large_rss))) =
+            (&measured[..measured.len().saturating_sub(1)], measured.last())
+        {
+            let marginal = (large_rss.saturating_sub(*small_rss) * 1024) as f64
+                / large.saturating_sub(*small).max(1) as f64;
+            markdown.push_str(&format!(
+                "\nMarginal cost between {small} and {large} kept: {marginal:.0} B per closed \
+                 connection, so the default 10 000 take about {:.1} MiB.\n",
+                marginal * 10_000.0 / (1024.0 * 1024.0)
+            ));
+        }
+        markdown.push_str(
+            "\nEach round trip closes two connections (client and server side), in a network \
+             namespace made for the run. The growth also holds what else the agent keeps for \
+             recent connections (TIME_WAIT rows, connect latency samples), so it is an upper \
+             bound of a history's cost; at the smallest size the agent reuses memory its start-up \
+             freed (BTF parsing), which is why the marginal cost is the figure to use.\n",
+        );
+        self.write_report("retention", &markdown, &json)
+    }
+
+    fn write_report(&self, name: &str, markdown: &str, json: &[String]) -> anyhow::Result<()> {
+        let dir = self.root.join("target/bench");
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(dir.join(format!("{name}.md")), markdown)?;
+        std::fs::write(dir.join(format!("{name}.json")), format!("[{}]\n", json.join(",\n")))?;
+        println!("{markdown}");
+        eprintln!("==> report: {}", dir.join(format!("{name}.md")).display());
+        Ok(())
     }
 
     pub fn snapshot(&self, sizes: &[usize]) -> anyhow::Result<()> {
@@ -158,13 +222,116 @@ impl Bench {
              {SOCKETS_PER_PROCESS} sockets each. Per socket: (agent RSS with them seeded - idle \
              agent RSS) / sockets.\n"
         ));
-        let dir = self.root.join("target/bench");
-        std::fs::create_dir_all(&dir)?;
-        std::fs::write(dir.join("snapshot.md"), &markdown)?;
-        std::fs::write(dir.join("snapshot.json"), format!("[{}]\n", json.join(",\n")))?;
-        println!("{markdown}");
-        eprintln!("==> report: {}", dir.join("snapshot.md").display());
-        Ok(())
+        self.write_report("snapshot", &markdown, &json)
+    }
+}
+
+/// A network namespace made for one scenario, deleted with everything in it when dropped.
+struct Namespace(String);
+
+impl Namespace {
+    fn new() -> anyhow::Result<Namespace> {
+        let name = format!("nwbench-{}", std::process::id());
+        let run = |args: &[&str]| -> anyhow::Result<()> {
+            let status = Command::new("ip").args(args).status().context("running ip")?;
+            if !status.success() {
+                bail!("ip {args:?} failed: {status}");
+            }
+            Ok(())
+        };
+        run(&["netns", "add", &name])?;
+        let namespace = Namespace(name);
+        run(&["netns", "exec", &namespace.0, "ip", "link", "set", "lo", "up"])?;
+        Ok(namespace)
+    }
+
+    fn command(&self, program: &Path) -> Command {
+        let mut command = Command::new("ip");
+        command.args(["netns", "exec", &self.0]).arg(program);
+        command
+    }
+}
+
+impl Drop for Namespace {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+/// A `netwatch agent` on its own socket, stopped with SIGTERM when dropped. Its stderr is
+/// drained into `stderr` (a closed pipe would fail its later warnings).
+struct Agent {
+    child: Child,
+    socket: PathBuf,
+    netwatch: PathBuf,
+    stderr: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl Agent {
+    fn start(bench: &Bench, args: &[&str]) -> anyhow::Result<Agent> {
+        let socket =
+            std::env::temp_dir().join(format!("netwatch-bench-{}.sock", std::process::id()));
+        let netwatch = bench.bin("netwatch");
+        let mut child = Command::new(&netwatch)
+            .args(["agent", "--socket"])
+            .arg(&socket)
+            .args(args)
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting the agent")?;
+        let mut reader = BufReader::new(child.stderr.take().context("stderr")?);
+        let mut line = String::new();
+        reader.read_line(&mut line)?;
+        let stderr = std::sync::Arc::new(std::sync::Mutex::new(line.clone()));
+        let sink = stderr.clone();
+        std::thread::spawn(move || {
+            for line in reader.lines().map_while(Result::ok) {
+                if let Ok(mut text) = sink.lock() {
+                    text.push_str(&line);
+                    text.push('\n');
+                }
+            }
+        });
+        let agent = Agent { child, socket, netwatch, stderr };
+        if !line.contains("serving") {
+            bail!("the agent did not start: {line}");
+        }
+        Ok(agent)
+    }
+
+    /// How many times the agent said it lost events (and rebuilt its table).
+    fn loss_reports(&self) -> usize {
+        self.stderr.lock().map_or(0, |text| text.matches("events were lost").count())
+    }
+
+    fn rss_kib(&self) -> anyhow::Result<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .context("no VmRSS")
+    }
+
+    /// How many closed connections `netwatch history --closed` lists.
+    fn closed_histories(&self) -> anyhow::Result<usize> {
+        let output = Command::new(&self.netwatch)
+            .args(["history", "--closed", "--json", "--socket"])
+            .arg(&self.socket)
+            .output()?;
+        if !output.status.success() {
+            bail!("netwatch history failed: {}", String::from_utf8_lossy(&output.stderr));
+        }
+        // One object per history, each with exactly one "cookie" key.
+        Ok(String::from_utf8_lossy(&output.stdout).matches("\"cookie\":").count())
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
     }
 }
 

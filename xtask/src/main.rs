@@ -39,6 +39,9 @@ enum Task {
         /// Socket counts for the snapshot scenario.
         #[arg(long, value_delimiter = ',', default_value = "10000,50000")]
         sockets: Vec<usize>,
+        /// `--history-keep` values for the retention scenario.
+        #[arg(long, value_delimiter = ',', default_value = "10000,40000")]
+        retention: Vec<usize>,
     },
 }
 
@@ -72,7 +75,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let error = Command::new(&binary).args(&args).exec();
             Err(error).with_context(|| format!("starting {}", binary.display()))
         }
-        Task::Bench { sockets } => {
+        Task::Bench { sockets, retention } => {
             setup::ensure_all()?;
             if !setup::is_root() {
                 bail!("the benchmarks load eBPF programs: run `sudo -E cargo xtask bench`");
@@ -83,7 +86,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     &["build", "--release", "-p", "netwatch", "-p", "netwatch-tests", "--bins"],
                 )
             })?;
-            bench::Bench::new(&root).snapshot(&sockets)
+            let bench = bench::Bench::new(&root);
+            // Retention first: the snapshot scenario leaves thousands of TIME_WAIT sockets
+            // behind, which a new agent would take in.
+            bench.retention(&retention)?;
+            bench.snapshot(&sockets)
         }
         Task::Test => {
             setup::ensure_all()?;
