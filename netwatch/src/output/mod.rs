@@ -438,4 +438,32 @@ mod tests {
         assert_eq!(v["reason"], "ring_buffer_full");
         assert_eq!(serde_json::from_str::<StreamRecord>(&line).unwrap(), record);
     }
+
+    #[test]
+    fn retransmit_records_round_trip_and_read_as_stream_lines() {
+        let retransmit = Retransmit {
+            ts_ns: 2_000_000_000,
+            cookie: 9,
+            synack: false,
+            netns: 4026531833,
+            family: Family::Ipv4,
+            local: (IpAddr::from([10, 0, 0, 1]), 40000),
+            remote: (IpAddr::from([10, 0, 0, 5]), 5432),
+        };
+        let seen = RetransmitSeen { owner: curl(), state: Some(TcpState::Established), count: 3 };
+        let record = StreamRecord::Retransmit(Box::new(RetransmitRecord::new(
+            &retransmit,
+            seen,
+            &WallClock::with_offset_ns(0),
+        )));
+        let json = record.json();
+        assert!(json.starts_with(r#"{"type":"retransmit","#), "{json}");
+        assert!(json.contains(r#""resent":"segment""#) && json.contains(r#""count":3"#), "{json}");
+        assert_eq!(serde_json::from_str::<StreamRecord>(&json).unwrap(), record);
+        let text = record.render(Format::Text);
+        assert!(text.contains("10.0.0.1:40000") && text.contains("10.0.0.5:5432"), "{text}");
+        assert!(
+            text.contains("RETRANSMIT") && text.contains("ESTABLISHED") && text.ends_with("#3")
+        );
+    }
 }
