@@ -13,8 +13,9 @@ use std::{
 };
 
 use netwatch_tests::{
-    Agent, Holder, Watcher, client_roundtrip, netwatch_bin, parse_json, serve_one, sockpeer_in,
-    veth_pair,
+    Agent, Holder, Watcher, client_roundtrip, netwatch_bin,
+    oracle::{netwatch_rows, ss_rows},
+    parse_json, serve_one, sockpeer_in, veth_pair,
 };
 use serde_json::Value;
 
@@ -160,98 +161,6 @@ fn malformed_and_silent_clients_do_not_disturb_others() {
     let lines = watcher.stop();
     assert!(lines.iter().all(|l| serde_json::from_str::<Value>(l).is_ok()));
     assert!(agent.stop().success());
-}
-
-/// One `ss -H` line or one netwatch JSON row, as comparable fields: netid, ss state, local
-/// and peer (address, port), and the sorted holders.
-type Comparable = (String, String, (String, u16), (String, u16), Vec<String>);
-
-/// `127.0.0.1:80`, `[::1]:80`, `*:80`, `0.0.0.0:*` -> (address, port); `*` is the dual-stack
-/// wildcard, which netwatch's JSON spells `::`.
-fn ss_endpoint(text: &str) -> (String, u16) {
-    let (host, port) = text.rsplit_once(':').unwrap();
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    let host = if host == "*" { "::" } else { host };
-    (host.to_string(), if port == "*" { 0 } else { port.parse().unwrap() })
-}
-
-fn ss_users(text: &str) -> Vec<String> {
-    let inner = text.strip_prefix("users:(").and_then(|t| t.strip_suffix(')')).unwrap_or("");
-    let mut users: Vec<String> = inner
-        .split("),(")
-        .filter(|u| !u.is_empty())
-        .map(|u| u.trim_matches(|c| c == '(' || c == ')').to_string())
-        .collect();
-    users.sort();
-    users
-}
-
-fn ss_rows(ns: &NetSpace) -> Vec<Comparable> {
-    let output = ns.command("ss").args(["-H", "-tuanp"]).output().unwrap();
-    let mut rows: Vec<Comparable> = String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .map(|line| {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            (
-                f[0].into(),
-                f[1].into(),
-                ss_endpoint(f[4]),
-                ss_endpoint(f[5]),
-                ss_users(f.get(6).copied().unwrap_or("")),
-            )
-        })
-        .collect();
-    rows.sort();
-    rows
-}
-
-fn ss_state(kernel: &str) -> &'static str {
-    match kernel {
-        "ESTABLISHED" => "ESTAB",
-        "CLOSE" => "UNCONN",
-        "SYN_SENT" => "SYN-SENT",
-        "SYN_RECV" => "SYN-RECV",
-        "FIN_WAIT1" => "FIN-WAIT-1",
-        "FIN_WAIT2" => "FIN-WAIT-2",
-        "TIME_WAIT" => "TIME-WAIT",
-        "CLOSE_WAIT" => "CLOSE-WAIT",
-        "LAST_ACK" => "LAST-ACK",
-        "LISTEN" => "LISTEN",
-        "CLOSING" => "CLOSING",
-        other => panic!("state {other}"),
-    }
-}
-
-fn netwatch_rows(agent: &Agent, ns: &NetSpace) -> (Vec<Comparable>, Vec<Value>, String) {
-    let output = Command::new(netwatch_bin())
-        .args(["table", "-tuan", "--json", "--netns", &ns.name, "--socket", socket_arg(agent)])
-        .output()
-        .unwrap();
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    let records: Vec<Value> = serde_json::from_slice(&output.stdout).unwrap();
-    let mut rows: Vec<Comparable> = records
-        .iter()
-        .map(|r| {
-            let mut users: Vec<String> = r["owners"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|o| {
-                    format!("\"{}\",pid={},fd={}", o["comm"].as_str().unwrap(), o["pid"], o["fd"])
-                })
-                .collect();
-            users.sort();
-            (
-                r["netid"].as_str().unwrap().into(),
-                ss_state(r["state"].as_str().unwrap()).into(),
-                (r["laddr"].as_str().unwrap().into(), r["lport"].as_u64().unwrap() as u16),
-                (r["raddr"].as_str().unwrap().into(), r["rport"].as_u64().unwrap() as u16),
-                users,
-            )
-        })
-        .collect();
-    rows.sort();
-    (rows, records, String::from_utf8_lossy(&output.stderr).into_owned())
 }
 
 type NetSpace = netwatch_tests::NetNs;
