@@ -112,6 +112,13 @@ pub async fn connect(path: &Path) -> io::Result<Option<tokio::net::UnixStream>> 
         Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::ConnectionRefused) => {
             Ok(None)
         }
+        Err(e) if e.kind() == ErrorKind::PermissionDenied => Err(io::Error::new(
+            ErrorKind::PermissionDenied,
+            format!(
+                "{} is the agent's socket and only root may use it: run as root (sudo netwatch ...)",
+                path.display()
+            ),
+        )),
         Err(e) => Err(e),
     }
 }
@@ -171,5 +178,22 @@ mod tests {
         std::fs::write(dir.join("plain"), b"x").unwrap();
         assert!(bind(&dir.join("plain")).unwrap_err().to_string().contains("not a socket"));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    proptest::proptest! {
+        /// Any bytes, and any JSON object with a known command's shape, parse or are refused
+        /// with a message; nothing panics.
+        #[test]
+        fn any_request_line_parses_or_is_refused(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200),
+            v in proptest::prelude::any::<i64>(),
+            cmd in "[a-z]{0,8}",
+        ) {
+            let _ = Request::parse(&bytes);
+            let line = format!(r#"{{"v":{v},"cmd":"{cmd}"}}"#);
+            if let Err(message) = Request::parse(line.as_bytes()) {
+                proptest::prop_assert!(!message.is_empty());
+            }
+        }
     }
 }

@@ -8,6 +8,12 @@ pub enum Error {
     NotRoot,
 
     #[error(
+        "netwatch table must run as root: it reads the agent's socket and every process's \
+         /proc/PID/fd, which only root may; try `sudo netwatch table ...`"
+    )]
+    TableNotRoot,
+
+    #[error(
         "cannot use kernel BTF at {path}: {reason}; netwatch needs a kernel built with \
          CONFIG_DEBUG_INFO_BTF=y (or use `--source classic`)"
     )]

@@ -145,7 +145,7 @@ pub async fn run(args: &TableArgs) -> anyhow::Result<()> {
     let selection = Selection::new(args, &services)?;
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        return Err(Error::NotRoot.into());
+        return Err(Error::TableNotRoot.into());
     }
     let agent =
         if args.no_agent || args.from_proc { None } else { from_agent(&args.socket).await? };

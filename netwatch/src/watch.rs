@@ -81,7 +81,7 @@ pub async fn run(args: &WatchArgs) -> anyhow::Result<()> {
     } else {
         api::connect(&args.socket)
             .await
-            .with_context(|| format!("connecting to {}", args.socket.display()))?
+            .with_context(|| format!("attaching to the agent at {}", args.socket.display()))?
     };
     let result = match agent {
         Some(stream) => attached(stream, args, &mut signals, &mut printer).await,
