@@ -542,4 +542,26 @@ mod tests {
         let err = "SYN_SEND".parse::<TcpState>().unwrap_err();
         assert!(err.contains("'SYN_SEND'") && err.contains("SYN_SENT, SYN_RECV"), "{err}");
     }
+
+    proptest::proptest! {
+        /// Random bytes of any length, and well-sized records with random codes, decode to an
+        /// event or an error, never a panic.
+        #[test]
+        fn malformed_records_are_errors_not_panics(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..400),
+            codes in proptest::prelude::any::<[u8; 8]>(),
+        ) {
+            let _ = decode(&bytes);
+            let mut raw = raw_state(codes[0] % 16);
+            (raw.family, raw.protocol, raw.oldstate, raw.newstate) =
+                (codes[1], codes[2], codes[3], codes[4]);
+            raw.flags = codes[5];
+            // SAFETY: SockEvent is plain old data; viewing it as bytes is always valid.
+            let record = unsafe {
+                std::slice::from_raw_parts((&raw const raw).cast::<u8>(), SockEvent::SIZE)
+            };
+            let _ = decode(record);
+            proptest::prop_assert!(decode(&record[..SockEvent::SIZE - 1]).is_err());
+        }
+    }
 }

@@ -426,4 +426,29 @@ mod tests {
             assert!(query(text).is_err(), "{text}");
         }
     }
+
+    proptest::proptest! {
+        /// Any sequence of the language's words, operators and junk parses or is an error
+        /// naming a token within the input; a query that parses can be evaluated.
+        #[test]
+        fn any_word_sequence_parses_or_fails_cleanly(
+            picks in proptest::collection::vec(0usize..24, 0..40),
+            junk in "[ -~]{0,12}",
+        ) {
+            const WORDS: [&str; 24] = [
+                "sport", "dport", "src", "dst", "=", "!=", "<", ">=", "eq", "gt", ":80", ":http",
+                "10.0.0.0/8", "[::1]:22", "(", ")", "and", "or", "not", "!", "&&", "||",
+                "state", "established",
+            ];
+            let mut words: Vec<String> = picks.iter().map(|&i| WORDS[i].to_string()).collect();
+            words.push(junk);
+            match parse(&words, &Services::parse("http 80/tcp\n")) {
+                Ok(Query { expr: Some(expr), .. }) => {
+                    let _ = expr.matches(&row(("127.0.0.1", 80), ("10.1.2.3", 22)));
+                }
+                Ok(_) => {}
+                Err(error) => proptest::prop_assert!(error.position <= words.len()),
+            }
+        }
+    }
 }

@@ -399,57 +399,70 @@ impl DiagSocket {
 
         loop {
             let size = socket.recv(&mut &mut receive[..], 0)?;
-            let mut offset = 0;
-            while offset < size {
-                let bytes = &receive[offset..size];
-                let message = NetlinkMessage::<SockDiagMessage>::deserialize(bytes)
-                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
-                let length = message.header.length as usize;
-                if message.header.sequence_number != sequence {
-                    if length == 0 {
-                        break;
-                    }
-                    offset += length;
-                    continue;
-                }
-                match message.payload {
-                    NetlinkPayload::Done(_) => return Ok(()),
-                    NetlinkPayload::Error(error) => {
-                        let code = error.code.map_or(0, |c| -c.get());
-                        // An exact lookup of a socket that is not there answers ENOENT.
-                        if exact.is_some() && code == libc::ENOENT {
-                            return Ok(());
-                        }
-                        return Err(io::Error::other(format!(
-                            "sock_diag: {}",
-                            io::Error::from_raw_os_error(code)
-                        )));
-                    }
-                    NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(response)) => {
-                        let expires = bytes
-                            .get(EXPIRES_OFFSET..EXPIRES_OFFSET + 4)
-                            .map_or(0, |b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]));
-                        let v6only = response.nlas.iter().any(|nla| {
-                            matches!(nla, netlink_packet_sock_diag::inet::nlas::Nla::SkV6Only(true))
-                        });
-                        if let Some(row) =
-                            row_from(netns, protocol, &response.header, expires, v6only)
-                        {
-                            rows.push(row);
-                        }
-                        if exact.is_some() {
-                            return Ok(());
-                        }
-                    }
-                    _ => {}
-                }
-                if length == 0 {
-                    break;
-                }
-                offset += length;
+            let datagram = &receive[..size];
+            if parse_replies(datagram, sequence, netns, protocol, exact.is_some(), rows)? {
+                return Ok(());
             }
         }
     }
+}
+
+/// Reads one datagram of sock_diag replies to request `sequence` into `rows`; true once the
+/// answer is complete (the dump's DONE, an exact lookup's one reply or ENOENT). Replies to
+/// other requests are skipped; anything malformed is an error, never a panic.
+pub fn parse_replies(
+    datagram: &[u8],
+    sequence: u32,
+    netns: u32,
+    protocol: Protocol,
+    exact: bool,
+    rows: &mut Vec<SocketRow>,
+) -> io::Result<bool> {
+    let malformed = |what: String| io::Error::new(io::ErrorKind::InvalidData, what);
+    let mut offset = 0;
+    while offset < datagram.len() {
+        let bytes = &datagram[offset..];
+        let message = NetlinkMessage::<SockDiagMessage>::deserialize(bytes)
+            .map_err(|e| malformed(format!("sock_diag reply: {e}")))?;
+        let length = message.header.length as usize;
+        if length == 0 {
+            return Err(malformed("sock_diag reply of length 0".into()));
+        }
+        offset += length;
+        if message.header.sequence_number != sequence {
+            continue;
+        }
+        match message.payload {
+            NetlinkPayload::Done(_) => return Ok(true),
+            NetlinkPayload::Error(error) => {
+                let code = error.code.map_or(0, |c| -c.get());
+                // An exact lookup of a socket that is not there answers ENOENT.
+                if exact && code == libc::ENOENT {
+                    return Ok(true);
+                }
+                return Err(io::Error::other(format!(
+                    "sock_diag: {}",
+                    io::Error::from_raw_os_error(code)
+                )));
+            }
+            NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(response)) => {
+                let expires = bytes
+                    .get(EXPIRES_OFFSET..EXPIRES_OFFSET + 4)
+                    .map_or(0, |b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]));
+                let v6only = response.nlas.iter().any(|nla| {
+                    matches!(nla, netlink_packet_sock_diag::inet::nlas::Nla::SkV6Only(true))
+                });
+                if let Some(row) = row_from(netns, protocol, &response.header, expires, v6only) {
+                    rows.push(row);
+                }
+                if exact {
+                    return Ok(true);
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(false)
 }
 
 fn row_from(
@@ -562,7 +575,84 @@ fn socket_inode(target: &std::path::Path) -> Option<u64> {
 
 #[cfg(test)]
 mod tests {
+    use netlink_packet_core::DoneMessage;
+    use netlink_packet_sock_diag::inet::{InetResponse, InetResponseHeader};
+    use proptest::prelude::*;
+
     use super::*;
+
+    /// One netlink message as the kernel would send it.
+    fn message(sequence: u32, payload: NetlinkPayload<SockDiagMessage>) -> Vec<u8> {
+        let mut header = NetlinkHeader::default();
+        header.sequence_number = sequence;
+        let mut message = NetlinkMessage::new(header, payload);
+        message.finalize();
+        let mut buffer = vec![0; message.buffer_len()];
+        message.serialize(&mut buffer);
+        buffer
+    }
+
+    /// A dump's reply: one ESTABLISHED IPv4 socket on local port `port`.
+    fn socket_reply(sequence: u32, port: u16) -> Vec<u8> {
+        let mut socket_id = SocketId::new_v4();
+        socket_id.source_address = IpAddr::from([127, 0, 0, 1]);
+        socket_id.source_port = port;
+        socket_id.destination_address = IpAddr::from([127, 0, 0, 1]);
+        socket_id.destination_port = 40000;
+        socket_id.cookie = 7u64.to_ne_bytes();
+        let header = InetResponseHeader {
+            family: AF_INET,
+            state: 1,
+            timer: None,
+            socket_id,
+            recv_queue: 0,
+            send_queue: 0,
+            uid: 0,
+            inode: 42,
+        };
+        let response = InetResponse { header, nlas: Default::default() };
+        message(sequence, SockDiagMessage::InetResponse(Box::new(response)).into())
+    }
+
+    fn done(sequence: u32) -> Vec<u8> {
+        message(sequence, NetlinkPayload::Done(DoneMessage::default()))
+    }
+
+    #[test]
+    fn replies_are_read_until_done_and_other_requests_are_skipped() {
+        let datagram = [socket_reply(3, 80), socket_reply(2, 81), socket_reply(3, 82)].concat();
+        let mut rows = Vec::new();
+        let done_yet = parse_replies(&datagram, 3, 1, Protocol::Tcp, false, &mut rows).unwrap();
+        assert!(!done_yet);
+        let ports: Vec<u16> = rows.iter().map(|r| r.local.1).collect();
+        assert_eq!(ports, [80, 82], "the reply to request 2 is not ours");
+        assert_eq!((rows[0].cookie, rows[0].inode, rows[0].state), (7, 42, TcpState::Established));
+        assert!(parse_replies(&done(3), 3, 1, Protocol::Tcp, false, &mut rows).unwrap());
+    }
+
+    proptest! {
+        /// Truncated, bit-flipped or random replies are errors or rows, never a panic, and
+        /// never more rows than messages.
+        #[test]
+        fn malformed_replies_never_panic(
+            cut in 0usize..400,
+            flips in prop::collection::vec((0usize..400, any::<u8>()), 0..8),
+            noise in prop::collection::vec(any::<u8>(), 0..64),
+        ) {
+            let mut datagram =
+                [socket_reply(1, 80), socket_reply(1, 81), done(1)].concat();
+            datagram.truncate(cut.min(datagram.len()));
+            for (at, bits) in flips {
+                if let Some(byte) = datagram.get_mut(at) {
+                    *byte ^= bits;
+                }
+            }
+            datagram.extend(noise);
+            let mut rows = Vec::new();
+            let _ = parse_replies(&datagram, 1, 1, Protocol::Tcp, false, &mut rows);
+            prop_assert!(rows.len() <= 2);
+        }
+    }
 
     #[test]
     fn socket_links_give_their_inode() {
