@@ -727,6 +727,20 @@ impl Table {
         self.sockets.remove(&SockKey::Cookie(cookie));
     }
 
+    /// Network namespaces the table has sockets in.
+    pub fn namespaces(&self) -> HashSet<u32> {
+        self.sockets.values().filter_map(|s| s.facts.as_ref().map(|f| f.netns)).collect()
+    }
+
+    /// Forgets the sockets of a network namespace that is gone. The kernel destroys its
+    /// timewait, orphaned and not yet accepted sockets with it and reports none of them;
+    /// sockets some process holds keep a namespace alive, so they stay.
+    pub fn forget_namespace(&mut self, netns: u32) {
+        self.sockets.retain(|_, socket| {
+            !socket.holders.is_empty() || socket.facts.as_ref().is_none_or(|f| f.netns != netns)
+        });
+    }
+
     /// Forgets timewait sockets whose time is up.
     pub fn expire(&mut self, now_ns: u64) {
         self.sockets.retain(|_, socket| {

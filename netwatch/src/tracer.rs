@@ -133,6 +133,7 @@ impl Tracer {
 
     /// The socket table now, as `ss -tuanp` would list it.
     pub fn listed(&mut self) -> Vec<Listed> {
+        self.forget_gone_namespaces();
         self.refresh_orphaned_fin_wait2();
         let now = WallClock::monotonic_now_ns();
         self.table.expire(now);
@@ -274,6 +275,33 @@ impl Tracer {
                 Ok(Some(row)) => self.table.insert_row(&row, None, WallClock::monotonic_now_ns()),
                 Ok(None) => {}
                 Err(error) => tracing::debug!("timewait lookup in netns {}: {error}", change.netns),
+            }
+        }
+    }
+
+    /// A deleted network namespace takes its sockets with it, and no event says so. Before
+    /// listing, check that each namespace the table has sockets in can still be reached (one
+    /// stat of a known path each; a /proc scan only when one cannot) and forget the rest.
+    fn forget_gone_namespaces(&mut self) {
+        use std::os::unix::fs::MetadataExt as _;
+        let reachable = |ns: &NetNamespace| {
+            std::fs::metadata(&ns.path).is_ok_and(|m| m.ino() == u64::from(ns.inode))
+        };
+        let in_table = self.table.namespaces();
+        let unsure: Vec<u32> = in_table
+            .iter()
+            .filter(|&&inode| inode != 0)
+            .filter(|inode| self.namespaces.get(inode).is_none_or(|ns| !reachable(ns)))
+            .copied()
+            .collect();
+        if unsure.is_empty() {
+            return;
+        }
+        self.namespaces = network_namespaces().into_iter().map(|ns| (ns.inode, ns)).collect();
+        for inode in unsure {
+            if !self.namespaces.contains_key(&inode) {
+                tracing::debug!("netns {inode} is gone: forgetting its sockets");
+                self.table.forget_namespace(inode);
             }
         }
     }
