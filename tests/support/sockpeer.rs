@@ -11,7 +11,11 @@
 //!   unix socket pair with SCM_RIGHTS (the child closes its inherited copy first), prints
 //!   `ready PARENT CHILD FD`, and keeps both until its stdin closes;
 //! - `sockpeer serve-many ADDR:PORT N` prints `listening PORT` and serves N connections;
+//! - `sockpeer listen ADDR:PORT` prints `listening PORT` and never accepts, until its stdin
+//!   closes;
 //! - `sockpeer churn ADDR:PORT N` makes N round trips to it, one after another;
+//! - `sockpeer udp-sends ADDR:PORT N` sends one datagram from each of N new, unbound UDP
+//!   sockets (the kernel binds each as it sends) and fails if any send does;
 //! - `sockpeer pairs N` makes a listener and N/2 established loopback pairs (N sockets),
 //!   prints `ready`, and keeps them until its stdin closes (for benchmarks);
 //! - `sockpeer connect-hold ADDR:PORT` connects, prints `ready LOCALPORT`, and keeps the
@@ -52,6 +56,12 @@ fn main() -> ExitCode {
         ["pass-fd"] => pass_fd(),
         ["serve-many", addr, count] => serve_many(addr, count),
         ["churn", addr, count] => churn(addr, count),
+        ["udp-sends", addr, count] => udp_sends(addr, count),
+        ["listen", addr] => TcpListener::bind(addr).and_then(|listener| {
+            println!("listening {}", listener.local_addr()?.port());
+            std::io::stdout().flush()?;
+            std::io::stdin().read_to_end(&mut Vec::new()).map(drop)
+        }),
         _ => Err(std::io::Error::other("usage: sockpeer serve|connect ADDR:PORT | hold")),
     };
     match result {
@@ -298,6 +308,14 @@ fn churn(addr: &str, count: &str) -> std::io::Result<()> {
         addr.parse().map_err(|e| std::io::Error::other(format!("{addr}: {e}")))?;
     for _ in 0..count_arg(count)? {
         client_roundtrip(server)?;
+    }
+    Ok(())
+}
+
+fn udp_sends(addr: &str, count: &str) -> std::io::Result<()> {
+    let to: SocketAddr = addr.parse().map_err(|e| std::io::Error::other(format!("{addr}: {e}")))?;
+    for _ in 0..count_arg(count)? {
+        autobound_udp(to)?;
     }
     Ok(())
 }
