@@ -199,12 +199,8 @@ fn namespaces_come_and_go_with_their_sockets() {
         drop(holder);
         drop(ns);
         let all = ask_json(&agent, "table", &["-tuan"]);
-        let left: Vec<&Value> = all
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|r| r["netns"].as_u64() == Some(inode))
-            .collect();
+        let left: Vec<&Value> =
+            all.as_array().unwrap().iter().filter(|r| r["netns"].as_u64() == Some(inode)).collect();
         assert!(left.is_empty(), "round {round}: rows of the deleted namespace: {left:#?}");
     }
     assert!(agent.stop().success());

@@ -46,6 +46,7 @@ pub async fn run(args: &AgentArgs) -> anyhow::Result<()> {
     let mut histories =
         Histories::new(Retention { count: args.history_keep, max_age: args.history_max_age });
     histories.seed(&tracer.take_initial_rows());
+    release_freed_memory();
     let metrics = Metrics::new(args.metrics_remotes);
     let metrics_listener = match args.metrics {
         Some(address) => Some(metrics::bind(address).await?),
@@ -246,4 +247,15 @@ async fn stream_records(
         }
     }
     write.flush().await
+}
+
+/// Hands the heap pages start-up used and freed (BTF parsing, the snapshot's rows and fd
+/// walk) back to the kernel. glibc keeps them otherwise, and an agent that runs for months
+/// would report that start-up peak as its resident size.
+fn release_freed_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only releases free heap memory; it has no preconditions.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }

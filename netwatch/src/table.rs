@@ -12,7 +12,7 @@
 //! (process, fd) holding it, as `ss -p` lists them: from the snapshot, then from socket(),
 //! accept(), dup*(), close(), fork, exec and exit events.
 use std::{
-    collections::{BTreeMap, HashMap, HashSet, VecDeque},
+    collections::{HashMap, HashSet, VecDeque},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
@@ -105,7 +105,7 @@ struct Socket {
     released: bool,
     facts: Option<Facts>,
     /// Every (pid, fd) holding the socket, with the process's command name.
-    holders: BTreeMap<(u32, i32), String>,
+    holders: Holders,
     /// The state the socket was in when it received a RST.
     reset_in: Option<TcpState>,
     /// The owners the socket had, oldest first, with when each took over (None: found in the
@@ -115,6 +115,60 @@ struct Socket {
     queued_on: Option<SockKey>,
     /// Segments retransmitted (`tcp_retransmit_skb`); for a listener, SYN-ACKs.
     retransmits: u64,
+}
+
+/// The (pid, fd) pairs holding a socket, with each process's command name: a sorted vector,
+/// since a socket has one or two holders and a map's node would cost ten times the memory
+/// (the table keeps one per socket on the host).
+#[derive(Debug, Default)]
+struct Holders(Vec<((u32, i32), String)>);
+
+impl Holders {
+    fn insert(&mut self, key: (u32, i32), comm: String) {
+        match self.0.binary_search_by_key(&key, |(k, _)| *k) {
+            Ok(at) => self.0[at].1 = comm,
+            Err(at) => {
+                self.0.reserve_exact(1);
+                self.0.insert(at, (key, comm));
+            }
+        }
+    }
+
+    fn remove(&mut self, key: &(u32, i32)) {
+        if let Ok(at) = self.0.binary_search_by_key(key, |(k, _)| *k) {
+            self.0.remove(at);
+        }
+    }
+
+    fn extend(&mut self, holders: impl IntoIterator<Item = ((u32, i32), String)>) {
+        for (key, comm) in holders {
+            self.insert(key, comm);
+        }
+    }
+
+    fn retain(&mut self, mut keep: impl FnMut(&(u32, i32), &String) -> bool) {
+        self.0.retain(|(key, comm)| keep(key, comm));
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&(u32, i32), &String)> {
+        self.0.iter().map(|(key, comm)| (key, comm))
+    }
+
+    fn keys(&self) -> impl Iterator<Item = &(u32, i32)> {
+        self.0.iter().map(|(key, _)| key)
+    }
+
+    fn of_pid(&self, pid: u32) -> impl Iterator<Item = (&(u32, i32), &String)> {
+        self.iter().filter(move |((holder, _), _)| *holder == pid)
+    }
+
+    fn comms_of_pid_mut(&mut self, pid: u32) -> impl Iterator<Item = &mut String> {
+        self.0.iter_mut().filter(move |((holder, _), _)| *holder == pid).map(|(_, comm)| comm)
+    }
 }
 
 /// How many owners a socket remembers.
@@ -128,6 +182,8 @@ impl Socket {
             if self.owner_history.len() == OWNER_HISTORY {
                 self.owner_history.pop_front();
             }
+            // Most sockets only ever have one owner: grow one entry at a time.
+            self.owner_history.reserve_exact(1);
             self.owner_history.push_back((at_ns, new.clone()));
         }
         self.owner = owner;
@@ -375,7 +431,7 @@ impl Table {
                     if let Some(socket) = self.sockets.get_mut(key) {
                         let inherited: Vec<((u32, i32), String)> = socket
                             .holders
-                            .range((parent.pid, i32::MIN)..=(parent.pid, i32::MAX))
+                            .of_pid(parent.pid)
                             .map(|((_, fd), comm)| ((child_tgid, *fd), comm.clone()))
                             .collect();
                         socket.holders.extend(inherited);
@@ -388,9 +444,7 @@ impl Table {
             Event::Exec(task) => {
                 for key in self.by_pid.get(&task.pid).into_iter().flatten() {
                     if let Some(socket) = self.sockets.get_mut(key) {
-                        for ((_, _), comm) in
-                            socket.holders.range_mut((task.pid, i32::MIN)..=(task.pid, i32::MAX))
-                        {
+                        for comm in socket.holders.comms_of_pid_mut(task.pid) {
                             comm.clone_from(&task.comm);
                         }
                     }
