@@ -226,10 +226,15 @@ fn table_converges_to_ss_after_lost_events() {
     watcher.wait_until("a lost record from the agent", |lines| {
         lines.iter().any(|l| l.contains("ring_buffer_full"))
     });
-    thread::sleep(Duration::from_millis(500));
+    // The rebuild waits for a loss check that finds no new loss (about a second).
+    let deadline = Instant::now() + netwatch_tests::PATIENCE;
+    while !agent.stderr.lock().unwrap().contains("rebuilt from a new snapshot") {
+        assert!(Instant::now() < deadline, "no rebuild after the loss");
+        thread::sleep(Duration::from_millis(100));
+    }
+    thread::sleep(Duration::from_millis(300));
     let (ours, _, _) = netwatch_rows(&agent, &ns);
     assert_eq!(ours, ss_rows(&ns), "after the resync");
-    assert!(agent.stderr.lock().unwrap().contains("rebuilt from a new snapshot"));
     drop(holder);
     drop(watcher);
     assert!(agent.stop().success());
@@ -514,7 +519,7 @@ fn metrics_parse_and_count_the_traffic() {
         "the listener is in the table"
     );
     assert_eq!(value(&after, "netwatch_lost_events_total", None), 0.0);
-    assert_eq!(value(&after, "netwatch_ring_buffer_size_bytes", None), 1048576.0);
+    assert_eq!(value(&after, "netwatch_ring_buffer_size_bytes", None), 8388608.0);
     assert!(value(&after, "netwatch_ring_buffer_peak_bytes", None) > 0.0);
     let endpoint = listener.local_addr().unwrap().to_string();
     assert!(

@@ -75,6 +75,12 @@ fn ask_json(agent: &Agent, command: &str, args: &[&str]) -> Value {
 #[test]
 fn a_killed_agent_leaves_nothing_attached_and_a_new_one_rebuilds_the_table() {
     require_root();
+    // The previous test's agent may have exited a moment ago: the kernel frees programs
+    // after their last fd closes, not always at once.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !netwatch_programs().is_empty() && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(50));
+    }
     assert!(netwatch_programs().is_empty(), "no netwatch programs before the test");
     let ns = NetNs::new("kill");
     let holder = Holder::start(&ns, env!("CARGO_BIN_EXE_sockpeer"));

@@ -559,7 +559,9 @@ fn non_root_gets_a_clear_message() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(1), "{stderr}");
     assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
-    assert!(stderr.contains("must run as root"), "{stderr}");
+    // "must run as root", or, where an agent's root-only directory exists, that its socket
+    // is root's.
+    assert!(stderr.contains("run as root"), "{stderr}");
 }
 
 /// A connection's CLOSE transition carries its lifespan and payload totals, read from the

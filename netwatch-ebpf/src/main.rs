@@ -14,7 +14,10 @@ use core::ffi::c_void;
 
 use aya_ebpf::{
     EbpfContext as _,
-    bindings::{BPF_RB_AVAIL_DATA, BPF_SOCK_OPS_TCP_CONNECT_CB},
+    bindings::{
+        BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, BPF_RB_RING_SIZE,
+        BPF_SOCK_OPS_TCP_CONNECT_CB,
+    },
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_probe_read_kernel, bpf_probe_read_user,
         generated::{bpf_get_current_task, bpf_get_socket_cookie, bpf_ktime_get_ns},
@@ -113,9 +116,10 @@ fn constant(value: &'static u32) -> usize {
     unsafe { core::ptr::read_volatile(value) as usize }
 }
 
-/// Default 1 MiB; userspace can resize it (`--ring-size`) before load.
+/// Default 8 MiB (about 55 000 events: a few hundred ms of a busy host's events while the
+/// agent waits for a CPU); userspace can resize it (`--ring-size`) before load.
 #[map]
-static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
+static EVENTS: RingBuf = RingBuf::with_byte_size(8 << 20, 0);
 
 /// Per CPU: [0] ring buffer reservation failures; [1] the most bytes the ring buffer held
 /// unread right after this CPU wrote to it. Never reset by the kernel side.
@@ -133,13 +137,19 @@ static PENDING_CONNECT: LruHashMap<u64, SockEvent> = LruHashMap::with_max_entrie
 
 #[inline(always)]
 fn submit(event: &SockEvent) {
-    if EVENTS.output::<SockEvent>(event, 0).is_err() {
+    // Waking the reader for every event costs both sides a context switch per event; the
+    // agent also drains on a short timer (netwatch tracer.rs), so wake it only once an
+    // eighth of the buffer is waiting.
+    let unread = EVENTS.query(BPF_RB_AVAIL_DATA as u64);
+    let size = EVENTS.query(BPF_RB_RING_SIZE as u64);
+    let wakeup = if unread >= size / 8 { BPF_RB_FORCE_WAKEUP } else { BPF_RB_NO_WAKEUP };
+    if EVENTS.output::<SockEvent>(event, wakeup as u64).is_err() {
         if let Some(lost) = LOST.get_ptr_mut(0) {
             // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
             unsafe { *lost += 1 };
         }
     } else if let Some(peak) = LOST.get_ptr_mut(1) {
-        let unread = EVENTS.query(BPF_RB_AVAIL_DATA as u64);
+        let unread = unread + SockEvent::SIZE as u64;
         // SAFETY: as above.
         unsafe {
             if unread > *peak {

@@ -40,6 +40,7 @@ pub async fn run(args: &AgentArgs) -> anyhow::Result<()> {
     let listener = UnixListener::from_std(listener).context("registering the agent socket")?;
 
     let mut tracer = Tracer::start(&args.load_options())?.keeping_rows();
+    set_priority(args.nice);
     let (sender, _) = broadcast::channel::<Arc<StreamRecord>>(CLIENT_QUEUE);
     let (table_requests, mut table_queue) = mpsc::channel::<Query>(64);
     let mut stats = Stats::new();
@@ -257,5 +258,17 @@ fn release_freed_memory() {
     // SAFETY: malloc_trim only releases free heap memory; it has no preconditions.
     unsafe {
         libc::malloc_trim(0);
+    }
+}
+
+/// Sets the agent's nice value; a failure costs only latency under load, so it is a warning.
+fn set_priority(nice: i32) {
+    // SAFETY: setpriority on our own process has no memory-safety preconditions.
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) } != 0 {
+        tracing::warn!(
+            "cannot set the agent's nice value to {nice} ({}): it may fall behind and lose \
+             events on a busy host",
+            std::io::Error::last_os_error()
+        );
     }
 }

@@ -149,6 +149,12 @@ pub struct AgentArgs {
     /// address only when given).
     #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = "127.0.0.1:9911")]
     pub metrics: Option<std::net::SocketAddr>,
+    /// Scheduling priority (nice value, -20..19). The default -10 lets the agent drain the
+    /// ring buffer on a host whose CPUs are busy with the very traffic it traces; at 0 it
+    /// waited for a CPU long enough to lose events (cargo xtask bench).
+    #[arg(long, value_name = "N", default_value_t = -10, allow_negative_numbers = true,
+          value_parser = clap::value_parser!(i32).range(-20..=19))]
+    pub nice: i32,
     /// Also count connects, failures and retransmits per remote endpoint (IP:PORT) in the
     /// metrics, for the first N endpoints seen; later ones are counted as remote="other".
     #[arg(long, value_name = "N", default_value_t = 0, requires = "metrics")]

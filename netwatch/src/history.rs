@@ -1,9 +1,10 @@
 //! Per-connection state-machine histories the agent keeps: every transition of every socket
 //! from the moment netwatch saw it, and closed connections for a bounded retention (count and
 //! age). Pure: transition records and snapshot rows in, histories out.
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 
 use chrono::{DateTime, Utc};
+use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 
 use crate::{
@@ -109,7 +110,8 @@ impl Default for Retention {
 
 #[derive(Debug, Default)]
 pub struct Histories {
-    open: HashMap<u64, History>,
+    /// By cookie (Fx hashing: cookies are the kernel's counter, chosen by no one outside).
+    open: FxHashMap<u64, History>,
     closed: VecDeque<(DateTime<Utc>, History)>,
     retention: Option<Retention>,
 }

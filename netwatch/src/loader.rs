@@ -29,7 +29,7 @@ use crate::{
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/netwatch-ebpf"));
 
 /// The `EVENTS` ring buffer's size when `--ring-size` is not given (as netwatch-ebpf declares it).
-pub const DEFAULT_RING_SIZE: u32 = 1 << 20;
+pub const DEFAULT_RING_SIZE: u32 = 8 << 20;
 
 /// Which TCP state source to use.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]

@@ -21,24 +21,24 @@ use crate::output::{LossReason, Resent, StreamRecord, table::Listed};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct SocketLabels {
-    protocol: String,
-    state: String,
+    protocol: &'static str,
+    state: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TransitionLabels {
-    old: String,
-    new: String,
+    old: &'static str,
+    new: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabels {
-    reason: String,
+    reason: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResentLabels {
-    resent: String,
+    resent: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -49,7 +49,7 @@ struct RemoteLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RemoteReasonLabels {
     remote: String,
-    reason: String,
+    reason: &'static str,
 }
 
 /// The opt-in per-remote-endpoint counters and the endpoints they have labels for.
@@ -206,8 +206,7 @@ impl Metrics {
         self.records.inc();
         match record {
             StreamRecord::Transition(t) => {
-                let labels =
-                    TransitionLabels { old: t.old.name().into(), new: t.new.name().into() };
+                let labels = TransitionLabels { old: t.old.name(), new: t.new.name() };
                 self.transitions.get_or_create(&labels).inc();
                 let connected = t.old == crate::events::TcpState::SynSent
                     && t.new == crate::events::TcpState::Established;
@@ -219,12 +218,10 @@ impl Metrics {
                     remote.connects.get_or_create(&labels).inc();
                 }
                 if let Some(failure) = t.failure {
-                    let reason = failure.name().to_string();
+                    let reason = failure.name();
                     if let Some(remote) = &self.per_remote {
-                        let labels = RemoteReasonLabels {
-                            remote: remote.label(t.raddr, t.rport),
-                            reason: reason.clone(),
-                        };
+                        let labels =
+                            RemoteReasonLabels { remote: remote.label(t.raddr, t.rport), reason };
                         remote.failures.get_or_create(&labels).inc();
                     }
                     self.connect_failures.get_or_create(&ReasonLabels { reason }).inc();
@@ -235,7 +232,7 @@ impl Metrics {
                     Resent::Segment => "segment",
                     Resent::Synack => "synack",
                 };
-                self.retransmits.get_or_create(&ResentLabels { resent: resent.into() }).inc();
+                self.retransmits.get_or_create(&ResentLabels { resent }).inc();
                 if r.resent == Resent::Segment
                     && let Some(remote) = &self.per_remote
                 {
@@ -249,7 +246,7 @@ impl Metrics {
                     LossReason::Malformed => "malformed",
                     LossReason::ClientTooSlow => "client_too_slow",
                 };
-                self.lost.get_or_create(&ReasonLabels { reason: reason.into() }).inc_by(loss.count);
+                self.lost.get_or_create(&ReasonLabels { reason }).inc_by(loss.count);
             }
         }
     }
@@ -263,8 +260,8 @@ impl Metrics {
         self.sockets.clear();
         for listed in rows {
             let labels = SocketLabels {
-                protocol: listed.row.protocol.name().into(),
-                state: listed.row.state.name().into(),
+                protocol: listed.row.protocol.name(),
+                state: listed.row.state.name(),
             };
             self.sockets.get_or_create(&labels).inc();
         }

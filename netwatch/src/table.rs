@@ -16,6 +16,8 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
+use rustc_hash::{FxHashMap, FxHashSet};
+
 use crate::{
     events::{Event, Family, FdSocket, Retransmit, SockKey, StateChange, Task, TcpState},
     snapshot::{FdOwner, Protocol, SocketRow, Timer, TimerKind},
@@ -253,14 +255,16 @@ const CLOSED_KEPT: usize = 4096;
 
 #[derive(Debug, Default)]
 pub struct Table {
-    sockets: HashMap<SockKey, Socket>,
+    // Fx hashing: the keys are kernel cookies and pids, which no one outside chooses, and
+    // SipHash was a tenth of the agent's time under load (cargo xtask bench, perf).
+    sockets: FxHashMap<SockKey, Socket>,
     /// Each listening socket's key and owner, to find the listener of a new passive socket.
     listeners: HashMap<ListenerKey, (SockKey, Option<Owner>)>,
     /// Accept-queue counts, by listening socket.
-    accept_queues: HashMap<SockKey, AcceptQueue>,
+    accept_queues: FxHashMap<SockKey, AcceptQueue>,
     closed: VecDeque<SockKey>,
     /// Sockets each process holds, for fork, exec and exit.
-    by_pid: HashMap<u32, HashSet<SockKey>>,
+    by_pid: FxHashMap<u32, FxHashSet<SockKey>>,
     /// Holders the snapshot found for sockets it did not list (an unbound UDP socket, a TCP
     /// socket not yet connected), by inode: claimed when an event names that inode.
     unclaimed: HashMap<u64, Vec<FdOwner>>,

@@ -20,6 +20,13 @@ use crate::{
 /// How often the kernel's loss counter is read; a loss is reported at most this late.
 const LOSS_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
+/// How often the ring buffer is drained without a wakeup: the kernel side wakes the agent
+/// only when an eighth of the buffer is waiting, so this bounds a quiet host's latency.
+const DRAIN_INTERVAL: Duration = Duration::from_millis(5);
+
+/// Loss checks in a row that may find new losses before the table is rebuilt anyway.
+const RESYNC_AT_LATEST: u32 = 5;
+
 pub struct Tracer {
     /// Whether this tracer keeps the socket table's rows current (the agent does; a direct
     /// watch only needs owners and state times). Timewait lookups cost a netlink request.
@@ -34,8 +41,14 @@ pub struct Tracer {
     table: Table,
     clock: WallClock,
     loss_timer: tokio::time::Interval,
+    drain_timer: tokio::time::Interval,
     reported_ring_full: u64,
     reported_malformed: u64,
+    /// Loss checks since events were first lost without a resync yet (None: table sound).
+    resync_due: Option<u32>,
+    /// sock_diag sockets for timewait lookups, one per namespace; opening one costs a thread,
+    /// so they are kept, but only until the next loss check, since each pins its namespace.
+    diag: DiagSockets,
     batch: Vec<Event>,
     ring_size: u32,
     /// When the table was last seeded from a snapshot (Unix time, seconds).
@@ -94,8 +107,15 @@ impl Tracer {
             table,
             clock: WallClock::now(),
             loss_timer: tokio::time::interval(LOSS_CHECK_INTERVAL),
+            drain_timer: {
+                let mut timer = tokio::time::interval(DRAIN_INTERVAL);
+                timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                timer
+            },
             reported_ring_full: 0,
             reported_malformed: 0,
+            resync_due: None,
+            diag: DiagSockets::default(),
             batch: Vec::new(),
             ring_size: options.ring_size.unwrap_or(loader::DEFAULT_RING_SIZE),
             snapshot_at: unix_now(),
@@ -208,6 +228,11 @@ impl Tracer {
     pub async fn next(&mut self, out: &mut Vec<StreamRecord>) -> anyhow::Result<()> {
         tokio::select! {
             _ = self.loss_timer.tick() => self.report_losses(out),
+            _ = self.drain_timer.tick() => {
+                self.reader.read_available(&mut self.batch);
+                self.apply_batch(out);
+                Ok(())
+            }
             read = self.reader.read_batch(&mut self.batch) => {
                 read.context("reading the ring buffer")?;
                 self.apply_batch(out);
@@ -259,15 +284,15 @@ impl Tracer {
 
     /// Full sockets closed from FIN_WAIT*/CLOSING: the kernel may keep a timewait socket for
     /// each 4-tuple, which no tracepoint reports. Ask sock_diag for those sockets, one exact
-    /// lookup each, through one socket per namespace for the whole batch.
+    /// lookup each, through the namespace's kept socket.
     fn look_up_timewait(&mut self, closed: &[StateChange]) {
         if closed.iter().any(|c| !self.namespaces.contains_key(&c.netns)) {
             self.namespaces.extend(network_namespaces().into_iter().map(|ns| (ns.inode, ns)));
         }
-        let mut diag = DiagSockets::default();
         for change in closed {
             let Some(namespace) = self.namespaces.get(&change.netns) else { continue };
-            let found = diag
+            let found = self
+                .diag
                 .get(namespace)
                 .and_then(|d| d.lookup_tcp(change.family, change.local, change.remote));
             match found {
@@ -309,11 +334,12 @@ impl Tracer {
     /// A timewait socket made from an orphaned FIN_WAIT2 socket turns into TIME_WAIT when the
     /// peer's FIN arrives, which no tracepoint reports: look such sockets up again.
     fn refresh_orphaned_fin_wait2(&mut self) {
-        let mut diag = DiagSockets::default();
         for row in self.table.timewait_in_fin_wait2() {
             let Some(namespace) = self.namespaces.get(&row.netns) else { continue };
-            let found =
-                diag.get(namespace).and_then(|d| d.lookup_tcp(row.family, row.local, row.remote));
+            let found = self
+                .diag
+                .get(namespace)
+                .and_then(|d| d.lookup_tcp(row.family, row.local, row.remote));
             match found {
                 Ok(Some(now)) => self.table.insert_row(&now, None, WallClock::monotonic_now_ns()),
                 Ok(None) => self.table.forget(row.cookie),
@@ -324,11 +350,24 @@ impl Tracer {
 
     /// A `lost` record per reason whose count grew since the previous report.
     fn report_losses(&mut self, out: &mut Vec<StreamRecord>) -> anyhow::Result<()> {
+        // Let go of the namespaces the lookup sockets pin (a deleted one lives on until then).
+        self.diag = DiagSockets::default();
         let ring_full = self.lost.total().context("reading the lost-event counter")?;
         let time = self.clock.wall(WallClock::monotonic_now_ns());
-        if ring_full > self.reported_ring_full || self.reader.malformed > self.reported_malformed {
-            self.resync();
-        }
+        let losing =
+            ring_full > self.reported_ring_full || self.reader.malformed > self.reported_malformed;
+        // A snapshot costs more than the events it replaces: taken while events are still
+        // being lost it would only deepen the loss. Rebuild once a check finds no new loss,
+        // or after RESYNC_AT_LATEST checks of continuous loss.
+        self.resync_due = match (self.resync_due, losing) {
+            (None, false) => None,
+            (Some(checks), true) if checks + 1 < RESYNC_AT_LATEST => Some(checks + 1),
+            (None, true) => Some(0),
+            (Some(_), _) => {
+                self.resync();
+                losing.then_some(0)
+            }
+        };
         for (reason, total, reported) in [
             (LossReason::RingBufferFull, ring_full, &mut self.reported_ring_full),
             (LossReason::Malformed, self.reader.malformed, &mut self.reported_malformed),

@@ -14,6 +14,9 @@
 //! - `sockpeer listen ADDR:PORT` prints `listening PORT` and never accepts, until its stdin
 //!   closes;
 //! - `sockpeer churn ADDR:PORT N` makes N round trips to it, one after another;
+//! - `sockpeer rate SECONDS` serves itself on loopback: prints `ready`, waits for a line on
+//!   stdin (so that several start together), makes round trips for SECONDS and prints how
+//!   many (for benchmarks);
 //! - `sockpeer udp-sends ADDR:PORT N` sends one datagram from each of N new, unbound UDP
 //!   sockets (the kernel binds each as it sends) and fails if any send does;
 //! - `sockpeer pairs N` makes a listener and N/2 established loopback pairs (N sockets),
@@ -57,6 +60,7 @@ fn main() -> ExitCode {
         ["serve-many", addr, count] => serve_many(addr, count),
         ["churn", addr, count] => churn(addr, count),
         ["udp-sends", addr, count] => udp_sends(addr, count),
+        ["rate", seconds] => rate(seconds),
         ["listen", addr] => TcpListener::bind(addr).and_then(|listener| {
             println!("listening {}", listener.local_addr()?.port());
             std::io::stdout().flush()?;
@@ -309,6 +313,25 @@ fn churn(addr: &str, count: &str) -> std::io::Result<()> {
     for _ in 0..count_arg(count)? {
         client_roundtrip(server)?;
     }
+    Ok(())
+}
+
+fn rate(seconds: &str) -> std::io::Result<()> {
+    let seconds: f64 =
+        seconds.parse().map_err(|e| std::io::Error::other(format!("{seconds}: {e}")))?;
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+    let server = listener.local_addr()?;
+    thread::spawn(move || while serve_one(&listener).is_ok() {});
+    println!("ready");
+    std::io::stdout().flush()?;
+    std::io::stdin().read_line(&mut String::new())?;
+    let until = std::time::Instant::now() + Duration::from_secs_f64(seconds);
+    let mut round_trips = 0u64;
+    while std::time::Instant::now() < until {
+        client_roundtrip(server)?;
+        round_trips += 1;
+    }
+    println!("{round_trips}");
     Ok(())
 }
 

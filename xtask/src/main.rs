@@ -37,7 +37,7 @@ enum Task {
     /// Set up, build in release mode and run the benchmarks (report in target/bench/).
     Bench {
         /// Socket counts for the snapshot scenario.
-        #[arg(long, value_delimiter = ',', default_value = "10000,50000")]
+        #[arg(long, value_delimiter = ',', default_value = "10000,50000,100000")]
         sockets: Vec<usize>,
         /// `--history-keep` values for the retention scenario.
         #[arg(long, value_delimiter = ',', default_value = "10000,40000")]
@@ -86,11 +86,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     &["build", "--release", "-p", "netwatch", "-p", "netwatch-tests", "--bins"],
                 )
             })?;
+            setup::ensure_packages(&["libbpf-tools", "net-tools"])?;
+            let started = std::time::Instant::now();
             let bench = bench::Bench::new(&root);
             // Retention first: the snapshot scenario leaves thousands of TIME_WAIT sockets
             // behind, which a new agent would take in.
             bench.retention(&retention)?;
-            bench.snapshot(&sockets)
+            bench.snapshot(&sockets)?;
+            bench.overhead()?;
+            bench.latency()?;
+            eprintln!("==> benchmarks done in {:.0?}", started.elapsed());
+            Ok(())
         }
         Task::Test => {
             setup::ensure_all()?;

@@ -114,6 +114,15 @@ fn nightly_llvm_major() -> anyhow::Result<u32> {
         .context("`rustc +nightly -vV` printed no LLVM version")
 }
 
+/// Installs the Debian packages in `packages` that are missing (the benchmarks' peers).
+pub fn ensure_packages(packages: &[&str]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = packages.iter().copied().filter(|p| !package_installed(p)).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    step(&format!("install Debian packages: {}", missing.join(" ")), || install_packages(&missing))
+}
+
 fn package_installed(name: &str) -> bool {
     Command::new("dpkg-query")
         .args(["-W", "-f=${Status}", name])
