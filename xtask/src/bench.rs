@@ -440,6 +440,23 @@ fn scrape(address: &str) -> anyhow::Result<String> {
     Ok(response.split_once("\r\n\r\n").map(|(_, body)| body.to_string()).unwrap_or_default())
 }
 
+/// Total run time (ns) and runs of the BPF programs process `pid` holds, from its fds'
+/// fdinfo (counted while `kernel.bpf_stats_enabled` is 1).
+fn bpf_run_time(pid: u32) -> anyhow::Result<(u64, u64)> {
+    let (mut ns, mut runs) = (0, 0);
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))? {
+        let Ok(text) = std::fs::read_to_string(entry?.path()) else { continue };
+        for line in text.lines() {
+            if let Some(v) = line.strip_prefix("run_time_ns:") {
+                ns += v.trim().parse::<u64>().unwrap_or(0);
+            } else if let Some(v) = line.strip_prefix("run_cnt:") {
+                runs += v.trim().parse::<u64>().unwrap_or(0);
+            }
+        }
+    }
+    Ok((ns, runs))
+}
+
 /// A loopback port nobody uses right now.
 fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
@@ -646,6 +663,34 @@ impl Bench {
                 cpu_per_million,
             ));
         }
+        // The kernel side's share: BPF run time, counted only in a run of its own because the
+        // counting (kernel.bpf_stats_enabled) has a cost of its own.
+        eprintln!("==> bench overhead: kernel-side cost (bpf_stats)");
+        let stats_path = "/proc/sys/kernel/bpf_stats_enabled";
+        let stats_before = std::fs::read_to_string(stats_path).unwrap_or_else(|_| "0".into());
+        std::fs::write(stats_path, "1").context("enabling kernel.bpf_stats_enabled")?;
+        let kernel_side = (|| -> anyhow::Result<(f64, f64, f64)> {
+            let agent = Agent::start(self, &[])?;
+            let (ns0, runs0) = bpf_run_time(agent.child.id())?;
+            let rate = self.load(LOAD_PROCESSES, LOAD_SECONDS)?;
+            let (ns1, runs1) = bpf_run_time(agent.child.id())?;
+            let round_trips = rate * LOAD_SECONDS;
+            Ok((
+                (ns1 - ns0) as f64 / 1e9,
+                (runs1 - runs0) as f64 / round_trips,
+                (ns1 - ns0) as f64 / round_trips,
+            ))
+        })();
+        let _ = std::fs::write(stats_path, stats_before.trim());
+        let (bpf_seconds, runs_per_round_trip, ns_per_round_trip) = kernel_side?;
+        markdown.push_str(&format!(
+            "\nKernel side (a separate run with `kernel.bpf_stats_enabled=1`): netwatch's programs \
+             ran {runs_per_round_trip:.1} times per round trip, {ns_per_round_trip:.0} ns in all \
+             ({bpf_seconds:.2} s of CPU in {LOAD_SECONDS} s).\n"
+        ));
+        json.push(format!(
+            r#"{{"scenario":"kernel_side","bpf_cpu_s":{bpf_seconds:.3},"runs_per_round_trip":{runs_per_round_trip:.2},"ns_per_round_trip":{ns_per_round_trip:.0}}}"#
+        ));
         markdown.push_str(&format!(
             "\n{per_round_trip:.1} state transitions per round trip (both ends), as netwatch \
              counted them; the peer's CPU per million uses the same count (it reports none). \
