@@ -73,6 +73,10 @@ pub async fn run(args: &AgentArgs) -> anyhow::Result<()> {
                 Err(error) => tracing::warn!("accepting an API client: {error}"),
             },
             Some(query) = table_queue.recv() => {
+                // Answer with every event the kernel has queued so far applied: what the user
+                // did just before asking must be in the answer.
+                tracer.catch_up(&mut records);
+                absorb(&mut records, &mut log, &metrics, &mut stats, &mut histories, &sender);
                 // The client may have gone; nothing to do then.
                 match query {
                     Query::Table(reply) => { let _ = reply.send(tracer.listed()); }
@@ -91,33 +95,12 @@ pub async fn run(args: &AgentArgs) -> anyhow::Result<()> {
             }
             next = tracer.next(&mut records) => {
                 next?;
-                log.write(&records);
-                for record in &records {
-                    metrics.observe(record);
-                    match record {
-                        StreamRecord::Transition(t) => {
-                            stats.record(t);
-                            histories.record(t);
-                        }
-                        StreamRecord::Retransmit(r) => {
-                            stats.record_retransmit(r);
-                            histories.record_retransmit(r);
-                        }
-                        StreamRecord::Lost(_) => {}
-                    }
-                }
-                for record in records.drain(..) {
-                    // No subscriber is fine: nobody is watching.
-                    let _ = sender.send(Arc::new(record));
-                }
+                absorb(&mut records, &mut log, &metrics, &mut stats, &mut histories, &sender);
             }
         }
     }
     tracer.finish(&mut records)?;
-    log.write(&records);
-    for record in records.drain(..) {
-        let _ = sender.send(Arc::new(record));
-    }
+    absorb(&mut records, &mut log, &metrics, &mut stats, &mut histories, &sender);
     drop(sender);
     drop(socket_file);
     Ok(())
@@ -258,6 +241,37 @@ fn release_freed_memory() {
     // SAFETY: malloc_trim only releases free heap memory; it has no preconditions.
     unsafe {
         libc::malloc_trim(0);
+    }
+}
+
+/// Hands new records to everything the agent keeps or serves: the log, metrics, statistics,
+/// histories and the stream's subscribers.
+fn absorb(
+    records: &mut Vec<StreamRecord>,
+    log: &mut Logging,
+    metrics: &Metrics,
+    stats: &mut Stats,
+    histories: &mut Histories,
+    sender: &broadcast::Sender<Arc<StreamRecord>>,
+) {
+    log.write(records);
+    for record in records.iter() {
+        metrics.observe(record);
+        match record {
+            StreamRecord::Transition(t) => {
+                stats.record(t);
+                histories.record(t);
+            }
+            StreamRecord::Retransmit(r) => {
+                stats.record_retransmit(r);
+                histories.record_retransmit(r);
+            }
+            StreamRecord::Lost(_) => {}
+        }
+    }
+    for record in records.drain(..) {
+        // No subscriber is fine: nobody is watching.
+        let _ = sender.send(Arc::new(record));
     }
 }
 

@@ -229,8 +229,7 @@ impl Tracer {
         tokio::select! {
             _ = self.loss_timer.tick() => self.report_losses(out),
             _ = self.drain_timer.tick() => {
-                self.reader.read_available(&mut self.batch);
-                self.apply_batch(out);
+                self.catch_up(out);
                 Ok(())
             }
             read = self.reader.read_batch(&mut self.batch) => {
@@ -239,6 +238,12 @@ impl Tracer {
                 Ok(())
             }
         }
+    }
+
+    /// Turns whatever the kernel has queued into records now, without waiting for a wakeup.
+    pub fn catch_up(&mut self, out: &mut Vec<StreamRecord>) {
+        self.reader.read_available(&mut self.batch);
+        self.apply_batch(out);
     }
 
     /// Detaches the programs, then turns what the kernel had already delivered into records.
