@@ -23,17 +23,6 @@ fn socket_arg(agent: &Agent) -> &str {
     agent.socket.to_str().unwrap()
 }
 
-/// `netwatch COMMAND --json --socket AGENT ARGS...`, parsed.
-fn ask_json(agent: &Agent, command: &str, args: &[&str]) -> Value {
-    let output = Command::new(netwatch_bin())
-        .args([command, "--json", "--socket", socket_arg(agent)])
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    serde_json::from_slice(&output.stdout).unwrap()
-}
-
 /// (lport, rport, old, new, pid, comm) of every transition record.
 fn transitions(records: &[Value]) -> Vec<(Value, Value, Value, Value, Value, Value)> {
     records
@@ -641,7 +630,7 @@ fn connect_latency_counts_a_retransmitted_syn() {
     assert!(client.wait().unwrap().success() && server.wait().unwrap().success());
     thread::sleep(Duration::from_millis(300));
 
-    let stats = ask_json(&agent, "stats", &[]);
+    let stats = agent.ask_json("stats", &[]);
     let remote = format!("10.231.0.2:{port}");
     let summary = stats["by_remote"].as_array().unwrap().iter().find(|r| r["key"] == *remote);
     let summary = summary.unwrap_or_else(|| panic!("no summary for {remote}: {stats:#}"));
@@ -650,7 +639,7 @@ fn connect_latency_counts_a_retransmitted_syn() {
     assert!((950.0..2000.0).contains(&max_ms), "one SYN retransmission takes ~1 s: {summary}");
 
     let dport = format!(":{port}");
-    let clients = ask_json(&agent, "history", &["--closed", "dport", "=", &dport]);
+    let clients = agent.ask_json("history", &["--closed", "dport", "=", &dport]);
     let [client_history] = clients.as_array().unwrap().as_slice() else {
         panic!("one client connection to {port}: {clients:#}")
     };
@@ -672,7 +661,7 @@ fn connect_latency_counts_a_retransmitted_syn() {
     assert_eq!(client_history["netns"].as_u64(), Some(client_ns.inode()), "{client_history:#}");
 
     let sport = format!(":{port}");
-    let servers = ask_json(&agent, "history", &["--closed", "sport", "=", &sport]);
+    let servers = agent.ask_json("history", &["--closed", "sport", "=", &sport]);
     let served: Vec<&Value> = servers
         .as_array()
         .unwrap()
@@ -706,7 +695,7 @@ fn a_dropped_segment_is_counted_as_a_retransmit() {
     thread::sleep(Duration::from_millis(300));
 
     let dport = format!(":{port}");
-    let clients = ask_json(&agent, "history", &["--closed", "dport", "=", &dport]);
+    let clients = agent.ask_json("history", &["--closed", "dport", "=", &dport]);
     let [h] = clients.as_array().unwrap().as_slice() else {
         panic!("one client connection to {port}: {clients:#}")
     };
@@ -715,7 +704,7 @@ fn a_dropped_segment_is_counted_as_a_retransmit() {
     assert_eq!(h["retransmits"].as_u64(), Some(seen), "the kernel's count at close: {h:#}");
     assert_eq!((h["bytes_sent"].as_u64(), h["bytes_received"].as_u64()), (Some(4), Some(4)));
 
-    let stats = ask_json(&agent, "stats", &[]);
+    let stats = agent.ask_json("stats", &[]);
     let remote = format!("10.231.0.2:{port}");
     let summary = stats["by_remote"].as_array().unwrap().iter().find(|r| r["key"] == *remote);
     assert_eq!(summary.unwrap()["retransmits"].as_u64(), Some(seen), "{stats:#}");
@@ -749,7 +738,7 @@ fn listeners_show_their_accept_queue_and_half_open_connections() {
     // The server's first SYN-ACK retransmission comes after its initial RTO of one second.
     thread::sleep(Duration::from_millis(1600));
 
-    let stats = ask_json(&agent, "stats", &[]);
+    let stats = agent.ask_json("stats", &[]);
     let find = |port: u16| {
         stats["listeners"]
             .as_array()

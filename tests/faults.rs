@@ -60,16 +60,6 @@ fn netwatch_programs() -> BTreeSet<u32> {
         .collect()
 }
 
-fn ask_json(agent: &Agent, command: &str, args: &[&str]) -> Value {
-    let output = Command::new(netwatch_bin())
-        .args([command, "--json", "--socket", agent.socket.to_str().unwrap()])
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    serde_json::from_slice(&output.stdout).unwrap()
-}
-
 /// SIGKILL gives the agent no chance to clean up: its programs and links must still go with
 /// its fds, connects must keep working, and a new agent must rebuild the same table.
 #[test]
@@ -175,8 +165,8 @@ fn connects_and_sends_keep_working_under_load() {
         assert!(client.wait().unwrap().success(), "every connect and round trip succeeded");
         assert!(server.wait().unwrap().success());
     }
-    let metrics = ask_json(&agent, "stats", &[]);
-    let connects: u64 = metrics["by_process"]
+    let stats = agent.ask_json("stats", &[]);
+    let connects: u64 = stats["by_process"]
         .as_array()
         .unwrap()
         .iter()
@@ -204,7 +194,7 @@ fn namespaces_come_and_go_with_their_sockets() {
         assert!(records.iter().any(|r| r["state"] == "TIME_WAIT"), "round {round}");
         drop(holder);
         drop(ns);
-        let all = ask_json(&agent, "table", &["-tuan"]);
+        let all = agent.ask_json("table", &["-tuan"]);
         let left: Vec<&Value> =
             all.as_array().unwrap().iter().filter(|r| r["netns"].as_u64() == Some(inode)).collect();
         assert!(left.is_empty(), "round {round}: rows of the deleted namespace: {left:#?}");
@@ -284,7 +274,7 @@ fn short_lived_processes_are_attributed_in_table_history_and_log() {
     let words: Vec<&str> = ports.split_whitespace().collect();
     let mut args = vec!["--closed"];
     args.extend(&words);
-    let histories = ask_json(&agent, "history", &args);
+    let histories = agent.ask_json("history", &args);
     let mut seen = 0;
     for h in
         histories.as_array().unwrap().iter().filter(|h| h["netns"].as_u64() == Some(ns.inode()))

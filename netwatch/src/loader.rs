@@ -66,23 +66,23 @@ impl Probes {
         RingBuf::try_from(map).map_err(|source| Error::Map { name: "EVENTS", source })
     }
 
-    pub fn take_lost_counter(&mut self) -> Result<LostCounter> {
+    pub fn take_ring_counters(&mut self) -> Result<RingCounters> {
         let map = self.ebpf.take_map("LOST").ok_or(Error::Missing("LOST"))?;
         let map =
             PerCpuArray::try_from(map).map_err(|source| Error::Map { name: "LOST", source })?;
-        Ok(LostCounter { map })
+        Ok(RingCounters { map })
     }
 }
 
 /// The kernel side's per-CPU count of events it could not reserve ring buffer space for, and
 /// the ring buffer's fill level each CPU saw.
-pub struct LostCounter {
+pub struct RingCounters {
     map: PerCpuArray<MapData, u64>,
 }
 
-impl LostCounter {
-    /// Sum over CPUs since the programs were loaded.
-    pub fn total(&self) -> Result<u64> {
+impl RingCounters {
+    /// Events lost since the programs were loaded, summed over CPUs.
+    pub fn lost(&self) -> Result<u64> {
         let values = self.map.get(&0, 0).map_err(|source| Error::Map { name: "LOST", source })?;
         Ok(values.iter().sum())
     }

@@ -7,7 +7,7 @@ use anyhow::Context as _;
 
 use crate::{
     events::{Event, EventReader, StateChange},
-    loader::{self, LoadOptions, LostCounter, Probes},
+    loader::{self, LoadOptions, Probes, RingCounters},
     metrics::Health,
     output::{
         LossReason, LossRecord, RetransmitRecord, StreamRecord, TransitionRecord, WallClock,
@@ -37,7 +37,7 @@ pub struct Tracer {
     /// The start-up snapshot's rows, for whoever keeps more than the table (histories).
     initial_rows: Vec<crate::snapshot::SocketRow>,
     reader: EventReader,
-    lost: LostCounter,
+    ring: RingCounters,
     table: Table,
     clock: WallClock,
     loss_timer: tokio::time::Interval,
@@ -86,7 +86,7 @@ impl Tracer {
         }
         let reader =
             EventReader::new(probes.take_ring()?).context("registering the ring buffer")?;
-        let lost = probes.take_lost_counter()?;
+        let ring = probes.take_ring_counters()?;
         // The programs are attached: whatever changes from here on is queued in the ring
         // buffer and applied after the snapshot, so nothing falls between the two.
         let snapshot = Snapshot::take();
@@ -103,7 +103,7 @@ impl Tracer {
             namespaces,
             probes: Some(probes),
             reader,
-            lost,
+            ring,
             table,
             clock: WallClock::now(),
             loss_timer: tokio::time::interval(LOSS_CHECK_INTERVAL),
@@ -210,7 +210,7 @@ impl Tracer {
     pub fn health(&self) -> Health {
         Health {
             last_snapshot: self.snapshot_at,
-            ring_peak_bytes: self.lost.peak_unread().unwrap_or(0),
+            ring_peak_bytes: self.ring.peak_unread().unwrap_or(0),
             ring_size_bytes: u64::from(self.ring_size),
         }
     }
@@ -357,7 +357,7 @@ impl Tracer {
     fn report_losses(&mut self, out: &mut Vec<StreamRecord>) -> anyhow::Result<()> {
         // Let go of the namespaces the lookup sockets pin (a deleted one lives on until then).
         self.diag = DiagSockets::default();
-        let ring_full = self.lost.total().context("reading the lost-event counter")?;
+        let ring_full = self.ring.lost().context("reading the lost-event counter")?;
         let time = self.clock.wall(WallClock::monotonic_now_ns());
         let losing =
             ring_full > self.reported_ring_full || self.reader.malformed > self.reported_malformed;

@@ -131,6 +131,17 @@ impl Agent {
         dir.join("agent.sock")
     }
 
+    /// `netwatch COMMAND --json --socket AGENT ARGS...`, parsed; asserts it succeeded.
+    pub fn ask_json(&self, command: &str, args: &[&str]) -> Value {
+        let output = Command::new(netwatch_bin())
+            .args([command, "--json", "--socket", self.socket.to_str().expect("utf-8 path")])
+            .args(args)
+            .output()
+            .expect("run netwatch");
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        serde_json::from_slice(&output.stdout).expect("netwatch printed JSON")
+    }
+
     /// SIGTERM and wait; returns the exit status.
     pub fn stop(mut self) -> ExitStatus {
         // SAFETY: signalling our own child.
