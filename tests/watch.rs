@@ -634,19 +634,32 @@ fn unanswered_connects_are_classified() {
         "nud",
         "permanent",
     ]);
-    let watcher = Watcher::start(&["--json", "--no-agent", "--dport", "4999"]);
-    for how in ["timeout", "abort"] {
-        let status = ns
-            .command(env!("CARGO_BIN_EXE_sockpeer"))
-            .args(["connect-fail", "10.231.0.9:4999", how])
-            .status()
-            .expect("sockpeer connect-fail");
-        assert!(status.success(), "{how}");
+    let closes =
+        |lines: &[String]| lines.iter().filter(|l| l.contains("\"new\":\"CLOSE\"")).count();
+    // The kernel skips a tracing program's run that interrupts another run of it on the same
+    // CPU; netwatch then reports the loss (`skipped`). Only then is the attempt made again.
+    let mut records = Vec::new();
+    for attempt in 1..=2 {
+        let watcher = Watcher::start(&["--json", "--no-agent", "--dport", "4999"]);
+        for how in ["timeout", "abort"] {
+            let status = ns
+                .command(env!("CARGO_BIN_EXE_sockpeer"))
+                .args(["connect-fail", "10.231.0.9:4999", how])
+                .status()
+                .expect("sockpeer connect-fail");
+            assert!(status.success(), "{how}");
+        }
+        let skipped = |lines: &[String]| lines.iter().any(|l| l.contains("\"reason\":\"skipped\""));
+        watcher.wait_until("two failed attempts, or a reported loss", |lines| {
+            closes(lines) >= 2 || skipped(lines)
+        });
+        let lines = watcher.stop();
+        if closes(&lines) >= 2 || attempt == 2 || !skipped(&lines) {
+            records = parse_json(&lines);
+            break;
+        }
+        eprintln!("events were skipped by the kernel (reported); trying again: {lines:#?}");
     }
-    watcher.wait_until("two failed attempts", |lines| {
-        lines.iter().filter(|l| l.contains("\"new\":\"CLOSE\"")).count() >= 2
-    });
-    let records = parse_json(&watcher.stop());
     let failures: Vec<&str> = records
         .iter()
         .filter(|r| r["new"] == "CLOSE")

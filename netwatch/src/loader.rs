@@ -94,6 +94,21 @@ impl RingCounters {
     }
 }
 
+/// Runs of this process's BPF programs the kernel skipped because the same program was
+/// already running on that CPU (`recursion_misses` in each program fd's fdinfo; tracing
+/// programs only). Each one is an event that was never made.
+pub fn skipped_runs() -> u64 {
+    let Ok(fds) = std::fs::read_dir("/proc/self/fdinfo") else { return 0 };
+    fds.filter_map(|fd| std::fs::read_to_string(fd.ok()?.path()).ok())
+        .filter(|info| info.contains("prog_type:"))
+        .filter_map(|info| {
+            info.lines()
+                .find_map(|line| line.strip_prefix("recursion_misses:"))
+                .and_then(|n| n.trim().parse::<u64>().ok())
+        })
+        .sum()
+}
+
 pub fn load(options: &LoadOptions) -> Result<Probes> {
     let started = Instant::now();
     // SAFETY: geteuid has no preconditions.

@@ -244,6 +244,7 @@ impl Metrics {
                 let reason = match loss.reason {
                     LossReason::RingBufferFull => "ring_buffer_full",
                     LossReason::Malformed => "malformed",
+                    LossReason::Skipped => "skipped",
                     LossReason::ClientTooSlow => "client_too_slow",
                 };
                 self.lost.get_or_create(&ReasonLabels { reason }).inc_by(loss.count);

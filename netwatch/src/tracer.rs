@@ -44,6 +44,7 @@ pub struct Tracer {
     drain_timer: tokio::time::Interval,
     reported_ring_full: u64,
     reported_malformed: u64,
+    reported_skipped: u64,
     /// Loss checks since events were first lost without a resync yet (None: table sound).
     resync_due: Option<u32>,
     /// sock_diag sockets for timewait lookups, one per namespace; opening one costs a thread,
@@ -114,6 +115,7 @@ impl Tracer {
             },
             reported_ring_full: 0,
             reported_malformed: 0,
+            reported_skipped: 0,
             resync_due: None,
             diag: DiagSockets::default(),
             batch: Vec::new(),
@@ -359,8 +361,10 @@ impl Tracer {
         self.diag = DiagSockets::default();
         let ring_full = self.ring.lost().context("reading the lost-event counter")?;
         let time = self.clock.wall(WallClock::monotonic_now_ns());
-        let losing =
-            ring_full > self.reported_ring_full || self.reader.malformed > self.reported_malformed;
+        let skipped = loader::skipped_runs();
+        let losing = ring_full > self.reported_ring_full
+            || self.reader.malformed > self.reported_malformed
+            || skipped > self.reported_skipped;
         // A snapshot costs more than the events it replaces: taken while events are still
         // being lost it would only deepen the loss. Rebuild once a check finds no new loss,
         // or after RESYNC_AT_LATEST checks of continuous loss.
@@ -376,6 +380,7 @@ impl Tracer {
         for (reason, total, reported) in [
             (LossReason::RingBufferFull, ring_full, &mut self.reported_ring_full),
             (LossReason::Malformed, self.reader.malformed, &mut self.reported_malformed),
+            (LossReason::Skipped, skipped, &mut self.reported_skipped),
         ] {
             if total > *reported {
                 out.push(StreamRecord::Lost(LossRecord {

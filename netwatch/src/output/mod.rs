@@ -271,6 +271,10 @@ pub enum LossReason {
     RingBufferFull,
     /// A record arrived that netwatch could not decode.
     Malformed,
+    /// The kernel skipped a run of one of netwatch's tracing programs because another run of
+    /// it was in progress on the same CPU (an interrupt came in the middle): its event was
+    /// never made. The kernel counts these as the program's `recursion_misses`.
+    Skipped,
     /// This client read the agent's stream too slowly and missed records.
     ClientTooSlow,
 }
@@ -290,6 +294,7 @@ impl LossRecord {
         let why = match self.reason {
             LossReason::RingBufferFull => "ring buffer full: raise --ring-size",
             LossReason::Malformed => "malformed records",
+            LossReason::Skipped => "the kernel skipped nested program runs",
             LossReason::ClientTooSlow => "this reader fell behind the agent",
         };
         format!(
