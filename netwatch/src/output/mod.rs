@@ -174,19 +174,41 @@ impl TransitionRecord {
     }
 
     pub fn text(&self) -> String {
-        let time = self.time.with_timezone(&Local).format("%H:%M:%S%.6f");
-        let pid = self.pid.map_or_else(|| "-".to_string(), |pid| pid.to_string());
-        let comm = self.comm.as_deref().unwrap_or("-");
         let ms =
             self.duration_ns.map_or_else(|| "-".to_string(), |ns| format!("{:.3}", millis(ns)));
+        let local = SocketAddr::from((self.laddr, self.lport));
+        let remote = SocketAddr::from((self.raddr, self.rport));
         format!(
-            "{time} {pid:<7} {comm:<16} {:<23} {:<23} {:<12} -> {:<12} {ms}",
-            SocketAddr::from((self.laddr, self.lport)).to_string(),
-            SocketAddr::from((self.raddr, self.rport)).to_string(),
+            "{} {:<12} -> {:<12} {ms}",
+            socket_columns(self.time, self.pid, self.comm.as_deref(), local, remote),
             self.old,
             self.new,
         )
     }
+}
+
+/// The TIME column: local wall-clock time to the microsecond.
+fn clock(time: DateTime<Utc>) -> impl std::fmt::Display {
+    time.with_timezone(&Local).format("%H:%M:%S%.6f")
+}
+
+/// The columns every socket line of the stream starts with: TIME, PID, COMM, LOCAL, REMOTE
+/// (`-` for an owner not known), aligned under [`TEXT_HEADER`].
+fn socket_columns(
+    time: DateTime<Utc>,
+    pid: Option<u32>,
+    comm: Option<&str>,
+    local: SocketAddr,
+    remote: SocketAddr,
+) -> String {
+    let pid = pid.map_or_else(|| "-".to_string(), |pid| pid.to_string());
+    let comm = comm.unwrap_or("-");
+    format!(
+        "{} {pid:<7} {comm:<16} {:<23} {:<23}",
+        clock(time),
+        local.to_string(),
+        remote.to_string()
+    )
 }
 
 /// What was sent again.
@@ -246,18 +268,16 @@ impl RetransmitRecord {
     /// A stream line in the transition columns: `RETRANSMIT` in the OLD column, the state
     /// after the arrow, and the socket's count last.
     pub fn text(&self) -> String {
-        let time = self.time.with_timezone(&Local).format("%H:%M:%S%.6f");
-        let pid = self.pid.map_or_else(|| "-".to_string(), |pid| pid.to_string());
-        let comm = self.comm.as_deref().unwrap_or("-");
         let what = match self.resent {
             Resent::Segment => "RETRANSMIT",
             Resent::Synack => "SYNACK-RETX",
         };
         let state = self.state.map_or_else(|| "-".to_string(), |s| s.to_string());
+        let local = SocketAddr::from((self.laddr, self.lport));
+        let remote = SocketAddr::from((self.raddr, self.rport));
         format!(
-            "{time} {pid:<7} {comm:<16} {:<23} {:<23} {what:<12} in {state:<12} #{}",
-            SocketAddr::from((self.laddr, self.lport)).to_string(),
-            SocketAddr::from((self.raddr, self.rport)).to_string(),
+            "{} {what:<12} in {state:<12} #{}",
+            socket_columns(self.time, self.pid, self.comm.as_deref(), local, remote),
             self.count,
         )
     }
@@ -299,7 +319,7 @@ impl LossRecord {
         };
         format!(
             "{} LOST {} events ({why}; {} since start)",
-            self.time.with_timezone(&Local).format("%H:%M:%S%.6f"),
+            clock(self.time),
             self.count,
             self.total
         )
