@@ -82,8 +82,9 @@ pub async fn run(args: &AgentArgs) -> anyhow::Result<()> {
                     Query::Table(reply) => { let _ = reply.send(tracer.listed()); }
                     Query::Stats(reply) => {
                         let mut report = stats.report();
-                        let kernel = tracer.passive_sockets();
-                        report.listeners = listener_summaries(tracer.listeners(), kernel.as_deref());
+                        let listeners = tracer.listeners();
+                        let kernel = tracer.passive_sockets(&listeners);
+                        report.listeners = listener_summaries(listeners, kernel.as_deref());
                         let _ = reply.send(report);
                     }
                     Query::Metrics(reply) => { let _ = reply.send(metrics.render(&tracer.listed(), tracer.health())); }

@@ -186,10 +186,12 @@ impl Tracer {
         self.table.listeners()
     }
 
-    /// The kernel's listeners and half-open connections now, in every namespace with a
-    /// listener; None if a namespace could not be read.
-    pub fn passive_sockets(&mut self) -> Option<Vec<crate::snapshot::SocketRow>> {
-        let listeners = self.table.listeners();
+    /// The kernel's listeners and half-open connections now, in every namespace that has one
+    /// of `listeners`; None if a namespace could not be read.
+    pub fn passive_sockets(
+        &mut self,
+        listeners: &[crate::table::Listener],
+    ) -> Option<Vec<crate::snapshot::SocketRow>> {
         if listeners.iter().any(|l| !self.namespaces.contains_key(&l.netns)) {
             self.namespaces.extend(network_namespaces().into_iter().map(|ns| (ns.inode, ns)));
         }
@@ -197,7 +199,7 @@ impl Tracer {
         let mut rows = Vec::new();
         for netns in wanted {
             let namespace = self.namespaces.get(&netns)?;
-            match DiagSocket::open(&namespace.path, netns).and_then(|mut d| d.passive_sockets()) {
+            match self.diag.get(namespace).and_then(DiagSocket::passive_sockets) {
                 Ok(found) => rows.extend(found),
                 Err(error) => {
                     tracing::warn!("listener queues in netns {netns}: {error}");
@@ -297,16 +299,30 @@ impl Tracer {
             self.namespaces.extend(network_namespaces().into_iter().map(|ns| (ns.inode, ns)));
         }
         for change in closed {
-            let Some(namespace) = self.namespaces.get(&change.netns) else { continue };
-            let found = self
-                .diag
-                .get(namespace)
-                .and_then(|d| d.lookup_tcp(change.family, change.local, change.remote));
-            match found {
-                // The timewait socket carries the full socket's cookie.
-                Ok(Some(row)) => self.table.insert_row(&row, None, WallClock::monotonic_now_ns()),
-                Ok(None) => {}
-                Err(error) => tracing::debug!("timewait lookup in netns {}: {error}", change.netns),
+            // The timewait socket carries the full socket's cookie.
+            if let Some(Some(row)) =
+                self.look_up_tcp(change.netns, change.family, change.local, change.remote)
+            {
+                self.table.insert_row(&row, None, WallClock::monotonic_now_ns());
+            }
+        }
+    }
+
+    /// The socket sock_diag has for a TCP 4-tuple in a known namespace, through that
+    /// namespace's kept socket; None when the namespace is unknown or the lookup failed.
+    fn look_up_tcp(
+        &mut self,
+        netns: u32,
+        family: crate::events::Family,
+        local: (std::net::IpAddr, u16),
+        remote: (std::net::IpAddr, u16),
+    ) -> Option<Option<crate::snapshot::SocketRow>> {
+        let namespace = self.namespaces.get(&netns)?;
+        match self.diag.get(namespace).and_then(|d| d.lookup_tcp(family, local, remote)) {
+            Ok(found) => Some(found),
+            Err(error) => {
+                tracing::debug!("timewait lookup in netns {netns}: {error}");
+                None
             }
         }
     }
@@ -342,15 +358,10 @@ impl Tracer {
     /// peer's FIN arrives, which no tracepoint reports: look such sockets up again.
     fn refresh_orphaned_fin_wait2(&mut self) {
         for row in self.table.timewait_in_fin_wait2() {
-            let Some(namespace) = self.namespaces.get(&row.netns) else { continue };
-            let found = self
-                .diag
-                .get(namespace)
-                .and_then(|d| d.lookup_tcp(row.family, row.local, row.remote));
-            match found {
-                Ok(Some(now)) => self.table.insert_row(&now, None, WallClock::monotonic_now_ns()),
-                Ok(None) => self.table.forget(row.cookie),
-                Err(error) => tracing::debug!("timewait lookup in netns {}: {error}", row.netns),
+            match self.look_up_tcp(row.netns, row.family, row.local, row.remote) {
+                Some(Some(now)) => self.table.insert_row(&now, None, WallClock::monotonic_now_ns()),
+                Some(None) => self.table.forget(row.cookie),
+                None => {}
             }
         }
     }
