@@ -613,13 +613,8 @@ pub fn reset_received(ctx: TracePointContext) -> u32 {
 pub fn retransmit(ctx: BtfTracePointContext) -> u32 {
     let sk: *const u8 = ctx.arg(0);
     let err: i32 = ctx.arg(2);
-    if !sk.is_null() && err == 0 {
-        let mut event = new_event(kind::RETRANSMIT);
-        // SAFETY: `sk` is the tracepoint's own socket argument.
-        event.cookie = unsafe { bpf_get_socket_cookie(sk as *mut c_void) };
-        event.protocol = IPPROTO_TCP;
-        fill_from_sock(&mut event, sk);
-        submit(&event);
+    if err == 0 {
+        submit_retransmit(kind::RETRANSMIT, sk, sk);
     }
     0
 }
@@ -628,17 +623,23 @@ pub fn retransmit(ctx: BtfTracePointContext) -> u32 {
 /// SYN-ACK in time. The request socket has the connection's addresses (a sock_common).
 #[btf_tracepoint(function = "tcp_retransmit_synack")]
 pub fn synack_retransmit(ctx: BtfTracePointContext) -> u32 {
-    let listener: *const u8 = ctx.arg(0);
-    let request: *const u8 = ctx.arg(1);
-    if !listener.is_null() && !request.is_null() {
-        let mut event = new_event(kind::SYNACK_RETRANSMIT);
-        // SAFETY: `listener` is the tracepoint's own socket argument.
-        event.cookie = unsafe { bpf_get_socket_cookie(listener as *mut c_void) };
-        event.protocol = IPPROTO_TCP;
-        fill_from_sock(&mut event, request);
-        submit(&event);
-    }
+    submit_retransmit(kind::SYNACK_RETRANSMIT, ctx.arg(0), ctx.arg(1));
     0
+}
+
+/// A retransmit event: the cookie of `counted` (the socket it is counted against), the
+/// addresses of `connection`.
+#[inline(always)]
+fn submit_retransmit(event_kind: u8, counted: *const u8, connection: *const u8) {
+    if counted.is_null() || connection.is_null() {
+        return;
+    }
+    let mut event = new_event(event_kind);
+    // SAFETY: `counted` is a socket argument of the calling tracepoint.
+    event.cookie = unsafe { bpf_get_socket_cookie(counted as *mut c_void) };
+    event.protocol = IPPROTO_TCP;
+    fill_from_sock(&mut event, connection);
+    submit(&event);
 }
 
 /// tp_btf/sched_process_fork(parent, child): a new process inherits every fd.
