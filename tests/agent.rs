@@ -13,7 +13,7 @@ use std::{
 };
 
 use netwatch_tests::{
-    Agent, Holder, Watcher, client_roundtrip, netwatch_bin,
+    Agent, Holder, NetNs, Watcher, client_roundtrip, listening_port, netwatch_bin,
     oracle::{netwatch_rows, ss_rows},
     parse_json, serve_one, sockpeer_in, veth_pair,
 };
@@ -304,7 +304,7 @@ fn churn_ends_with_the_table_equal_to_ss() {
     let total = (CLIENTS * EACH).to_string();
     let (mut server, line) =
         sockpeer_in(&ns, env!("CARGO_BIN_EXE_sockpeer"), &["serve-many", "127.0.0.1:0", &total]);
-    let port = line.trim().strip_prefix("listening ").unwrap().to_string();
+    let port = listening_port(&line).to_string();
     let clients: Vec<_> = (0..CLIENTS)
         .map(|_| {
             ns.command(env!("CARGO_BIN_EXE_sockpeer"))
@@ -336,7 +336,7 @@ fn separate_server_and_client_each_hold_their_end() {
     let agent = Agent::start(&Agent::test_socket("pair"));
     let sockpeer = env!("CARGO_BIN_EXE_sockpeer");
     let (mut server, line) = sockpeer_in(&ns, sockpeer, &["serve", "127.0.0.1:0"]);
-    let port = line.trim().strip_prefix("listening ").unwrap().to_string();
+    let port = listening_port(&line).to_string();
     let (mut client, _ready) =
         sockpeer_in(&ns, sockpeer, &["connect-hold", &format!("127.0.0.1:{port}")]);
     thread::sleep(Duration::from_millis(300));
@@ -613,22 +613,31 @@ fn history_shows_each_connections_path() {
     assert!(agent.stop().success());
 }
 
+/// One round trip from a test namespace to a sockpeer server in another, whose namespace
+/// drops the first packet carrying TCP flag `flag` (`syn`, `psh`) that the client sends, so
+/// that the client retransmits it. Returns both namespaces (alive for as long as the caller
+/// keeps them) and the server's port.
+fn round_trip_dropping_first(flag: &str) -> (NetNs, NetNs, u16) {
+    let (client_ns, server_ns) = veth_pair();
+    let sockpeer = env!("CARGO_BIN_EXE_sockpeer");
+    let (mut server, line) = sockpeer_in(&server_ns, sockpeer, &["serve", "10.231.0.2:0"]);
+    let port = listening_port(&line);
+    server_ns.drop_first(port, flag);
+    let (mut client, line) =
+        sockpeer_in(&client_ns, sockpeer, &["connect", &format!("10.231.0.2:{port}")]);
+    assert!(line.starts_with("local 10.231.0.1:"), "{line}");
+    assert!(client.wait().unwrap().success() && server.wait().unwrap().success());
+    thread::sleep(Duration::from_millis(300));
+    (client_ns, server_ns, port)
+}
+
 /// A connect between two test namespaces whose first SYN is dropped (nftables in the server's
 /// namespace) is retransmitted after the initial RTO of one second: `stats` and `history`
 /// measure a handshake of about that long, and both ends' histories add up.
 #[test]
 fn connect_latency_counts_a_retransmitted_syn() {
     let agent = Agent::start(&Agent::test_socket("latency"));
-    let (client_ns, server_ns) = veth_pair();
-    let sockpeer = env!("CARGO_BIN_EXE_sockpeer");
-    let (mut server, line) = sockpeer_in(&server_ns, sockpeer, &["serve", "10.231.0.2:0"]);
-    let port: u16 = line.trim().strip_prefix("listening ").unwrap().parse().unwrap();
-    server_ns.drop_first(port, "syn");
-    let (mut client, line) =
-        sockpeer_in(&client_ns, sockpeer, &["connect", &format!("10.231.0.2:{port}")]);
-    assert!(line.starts_with("local 10.231.0.1:"), "{line}");
-    assert!(client.wait().unwrap().success() && server.wait().unwrap().success());
-    thread::sleep(Duration::from_millis(300));
+    let (client_ns, server_ns, port) = round_trip_dropping_first("syn");
 
     let stats = agent.ask_json("stats", &[]);
     let remote = format!("10.231.0.2:{port}");
@@ -683,16 +692,7 @@ fn connect_latency_counts_a_retransmitted_syn() {
 #[test]
 fn a_dropped_segment_is_counted_as_a_retransmit() {
     let agent = Agent::start(&Agent::test_socket("retransmit"));
-    let (client_ns, server_ns) = veth_pair();
-    let sockpeer = env!("CARGO_BIN_EXE_sockpeer");
-    let (mut server, line) = sockpeer_in(&server_ns, sockpeer, &["serve", "10.231.0.2:0"]);
-    let port: u16 = line.trim().strip_prefix("listening ").unwrap().parse().unwrap();
-    server_ns.drop_first(port, "psh");
-    let (mut client, line) =
-        sockpeer_in(&client_ns, sockpeer, &["connect", &format!("10.231.0.2:{port}")]);
-    assert!(line.starts_with("local 10.231.0.1:"), "{line}");
-    assert!(client.wait().unwrap().success() && server.wait().unwrap().success());
-    thread::sleep(Duration::from_millis(300));
+    let (_client_ns, _server_ns, port) = round_trip_dropping_first("psh");
 
     let dport = format!(":{port}");
     let clients = agent.ask_json("history", &["--closed", "dport", "=", &dport]);
@@ -727,7 +727,7 @@ fn listeners_show_their_accept_queue_and_half_open_connections() {
     let (client_ns, server_ns) = veth_pair();
     let sockpeer = env!("CARGO_BIN_EXE_sockpeer");
     let (mut server, line) = sockpeer_in(&server_ns, sockpeer, &["serve", "10.231.0.2:0"]);
-    let half_open_port: u16 = line.trim().strip_prefix("listening ").unwrap().parse().unwrap();
+    let half_open_port = listening_port(&line);
     server_ns.drop_bare_acks(half_open_port);
     let (mut client, line) = sockpeer_in(
         &client_ns,

@@ -16,7 +16,7 @@ use std::{
 };
 
 use netwatch_tests::{
-    Agent, Holder, NetNs, netwatch_bin,
+    Agent, Holder, NetNs, listening_port, netwatch_bin,
     oracle::{netwatch_rows, ss_rows},
     require_root, sockpeer_in,
 };
@@ -128,7 +128,7 @@ fn connects_and_sends_keep_working_under_load() {
             .unwrap();
         let mut line = String::new();
         BufReader::new(server.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        let port = line.trim().strip_prefix("listening ").unwrap().to_string();
+        let port = listening_port(&line).to_string();
         let client = Command::new(sockpeer)
             .args(["churn", &format!("127.0.0.1:{port}"), &ROUND_TRIPS.to_string()])
             .spawn()
@@ -216,7 +216,7 @@ fn short_lived_processes_are_attributed_in_table_history_and_log() {
     let sockpeer = env!("CARGO_BIN_EXE_sockpeer");
     // 40 that connect and wait (checked in the live table), then 40 that connect and exit.
     let (mut listener, line) = sockpeer_in(&ns, sockpeer, &["listen", "127.0.0.1:0"]);
-    let port: u16 = line.trim().strip_prefix("listening ").unwrap().parse().unwrap();
+    let port = listening_port(&line);
     let target = format!("127.0.0.1:{port}");
     let holding: Vec<(std::process::Child, String)> =
         (0..40).map(|_| sockpeer_in(&ns, sockpeer, &["connect-hold", &target])).collect();
@@ -248,7 +248,7 @@ fn short_lived_processes_are_attributed_in_table_history_and_log() {
     drop(listener.stdin.take());
     assert!(listener.wait().unwrap().success());
     let (mut server, line) = sockpeer_in(&ns, sockpeer, &["serve-many", "127.0.0.1:0", "40"]);
-    let quick_port: u16 = line.trim().strip_prefix("listening ").unwrap().parse().unwrap();
+    let quick_port = listening_port(&line);
     let quick_target = format!("127.0.0.1:{quick_port}");
     let quick: Vec<std::process::Child> = (0..40)
         .map(|_| {

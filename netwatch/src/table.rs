@@ -1168,6 +1168,19 @@ mod tests {
         );
     }
 
+    /// A retransmission counted against `cookie`, between the ports `change` uses.
+    fn retransmit(cookie: u64, synack: bool) -> Retransmit {
+        Retransmit {
+            ts_ns: 300,
+            cookie,
+            synack,
+            netns: 1,
+            family: Family::Ipv4,
+            local: (IpAddr::V4(Ipv4Addr::LOCALHOST), 8080),
+            remote: (IpAddr::V4(Ipv4Addr::LOCALHOST), 40000),
+        }
+    }
+
     #[test]
     fn accept_queue_counts_handshakes_until_accept() {
         let mut table = Table::new();
@@ -1178,16 +1191,7 @@ mod tests {
         }
         table.apply(Event::Accepted(fd_event(6, 9, task(7, "server"), Protocol::Tcp)));
         table.apply(Event::Accepted(fd_event(6, 10, task(7, "server"), Protocol::Tcp)));
-        let synack = Retransmit {
-            ts_ns: 300,
-            cookie: 5,
-            synack: true,
-            netns: 1,
-            family: Family::Ipv4,
-            local: (IpAddr::V4(Ipv4Addr::LOCALHOST), 8080),
-            remote: (IpAddr::V4(Ipv4Addr::LOCALHOST), 40001),
-        };
-        assert_eq!(table.retransmit(&synack).count, 1);
+        assert_eq!(table.retransmit(&retransmit(5, true)).count, 1);
         let [listener] = table.listeners().try_into().unwrap();
         assert_eq!((listener.cookie, listener.owner.map(|o| o.pid)), (5, Some(7)));
         assert_eq!(
@@ -1223,17 +1227,8 @@ mod tests {
         let mut table = Table::new();
         table.apply(change(4, 1, Close, SynSent, task(1, "app")));
         table.apply(change(4, 2, SynSent, Established, task(0, "swapper/0")));
-        let segment = Retransmit {
-            ts_ns: 3,
-            cookie: 4,
-            synack: false,
-            netns: 1,
-            family: Family::Ipv4,
-            local: (IpAddr::V4(Ipv4Addr::LOCALHOST), 8080),
-            remote: (IpAddr::V4(Ipv4Addr::LOCALHOST), 40000),
-        };
-        table.retransmit(&segment);
-        let seen = table.retransmit(&segment);
+        table.retransmit(&retransmit(4, false));
+        let seen = table.retransmit(&retransmit(4, false));
         assert_eq!(seen.count, 2);
         assert_eq!(seen.state, Some(Established));
         assert_eq!(seen.owner.map(|o| o.comm), Some("app".into()));

@@ -448,6 +448,14 @@ impl Drop for Holder {
     }
 }
 
+/// The port in a sockpeer `listening PORT` line.
+pub fn listening_port(line: &str) -> u16 {
+    line.trim()
+        .strip_prefix("listening ")
+        .and_then(|port| port.parse().ok())
+        .unwrap_or_else(|| panic!("not a `listening PORT` line: {line:?}"))
+}
+
 /// Starts `sockpeer ARGS` inside `ns` with its stdin piped (the modes that hold sockets keep
 /// them until it closes) and returns it with the first line it printed.
 pub fn sockpeer_in(ns: &NetNs, sockpeer: &str, args: &[&str]) -> (Child, String) {
