@@ -3,8 +3,8 @@
 use std::net::{IpAddr, Ipv4Addr};
 
 use netwatch::{
-    query::{Endpoints, parse},
-    services::Services,
+    query::ss::{Endpoints, parse},
+    host::services::Services,
 };
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {

@@ -5,12 +5,12 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 use crate::{
-    api,
-    eventlog::{self, LogOptions},
-    events::{Family, TcpState},
-    filter::{TransitionFilter, parse_transition},
-    loader::{LoadOptions, SourceChoice},
+    kernel::events::{Family, TcpState},
+    kernel::loader::{LoadOptions, SourceChoice},
     output::Format,
+    query::stream::{TransitionFilter, parse_transition},
+    serve::api,
+    serve::eventlog::{self, LogOptions},
 };
 
 #[derive(Debug, Parser)]

@@ -30,12 +30,12 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match &cli.command {
-            Some(Command::Watch(args)) => netwatch::watch::run(args).await,
-            Some(Command::Table(args)) => netwatch::listing::run(args).await,
-            Some(Command::Agent(args)) => netwatch::agent::run(args).await,
-            Some(Command::Stats(args)) => netwatch::report::run(args).await,
-            Some(Command::History(args)) => netwatch::history_cmd::run(args).await,
-            None => netwatch::watch::run(&cli.watch).await,
+            Some(Command::Watch(args)) => netwatch::cmd::watch::run(args).await,
+            Some(Command::Table(args)) => netwatch::cmd::table::run(args).await,
+            Some(Command::Agent(args)) => netwatch::cmd::agent::run(args).await,
+            Some(Command::Stats(args)) => netwatch::cmd::stats::run(args).await,
+            Some(Command::History(args)) => netwatch::cmd::history::run(args).await,
+            None => netwatch::cmd::watch::run(&cli.watch).await,
         }
     });
     match result {
@@ -43,7 +43,7 @@ fn main() -> ExitCode {
         Err(error) => {
             eprintln!("netwatch: {error:#}");
             // A bad filter is a usage error, like clap's: exit 2.
-            if error.downcast_ref::<netwatch::query::QueryError>().is_some() {
+            if error.downcast_ref::<netwatch::query::ss::QueryError>().is_some() {
                 ExitCode::from(2)
             } else {
                 ExitCode::FAILURE

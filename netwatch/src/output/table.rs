@@ -2,39 +2,14 @@
 use std::{net::SocketAddr, time::Duration};
 
 use comfy_table::{CellAlignment, ContentArrangement, Table, presets};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use crate::{
-    events::{Family, TcpState},
-    services::Services,
-    snapshot::{FdOwner, Protocol, SocketRow, Timer},
+    host::services::Services,
+    host::snapshot::{FdOwner, Protocol, SocketRow, Timer},
+    kernel::events::{Family, TcpState},
+    record::Listed,
 };
-
-/// One socket as the table shows it (and as the agent sends it to `netwatch table`).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Listed {
-    pub row: SocketRow,
-    pub owners: Vec<FdOwner>,
-    /// Time in the current state, when an agent saw the state begin.
-    pub in_state: Option<Duration>,
-    /// The `ip netns` name of the socket's namespace, if it has one.
-    pub netns_name: Option<String>,
-    /// False for rows kept by the agent from events: queue lengths change with every
-    /// packet and no event reports them, so they are not shown rather than shown stale.
-    pub queues_known: bool,
-    /// The owners the socket had, oldest first (known only to an agent).
-    #[serde(default)]
-    pub owner_history: Vec<OwnerChange>,
-}
-
-/// A process that became a socket's owner: connecting, listening, accepting, closing.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct OwnerChange {
-    pub pid: u32,
-    pub comm: String,
-    /// How long before the table was taken; None when the snapshot found it.
-    pub ago: Option<Duration>,
-}
 
 /// The state as ss spells it (a closed socket, e.g. unconnected UDP, is UNCONN).
 pub fn ss_state(state: TcpState) -> &'static str {
@@ -272,7 +247,7 @@ mod tests {
     use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
     use super::*;
-    use crate::snapshot::TimerKind;
+    use crate::host::snapshot::TimerKind;
 
     fn listed(
         protocol: Protocol,

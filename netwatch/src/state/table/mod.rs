@@ -19,8 +19,8 @@ use std::{
 use rustc_hash::{FxHashMap, FxHashSet};
 
 use crate::{
-    events::{Event, Family, FdSocket, Retransmit, SockKey, StateChange, Task, TcpState},
-    snapshot::{FdOwner, Protocol, SocketRow, Timer, TimerKind},
+    host::snapshot::{FdOwner, Protocol, SocketRow, Timer, TimerKind},
+    kernel::events::{Event, Family, FdSocket, Retransmit, SockKey, StateChange, Task, TcpState},
 };
 
 /// A process that owns a socket.
@@ -867,7 +867,7 @@ impl Table {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::events::{Family, SockLife, StateSource};
+    use crate::kernel::events::{Family, SockLife, StateSource};
     use TcpState::*;
     use std::collections::HashMap;
 
@@ -1296,7 +1296,7 @@ mod properties {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::events::{Family, SockLife, StateSource};
+    use crate::kernel::events::{Family, SockLife, StateSource};
 
     fn task(pid: u32) -> Task {
         Task { pid, tid: pid, comm: format!("p{pid}") }

@@ -8,10 +8,10 @@ use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    events::TcpState,
-    output::{Resent, RetransmitRecord, TransitionRecord},
-    snapshot::{Protocol, SocketRow},
-    table::Failure,
+    host::snapshot::{Protocol, SocketRow},
+    kernel::events::TcpState,
+    record::{Resent, RetransmitRecord, TransitionRecord},
+    state::table::Failure,
 };
 
 /// Transitions kept per connection (a connection has about a dozen in its life).
@@ -227,7 +227,7 @@ mod tests {
     use std::net::{IpAddr, Ipv4Addr};
 
     use super::*;
-    use crate::events::{Family, StateSource};
+    use crate::kernel::events::{Family, StateSource};
 
     fn record(
         cookie: u64,

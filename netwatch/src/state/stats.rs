@@ -13,10 +13,10 @@ use serde::{Deserialize, Serialize};
 use std::net::IpAddr;
 
 use crate::{
-    events::TcpState,
-    output::{Resent, RetransmitRecord, TransitionRecord},
-    snapshot::SocketRow,
-    table::{Failure, Listener},
+    host::snapshot::SocketRow,
+    kernel::events::TcpState,
+    record::{Resent, RetransmitRecord, TransitionRecord},
+    state::table::{Failure, Listener},
 };
 
 const SAMPLES: usize = 4096;
@@ -306,7 +306,7 @@ mod tests {
     use chrono::DateTime;
 
     use super::*;
-    use crate::events::{Family, StateSource};
+    use crate::kernel::events::{Family, StateSource};
 
     fn record(
         old: TcpState,

@@ -11,13 +11,14 @@ use tokio::{
 };
 
 use crate::{
-    api::{self, Command, Request},
     cli::WatchArgs,
-    eventlog::Logging,
-    filter::TransitionFilter,
-    loader::SourceChoice,
-    output::{self, Format, StreamRecord},
-    tracer::Tracer,
+    kernel::loader::SourceChoice,
+    output::{self, Format},
+    query::stream::TransitionFilter,
+    record::StreamRecord,
+    serve::api::{self, Command, Request},
+    serve::eventlog::Logging,
+    state::tracer::Tracer,
 };
 
 /// Filters, logs and prints records.

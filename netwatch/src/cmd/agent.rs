@@ -15,15 +15,15 @@ use tokio::{
 };
 
 use crate::{
-    api::{self, Command, Request, SocketFile},
     cli::AgentArgs,
-    eventlog::Logging,
-    history::{Histories, History, Retention},
-    metrics::{self, Metrics},
-    output::{LossReason, LossRecord, StreamRecord, WallClock, table::Listed},
-    stats::{Report, Stats, listener_summaries},
-    tracer::Tracer,
-    watch::Signals,
+    cmd::watch::Signals,
+    record::{Listed, LossReason, LossRecord, StreamRecord, WallClock},
+    serve::api::{self, Command, Request, SocketFile},
+    serve::eventlog::Logging,
+    serve::metrics::{self, Metrics},
+    state::history::{Histories, History, Retention},
+    state::stats::{Report, Stats, listener_summaries},
+    state::tracer::Tracer,
 };
 
 /// Records a client may fall behind by before it starts missing some.

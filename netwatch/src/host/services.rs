@@ -2,7 +2,7 @@
 //! show `:http` instead of `:80` and to accept `sport = :ssh` in filters.
 use std::collections::HashMap;
 
-use crate::snapshot::Protocol;
+use crate::host::snapshot::Protocol;
 
 #[derive(Debug, Default)]
 pub struct Services {

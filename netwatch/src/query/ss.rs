@@ -13,7 +13,7 @@
 //! it stopped at.
 use std::net::IpAddr;
 
-use crate::{events::TcpState, services::Services};
+use crate::{host::services::Services, kernel::events::TcpState};
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 #[error("bad filter at token {position} '{token}': {expected}")]

@@ -3,9 +3,9 @@
 use anyhow::{Context as _, bail};
 
 use crate::{
-    api::{self, Command},
     cli::StatsArgs,
-    stats::{self, Report},
+    serve::api::{self, Command},
+    state::stats::{self, Report},
 };
 
 pub async fn run(args: &StatsArgs) -> anyhow::Result<()> {

@@ -25,8 +25,8 @@ use netlink_packet_sock_diag::{
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_SOCK_DIAG};
 use serde::{Deserialize, Serialize};
 
-pub use crate::events::Protocol;
-use crate::events::{Family, TcpState};
+pub use crate::kernel::events::Protocol;
+use crate::kernel::events::{Family, TcpState};
 
 /// The kernel timer running on a socket, as `ss -o` shows it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -20,9 +20,9 @@ use aya::{
 use netwatch_common::config;
 
 use crate::{
-    btf::KernelBtf,
     error::{Error, Result},
-    events::StateSource,
+    kernel::btf::KernelBtf,
+    kernel::events::StateSource,
 };
 
 /// The kernel object built by build.rs from `netwatch-ebpf`.
@@ -165,14 +165,13 @@ pub fn load(options: &LoadOptions) -> Result<Probes> {
     let mut ebpf = loader.load(EBPF_OBJECT)?;
 
     // aya's own parse of the kernel BTF, for the tp_btf programs (one parse for all of them).
-    let aya_btf =
-        match kernel_btf {
-            Some(_) => Some(Btf::from_sys_fs().map_err(|e| Error::Btf {
-                path: crate::btf::VMLINUX.into(),
-                reason: e.to_string(),
-            })?),
-            None => None,
-        };
+    let aya_btf = match kernel_btf {
+        Some(_) => Some(Btf::from_sys_fs().map_err(|e| Error::Btf {
+            path: crate::kernel::btf::VMLINUX.into(),
+            reason: e.to_string(),
+        })?),
+        None => None,
+    };
     let source = if let Some(btf) = &aya_btf {
         let program: &mut BtfTracePoint = program(&mut ebpf, "state_btf")?;
         program.load("inet_sock_set_state", btf).map_err(attach_error("state_btf"))?;

@@ -17,7 +17,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::output::{LossReason, Resent, StreamRecord, table::Listed};
+use crate::record::{Listed, LossReason, Resent, StreamRecord};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct SocketLabels {
@@ -208,8 +208,8 @@ impl Metrics {
             StreamRecord::Transition(t) => {
                 let labels = TransitionLabels { old: t.old.name(), new: t.new.name() };
                 self.transitions.get_or_create(&labels).inc();
-                let connected = t.old == crate::events::TcpState::SynSent
-                    && t.new == crate::events::TcpState::Established;
+                let connected = t.old == crate::kernel::events::TcpState::SynSent
+                    && t.new == crate::kernel::events::TcpState::Established;
                 if connected && let Some(ns) = t.duration_ns {
                     self.connect_latency.observe(ns as f64 / 1e9);
                 }
@@ -311,7 +311,7 @@ mod tests {
     #[test]
     fn renders_counters_and_gauges() {
         let metrics = Metrics::new(0);
-        let lost = crate::output::LossRecord {
+        let lost = crate::record::LossRecord {
             time: chrono::DateTime::from_timestamp_nanos(0),
             reason: LossReason::RingBufferFull,
             count: 7,

@@ -3,11 +3,11 @@
 use anyhow::{Context as _, bail};
 
 use crate::{
-    api::{self, Command},
     cli::HistoryArgs,
-    history::{History, path},
-    query::{self, Endpoints},
-    services::Services,
+    host::services::Services,
+    query::ss::{self as query, Endpoints},
+    serve::api::{self, Command},
+    state::history::{History, path},
 };
 
 pub async fn run(args: &HistoryArgs) -> anyhow::Result<()> {

@@ -12,7 +12,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use crate::output::StreamRecord;
+use crate::record::StreamRecord;
 
 /// Version of the log's line format (the `v` field of every line).
 pub const FORMAT_VERSION: u32 = 1;
@@ -185,7 +185,7 @@ mod tests {
     use chrono::DateTime;
 
     use super::*;
-    use crate::output::{LossReason, LossRecord};
+    use crate::record::{LossReason, LossRecord};
 
     fn record(count: u64) -> StreamRecord {
         StreamRecord::Lost(LossRecord {

@@ -1,7 +1,7 @@
 //! Which stream records the user asked to see. All given conditions must hold.
 use crate::{
-    events::{Family, TcpState},
-    output::{RetransmitRecord, TransitionRecord},
+    kernel::events::{Family, TcpState},
+    record::{RetransmitRecord, TransitionRecord},
 };
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -67,9 +67,9 @@ mod tests {
 
     use super::*;
     use crate::{
-        events::{SockKey, StateChange, StateSource, Task},
-        output::WallClock,
-        table::{Owner, Transition},
+        kernel::events::{SockKey, StateChange, StateSource, Task},
+        record::WallClock,
+        state::table::{Owner, Transition},
     };
 
     fn transition(lport: u16, rport: u16, old: TcpState, new: TcpState) -> TransitionRecord {

@@ -8,14 +8,15 @@ use std::{
 use anyhow::Context as _;
 
 use crate::{
-    api::{self, Command},
     cli::TableArgs,
     error::Error,
-    events::{Family, TcpState},
-    output::table::{self, Listed, TextOptions},
-    query::{self, Endpoints, Query, StateSet},
-    services::Services,
-    snapshot::{Protocol, Snapshot, SocketRow, Source},
+    host::services::Services,
+    host::snapshot::{Protocol, Snapshot, SocketRow, Source},
+    kernel::events::{Family, TcpState},
+    output::table::{self, TextOptions},
+    query::ss::{self as query, Endpoints, Query, StateSet},
+    record::Listed,
+    serve::api::{self, Command},
 };
 
 /// Everything `netwatch table` was asked for, resolved before any socket is read.

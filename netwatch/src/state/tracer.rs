@@ -6,15 +6,15 @@ use std::{collections::HashMap, time::Duration};
 use anyhow::Context as _;
 
 use crate::{
-    events::{Event, EventReader, StateChange},
-    loader::{self, LoadOptions, Probes, RingCounters},
-    metrics::Health,
-    output::{
-        LossReason, LossRecord, RetransmitRecord, StreamRecord, TransitionRecord, WallClock,
-        table::{Listed, OwnerChange},
+    host::snapshot::{DiagSocket, NetNamespace, Snapshot, network_namespaces, socket_fds},
+    kernel::events::{Event, EventReader, StateChange},
+    kernel::loader::{self, LoadOptions, Probes, RingCounters},
+    record::{
+        Listed, LossReason, LossRecord, OwnerChange, RetransmitRecord, StreamRecord,
+        TransitionRecord, WallClock,
     },
-    snapshot::{DiagSocket, NetNamespace, Snapshot, network_namespaces, socket_fds},
-    table::{Table, may_leave_timewait},
+    serve::metrics::Health,
+    state::table::{Table, may_leave_timewait},
 };
 
 /// How often the kernel's loss counter is read; a loss is reported at most this late.
@@ -35,7 +35,7 @@ pub struct Tracer {
     namespaces: HashMap<u32, NetNamespace>,
     probes: Option<Probes>,
     /// The start-up snapshot's rows, for whoever keeps more than the table (histories).
-    initial_rows: Vec<crate::snapshot::SocketRow>,
+    initial_rows: Vec<crate::host::snapshot::SocketRow>,
     reader: EventReader,
     ring: RingCounters,
     table: Table,
@@ -143,7 +143,7 @@ impl Tracer {
     }
 
     /// The rows of the snapshot taken at start (once).
-    pub fn take_initial_rows(&mut self) -> Vec<crate::snapshot::SocketRow> {
+    pub fn take_initial_rows(&mut self) -> Vec<crate::host::snapshot::SocketRow> {
         std::mem::take(&mut self.initial_rows)
     }
 
@@ -182,7 +182,7 @@ impl Tracer {
     }
 
     /// Every listening socket with its accept-queue counts.
-    pub fn listeners(&self) -> Vec<crate::table::Listener> {
+    pub fn listeners(&self) -> Vec<crate::state::table::Listener> {
         self.table.listeners()
     }
 
@@ -190,8 +190,8 @@ impl Tracer {
     /// of `listeners`; None if a namespace could not be read.
     pub fn passive_sockets(
         &mut self,
-        listeners: &[crate::table::Listener],
-    ) -> Option<Vec<crate::snapshot::SocketRow>> {
+        listeners: &[crate::state::table::Listener],
+    ) -> Option<Vec<crate::host::snapshot::SocketRow>> {
         if listeners.iter().any(|l| !self.namespaces.contains_key(&l.netns)) {
             self.namespaces.extend(network_namespaces().into_iter().map(|ns| (ns.inode, ns)));
         }
@@ -313,10 +313,10 @@ impl Tracer {
     fn look_up_tcp(
         &mut self,
         netns: u32,
-        family: crate::events::Family,
+        family: crate::kernel::events::Family,
         local: (std::net::IpAddr, u16),
         remote: (std::net::IpAddr, u16),
-    ) -> Option<Option<crate::snapshot::SocketRow>> {
+    ) -> Option<Option<crate::host::snapshot::SocketRow>> {
         let namespace = self.namespaces.get(&netns)?;
         match self.diag.get(namespace).and_then(|d| d.lookup_tcp(family, local, remote)) {
             Ok(found) => Some(found),

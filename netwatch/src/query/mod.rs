@@ -1,0 +1,4 @@
+//! What the user asked to see: the `ss`-style filter language over sockets ([`ss`]), and the
+//! conditions a stream record must meet ([`stream`]).
+pub mod ss;
+pub mod stream;
