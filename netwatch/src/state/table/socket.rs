@@ -1,0 +1,142 @@
+//! One socket as the table keeps it: its owner, holders (pid, fd), state, and the facts a
+//! table row needs.
+use std::{collections::VecDeque, net::IpAddr};
+
+use crate::{
+    host::snapshot::{FdOwner, Protocol, SocketRow},
+    kernel::events::{Family, SockKey, Task, TcpState},
+};
+
+/// A process that owns a socket.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Owner {
+    pub pid: u32,
+    pub comm: String,
+}
+
+impl From<&Task> for Owner {
+    fn from(task: &Task) -> Self {
+        Owner { pid: task.pid, comm: task.comm.clone() }
+    }
+}
+
+/// What a table row needs beyond the state.
+#[derive(Clone, Debug, PartialEq)]
+pub(super) struct Facts {
+    pub(super) protocol: Protocol,
+    pub(super) family: Family,
+    pub(super) netns: u32,
+    pub(super) local: (IpAddr, u16),
+    pub(super) remote: (IpAddr, u16),
+    pub(super) inode: u64,
+    pub(super) uid: Option<u32>,
+    pub(super) v6only: bool,
+    /// A TIME_WAIT socket's end, in CLOCK_MONOTONIC ns.
+    pub(super) expires_ns: Option<u64>,
+}
+
+#[derive(Debug, Default)]
+pub(super) struct Socket {
+    pub(super) created_ns: Option<u64>,
+    pub(super) state: Option<TcpState>,
+    /// When `state` began; None for a state found in the snapshot.
+    pub(super) since_ns: Option<u64>,
+    pub(super) owner: Option<Owner>,
+    /// The last file reference is gone; the socket disappears at its CLOSE transition.
+    pub(super) released: bool,
+    pub(super) facts: Option<Facts>,
+    /// Every (pid, fd) holding the socket, with the process's command name.
+    pub(super) holders: Holders,
+    /// The state the socket was in when it received a RST.
+    pub(super) reset_in: Option<TcpState>,
+    /// The owners the socket had, oldest first, with when each took over (None: found in the
+    /// snapshot); at most OWNER_HISTORY entries.
+    pub(super) owner_history: VecDeque<(Option<u64>, Owner)>,
+    /// A passively opened socket not accepted yet: the listener whose accept queue holds it.
+    pub(super) queued_on: Option<SockKey>,
+    /// Segments retransmitted (`tcp_retransmit_skb`); for a listener, SYN-ACKs.
+    pub(super) retransmits: u64,
+}
+
+/// The (pid, fd) pairs holding a socket, with each process's command name: a sorted vector,
+/// since a socket has one or two holders and a map's node would cost ten times the memory
+/// (the table keeps one per socket on the host).
+#[derive(Debug, Default)]
+pub(super) struct Holders(pub(super) Vec<((u32, i32), String)>);
+
+impl Holders {
+    pub(super) fn insert(&mut self, key: (u32, i32), comm: String) {
+        match self.0.binary_search_by_key(&key, |(k, _)| *k) {
+            Ok(at) => self.0[at].1 = comm,
+            Err(at) => {
+                self.0.reserve_exact(1);
+                self.0.insert(at, (key, comm));
+            }
+        }
+    }
+
+    pub(super) fn remove(&mut self, key: &(u32, i32)) {
+        if let Ok(at) = self.0.binary_search_by_key(key, |(k, _)| *k) {
+            self.0.remove(at);
+        }
+    }
+
+    pub(super) fn extend(&mut self, holders: impl IntoIterator<Item = ((u32, i32), String)>) {
+        for (key, comm) in holders {
+            self.insert(key, comm);
+        }
+    }
+
+    pub(super) fn retain(&mut self, mut keep: impl FnMut(&(u32, i32), &String) -> bool) {
+        self.0.retain(|(key, comm)| keep(key, comm));
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub(super) fn iter(&self) -> impl Iterator<Item = (&(u32, i32), &String)> {
+        self.0.iter().map(|(key, comm)| (key, comm))
+    }
+
+    pub(super) fn keys(&self) -> impl Iterator<Item = &(u32, i32)> {
+        self.0.iter().map(|(key, _)| key)
+    }
+
+    pub(super) fn of_pid(&self, pid: u32) -> impl Iterator<Item = (&(u32, i32), &String)> {
+        self.iter().filter(move |((holder, _), _)| *holder == pid)
+    }
+
+    pub(super) fn comms_of_pid_mut(&mut self, pid: u32) -> impl Iterator<Item = &mut String> {
+        self.0.iter_mut().filter(move |((holder, _), _)| *holder == pid).map(|(_, comm)| comm)
+    }
+}
+
+/// How many owners a socket remembers.
+pub(super) const OWNER_HISTORY: usize = 8;
+
+impl Socket {
+    pub(super) fn set_owner(&mut self, owner: Option<Owner>, at_ns: Option<u64>) {
+        if let Some(new) = &owner
+            && self.owner.as_ref() != Some(new)
+        {
+            if self.owner_history.len() == OWNER_HISTORY {
+                self.owner_history.pop_front();
+            }
+            // Most sockets only ever have one owner: grow one entry at a time.
+            self.owner_history.reserve_exact(1);
+            self.owner_history.push_back((at_ns, new.clone()));
+        }
+        self.owner = owner;
+    }
+}
+
+/// A socket as the table lists it: `ss`'s row, every holder, and the time in its state.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Row {
+    pub row: SocketRow,
+    pub owners: Vec<FdOwner>,
+    pub in_state_ns: Option<u64>,
+    /// The owners the socket had, oldest first, with how long ago each took over.
+    pub owner_history: Vec<(Option<u64>, Owner)>,
+}
