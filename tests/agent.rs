@@ -543,19 +543,31 @@ fn metrics_parse_and_count_the_traffic() {
     assert!(agent.stop().success());
 }
 
-/// `netwatch history`: a connection's path in order, with durations that add up to its
-/// lifespan; filters by port, `--closed`, `--failed` and `--cookie`.
+/// `netwatch history`: a connection's path in order, through TIME_WAIT to its end (here its
+/// namespace's deletion), with durations that add up to its lifespan; filters by port,
+/// `--closed`, `--failed` and `--cookie`.
 #[test]
 fn history_shows_each_connections_path() {
     let agent = Agent::start(&Agent::test_socket("history"));
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let server = thread::spawn(move || serve_one(&listener).unwrap());
-    let client = client_roundtrip((Ipv4Addr::LOCALHOST, port).into()).unwrap();
-    server.join().unwrap();
-    let gone = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap().local_addr().unwrap();
-    assert!(std::net::TcpStream::connect(gone).is_err());
-    thread::sleep(Duration::from_millis(300));
+    let ns = NetNs::new("history");
+    let (port, client, gone) = ns.run(|| {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = thread::spawn(move || serve_one(&listener).unwrap());
+        let client = client_roundtrip((Ipv4Addr::LOCALHOST, port).into()).unwrap();
+        server.join().unwrap();
+        let gone = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap().local_addr().unwrap();
+        assert!(std::net::TcpStream::connect(gone).is_err());
+        (port, client, gone)
+    });
+    let open = agent.ask_json("history", &["dport", "=", &format!(":{port}")]);
+    let last = &open[0]["steps"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(
+        (last["old"].as_str(), last["new"].as_str()),
+        (Some("FIN_WAIT2"), Some("TIME_WAIT"))
+    );
+    assert_eq!(open[0]["closed"], false, "open while in TIME_WAIT: {open:#}");
+    drop(ns);
 
     let history = |args: &[&str]| -> Vec<Value> {
         let output = Command::new(netwatch_bin())
@@ -584,9 +596,11 @@ fn history_shows_each_connections_path() {
             ("SYN_SENT", "ESTABLISHED"),
             ("ESTABLISHED", "FIN_WAIT1"),
             ("FIN_WAIT1", "FIN_WAIT2"),
-            ("FIN_WAIT2", "CLOSE")
+            ("FIN_WAIT2", "TIME_WAIT"),
+            ("TIME_WAIT", "CLOSE")
         ]
     );
+    assert_eq!(h["ending"], "netns_deleted");
     assert_eq!(h["first_seen"], "event");
     let spent: u64 =
         h["steps"].as_array().unwrap().iter().map(|s| s["duration_ns"].as_u64().unwrap()).sum();
@@ -615,9 +629,10 @@ fn history_shows_each_connections_path() {
 
 /// One round trip from a test namespace to a sockpeer server in another, whose namespace
 /// drops the first packet carrying TCP flag `flag` (`syn`, `psh`) that the client sends, so
-/// that the client retransmits it. Returns both namespaces (alive for as long as the caller
-/// keeps them) and the server's port.
-fn round_trip_dropping_first(flag: &str) -> (NetNs, NetNs, u16) {
+/// that the client retransmits it. The client's namespace is then deleted, which ends its
+/// socket's TIME_WAIT. Returns that namespace's inode, the server's namespace (alive for as
+/// long as the caller keeps it) and the server's port.
+fn round_trip_dropping_first(flag: &str) -> (u64, NetNs, u16) {
     let (client_ns, server_ns) = veth_pair();
     let sockpeer = env!("CARGO_BIN_EXE_sockpeer");
     let (mut server, line) = sockpeer_in(&server_ns, sockpeer, &["serve", "10.231.0.2:0"]);
@@ -627,8 +642,9 @@ fn round_trip_dropping_first(flag: &str) -> (NetNs, NetNs, u16) {
         sockpeer_in(&client_ns, sockpeer, &["connect", &format!("10.231.0.2:{port}")]);
     assert!(line.starts_with("local 10.231.0.1:"), "{line}");
     assert!(client.wait().unwrap().success() && server.wait().unwrap().success());
-    thread::sleep(Duration::from_millis(300));
-    (client_ns, server_ns, port)
+    let client_netns = client_ns.inode();
+    drop(client_ns);
+    (client_netns, server_ns, port)
 }
 
 /// A connect between two test namespaces whose first SYN is dropped (nftables in the server's
@@ -637,7 +653,7 @@ fn round_trip_dropping_first(flag: &str) -> (NetNs, NetNs, u16) {
 #[test]
 fn connect_latency_counts_a_retransmitted_syn() {
     let agent = Agent::start(&Agent::test_socket("latency"));
-    let (client_ns, server_ns, port) = round_trip_dropping_first("syn");
+    let (client_netns, server_ns, port) = round_trip_dropping_first("syn");
 
     let stats = agent.ask_json("stats", &[]);
     let remote = format!("10.231.0.2:{port}");
@@ -667,7 +683,7 @@ fn connect_latency_counts_a_retransmitted_syn() {
     assert_eq!(steps.last().unwrap()["new"], "CLOSE");
     let spent: u64 = steps.iter().map(|s| s["duration_ns"].as_u64().unwrap()).sum();
     assert_eq!(client_history["lifespan_ns"].as_u64(), Some(spent), "{client_history:#}");
-    assert_eq!(client_history["netns"].as_u64(), Some(client_ns.inode()), "{client_history:#}");
+    assert_eq!(client_history["netns"].as_u64(), Some(client_netns), "{client_history:#}");
 
     let sport = format!(":{port}");
     let servers = agent.ask_json("history", &["--closed", "sport", "=", &sport]);
@@ -692,7 +708,7 @@ fn connect_latency_counts_a_retransmitted_syn() {
 #[test]
 fn a_dropped_segment_is_counted_as_a_retransmit() {
     let agent = Agent::start(&Agent::test_socket("retransmit"));
-    let (_client_ns, _server_ns, port) = round_trip_dropping_first("psh");
+    let (_, _server_ns, port) = round_trip_dropping_first("psh");
 
     let dport = format!(":{port}");
     let clients = agent.ask_json("history", &["--closed", "dport", "=", &dport]);

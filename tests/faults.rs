@@ -268,7 +268,10 @@ fn short_lived_processes_are_attributed_in_table_history_and_log() {
         expected.insert(local.parse().unwrap(), pid);
     }
     assert!(server.wait().unwrap().success());
-    thread::sleep(Duration::from_millis(300));
+    // The clients closed first: their connections live on in TIME_WAIT until the namespace
+    // goes. The agent answers with everything that happened before the question.
+    let netns = ns.inode();
+    drop(ns);
 
     let ports = format!("( dport = :{port} or dport = :{quick_port} )");
     let words: Vec<&str> = ports.split_whitespace().collect();
@@ -276,9 +279,15 @@ fn short_lived_processes_are_attributed_in_table_history_and_log() {
     args.extend(&words);
     let histories = agent.ask_json("history", &args);
     let mut seen = 0;
-    for h in
-        histories.as_array().unwrap().iter().filter(|h| h["netns"].as_u64() == Some(ns.inode()))
-    {
+    let mut incomplete = 0;
+    for h in histories.as_array().unwrap().iter().filter(|h| h["netns"].as_u64() == Some(netns)) {
+        seen += 1;
+        if h["lost_events"] == true {
+            // The kernel lost events while it was open (reported in-stream, checked below):
+            // its steps may be incomplete.
+            incomplete += 1;
+            continue;
+        }
         let pid = expected[&(h["lport"].as_u64().unwrap() as u16)];
         let connect = &h["steps"][0];
         assert_eq!(
@@ -290,24 +299,25 @@ fn short_lived_processes_are_attributed_in_table_history_and_log() {
             (Some(u64::from(pid)), Some("sockpeer")),
             "{h:#}"
         );
-        seen += 1;
     }
     assert_eq!(seen, expected.len(), "every client connection has a history");
     assert!(agent.stop().success());
 
     let text = std::fs::read_to_string(&log).unwrap();
+    let losses = text.lines().filter(|l| l.contains(r#""type":"lost""#)).count();
+    assert!(incomplete == 0 || losses > 0, "{incomplete} histories lost events, never silently");
     let mut logged = 0;
     for line in text.lines() {
         let record: Value = serde_json::from_str(line).unwrap();
         let to_ours = record["rport"] == port || record["rport"] == quick_port;
-        if record["type"] == "transition" && record["new"] == "SYN_SENT" && to_ours {
+        if record["type"] == "transition" && record["new"] == "SYN_SENT" && to_ours && losses == 0 {
             let pid = expected[&(record["lport"].as_u64().unwrap() as u16)];
             assert_eq!(record["pid"].as_u64(), Some(u64::from(pid)), "{record}");
             assert_eq!(record["comm"], "sockpeer");
             logged += 1;
         }
     }
-    assert_eq!(logged, expected.len(), "every connect is in the log");
+    assert!(losses > 0 || logged == expected.len(), "every connect is in the log: {logged}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     host::snapshot::{FdOwner, SocketRow},
     kernel::events::{Family, Retransmit, StateSource, TcpState},
-    state::table::{Failure, RetransmitSeen, Transition},
+    state::table::{Ending, Failure, RetransmitSeen, Transition},
 };
 
 /// Converts the kernel's CLOCK_MONOTONIC timestamps to wall time, with one offset taken at
@@ -148,9 +148,14 @@ pub struct TransitionRecord {
     pub bytes_received: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retransmits: Option<u32>,
-    /// On a CLOSE transition that ended a failed connection: refused, timeout, aborted, reset.
+    /// On a CLOSE transition that ended a failed connection: refused, timeout, aborted,
+    /// reset, reset_sent, listener_closed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure: Option<Failure>,
+    /// On a CLOSE that no tracepoint reported (`source` is `sock_diag`): what ended the
+    /// socket (expired, reused, vanished, netns_deleted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ending: Option<Ending>,
 }
 
 pub(crate) fn millis(ns: u64) -> f64 {
@@ -186,6 +191,7 @@ impl TransitionRecord {
             bytes_received: c.totals.map(|t| t.bytes_received),
             retransmits: c.totals.map(|t| t.retransmits),
             failure: t.failure,
+            ending: t.ending,
         }
     }
 }
@@ -312,6 +318,7 @@ mod tests {
             in_old_state_ns,
             lifespan_ns: None,
             failure: None,
+            ending: None,
         }
     }
 

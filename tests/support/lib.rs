@@ -381,6 +381,21 @@ impl NetNs {
         assert!(status.success(), "nft rules in {} failed: {status}", self.name);
     }
 
+    /// Runs `work` on a thread of its own that has joined this namespace: the sockets it
+    /// makes, and those of the threads it starts, are this namespace's.
+    pub fn run<T: Send + 'static>(&self, work: impl FnOnce() -> T + Send + 'static) -> T {
+        use std::os::fd::AsRawFd as _;
+        let file = std::fs::File::open(format!("/run/netns/{}", self.name)).expect("netns file");
+        thread::spawn(move || {
+            // SAFETY: setns on this thread only, with a namespace fd that stays open.
+            let joined = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(joined, 0, "setns: {}", std::io::Error::last_os_error());
+            work()
+        })
+        .join()
+        .expect("work in the namespace")
+    }
+
     /// The namespace's inode number, as netwatch reports it.
     pub fn inode(&self) -> u64 {
         use std::os::unix::fs::MetadataExt as _;

@@ -46,7 +46,7 @@ pub async fn run(args: &AgentArgs) -> anyhow::Result<()> {
     let mut stats = Stats::new();
     let mut histories =
         Histories::new(Retention { count: args.history_keep, max_age: args.history_max_age });
-    histories.seed(&tracer.take_initial_rows());
+    histories.seed(&tracer.take_snapshot_rows().unwrap_or_default());
     release_freed_memory();
     let metrics = Metrics::new(args.metrics_remotes);
     let metrics_listener = match args.metrics {
@@ -75,8 +75,9 @@ pub async fn run(args: &AgentArgs) -> anyhow::Result<()> {
             Some(query) = table_queue.recv() => {
                 // Answer with every event the kernel has queued so far applied: what the user
                 // did just before asking must be in the answer.
-                tracer.catch_up(&mut records);
+                tracer.settle(&mut records)?;
                 absorb(&mut records, &mut log, &metrics, &mut stats, &mut histories, &sender);
+                reconcile(&mut tracer, &mut histories);
                 // The client may have gone; nothing to do then.
                 match query {
                     Query::Table(reply) => { let _ = reply.send(tracer.listed()); }
@@ -97,6 +98,7 @@ pub async fn run(args: &AgentArgs) -> anyhow::Result<()> {
             next = tracer.next(&mut records) => {
                 next?;
                 absorb(&mut records, &mut log, &metrics, &mut stats, &mut histories, &sender);
+                reconcile(&mut tracer, &mut histories);
             }
         }
     }
@@ -267,12 +269,19 @@ fn absorb(
                 stats.record_retransmit(r);
                 histories.record_retransmit(r);
             }
-            StreamRecord::Lost(_) => {}
+            StreamRecord::Lost(_) => histories.mark_lost(),
         }
     }
     for record in records.drain(..) {
         // No subscriber is fine: nobody is watching.
         let _ = sender.send(Arc::new(record));
+    }
+}
+
+/// After a resync the table was rebuilt from a new snapshot: histories follow it.
+fn reconcile(tracer: &mut Tracer, histories: &mut Histories) {
+    if let Some(rows) = tracer.take_snapshot_rows() {
+        histories.reconcile(&rows, chrono::Utc::now());
     }
 }
 

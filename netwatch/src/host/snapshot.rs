@@ -349,6 +349,17 @@ impl DiagSocket {
         Ok(rows)
     }
 
+    /// The namespace's TCP sockets in TIME_WAIT or FIN_WAIT2, timewait sockets among them
+    /// (a timewait socket's state is its substate).
+    pub fn timewait_sockets(&mut self) -> io::Result<Vec<SocketRow>> {
+        let mut rows = Vec::new();
+        for family in [Family::Ipv4, Family::Ipv6] {
+            let states = StateFlags::TIME_WAIT | StateFlags::FIN_WAIT2;
+            self.query(Protocol::Tcp, family, None, states, &mut rows)?;
+        }
+        Ok(rows)
+    }
+
     /// A sock_diag dump of every socket of `protocol` and `family` in `states`, or, given a
     /// 4-tuple, the exact lookup of one; rows go to `rows`. Replies to earlier requests (left
     /// by a failed one) are told apart by sequence number and skipped.

@@ -123,6 +123,9 @@ pub enum StateSource {
     TpBtf,
     /// Classic `sock:inet_sock_set_state`: identity is (netns, socket address).
     Tracepoint,
+    /// No tracepoint: a timewait socket's change or end, or a socket's end with its network
+    /// namespace, learned from sock_diag.
+    SockDiag,
 }
 
 impl fmt::Display for StateSource {
@@ -130,6 +133,7 @@ impl fmt::Display for StateSource {
         f.write_str(match self {
             StateSource::TpBtf => "tp_btf/inet_sock_set_state",
             StateSource::Tracepoint => "tracepoint sock:inet_sock_set_state",
+            StateSource::SockDiag => "sock_diag",
         })
     }
 }

@@ -4,8 +4,11 @@ use std::net::SocketAddr;
 
 use chrono::{DateTime, Local, Utc};
 
-use crate::record::{
-    LossReason, LossRecord, Resent, RetransmitRecord, StreamRecord, TransitionRecord, millis,
+use crate::{
+    record::{
+        LossReason, LossRecord, Resent, RetransmitRecord, StreamRecord, TransitionRecord, millis,
+    },
+    state::table::{Ending, Failure},
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -24,12 +27,20 @@ impl TransitionRecord {
             self.duration_ns.map_or_else(|| "-".to_string(), |ns| format!("{:.3}", millis(ns)));
         let local = SocketAddr::from((self.laddr, self.lport));
         let remote = SocketAddr::from((self.raddr, self.rport));
-        format!(
+        let mut line = format!(
             "{} {:<12} -> {:<12} {ms}",
             socket_columns(self.time, self.pid, self.comm.as_deref(), local, remote),
             self.old,
             self.new,
-        )
+        );
+        // Why it ended, as the JSON says: a failure, or what ended a socket no event ended.
+        for why in
+            [self.failure.map(Failure::name), self.ending.map(Ending::name)].into_iter().flatten()
+        {
+            line.push(' ');
+            line.push_str(why);
+        }
+        line
     }
 }
 

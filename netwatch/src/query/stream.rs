@@ -95,6 +95,7 @@ mod tests {
             in_old_state_ns: None,
             lifespan_ns: None,
             failure: None,
+            ending: None,
         };
         TransitionRecord::new(&transition, &WallClock::with_offset_ns(0))
     }

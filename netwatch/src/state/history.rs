@@ -11,7 +11,7 @@ use crate::{
     host::snapshot::{Protocol, SocketRow},
     kernel::events::TcpState,
     record::{Resent, RetransmitRecord, TransitionRecord},
-    state::table::Failure,
+    state::table::{Ending, Failure},
 };
 
 /// Transitions kept per connection (a connection has about a dozen in its life).
@@ -61,6 +61,14 @@ pub struct History {
     /// Retransmissions netwatch saw as they happened (`tcp_retransmit_skb`), open or closed.
     #[serde(default)]
     pub retransmits_seen: u64,
+    /// What ended a connection whose end no tracepoint reports (a timewait socket's expiry
+    /// or reuse, its namespace's deletion).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ending: Option<Ending>,
+    /// Events were lost while the connection was open: some of its steps may be missing.
+    /// If a new snapshot no longer had it, it is closed here without its last steps.
+    #[serde(default)]
+    pub lost_events: bool,
 }
 
 impl History {
@@ -88,6 +96,8 @@ impl History {
             bytes_received: None,
             retransmits: None,
             retransmits_seen: 0,
+            ending: None,
+            lost_events: false,
         }
     }
 }
@@ -133,6 +143,32 @@ impl Histories {
         }
     }
 
+    /// After lost events, the table was rebuilt from a new snapshot (`rows`, taken at `now`):
+    /// open connections it no longer has ended unseen, and are closed as such; those it has
+    /// that no history knows are added.
+    pub fn reconcile(&mut self, rows: &[SocketRow], now: DateTime<Utc>) {
+        let present: std::collections::HashSet<u64> =
+            rows.iter().filter(|r| r.protocol == Protocol::Tcp).map(|r| r.cookie).collect();
+        let gone: Vec<u64> =
+            self.open.keys().filter(|cookie| !present.contains(cookie)).copied().collect();
+        for cookie in gone {
+            if let Some(mut history) = self.open.remove(&cookie) {
+                history.closed = true;
+                history.lost_events = true;
+                self.closed.push_back((now, history));
+            }
+        }
+        self.seed(rows);
+        self.expire(now);
+    }
+
+    /// Events were lost: every connection open now may be missing some of its steps.
+    pub fn mark_lost(&mut self) {
+        for history in self.open.values_mut() {
+            history.lost_events = true;
+        }
+    }
+
     pub fn record(&mut self, t: &TransitionRecord) {
         let Some(cookie) = t.cookie else { return };
         let history = self.open.entry(cookie).or_insert_with(|| {
@@ -160,6 +196,7 @@ impl Histories {
             history.bytes_sent = t.bytes_sent;
             history.bytes_received = t.bytes_received;
             history.retransmits = t.retransmits;
+            history.ending = t.ending;
             if let Some(history) = self.open.remove(&cookie) {
                 self.closed.push_back((t.time, history));
             }
@@ -262,6 +299,7 @@ mod tests {
             bytes_received: None,
             retransmits: None,
             failure: None,
+            ending: None,
         }
     }
 

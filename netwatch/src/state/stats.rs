@@ -341,6 +341,7 @@ mod tests {
             bytes_received: None,
             retransmits: None,
             failure,
+            ending: None,
         }
     }
 

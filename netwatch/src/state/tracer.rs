@@ -6,15 +6,16 @@ use std::{collections::HashMap, time::Duration};
 use anyhow::Context as _;
 
 use crate::{
+    host::snapshot::SocketRow,
     host::snapshot::{DiagSocket, NetNamespace, Snapshot, network_namespaces, socket_fds},
-    kernel::events::{Event, EventReader, StateChange},
+    kernel::events::{Event, EventReader, StateChange, TcpState},
     kernel::loader::{self, LoadOptions, Probes, RingCounters},
     record::{
         Listed, LossReason, LossRecord, OwnerChange, RetransmitRecord, StreamRecord,
         TransitionRecord, WallClock,
     },
     serve::metrics::Health,
-    state::table::{Table, may_leave_timewait},
+    state::table::{Table, Transition, may_leave_timewait},
 };
 
 /// How often the kernel's loss counter is read; a loss is reported at most this late.
@@ -24,18 +25,24 @@ const LOSS_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// only when an eighth of the buffer is waiting, so this bounds a quiet host's latency.
 const DRAIN_INTERVAL: Duration = Duration::from_millis(5);
 
+/// How often every namespace's timewait sockets are compared with the kernel's, to learn of
+/// those a RST ended early; those past their expiry or in FIN_WAIT2 are looked at every
+/// LOSS_CHECK_INTERVAL.
+const TIMEWAIT_CHECK_INTERVAL: Duration = Duration::from_secs(5);
+
 /// Loss checks in a row that may find new losses before the table is rebuilt anyway.
 const RESYNC_AT_LATEST: u32 = 5;
 
 pub struct Tracer {
-    /// Whether this tracer keeps the socket table's rows current (the agent does; a direct
-    /// watch only needs owners and state times). Timewait lookups cost a netlink request.
+    /// Whether this tracer keeps the socket table's holders exact after exec (the agent
+    /// does; a direct watch only needs owners and state times).
     keep_rows: bool,
     /// Namespace inode -> a path to enter it, for targeted lookups and names.
     namespaces: HashMap<u32, NetNamespace>,
     probes: Option<Probes>,
-    /// The start-up snapshot's rows, for whoever keeps more than the table (histories).
-    initial_rows: Vec<crate::host::snapshot::SocketRow>,
+    /// The rows of the snapshot the table was last seeded from, until taken: for whoever
+    /// keeps more than the table (histories).
+    snapshot_rows: Option<Vec<SocketRow>>,
     reader: EventReader,
     ring: RingCounters,
     table: Table,
@@ -54,6 +61,8 @@ pub struct Tracer {
     ring_size: u32,
     /// When the table was last seeded from a snapshot (Unix time, seconds).
     snapshot_at: f64,
+    /// When each namespace's timewait sockets were last compared with sock_diag's.
+    timewait_checked: HashMap<u32, u64>,
 }
 
 /// sock_diag sockets opened on first use, one per namespace, closed when dropped (an open one
@@ -100,7 +109,7 @@ impl Tracer {
         let namespaces = snapshot.namespaces.into_iter().map(|ns| (ns.inode, ns)).collect();
         Ok(Tracer {
             keep_rows: false,
-            initial_rows: snapshot.rows,
+            snapshot_rows: Some(snapshot.rows),
             namespaces,
             probes: Some(probes),
             reader,
@@ -121,6 +130,7 @@ impl Tracer {
             batch: Vec::new(),
             ring_size: options.ring_size.unwrap_or(loader::DEFAULT_RING_SIZE),
             snapshot_at: unix_now(),
+            timewait_checked: HashMap::new(),
         })
     }
 
@@ -140,25 +150,36 @@ impl Tracer {
         self.table = table;
         self.snapshot_at = unix_now();
         self.namespaces = snapshot.namespaces.into_iter().map(|ns| (ns.inode, ns)).collect();
+        self.snapshot_rows = Some(snapshot.rows);
     }
 
-    /// The rows of the snapshot taken at start (once).
-    pub fn take_initial_rows(&mut self) -> Vec<crate::host::snapshot::SocketRow> {
-        std::mem::take(&mut self.initial_rows)
+    /// The rows of the snapshot the table was seeded from since the last call: the one at
+    /// start, then each one a resync took after lost events.
+    pub fn take_snapshot_rows(&mut self) -> Option<Vec<SocketRow>> {
+        self.snapshot_rows.take()
     }
 
-    /// Keeps the table's rows exact (timewait sockets looked up as they appear).
+    /// Keeps the table's holders exact after exec (a look at the process's fds).
     pub fn keeping_rows(mut self) -> Self {
         self.keep_rows = true;
         self
     }
 
-    /// The socket table now, as `ss -tuanp` would list it.
-    pub fn listed(&mut self) -> Vec<Listed> {
-        self.forget_gone_namespaces();
-        self.refresh_orphaned_fin_wait2();
+    /// Brings everything up to the moment of asking, for an answer that includes all that
+    /// happened before the question: applies the events the kernel has queued, reports new
+    /// losses and rebuilds the table if there were any, and ends the sockets that went
+    /// without an event (timewait sockets, deleted namespaces). Records go to `out`.
+    pub fn settle(&mut self, out: &mut Vec<StreamRecord>) -> anyhow::Result<()> {
+        self.catch_up(out);
+        self.check_losses(out, true)?;
+        self.forget_gone_namespaces(out);
+        self.check_timewait(out, true);
+        Ok(())
+    }
+
+    /// The socket table as of the last [`Tracer::settle`], as `ss -tuanp` would list it.
+    pub fn listed(&self) -> Vec<Listed> {
         let now = WallClock::monotonic_now_ns();
-        self.table.expire(now);
         self.table
             .rows(now)
             .into_iter()
@@ -231,7 +252,11 @@ impl Tracer {
     /// appends the resulting records to `out`.
     pub async fn next(&mut self, out: &mut Vec<StreamRecord>) -> anyhow::Result<()> {
         tokio::select! {
-            _ = self.loss_timer.tick() => self.report_losses(out),
+            _ = self.loss_timer.tick() => {
+                self.forget_gone_namespaces(out);
+                self.check_timewait(out, false);
+                self.check_losses(out, false)
+            }
             _ = self.drain_timer.tick() => {
                 self.catch_up(out);
                 Ok(())
@@ -255,13 +280,13 @@ impl Tracer {
         drop(self.probes.take());
         self.reader.read_available(&mut self.batch);
         self.apply_batch(out);
-        self.report_losses(out)
+        self.check_losses(out, false)
     }
 
     fn apply_batch(&mut self, out: &mut Vec<StreamRecord>) {
-        let mut closed = Vec::new();
         let mut execs = Vec::new();
-        for event in self.batch.drain(..) {
+        let mut batch = std::mem::take(&mut self.batch);
+        for event in batch.drain(..) {
             if let (true, Event::Exec(task)) = (self.keep_rows, &event) {
                 execs.push(task.pid);
             }
@@ -274,37 +299,43 @@ impl Tracer {
                 ))));
                 continue;
             }
-            if let Some(transition) = self.table.apply(event) {
-                if self.keep_rows && may_leave_timewait(&transition.change) {
-                    closed.push(transition.change.clone());
-                }
+            let transition = match event {
+                Event::State(change) if may_leave_timewait(&change) => self.close(change),
+                event => self.table.apply(event),
+            };
+            for ended in self.table.take_ended().into_iter().chain(transition) {
                 out.push(StreamRecord::Transition(Box::new(TransitionRecord::new(
-                    &transition,
+                    &ended,
                     &self.clock,
                 ))));
             }
         }
-        self.look_up_timewait(&closed);
+        self.batch = batch;
         for pid in execs {
             // A targeted look at one process's fds: exec closed its close-on-exec ones.
             self.table.keep_open_fds(pid, &socket_fds(pid));
         }
     }
 
-    /// Full sockets closed from FIN_WAIT*/CLOSING: the kernel may keep a timewait socket for
-    /// each 4-tuple, which no tracepoint reports. Ask sock_diag for those sockets, one exact
-    /// lookup each, through the namespace's kept socket.
-    fn look_up_timewait(&mut self, closed: &[StateChange]) {
-        if closed.iter().any(|c| !self.namespaces.contains_key(&c.netns)) {
+    /// A full socket closed from FIN_WAIT1/FIN_WAIT2/CLOSING: the kernel may have made a
+    /// timewait socket for its 4-tuple, which no tracepoint reports. One exact sock_diag
+    /// lookup, before any later event is applied, says whether it did: a timewait socket
+    /// carries the full socket's cookie.
+    fn close(&mut self, change: StateChange) -> Option<Transition> {
+        if change.cookie.is_some() && !self.namespaces.contains_key(&change.netns) {
             self.namespaces.extend(network_namespaces().into_iter().map(|ns| (ns.inode, ns)));
         }
-        for change in closed {
-            // The timewait socket carries the full socket's cookie.
-            if let Some(Some(row)) =
+        let timewait = change
+            .cookie
+            .and_then(|cookie| {
                 self.look_up_tcp(change.netns, change.family, change.local, change.remote)
-            {
-                self.table.insert_row(&row, None, WallClock::monotonic_now_ns());
-            }
+                    .flatten()
+                    .filter(|row| row.cookie == cookie)
+            })
+            .filter(|row| matches!(row.state, TcpState::TimeWait | TcpState::FinWait2));
+        match timewait {
+            Some(row) => self.table.enter_timewait(change, &row, WallClock::monotonic_now_ns()),
+            None => self.table.apply(Event::State(change)),
         }
     }
 
@@ -327,10 +358,10 @@ impl Tracer {
         }
     }
 
-    /// A deleted network namespace takes its sockets with it, and no event says so. Before
-    /// listing, check that each namespace the table has sockets in can still be reached (one
-    /// stat of a known path each; a /proc scan only when one cannot) and forget the rest.
-    fn forget_gone_namespaces(&mut self) {
+    /// A deleted network namespace takes its sockets with it, and no event says so. Check
+    /// that each namespace the table has sockets in can still be reached (one stat of a known
+    /// path each; a /proc scan only when one cannot) and end the sockets of the rest.
+    fn forget_gone_namespaces(&mut self, out: &mut Vec<StreamRecord>) {
         use std::os::unix::fs::MetadataExt as _;
         let reachable = |ns: &NetNamespace| {
             std::fs::metadata(&ns.path).is_ok_and(|m| m.ino() == u64::from(ns.inode))
@@ -346,28 +377,56 @@ impl Tracer {
             return;
         }
         self.namespaces = network_namespaces().into_iter().map(|ns| (ns.inode, ns)).collect();
+        let now = WallClock::monotonic_now_ns();
         for inode in unsure {
             if !self.namespaces.contains_key(&inode) {
-                tracing::debug!("netns {inode} is gone: forgetting its sockets");
-                self.table.forget_namespace(inode);
+                tracing::debug!("netns {inode} is gone: ending its sockets");
+                self.diag.0.remove(&inode);
+                self.timewait_checked.remove(&inode);
+                let ended = self.table.forget_namespace(inode, now);
+                self.push_transitions(ended, out);
             }
         }
     }
 
-    /// A timewait socket made from an orphaned FIN_WAIT2 socket turns into TIME_WAIT when the
-    /// peer's FIN arrives, which no tracepoint reports: look such sockets up again.
-    fn refresh_orphaned_fin_wait2(&mut self) {
-        for row in self.table.timewait_in_fin_wait2() {
-            match self.look_up_tcp(row.netns, row.family, row.local, row.remote) {
-                Some(Some(now)) => self.table.insert_row(&now, None, WallClock::monotonic_now_ns()),
-                Some(None) => self.table.forget(row.cookie),
-                None => {}
+    /// Compares the table's timewait sockets with sock_diag's, one dump per namespace that
+    /// has some: those in the FIN_WAIT2 substate or past their expiry every second, the rest
+    /// every TIMEWAIT_CHECK_INTERVAL (a RST ends a timewait socket with no event), and all
+    /// of them when `now` is set (a question is being answered).
+    fn check_timewait(&mut self, out: &mut Vec<StreamRecord>, all: bool) {
+        let now = WallClock::monotonic_now_ns();
+        let interval = TIMEWAIT_CHECK_INTERVAL.as_nanos() as u64;
+        for (netns, due) in self.table.timewait_namespaces(now) {
+            let last = self.timewait_checked.get(&netns).copied().unwrap_or(0);
+            if !(all || due || now.saturating_sub(last) >= interval) {
+                continue;
+            }
+            let Some(namespace) = self.namespaces.get(&netns) else { continue };
+            let dump = self.diag.get(namespace).and_then(DiagSocket::timewait_sockets);
+            match dump {
+                Ok(rows) => {
+                    let now = WallClock::monotonic_now_ns();
+                    self.timewait_checked.insert(netns, now);
+                    let changed = self.table.reconcile_timewait(netns, &rows, now);
+                    self.push_transitions(changed, out);
+                }
+                Err(error) => tracing::debug!("timewait sockets in netns {netns}: {error}"),
             }
         }
     }
 
-    /// A `lost` record per reason whose count grew since the previous report.
-    fn report_losses(&mut self, out: &mut Vec<StreamRecord>) -> anyhow::Result<()> {
+    fn push_transitions(&self, transitions: Vec<Transition>, out: &mut Vec<StreamRecord>) {
+        out.extend(
+            transitions
+                .iter()
+                .map(|t| StreamRecord::Transition(Box::new(TransitionRecord::new(t, &self.clock)))),
+        );
+    }
+
+    /// A `lost` record per reason whose count grew since the previous report; and the table
+    /// rebuilt once the loss has stopped, or at once when `now` is set (a question is being
+    /// answered, and its answer must not rest on a table that missed events).
+    fn check_losses(&mut self, out: &mut Vec<StreamRecord>, now: bool) -> anyhow::Result<()> {
         // Let go of the namespaces the lookup sockets pin (a deleted one lives on until then).
         self.diag = DiagSockets::default();
         let ring_full = self.ring.lost().context("reading the lost-event counter")?;
@@ -380,6 +439,10 @@ impl Tracer {
         // being lost it would only deepen the loss. Rebuild once a check finds no new loss,
         // or after RESYNC_AT_LATEST checks of continuous loss.
         self.resync_due = match (self.resync_due, losing) {
+            (None, true) | (Some(_), _) if now => {
+                self.resync();
+                None
+            }
             (None, false) => None,
             (Some(checks), true) if checks + 1 < RESYNC_AT_LATEST => Some(checks + 1),
             (None, true) => Some(0),

@@ -1,5 +1,6 @@
 //! State changes as the table sees them: who owns the socket at each one, how long the old
-//! state lasted, and at CLOSE how long the connection lived and why it failed, if it did.
+//! state lasted, and at CLOSE how long the connection lived, why it failed if it did, and
+//! what ended it when no event of its own did (a timewait socket, a deleted namespace).
 use crate::{
     host::snapshot::Protocol,
     kernel::events::{SockKey, StateChange, TcpState},
@@ -21,6 +22,39 @@ pub struct Transition {
     pub lifespan_ns: Option<u64>,
     /// At CLOSE: why the connection failed, if it did.
     pub failure: Option<Failure>,
+    /// At a CLOSE that no tracepoint reported (a timewait socket's end, a namespace's
+    /// deletion): what ended the socket.
+    pub ending: Option<Ending>,
+}
+
+/// What ended a socket whose end no tracepoint reports: a timewait socket, or any socket of
+/// a deleted network namespace.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Ending {
+    /// Its timer ran out: TIME_WAIT's 60 s, or `tcp_fin_timeout` in the FIN_WAIT2 substate.
+    Expired,
+    /// A new connection took over its 4-tuple (`tcp_tw_reuse`, or a new SYN it let through).
+    Reused,
+    /// It went before its time and no event said why: a RST from the peer ends a timewait
+    /// socket (RFC 1337), as does `ss -K`.
+    Vanished,
+    /// Its network namespace was deleted, which destroys the sockets no process holds.
+    NetnsDeleted,
+}
+
+impl Ending {
+    pub const ALL: [Ending; 4] =
+        [Ending::Expired, Ending::Reused, Ending::Vanished, Ending::NetnsDeleted];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Ending::Expired => "expired",
+            Ending::Reused => "reused",
+            Ending::Vanished => "vanished",
+            Ending::NetnsDeleted => "netns_deleted",
+        }
+    }
 }
 
 /// How a connection ended badly.
@@ -38,6 +72,9 @@ pub enum Failure {
     /// This host reset an open connection: its owner closed it with unread data or with
     /// SO_LINGER 0 (the kernel sends a RST instead of a FIN).
     ResetSent,
+    /// Established but never accepted: its listener closed with it still in the accept
+    /// queue, and the kernel reset it.
+    ListenerClosed,
 }
 
 impl Failure {
@@ -48,8 +85,18 @@ impl Failure {
             Failure::Aborted => "aborted",
             Failure::Reset => "reset",
             Failure::ResetSent => "reset_sent",
+            Failure::ListenerClosed => "listener_closed",
         }
     }
+
+    pub const ALL: [Failure; 6] = [
+        Failure::Refused,
+        Failure::Timeout,
+        Failure::Aborted,
+        Failure::Reset,
+        Failure::ResetSent,
+        Failure::ListenerClosed,
+    ];
 }
 
 /// Sockets that reached CLOSE but may still be reused (connect again) are kept for at most
@@ -83,6 +130,13 @@ impl Table {
             self.enqueue(change.key, *listener);
         }
         let listener_owner = listener.and_then(|(_, owner)| owner);
+        let opens = matches!(
+            (change.old, change.new),
+            (TcpState::Close, TcpState::SynSent) | (TcpState::Listen, TcpState::SynRecv)
+        );
+        if opens && change.local.1 != 0 {
+            self.end_reused(change.netns, change.local, change.remote, change.ts_ns, change.key);
+        }
         let socket = self.sockets.entry(change.key).or_default();
 
         if change.old == TcpState::Listen && change.new == TcpState::SynRecv {
@@ -95,18 +149,30 @@ impl Table {
         // tcp_receive_reset event came first; sent: close() released it first) or when the
         // kernel gives up on it (still held).
         let open = matches!(change.old, TcpState::Established | TcpState::CloseWait);
+        // An unaccepted connection whose listener is gone: the listener's close reset it.
+        let orphaned_in_queue = change.new == TcpState::Close
+            && socket.queued_on.is_some_and(|l| !self.accept_queues.contains_key(&l));
         let failure = match (change.new, socket.reset_in, change.old) {
             (TcpState::Close, Some(TcpState::SynSent), _) => Some(Failure::Refused),
             (TcpState::Close, Some(_), _) => Some(Failure::Reset),
             // close() releases the socket before its CLOSE transition; a timeout does not.
             (TcpState::Close, None, TcpState::SynSent) if socket.released => Some(Failure::Aborted),
             (TcpState::Close, None, TcpState::SynSent) => Some(Failure::Timeout),
+            (TcpState::Close, None, _) if open && orphaned_in_queue => {
+                Some(Failure::ListenerClosed)
+            }
             (TcpState::Close, None, _) if open && socket.released => Some(Failure::ResetSent),
             (TcpState::Close, None, _) if open => Some(Failure::Timeout),
             _ => None,
         };
         if change.new == TcpState::Close {
             socket.reset_in = None;
+            // A child that dies in the accept queue leaves it.
+            if let Some(queue) =
+                socket.queued_on.take().and_then(|l| self.accept_queues.get_mut(&l))
+            {
+                queue.queued = queue.queued.saturating_sub(1);
+            }
         }
         let in_old_state_ns = match (socket.state, socket.since_ns) {
             (Some(state), Some(since)) if state == change.old => {
@@ -175,7 +241,7 @@ impl Table {
                 self.remember_closed(change.key);
             }
         }
-        Transition { change, owner, in_old_state_ns, lifespan_ns, failure }
+        Transition { change, owner, in_old_state_ns, lifespan_ns, failure, ending: None }
     }
 
     pub(super) fn remember_closed(&mut self, key: SockKey) {

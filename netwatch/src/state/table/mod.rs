@@ -29,13 +29,12 @@ mod socket;
 mod tests;
 mod timewait;
 
-pub use close::{Failure, Transition, may_leave_timewait};
+pub use close::{Ending, Failure, Transition, may_leave_timewait};
 pub use listeners::{AcceptQueue, Listener, RetransmitSeen};
 pub use socket::{Owner, Row};
-pub use timewait::TimewaitSocket;
 
 use listeners::ListenerKey;
-use socket::{Facts, Socket};
+use socket::{Facts, FourTuple, Socket};
 
 #[derive(Debug, Default)]
 pub struct Table {
@@ -52,6 +51,10 @@ pub struct Table {
     /// Holders the snapshot found for sockets it did not list (an unbound UDP socket, a TCP
     /// socket not yet connected), by inode: claimed when an event names that inode.
     unclaimed: HashMap<u64, Vec<FdOwner>>,
+    /// Timewait sockets by 4-tuple (cookie), to tell when a new connection takes one over.
+    timewaits: FxHashMap<FourTuple, u64>,
+    /// Transitions made while applying an event, ahead of its own ([`Table::take_ended`]).
+    ended: Vec<Transition>,
 }
 
 impl Table {
@@ -113,20 +116,11 @@ impl Table {
         socket.state = Some(row.state);
         socket.since_ns = None;
         socket.set_owner(owner, None);
-        socket.facts = Some(Facts {
-            protocol: row.protocol,
-            family: row.family,
-            netns: row.netns,
-            local: row.local,
-            remote: row.remote,
-            inode: row.inode,
-            uid: Some(row.uid),
-            v6only: row.v6only,
-            expires_ns: row
-                .timer
-                .filter(|t| t.kind == TimerKind::Timewait)
-                .map(|t| now_ns + u64::from(t.remaining_ms) * 1_000_000),
-        });
+        let facts = Facts::from_row(row, now_ns);
+        if facts.expires_ns.is_some() {
+            self.timewaits.insert(facts.four_tuple(), row.cookie);
+        }
+        socket.facts = Some(facts);
         self.add_holders(key, holders.into_iter().flatten().cloned());
     }
 
@@ -346,7 +340,7 @@ impl Table {
                 Protocol::Tcp => state != TcpState::Close,
                 Protocol::Udp => facts.local.1 != 0,
             };
-            if !listed || facts.expires_ns.is_some_and(|end| end <= now_ns) {
+            if !listed {
                 continue;
             }
             rows.push(Row {

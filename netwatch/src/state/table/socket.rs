@@ -3,8 +3,8 @@
 use std::{collections::VecDeque, net::IpAddr};
 
 use crate::{
-    host::snapshot::{FdOwner, Protocol, SocketRow},
-    kernel::events::{Family, SockKey, Task, TcpState},
+    host::snapshot::{FdOwner, Protocol, SocketRow, TimerKind},
+    kernel::events::{Family, SockKey, Task, TcpState, Totals},
 };
 
 /// A process that owns a socket.
@@ -31,9 +31,37 @@ pub(super) struct Facts {
     pub(super) inode: u64,
     pub(super) uid: Option<u32>,
     pub(super) v6only: bool,
-    /// A TIME_WAIT socket's end, in CLOCK_MONOTONIC ns.
+    /// A timewait socket's end, in CLOCK_MONOTONIC ns: set only for timewait sockets.
     pub(super) expires_ns: Option<u64>,
 }
+
+impl Facts {
+    /// What a sock_diag row found at `now_ns` says about its socket.
+    pub(super) fn from_row(row: &SocketRow, now_ns: u64) -> Facts {
+        Facts {
+            protocol: row.protocol,
+            family: row.family,
+            netns: row.netns,
+            local: row.local,
+            remote: row.remote,
+            inode: row.inode,
+            uid: Some(row.uid),
+            v6only: row.v6only,
+            expires_ns: row
+                .timer
+                .filter(|t| t.kind == TimerKind::Timewait)
+                .map(|t| now_ns + u64::from(t.remaining_ms) * 1_000_000),
+        }
+    }
+
+    /// The socket's (netns, local, remote), the key of a timewait socket's 4-tuple.
+    pub(super) fn four_tuple(&self) -> FourTuple {
+        (self.netns, self.local, self.remote)
+    }
+}
+
+/// A TCP connection's (netns, local, remote) endpoints.
+pub(super) type FourTuple = (u32, (IpAddr, u16), (IpAddr, u16));
 
 #[derive(Debug, Default)]
 pub(super) struct Socket {
@@ -56,6 +84,9 @@ pub(super) struct Socket {
     pub(super) queued_on: Option<SockKey>,
     /// Segments retransmitted (`tcp_retransmit_skb`); for a listener, SYN-ACKs.
     pub(super) retransmits: u64,
+    /// What the full socket carried when it closed into a timewait socket, for the summary
+    /// at the timewait socket's own end.
+    pub(super) close_totals: Option<Totals>,
 }
 
 /// The (pid, fd) pairs holding a socket, with each process's command name: a sorted vector,

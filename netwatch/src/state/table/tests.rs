@@ -3,7 +3,7 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use super::{close::CLOSED_KEPT, *};
 use crate::kernel::events::{Family, SockLife, StateSource};
-use crate::kernel::events::{Retransmit, StateChange, Task};
+use crate::kernel::events::{Retransmit, StateChange, Task, Totals};
 use TcpState::*;
 use std::collections::HashMap;
 
@@ -169,16 +169,114 @@ fn udp_rows_appear_once_bound_and_follow_connect() {
     assert_eq!(rows[0].owners[0].pid, 20);
 }
 
+/// The timewait socket sock_diag would find for `change`'s socket: same cookie and 4-tuple.
+fn timewait_row(cookie: u64, state: TcpState, remaining_ms: u32) -> SocketRow {
+    let mut tw = row(cookie, state, 8080, 0);
+    tw.timer = Some(Timer { kind: TimerKind::Timewait, remaining_ms });
+    tw
+}
+
+/// A connection closed actively by its owner (pid 10), its full socket gone at 50 µs with
+/// `totals`, into a timewait socket in `tw_state`.
+fn closed_into_timewait(table: &mut Table, tw_state: TcpState) -> Option<Transition> {
+    table.apply(created(1, 1_000, task(10, "curl")));
+    table.apply(change(1, 2_000, Close, SynSent, task(10, "curl")));
+    table.apply(change(1, 3_000, SynSent, Established, task(0, "swapper/0")));
+    table.apply(change(1, 10_000, Established, FinWait1, task(10, "curl")));
+    table.apply(change(1, 20_000, FinWait1, FinWait2, task(0, "swapper/0")));
+    table.apply(released(1, 21_000));
+    let Event::State(mut close) = change(1, 50_000, FinWait2, Close, task(0, "swapper/0")) else {
+        unreachable!()
+    };
+    close.totals = Some(Totals { bytes_sent: 100, bytes_received: 2000, retransmits: 1 });
+    table.enter_timewait(close, &timewait_row(1, tw_state, 60_000), 50_000)
+}
+
 #[test]
-fn timewait_rows_expire() {
+fn a_close_into_timewait_goes_on_in_time_wait_and_ends_with_the_summary() {
     let mut table = Table::new();
-    let mut tw = row(9, TimeWait, 5000, 0);
-    tw.timer = Some(Timer { kind: TimerKind::Timewait, remaining_ms: 60_000 });
-    table.insert_row(&tw, None, 1_000);
-    assert_eq!(table.rows(30_000_001_000)[0].row.timer.unwrap().remaining_ms, 30_000);
-    assert!(table.rows(60_000_001_000).is_empty(), "gone at its end");
-    table.expire(60_000_001_000);
-    assert!(table.is_empty());
+    let into = closed_into_timewait(&mut table, TimeWait).unwrap();
+    assert_eq!((into.change.old, into.change.new), (FinWait2, TimeWait));
+    assert_eq!(
+        (into.in_old_state_ns, into.lifespan_ns, into.change.totals),
+        (Some(30_000), None, None)
+    );
+    assert_eq!(into.owner, Some(Owner { pid: 10, comm: "curl".into() }));
+    let rows = table.rows(30_000_050_000);
+    assert_eq!((rows[0].row.state, rows[0].row.timer.unwrap().remaining_ms), (TimeWait, 30_000));
+    // Still there at the check before its expiry: nothing changes.
+    assert!(
+        table.reconcile_timewait(1, &[timewait_row(1, TimeWait, 1_000)], 59_000_050_000).is_empty()
+    );
+
+    let end = table.reconcile_timewait(1, &[], 60_000_100_000);
+    assert_eq!(end.len(), 1);
+    let end = &end[0];
+    assert_eq!(
+        (end.change.old, end.change.new, end.ending),
+        (TimeWait, Close, Some(Ending::Expired))
+    );
+    assert_eq!(end.change.source, StateSource::SockDiag);
+    assert_eq!(end.in_old_state_ns, Some(60_000_100_000 - 50_000));
+    assert_eq!(end.lifespan_ns, Some(60_000_100_000 - 1_000), "born to the end of TIME_WAIT");
+    assert_eq!(end.change.totals.map(|t| t.bytes_received), Some(2000), "the full socket's totals");
+    assert_eq!(end.owner, Some(Owner { pid: 10, comm: "curl".into() }));
+    assert!(table.is_empty() && table.timewait_namespaces(0).is_empty());
+}
+
+#[test]
+fn a_new_connection_on_the_four_tuple_ends_the_timewait_socket_first() {
+    let mut table = Table::new();
+    closed_into_timewait(&mut table, TimeWait);
+    let reconnect = table.apply(change(2, 2_000_000_000, Close, SynSent, task(11, "curl")));
+    assert_eq!(reconnect.map(|t| t.change.new), Some(SynSent));
+    let ended = table.take_ended();
+    assert_eq!(ended.len(), 1);
+    assert_eq!((ended[0].change.key, ended[0].ending), (SockKey::Cookie(1), Some(Ending::Reused)));
+    assert_eq!(ended[0].in_old_state_ns, Some(2_000_000_000 - 50_000));
+    assert!(table.take_ended().is_empty());
+}
+
+#[test]
+fn a_timewait_socket_gone_before_its_time_vanished() {
+    let mut table = Table::new();
+    closed_into_timewait(&mut table, TimeWait);
+    let end = table.reconcile_timewait(1, &[], 5_000_000_000);
+    assert_eq!(end[0].ending, Some(Ending::Vanished));
+}
+
+#[test]
+fn the_fin_wait2_substate_turns_to_time_wait_when_sock_diag_says_so() {
+    let mut table = Table::new();
+    assert_eq!(closed_into_timewait(&mut table, FinWait2), None, "no change the user can see");
+    assert_eq!(table.rows(60_000)[0].row.state, FinWait2);
+    assert_eq!(table.timewait_namespaces(60_000).get(&1), Some(&true), "due: FIN_WAIT2");
+    let turned = table.reconcile_timewait(1, &[timewait_row(1, TimeWait, 60_000)], 1_000_000_000);
+    assert_eq!((turned[0].change.old, turned[0].change.new), (FinWait2, TimeWait));
+    assert_eq!(turned[0].in_old_state_ns, Some(1_000_000_000 - 20_000), "FIN_WAIT2 since 20 µs");
+    assert_eq!(table.timewait_namespaces(2_000_000_000).get(&1), Some(&false));
+}
+
+#[test]
+fn a_deleted_namespace_ends_its_unheld_sockets() {
+    let mut table = Table::new();
+    closed_into_timewait(&mut table, TimeWait);
+    table.apply(Event::FdOpened(fd_event(5, 3, task(20, "sshd"), Protocol::Tcp)));
+    let ended = table.forget_namespace(1, 9_000_000_000);
+    assert_eq!(ended.len(), 1);
+    assert_eq!((ended[0].change.old, ended[0].ending), (TimeWait, Some(Ending::NetnsDeleted)));
+    assert_eq!(table.len(), 1, "a held socket keeps its namespace alive");
+}
+
+#[test]
+fn an_unaccepted_connection_whose_listener_closed_failed_by_it() {
+    let mut table = Table::new();
+    table.apply(change(7, 1_000, Close, Listen, task(40, "server")));
+    table.apply(change(8, 2_000, Listen, SynRecv, task(0, "swapper/0")));
+    table.apply(change(8, 3_000, SynRecv, Established, task(0, "swapper/0")));
+    table.apply(change(7, 4_000, Listen, Close, task(40, "server")));
+    let t = table.apply(change(8, 4_100, Established, Close, task(40, "server"))).unwrap();
+    assert_eq!(t.failure, Some(Failure::ListenerClosed));
 }
 
 #[test]

@@ -1,45 +1,216 @@
-//! Timewait sockets.
-use std::{collections::HashSet, net::IpAddr};
+//! Timewait sockets, and every other end of a socket that no tracepoint reports.
+//!
+//! After an active close the kernel's full socket goes FIN_WAIT2 (or CLOSING) -> CLOSE, and
+//! a timewait mini-socket, carrying the same cookie, takes over the 4-tuple for 60 s. No
+//! tracepoint reports that socket's birth, its turn from the FIN_WAIT2 substate to
+//! TIME_WAIT, or its end. So the tracer looks the 4-tuple up with sock_diag when a full
+//! socket closes from FIN_WAIT1/FIN_WAIT2/CLOSING, and hands what it found to
+//! [`Table::enter_timewait`]; the connection then lives on in TIME_WAIT (or FIN_WAIT2). Its
+//! end is learned from a new connection on the same 4-tuple (reused), from a periodic
+//! sock_diag dump of the namespace ([`Table::reconcile_timewait`]: expired, or vanished before
+//! its time), or from the namespace's deletion ([`Table::forget_namespace`]).
+use std::collections::{HashMap, HashSet};
 
-use crate::kernel::events::{Family, SockKey, TcpState};
+use crate::{
+    host::snapshot::{Protocol, SocketRow},
+    kernel::events::{SockKey, StateChange, StateSource, Task, TcpState, Totals},
+};
 
-use super::Table;
+use super::{
+    Table,
+    close::{Ending, Transition},
+    socket::{Facts, FourTuple},
+};
 
-/// A timewait socket to look up again: its cookie and where to find it.
-#[derive(Clone, Debug, PartialEq)]
-pub struct TimewaitSocket {
-    pub cookie: u64,
-    pub netns: u32,
-    pub family: Family,
-    pub local: (IpAddr, u16),
-    pub remote: (IpAddr, u16),
-}
+/// A timewait socket gone at most this long before its recorded expiry has expired: the
+/// expiry is computed from a millisecond count read a moment after the kernel wrote it.
+const EXPIRY_SLACK_NS: u64 = 1_000_000_000;
 
 impl Table {
-    /// Timewait sockets whose substate is FIN_WAIT2 (orphans whose peer has not closed yet).
-    pub fn timewait_in_fin_wait2(&self) -> Vec<TimewaitSocket> {
-        self.sockets
-            .iter()
-            .filter_map(|(key, socket)| {
-                let (SockKey::Cookie(cookie), Some(facts)) = (key, &socket.facts) else {
-                    return None;
-                };
-                (socket.state == Some(TcpState::FinWait2) && facts.expires_ns.is_some()).then_some(
-                    TimewaitSocket {
-                        cookie: *cookie,
-                        netns: facts.netns,
-                        family: facts.family,
-                        local: facts.local,
-                        remote: facts.remote,
-                    },
-                )
-            })
-            .collect()
+    /// A full socket's close (`change`, X -> CLOSE) that left the timewait socket `row`
+    /// (same cookie, found by sock_diag at `now_ns`). The connection goes on in the timewait
+    /// socket's state: the transition into TIME_WAIT comes back, or None when the socket
+    /// was already in the state the timewait socket has (FIN_WAIT2). The close's totals are
+    /// kept for the summary at the timewait socket's end.
+    pub fn enter_timewait(
+        &mut self,
+        mut change: StateChange,
+        row: &SocketRow,
+        now_ns: u64,
+    ) -> Option<Transition> {
+        let totals = change.totals.take();
+        let key = change.key;
+        let unchanged = self.sockets.get(&key).and_then(|s| s.state) == Some(row.state);
+        change.new = row.state;
+        let transition = (!unchanged).then(|| self.apply_state(change));
+        let socket = self.sockets.entry(key).or_default();
+        socket.close_totals = totals;
+        socket.state = Some(row.state);
+        let facts = Facts::from_row(row, now_ns);
+        self.timewaits.insert(facts.four_tuple(), row.cookie);
+        match &mut socket.facts {
+            // The row's uid is the timewait socket's 0; keep the full socket's.
+            Some(known) => {
+                known.local = facts.local;
+                known.expires_ns = facts.expires_ns;
+            }
+            None => socket.facts = Some(facts),
+        }
+        transition
     }
 
-    /// Drops a socket that is known to be gone.
-    pub fn forget(&mut self, cookie: u64) {
-        self.sockets.remove(&SockKey::Cookie(cookie));
+    /// Ends a socket that no event reports the end of, at `ts_ns`: its state -> CLOSE, with
+    /// the connection's summary and what ended it. None if the table does not have it.
+    pub(super) fn end_quietly(
+        &mut self,
+        key: SockKey,
+        ts_ns: u64,
+        ending: Ending,
+    ) -> Option<Transition> {
+        let socket = self.sockets.remove(&key)?;
+        let pids: Vec<u32> = socket.holders.keys().map(|(pid, _)| *pid).collect();
+        self.forget_holders(key, pids);
+        let facts = socket.facts.as_ref()?;
+        let tuple = facts.four_tuple();
+        if self.timewaits.get(&tuple).is_some_and(|cookie| SockKey::Cookie(*cookie) == key) {
+            self.timewaits.remove(&tuple);
+        }
+        let old = socket.state?;
+        let change = quiet_change(key, facts, old, TcpState::Close, ts_ns, socket.close_totals);
+        Some(Transition {
+            change,
+            in_old_state_ns: socket.since_ns.map(|since| ts_ns.saturating_sub(since)),
+            lifespan_ns: socket.created_ns.map(|born| ts_ns.saturating_sub(born)),
+            owner: socket.owner,
+            failure: None,
+            ending: Some(ending),
+        })
+    }
+
+    /// A new connection (`opener`) on a timewait socket's 4-tuple has replaced it.
+    pub(super) fn end_reused(
+        &mut self,
+        netns: u32,
+        local: (std::net::IpAddr, u16),
+        remote: (std::net::IpAddr, u16),
+        ts_ns: u64,
+        opener: SockKey,
+    ) {
+        let Some(&cookie) = self.timewaits.get(&(netns, local, remote)) else { return };
+        if SockKey::Cookie(cookie) != opener
+            && let Some(ended) = self.end_quietly(SockKey::Cookie(cookie), ts_ns, Ending::Reused)
+        {
+            self.ended.push(ended);
+        }
+    }
+
+    /// Transitions the table made on its own while applying the last event, to go before the
+    /// one [`Table::apply`] returned: timewait sockets a new connection took over.
+    pub fn take_ended(&mut self) -> Vec<Transition> {
+        std::mem::take(&mut self.ended)
+    }
+
+    /// Network namespaces with timewait sockets, each with whether it is due for a look at
+    /// `now_ns`: one of its timewait sockets is past its expiry, or in the FIN_WAIT2 substate
+    /// (whose turn to TIME_WAIT, when the peer's FIN arrives, no event reports).
+    pub fn timewait_namespaces(&self, now_ns: u64) -> HashMap<u32, bool> {
+        let mut namespaces: HashMap<u32, bool> = HashMap::new();
+        for (&(netns, _, _), &cookie) in &self.timewaits {
+            let due = self.sockets.get(&SockKey::Cookie(cookie)).is_none_or(|socket| {
+                socket.state == Some(TcpState::FinWait2)
+                    || socket
+                        .facts
+                        .as_ref()
+                        .and_then(|f| f.expires_ns)
+                        .is_none_or(|end| end <= now_ns)
+            });
+            *namespaces.entry(netns).or_default() |= due;
+        }
+        namespaces
+    }
+
+    /// Brings the timewait sockets of `netns` in line with `dump`, sock_diag's TIME_WAIT and
+    /// FIN_WAIT2 sockets of that namespace as of `now_ns`: a FIN_WAIT2 timewait socket whose
+    /// peer's FIN came is now in TIME_WAIT, and one that is not there any more has ended.
+    pub fn reconcile_timewait(
+        &mut self,
+        netns: u32,
+        dump: &[SocketRow],
+        now_ns: u64,
+    ) -> Vec<Transition> {
+        let found: HashMap<u64, &SocketRow> = dump.iter().map(|row| (row.cookie, row)).collect();
+        let ours: Vec<(FourTuple, u64)> = self
+            .timewaits
+            .iter()
+            .filter(|((ns, _, _), _)| *ns == netns)
+            .map(|(tuple, cookie)| (*tuple, *cookie))
+            .collect();
+        let mut transitions = Vec::new();
+        for (tuple, cookie) in ours {
+            let key = SockKey::Cookie(cookie);
+            match found.get(&cookie) {
+                Some(row) => transitions.extend(self.refresh_timewait(key, row, now_ns)),
+                None => {
+                    let expired = self
+                        .sockets
+                        .get(&key)
+                        .and_then(|s| s.facts.as_ref()?.expires_ns)
+                        .is_none_or(|end| now_ns + EXPIRY_SLACK_NS >= end);
+                    let ending = if expired {
+                        Ending::Expired
+                    } else if self.has_other_connection_on(tuple, key) {
+                        Ending::Reused
+                    } else {
+                        Ending::Vanished
+                    };
+                    match self.end_quietly(key, now_ns, ending) {
+                        Some(transition) => transitions.push(transition),
+                        None => {
+                            self.timewaits.remove(&tuple);
+                        }
+                    }
+                }
+            }
+        }
+        transitions
+    }
+
+    /// A timewait socket found again: a new expiry, and FIN_WAIT2 -> TIME_WAIT if the peer's
+    /// FIN has come since.
+    fn refresh_timewait(
+        &mut self,
+        key: SockKey,
+        row: &SocketRow,
+        now_ns: u64,
+    ) -> Option<Transition> {
+        let socket = self.sockets.get_mut(&key)?;
+        let facts = socket.facts.as_mut()?;
+        facts.expires_ns = Facts::from_row(row, now_ns).expires_ns;
+        let old = socket.state?;
+        if old == row.state {
+            return None;
+        }
+        let change = quiet_change(key, facts, old, row.state, now_ns, None);
+        let in_old_state_ns = socket.since_ns.map(|since| now_ns.saturating_sub(since));
+        socket.state = Some(row.state);
+        socket.since_ns = Some(now_ns);
+        Some(Transition {
+            change,
+            owner: socket.owner.clone(),
+            in_old_state_ns,
+            lifespan_ns: None,
+            failure: None,
+            ending: None,
+        })
+    }
+
+    /// Whether a socket other than `key` is open on the 4-tuple `tuple`.
+    fn has_other_connection_on(&self, tuple: FourTuple, key: SockKey) -> bool {
+        self.sockets.iter().any(|(other, socket)| {
+            *other != key
+                && socket.state.is_some_and(|s| s != TcpState::Close)
+                && socket.facts.as_ref().is_some_and(|f| f.four_tuple() == tuple)
+        })
     }
 
     /// Network namespaces the table has sockets in.
@@ -47,19 +218,62 @@ impl Table {
         self.sockets.values().filter_map(|s| s.facts.as_ref().map(|f| f.netns)).collect()
     }
 
-    /// Forgets the sockets of a network namespace that is gone. The kernel destroys its
-    /// timewait, orphaned and not yet accepted sockets with it and reports none of them;
-    /// sockets some process holds keep a namespace alive, so they stay.
-    pub fn forget_namespace(&mut self, netns: u32) {
-        self.sockets.retain(|_, socket| {
-            !socket.holders.is_empty() || socket.facts.as_ref().is_none_or(|f| f.netns != netns)
-        });
+    /// Ends the sockets of a network namespace that is gone, at `now_ns`. The kernel destroys
+    /// its timewait, orphaned and not yet accepted sockets with it and reports none of them;
+    /// sockets some process holds keep a namespace alive, so they stay. TCP sockets come back
+    /// as transitions to CLOSE.
+    pub fn forget_namespace(&mut self, netns: u32, now_ns: u64) -> Vec<Transition> {
+        let gone: Vec<(SockKey, bool)> = self
+            .sockets
+            .iter()
+            .filter(|(_, socket)| socket.holders.is_empty())
+            .filter_map(|(key, socket)| {
+                let facts = socket.facts.as_ref().filter(|f| f.netns == netns)?;
+                let open = socket.state.is_some_and(|s| s != TcpState::Close);
+                Some((*key, facts.protocol == Protocol::Tcp && open))
+            })
+            .collect();
+        let mut transitions = Vec::new();
+        for (key, tcp) in gone {
+            if tcp {
+                transitions.extend(self.end_quietly(key, now_ns, Ending::NetnsDeleted));
+            } else {
+                self.sockets.remove(&key);
+            }
+        }
+        self.timewaits.retain(|(ns, _, _), _| *ns != netns);
+        transitions
     }
+}
 
-    /// Forgets timewait sockets whose time is up.
-    pub fn expire(&mut self, now_ns: u64) {
-        self.sockets.retain(|_, socket| {
-            socket.facts.as_ref().and_then(|f| f.expires_ns).is_none_or(|end| end > now_ns)
-        });
+/// A state change no tracepoint reported, learned from sock_diag or a namespace's deletion:
+/// no task was on the CPU for it that netwatch knows of.
+fn quiet_change(
+    key: SockKey,
+    facts: &Facts,
+    old: TcpState,
+    new: TcpState,
+    ts_ns: u64,
+    totals: Option<Totals>,
+) -> StateChange {
+    StateChange {
+        ts_ns,
+        source: StateSource::SockDiag,
+        key,
+        cookie: match key {
+            SockKey::Cookie(cookie) => Some(cookie),
+            SockKey::Addr { .. } => None,
+        },
+        skaddr: 0,
+        netns: facts.netns,
+        inode: facts.inode,
+        family: facts.family,
+        local: facts.local,
+        remote: facts.remote,
+        old,
+        new,
+        task: Task { pid: 0, tid: 0, comm: String::new() },
+        deferred_connect: false,
+        totals,
     }
 }
