@@ -206,6 +206,18 @@ pub enum Resent {
     Synack,
 }
 
+impl Resent {
+    pub const ALL: [Resent; 2] = [Resent::Segment, Resent::Synack];
+
+    /// The name in JSON and in metric labels.
+    pub fn name(self) -> &'static str {
+        match self {
+            Resent::Segment => "segment",
+            Resent::Synack => "synack",
+        }
+    }
+}
+
 /// A `retransmit` record: a connection sent a segment again, or a listener a SYN-ACK.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RetransmitRecord {
@@ -265,6 +277,25 @@ pub enum LossReason {
     Skipped,
     /// This client read the agent's stream too slowly and missed records.
     ClientTooSlow,
+}
+
+impl LossReason {
+    pub const ALL: [LossReason; 4] = [
+        LossReason::RingBufferFull,
+        LossReason::Malformed,
+        LossReason::Skipped,
+        LossReason::ClientTooSlow,
+    ];
+
+    /// The name in JSON and in metric labels.
+    pub fn name(self) -> &'static str {
+        match self {
+            LossReason::RingBufferFull => "ring_buffer_full",
+            LossReason::Malformed => "malformed",
+            LossReason::Skipped => "skipped",
+            LossReason::ClientTooSlow => "client_too_slow",
+        }
+    }
 }
 
 /// A `lost` record: `count` new losses since the previous report, `total` since start.

@@ -17,7 +17,10 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::record::{Listed, LossReason, Resent, StreamRecord};
+use crate::{
+    record::{Listed, LossReason, Resent, StreamRecord},
+    state::table::{Ending, Failure},
+};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct SocketLabels {
@@ -34,6 +37,11 @@ struct TransitionLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabels {
     reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EndingLabels {
+    ending: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -95,6 +103,7 @@ pub struct Metrics {
     connect_failures: Family<ReasonLabels, Counter>,
     lost: Family<ReasonLabels, Counter>,
     retransmits: Family<ResentLabels, Counter>,
+    sockets_ended: Family<EndingLabels, Counter>,
     records: Counter,
     snapshot_time: Gauge<f64, std::sync::atomic::AtomicU64>,
     ring_peak: Gauge,
@@ -144,6 +153,27 @@ impl Metrics {
              SYN-ACK to a half-open connection)",
             retransmits.clone(),
         );
+        let sockets_ended = Family::<EndingLabels, Counter>::default();
+        registry.register(
+            "sockets_ended",
+            "Sockets whose end no tracepoint reports (timewait sockets, a deleted namespace's), \
+             by what ended them",
+            sockets_ended.clone(),
+        );
+        // Every known label value exists from the start, at zero: an alert on a rate, or on
+        // absent(), works before the first loss or failure.
+        for reason in LossReason::ALL {
+            let _ = lost.get_or_create(&ReasonLabels { reason: reason.name() });
+        }
+        for failure in Failure::ALL {
+            let _ = connect_failures.get_or_create(&ReasonLabels { reason: failure.name() });
+        }
+        for resent in Resent::ALL {
+            let _ = retransmits.get_or_create(&ResentLabels { resent: resent.name() });
+        }
+        for ending in Ending::ALL {
+            let _ = sockets_ended.get_or_create(&EndingLabels { ending: ending.name() });
+        }
         let records = Counter::default();
         registry.register("records", "Stream records processed by the agent", records.clone());
         let snapshot_time = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
@@ -194,6 +224,7 @@ impl Metrics {
             connect_failures,
             lost,
             retransmits,
+            sockets_ended,
             records,
             snapshot_time,
             ring_peak,
@@ -226,13 +257,13 @@ impl Metrics {
                     }
                     self.connect_failures.get_or_create(&ReasonLabels { reason }).inc();
                 }
+                if let Some(ending) = t.ending {
+                    let labels = EndingLabels { ending: ending.name() };
+                    self.sockets_ended.get_or_create(&labels).inc();
+                }
             }
             StreamRecord::Retransmit(r) => {
-                let resent = match r.resent {
-                    Resent::Segment => "segment",
-                    Resent::Synack => "synack",
-                };
-                self.retransmits.get_or_create(&ResentLabels { resent }).inc();
+                self.retransmits.get_or_create(&ResentLabels { resent: r.resent.name() }).inc();
                 if r.resent == Resent::Segment
                     && let Some(remote) = &self.per_remote
                 {
@@ -241,12 +272,7 @@ impl Metrics {
                 }
             }
             StreamRecord::Lost(loss) => {
-                let reason = match loss.reason {
-                    LossReason::RingBufferFull => "ring_buffer_full",
-                    LossReason::Malformed => "malformed",
-                    LossReason::Skipped => "skipped",
-                    LossReason::ClientTooSlow => "client_too_slow",
-                };
+                let reason = loss.reason.name();
                 self.lost.get_or_create(&ReasonLabels { reason }).inc_by(loss.count);
             }
         }
@@ -325,5 +351,13 @@ mod tests {
         );
         assert!(text.contains("# TYPE netwatch_connect_latency_seconds histogram"), "{text}");
         assert!(text.contains("netwatch_records_total 1"), "{text}");
+        for zero in [
+            "netwatch_lost_events_total{reason=\"skipped\"} 0",
+            "netwatch_connect_failures_total{reason=\"listener_closed\"} 0",
+            "netwatch_retransmits_total{resent=\"synack\"} 0",
+            "netwatch_sockets_ended_total{ending=\"reused\"} 0",
+        ] {
+            assert!(text.contains(zero), "known labels exist at zero: {zero} in {text}");
+        }
     }
 }
