@@ -441,20 +441,13 @@ fn stats_summarise_handshakes_and_failures() {
 /// test's traffic; a port already in use is a clear error.
 #[test]
 fn metrics_parse_and_count_the_traffic() {
-    let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap().local_addr().unwrap().port();
-    let address = format!("127.0.0.1:{port}");
     let agent = Agent::start_with(
         &Agent::test_socket("metrics"),
-        &["--metrics", &address, "--metrics-remotes", "3"],
+        &["--metrics", "127.0.0.1:0", "--metrics-remotes", "3"],
     );
+    let address = agent.metrics_address().to_string();
     let scrape = || -> prometheus_parse::Scrape {
-        use std::io::{Read as _, Write as _};
-        let mut stream = std::net::TcpStream::connect(&address).unwrap();
-        stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
-        let mut response = String::new();
-        stream.read_to_string(&mut response).unwrap();
-        let (head, body) = response.split_once("\r\n\r\n").unwrap();
-        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        let body = agent.scrape();
         prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string()))).unwrap()
     };
     let value = |scrape: &prometheus_parse::Scrape,

@@ -7,11 +7,12 @@
 use std::{
     net::{Ipv4Addr, TcpListener, TcpStream},
     path::{Path, PathBuf},
+    process::Command,
     thread,
     time::{Duration, Instant},
 };
 
-use netwatch_tests::{Agent, PATIENCE, Watcher};
+use netwatch_tests::{Agent, PATIENCE, Watcher, netwatch_bin, require_root};
 use serde_json::Value;
 
 fn log_path(name: &str) -> PathBuf {
@@ -96,29 +97,18 @@ fn the_log_rotates_at_its_size_and_keeps_n_files() {
 }
 
 #[test]
-fn watch_logs_what_it_shows_and_goes_on_when_the_log_fails() {
+fn watch_logs_what_it_shows() {
     let path = log_path("watch");
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
     let port = listener.local_addr().unwrap().port().to_string();
     let logged =
         Watcher::start(&["--json", "--no-agent", "--port", &port, "--log", path.to_str().unwrap()]);
-    let unlogged = Watcher::start(&[
-        "--json",
-        "--no-agent",
-        "--port",
-        &port,
-        "--log",
-        "/proc/no/such/dir.ndjson",
-    ]);
-    assert!(unlogged.stderr().contains("not logging; tracing goes on"), "{}", unlogged.stderr());
     let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
     drop(listener.accept().unwrap());
     drop(client);
     drop(listener);
     logged.wait_until("the connection's transitions", |lines| lines.len() >= 11);
-    unlogged.wait_until("the stream despite the log", |lines| lines.len() >= 11);
     let shown = logged.stop();
-    assert!(!unlogged.stop().is_empty());
     let in_log = records(&path);
     assert_eq!(in_log.len(), shown.len());
     for (line, record) in shown.iter().zip(&in_log) {
@@ -126,4 +116,77 @@ fn watch_logs_what_it_shows_and_goes_on_when_the_log_fails() {
         shown["v"] = Value::from(1);
         assert_eq!(&shown, record);
     }
+}
+
+/// Whoever asks for a log gets one or an error: a log that cannot be opened stops `watch`
+/// and the agent at start, with one line and exit status 1, before any program is loaded.
+#[test]
+fn a_log_that_cannot_be_opened_stops_the_start() {
+    for args in [
+        vec!["watch", "--no-agent", "--log", "/proc/no/such/dir.ndjson"],
+        vec!["agent", "--socket", "/tmp/netwatch-nolog.sock", "--log", "/proc/no/such/dir.ndjson"],
+    ] {
+        let output = Command::new(netwatch_bin()).args(&args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{args:?}: {stderr}");
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{args:?}: {stderr}");
+        assert!(stderr.contains("cannot open the event log /proc/no/such/dir.ndjson"), "{stderr}");
+    }
+}
+
+/// A tmpfs of this test's own, unmounted when dropped.
+struct SmallDisk(PathBuf);
+
+impl SmallDisk {
+    fn new(name: &str, size: &str) -> SmallDisk {
+        let dir = log_path(name).parent().unwrap().join("disk");
+        std::fs::create_dir_all(&dir).unwrap();
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs", dir.to_str().unwrap()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "mount a tmpfs on {}", dir.display());
+        SmallDisk(dir)
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// The disk fills up under a running agent: logging stops, tracing goes on, and the failure
+/// is a record in the stream and a count in the metrics. The log keeps whole lines.
+#[test]
+fn a_full_disk_stops_the_log_not_the_agent() {
+    require_root();
+    let disk = SmallDisk::new("full", "16k");
+    let log = disk.0.join("events.ndjson");
+    let socket = Agent::test_socket("log-full");
+    let agent =
+        Agent::start_with(&socket, &["--log", log.to_str().unwrap(), "--metrics", "127.0.0.1:0"]);
+    let watcher = Watcher::start(&["--json", "--socket", socket.to_str().unwrap()]);
+    let deadline = Instant::now() + PATIENCE;
+    while !watcher.lines().iter().any(|l| l.contains(r#""type":"log_failed""#)) {
+        assert!(Instant::now() < deadline, "no log_failed record: {:?}", watcher.lines());
+        connections(20);
+    }
+    let failed: Value = watcher
+        .lines()
+        .iter()
+        .find(|l| l.contains(r#""type":"log_failed""#))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .unwrap();
+    assert_eq!(failed["path"], log.to_str().unwrap());
+    assert!(failed["error"].as_str().unwrap().contains("No space left"), "{failed}");
+    // Tracing goes on: new connections still reach the stream.
+    let before = watcher.lines().len();
+    connections(3);
+    watcher.wait_until("records after the failure", |lines| lines.len() > before);
+    let scrape = agent.scrape();
+    assert!(scrape.contains("netwatch_log_failures_total 1"), "{scrape}");
+    drop(watcher);
+    assert!(agent.stop().success());
+    records(&log);
 }

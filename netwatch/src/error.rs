@@ -51,6 +51,12 @@ pub enum Error {
     #[error("cannot use the agent socket {path}: {reason} (choose another with --socket)")]
     ApiSocket { path: PathBuf, reason: String },
 
+    #[error(
+        "no network namespace '{0}': give its inode (`lsns -t net` lists them) or a name from \
+         `ip netns list`"
+    )]
+    NoSuchNetns(String),
+
     #[error("another netwatch agent is already running on {path}")]
     AgentRunning { path: PathBuf },
 
@@ -60,6 +66,11 @@ pub enum Error {
 }
 
 impl Error {
+    /// A mistake in the command line, rather than a failure: exit code 2, as clap's own.
+    pub fn is_usage(&self) -> bool {
+        matches!(self, Error::NoSuchNetns(_))
+    }
+
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
         Error::Io { context: context.into(), error: source }
     }

@@ -40,14 +40,23 @@ fn main() -> ExitCode {
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(error) if reader_went_away(&error) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("netwatch: {error:#}");
-            // A bad filter is a usage error, like clap's: exit 2.
-            if error.downcast_ref::<netwatch::query::ss::QueryError>().is_some() {
-                ExitCode::from(2)
-            } else {
-                ExitCode::FAILURE
-            }
+            // A bad filter or namespace is a usage error, like clap's: exit 2.
+            let usage = error.downcast_ref::<netwatch::query::ss::QueryError>().is_some()
+                || error.downcast_ref::<netwatch::Error>().is_some_and(netwatch::Error::is_usage);
+            if usage { ExitCode::from(2) } else { ExitCode::FAILURE }
         }
     }
+}
+
+/// Whether `error` is stdout's reader going away (`netwatch ... | head`): what it read was
+/// written, so the command succeeded.
+fn reader_went_away(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }

@@ -87,6 +87,7 @@ pub enum StreamRecord {
     Transition(Box<TransitionRecord>),
     Retransmit(Box<RetransmitRecord>),
     Lost(LossRecord),
+    LogFailed(LogFailedRecord),
 }
 
 /// RFC 3339 in UTC with exactly nine fractional digits, so that every record's `time` has
@@ -296,6 +297,16 @@ impl LossReason {
             LossReason::ClientTooSlow => "client_too_slow",
         }
     }
+}
+
+/// A `log_failed` record: the event log could not be written, and logging stopped; tracing
+/// goes on. Records from here on are not in the log.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LogFailedRecord {
+    #[serde(with = "rfc3339_nanos")]
+    pub time: DateTime<Utc>,
+    pub path: std::path::PathBuf,
+    pub error: String,
 }
 
 /// A `lost` record: `count` new losses since the previous report, `total` since start.

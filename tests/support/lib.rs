@@ -142,6 +142,27 @@ impl Agent {
         serde_json::from_slice(&output.stdout).expect("netwatch printed JSON")
     }
 
+    /// The metrics endpoint's address, as the agent announced it (`--metrics 127.0.0.1:0`
+    /// lets the kernel pick the port, so no test picks one and releases it first).
+    pub fn metrics_address(&self) -> std::net::SocketAddr {
+        let stderr = self.stderr.lock().expect("stderr").clone();
+        let (_, after) = stderr.split_once("metrics on http://").expect("agent with --metrics");
+        let (address, _) = after.split_once("/metrics").expect("metrics URL");
+        address.parse().expect("metrics address")
+    }
+
+    /// One scrape of the metrics endpoint: the HTTP response's body; asserts a 200.
+    pub fn scrape(&self) -> String {
+        use std::io::{Read as _, Write as _};
+        let mut stream = std::net::TcpStream::connect(self.metrics_address()).expect("connect");
+        stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").expect("request");
+        let mut response = String::new();
+        stream.read_to_string(&mut response).expect("response");
+        let (head, body) = response.split_once("\r\n\r\n").expect("HTTP response");
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        body.to_string()
+    }
+
     /// SIGTERM and wait; returns the exit status.
     pub fn stop(mut self) -> ExitStatus {
         // SAFETY: signalling our own child.

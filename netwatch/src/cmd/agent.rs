@@ -38,6 +38,8 @@ pub async fn run(args: &AgentArgs) -> anyhow::Result<()> {
     let socket_file = SocketFile(args.socket.clone());
     listener.set_nonblocking(true).context("configuring the agent socket")?;
     let listener = UnixListener::from_std(listener).context("registering the agent socket")?;
+    // A log that cannot be opened stops the agent before it touches the kernel.
+    let mut log = Logging::start(args.log.options())?;
 
     let mut tracer = Tracer::start(&args.load_options())?.keeping_rows();
     set_priority(args.nice);
@@ -53,12 +55,17 @@ pub async fn run(args: &AgentArgs) -> anyhow::Result<()> {
         Some(address) => Some(metrics::bind(address).await?),
         None => None,
     };
+    // The address actually bound: `--metrics 127.0.0.1:0` picks a free port.
+    let metrics_at = metrics_listener
+        .as_ref()
+        .and_then(|l| l.local_addr().ok())
+        .map(|address| format!("; metrics on http://{address}/metrics"))
+        .unwrap_or_default();
     eprintln!(
-        "netwatch agent: tracing via {}; serving {}",
+        "netwatch agent: tracing via {}; serving {}{metrics_at}",
         tracer.describe(),
         args.socket.display()
     );
-    let mut log = Logging::start(args.log.options());
     let mut records = Vec::new();
     loop {
         tokio::select! {
@@ -270,6 +277,7 @@ fn absorb(
                 histories.record_retransmit(r);
             }
             StreamRecord::Lost(_) => histories.mark_lost(),
+            StreamRecord::LogFailed(_) => {}
         }
     }
     for record in records.drain(..) {

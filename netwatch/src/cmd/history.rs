@@ -42,9 +42,9 @@ pub async fn run(args: &HistoryArgs) -> anyhow::Result<()> {
         })
         .collect();
     if args.json {
-        println!("{}", serde_json::to_string(&chosen)?);
-        return Ok(());
+        return super::emit(&serde_json::to_string(&chosen)?);
     }
+    let mut lines = Vec::with_capacity(chosen.len());
     for h in chosen {
         let owner =
             h.steps.iter().rev().find_map(|s| Some(format!("{}[{}]", s.comm.as_ref()?, s.pid?)));
@@ -79,7 +79,10 @@ pub async fn run(args: &HistoryArgs) -> anyhow::Result<()> {
                 ));
             }
         }
-        println!("{line}");
+        lines.push(line);
     }
-    Ok(())
+    if lines.is_empty() {
+        return Ok(());
+    }
+    super::emit(&lines.join("\n"))
 }

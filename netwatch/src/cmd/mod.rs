@@ -4,3 +4,15 @@ pub mod history;
 pub mod stats;
 pub mod table;
 pub mod watch;
+
+use std::io::{self, Write as _};
+
+/// Prints `text` and a newline on stdout. A reader that went away (`| head`) is not an
+/// error: what it wanted was written, and the command ends with success.
+pub(crate) fn emit(text: &str) -> anyhow::Result<()> {
+    let mut out = io::stdout().lock();
+    match writeln!(out, "{text}").and_then(|()| out.flush()) {
+        Err(error) if error.kind() == io::ErrorKind::BrokenPipe => Ok(()),
+        other => Ok(other?),
+    }
+}

@@ -20,9 +20,8 @@ pub async fn run(args: &StatsArgs) -> anyhow::Result<()> {
         format!("the agent at {} answered: {}", args.socket.display(), line.trim())
     })?;
     if args.json {
-        println!("{}", serde_json::to_string(&report)?);
+        super::emit(&serde_json::to_string(&report)?)
     } else {
-        println!("{}", stats::text(&report));
+        super::emit(&stats::text(&report))
     }
-    Ok(())
 }

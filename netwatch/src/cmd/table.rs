@@ -1,9 +1,6 @@
 //! `netwatch table`: the socket table - kept by a running agent, or else from a one-shot
 //! snapshot - filtered like `ss` and printed as text or JSON.
-use std::{
-    collections::HashMap,
-    io::{self, Write as _},
-};
+use std::collections::HashMap;
 
 use anyhow::Context as _;
 
@@ -11,7 +8,7 @@ use crate::{
     cli::TableArgs,
     error::Error,
     host::services::Services,
-    host::snapshot::{Protocol, Snapshot, SocketRow, Source},
+    host::snapshot::{Protocol, Snapshot, SocketRow, Source, network_namespaces},
     kernel::events::{Family, TcpState},
     output::table::{self, TextOptions},
     query::ss::{self as query, Endpoints, Query, StateSet},
@@ -148,6 +145,15 @@ pub async fn run(args: &TableArgs) -> anyhow::Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         return Err(Error::TableNotRoot.into());
     }
+    if let Some(wanted) = &args.netns {
+        let known = network_namespaces();
+        if !known
+            .iter()
+            .any(|ns| ns.inode.to_string() == *wanted || ns.name.as_ref() == Some(wanted))
+        {
+            return Err(Error::NoSuchNetns(wanted.clone()).into());
+        }
+    }
     let agent =
         if args.no_agent || args.from_proc { None } else { from_agent(&args.socket).await? };
     let all = match agent {
@@ -174,10 +180,5 @@ pub async fn run(args: &TableArgs) -> anyhow::Result<()> {
         let state = selection.shown_states().count() > 1;
         table::text(&rows, &TextOptions { services, timers: args.timers, netid, state })
     };
-    let mut out = io::stdout().lock();
-    let written = writeln!(out, "{text}").and_then(|()| out.flush());
-    match written {
-        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
-        other => other.context("writing the table"),
-    }
+    super::emit(&text)
 }

@@ -34,7 +34,7 @@ impl Printer {
         records.retain(|record| match record {
             StreamRecord::Transition(t) => self.filter.matches(t),
             StreamRecord::Retransmit(r) => self.filter.matches_retransmit(r),
-            StreamRecord::Lost(_) => true,
+            StreamRecord::Lost(_) | StreamRecord::LogFailed(_) => true,
         });
         self.log.write(records);
         for record in records.drain(..) {
@@ -72,7 +72,7 @@ pub async fn run(args: &WatchArgs) -> anyhow::Result<()> {
         out: BufWriter::new(io::stdout()),
         format: args.format(),
         filter: args.filter(),
-        log: Logging::start(args.log.options()),
+        log: Logging::start(args.log.options())?,
     };
     // Options that shape the kernel side need programs of our own.
     let own_programs =

@@ -111,6 +111,12 @@ impl StreamRecord {
             (Format::Text, StreamRecord::Transition(t)) => t.text(),
             (Format::Text, StreamRecord::Retransmit(r)) => r.text(),
             (Format::Text, StreamRecord::Lost(l)) => l.text(),
+            (Format::Text, StreamRecord::LogFailed(l)) => format!(
+                "{} LOG STOPPED: {} ({}); tracing goes on, records are no longer logged",
+                clock(l.time),
+                l.path.display(),
+                l.error
+            ),
         }
     }
 }

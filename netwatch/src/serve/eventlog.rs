@@ -12,7 +12,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use crate::record::StreamRecord;
+use crate::record::{LogFailedRecord, StreamRecord, WallClock};
 
 /// Version of the log's line format (the `v` field of every line).
 pub const FORMAT_VERSION: u32 = 1;
@@ -289,22 +289,34 @@ pub struct Logging {
 }
 
 impl Logging {
-    pub fn start(options: Option<LogOptions>) -> Logging {
-        let log = options.and_then(|options| match EventLog::open(options) {
-            Ok(log) => Some(log),
-            Err(error) => {
-                tracing::error!("{error}: not logging; tracing goes on");
-                None
-            }
-        });
-        Logging { log }
+    /// Opens the log, if one was asked for. A log that cannot be opened is an error: whoever
+    /// asked for one would otherwise trace without it.
+    pub fn start(options: Option<LogOptions>) -> Result<Logging, crate::Error> {
+        let log = options.map(EventLog::open).transpose().map_err(|e| {
+            crate::Error::io(
+                format!(
+                    "cannot open the event log {} (choose a writable path for --log)",
+                    e.path.display()
+                ),
+                e.source,
+            )
+        })?;
+        Ok(Logging { log })
     }
 
-    pub fn write(&mut self, records: &[StreamRecord]) {
+    /// Appends `records` to the log. A failure stops the logging, not the tracing, and is
+    /// itself a record, appended to `records` for the stream and the metrics.
+    pub fn write(&mut self, records: &mut Vec<StreamRecord>) {
         if let Some(log) = &mut self.log
             && let Err(error) = log.append(records)
         {
             tracing::error!("{error}: stopped logging; tracing goes on");
+            let time = WallClock::now().wall(WallClock::monotonic_now_ns());
+            records.push(StreamRecord::LogFailed(LogFailedRecord {
+                time,
+                path: error.path.clone(),
+                error: error.source.to_string(),
+            }));
             self.log = None;
         }
     }

@@ -104,6 +104,7 @@ pub struct Metrics {
     lost: Family<ReasonLabels, Counter>,
     retransmits: Family<ResentLabels, Counter>,
     sockets_ended: Family<EndingLabels, Counter>,
+    log_failures: Counter,
     records: Counter,
     snapshot_time: Gauge<f64, std::sync::atomic::AtomicU64>,
     ring_peak: Gauge,
@@ -174,6 +175,12 @@ impl Metrics {
         for ending in Ending::ALL {
             let _ = sockets_ended.get_or_create(&EndingLabels { ending: ending.name() });
         }
+        let log_failures = Counter::default();
+        registry.register(
+            "log_failures",
+            "Times the event log could not be written and logging stopped (tracing goes on)",
+            log_failures.clone(),
+        );
         let records = Counter::default();
         registry.register("records", "Stream records processed by the agent", records.clone());
         let snapshot_time = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
@@ -225,6 +232,7 @@ impl Metrics {
             lost,
             retransmits,
             sockets_ended,
+            log_failures,
             records,
             snapshot_time,
             ring_peak,
@@ -270,6 +278,9 @@ impl Metrics {
                     let labels = RemoteLabels { remote: remote.label(r.raddr, r.rport) };
                     remote.retransmits.get_or_create(&labels).inc();
                 }
+            }
+            StreamRecord::LogFailed(_) => {
+                self.log_failures.inc();
             }
             StreamRecord::Lost(loss) => {
                 let reason = loss.reason.name();

@@ -1,0 +1,89 @@
+//! The command line as a user meets it: every command survives a reader that goes away
+//! (`netwatch ... | head`), and a mistake in the arguments gets one line and exit status 2.
+//! A failed unwrap is how a test reports a missing field.
+#![allow(clippy::unwrap_used)]
+
+use std::{
+    net::{Ipv4Addr, TcpListener, TcpStream},
+    process::{Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use netwatch_tests::{Agent, NetNs, PATIENCE, netwatch_bin, require_root};
+
+/// Runs netwatch with `args` and its stdout's reader gone before anything is written; `poke`
+/// runs until it exits (a stream writes only when there is something to write).
+fn with_closed_stdout(args: &[&str], poke: impl Fn()) -> (Option<i32>, String) {
+    let mut child = Command::new(netwatch_bin())
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let deadline = Instant::now() + PATIENCE;
+    while child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "{args:?} did not end when its reader went away");
+        poke();
+        thread::sleep(Duration::from_millis(50));
+    }
+    let output = child.wait_with_output().unwrap();
+    (output.status.code(), String::from_utf8_lossy(&output.stderr).into_owned())
+}
+
+#[test]
+fn every_command_survives_a_closed_stdout() {
+    require_root();
+    let agent = Agent::start(&Agent::test_socket("pipe"));
+    let socket = agent.socket.to_str().unwrap();
+    // Something for every command to print: a listener and connections to it, in a
+    // namespace of this test's own.
+    let ns = NetNs::new("pipe");
+    let listener = ns.run(|| TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap());
+    let address = listener.local_addr().unwrap();
+    let connect = || {
+        ns.run(move || drop(TcpStream::connect(address).unwrap()));
+    };
+    connect();
+    for args in [
+        vec!["table", "--socket", socket],
+        vec!["table", "--socket", socket, "--json"],
+        vec!["table", "--no-agent", "-a"],
+        vec!["history", "--socket", socket],
+        vec!["history", "--socket", socket, "--json"],
+        vec!["stats", "--socket", socket],
+        vec!["stats", "--socket", socket, "--json"],
+        vec!["watch", "--socket", socket],
+        vec!["watch", "--socket", socket, "--json"],
+        vec!["--help"],
+    ] {
+        let (code, stderr) = with_closed_stdout(&args, connect);
+        assert_eq!(code, Some(0), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked") && !stderr.contains("Broken pipe"), "{stderr}");
+    }
+    drop(listener);
+    assert!(agent.stop().success());
+}
+
+/// `--netns` names a namespace that exists, or netwatch says which one it could not find.
+#[test]
+fn an_unknown_namespace_is_a_usage_error() {
+    require_root();
+    for wanted in ["nosuch", "4026531", "-"] {
+        let output =
+            Command::new(netwatch_bin()).args(["table", "--netns", wanted]).output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{wanted}: {stderr}");
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+        assert!(stderr.contains(&format!("no network namespace '{wanted}'")), "{stderr}");
+    }
+    let ns = NetNs::new("named");
+    for known in [ns.name.clone(), ns.inode().to_string()] {
+        let output = Command::new(netwatch_bin())
+            .args(["table", "--no-agent", "--netns", &known])
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{known}: {}", String::from_utf8_lossy(&output.stderr));
+    }
+}
