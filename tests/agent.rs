@@ -410,7 +410,8 @@ fn stats_summarise_handshakes_and_failures() {
     );
     assert!(0.0 < p50 && p50 <= p99 && p99 <= max && max < 1000.0, "{ok}");
     assert_eq!(remote(refused_addr.to_string())["failed"]["refused"], 1);
-    let me = format!("{}[{}]", netwatch_tests::own_comm(), std::process::id());
+    // Processes are grouped by command, with their pids.
+    let me = netwatch_tests::own_comm();
     let process = report["by_process"]
         .as_array()
         .unwrap()
@@ -418,6 +419,7 @@ fn stats_summarise_handshakes_and_failures() {
         .find(|r| r["key"] == me.as_str())
         .cloned()
         .unwrap();
+    assert!(process["pids"].as_array().unwrap().contains(&Value::from(std::process::id())));
     assert_eq!(
         (process["connects"].as_u64(), process["failed"]["refused"].as_u64()),
         (Some(20), Some(1))
@@ -435,6 +437,50 @@ fn stats_summarise_handshakes_and_failures() {
         .unwrap();
     assert_eq!(none.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&none.stderr).contains("no agent is running"));
+}
+
+/// Connections still in their listener's accept queue when it closes are reset by this
+/// host: `listener_closed`, counted under the peer's address and the listener's port (never
+/// one key per ephemeral port), while the clients see `reset` under the endpoint they
+/// connected to.
+#[test]
+fn unaccepted_connections_fail_with_their_listener() {
+    let agent = Agent::start(&Agent::test_socket("unaccepted"));
+    let ns = NetNs::new("unaccepted");
+    let (port, client_ports) = ns.run(|| {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let clients: Vec<std::net::TcpStream> =
+            (0..3).map(|_| std::net::TcpStream::connect(addr).unwrap()).collect();
+        let ports: Vec<u16> = clients.iter().map(|c| c.local_addr().unwrap().port()).collect();
+        // Each client's handshake completes in the kernel; nobody accepts.
+        thread::sleep(Duration::from_millis(50));
+        drop(listener);
+        drop(clients);
+        (addr.port(), ports)
+    });
+    let stats = agent.ask_json("stats", &[]);
+    let by_remote = stats["by_remote"].as_array().unwrap();
+    let inbound = format!("127.0.0.1 -> :{port}");
+    let server_side = by_remote.iter().find(|r| r["key"] == inbound.as_str());
+    let server_side = server_side.unwrap_or_else(|| panic!("no {inbound}: {stats:#}"));
+    assert_eq!(server_side["failed"]["listener_closed"], 3, "{server_side}");
+    let outbound = format!("127.0.0.1:{port}");
+    let client_side = by_remote.iter().find(|r| r["key"] == outbound.as_str()).unwrap();
+    assert_eq!(client_side["failed"]["reset"], 3, "{client_side}");
+    assert_eq!(client_side["connects"], 3, "{client_side}");
+    for client in client_ports {
+        let per_port = format!("127.0.0.1:{client}");
+        assert!(
+            by_remote.iter().all(|r| r["key"] != per_port.as_str()),
+            "no key per ephemeral port: {stats:#}"
+        );
+    }
+    let failed = agent.ask_json("history", &["--failed", "sport", "=", &format!(":{port}")]);
+    let reasons: Vec<&str> =
+        failed.as_array().unwrap().iter().map(|h| h["failure"].as_str().unwrap()).collect();
+    assert_eq!(reasons, ["listener_closed"; 3], "{failed:#}");
+    assert!(agent.stop().success());
 }
 
 /// `--metrics`: Prometheus text that a real parser reads, with counters that follow the

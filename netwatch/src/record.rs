@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     host::snapshot::{FdOwner, SocketRow},
     kernel::events::{Family, Retransmit, StateSource, TcpState},
-    state::table::{Ending, Failure, RetransmitSeen, Transition},
+    state::table::{Direction, Ending, Failure, RetransmitSeen, Transition},
 };
 
 /// Converts the kernel's CLOCK_MONOTONIC timestamps to wall time, with one offset taken at
@@ -157,6 +157,9 @@ pub struct TransitionRecord {
     /// socket (expired, reused, vanished, netns_deleted).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ending: Option<Ending>,
+    /// Who opened the connection (outbound, inbound), when netwatch knows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub direction: Option<Direction>,
 }
 
 pub(crate) fn millis(ns: u64) -> f64 {
@@ -193,6 +196,7 @@ impl TransitionRecord {
             retransmits: c.totals.map(|t| t.retransmits),
             failure: t.failure,
             ending: t.ending,
+            direction: t.direction,
         }
     }
 }
@@ -241,6 +245,9 @@ pub struct RetransmitRecord {
     pub netns: u32,
     /// Retransmissions of this socket seen so far, this one included.
     pub count: u64,
+    /// Who opened the connection (outbound, inbound), when netwatch knows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub direction: Option<Direction>,
 }
 
 impl RetransmitRecord {
@@ -260,6 +267,7 @@ impl RetransmitRecord {
             cookie: r.cookie,
             netns: r.netns,
             count: seen.count,
+            direction: seen.direction,
         }
     }
 }
@@ -361,6 +369,7 @@ mod tests {
             lifespan_ns: None,
             failure: None,
             ending: None,
+            direction: None,
         }
     }
 
@@ -461,7 +470,12 @@ mod tests {
             local: (IpAddr::from([10, 0, 0, 1]), 40000),
             remote: (IpAddr::from([10, 0, 0, 5]), 5432),
         };
-        let seen = RetransmitSeen { owner: curl(), state: Some(TcpState::Established), count: 3 };
+        let seen = RetransmitSeen {
+            owner: curl(),
+            state: Some(TcpState::Established),
+            direction: None,
+            count: 3,
+        };
         let record = StreamRecord::Retransmit(Box::new(RetransmitRecord::new(
             &retransmit,
             seen,

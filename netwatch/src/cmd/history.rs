@@ -5,9 +5,10 @@ use anyhow::{Context as _, bail};
 use crate::{
     cli::HistoryArgs,
     host::services::Services,
+    output::history::path,
     query::ss::{self as query, Endpoints},
     serve::api::{self, Command},
-    state::history::{History, path},
+    state::history::History,
 };
 
 pub async fn run(args: &HistoryArgs) -> anyhow::Result<()> {

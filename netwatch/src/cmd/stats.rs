@@ -4,8 +4,9 @@ use anyhow::{Context as _, bail};
 
 use crate::{
     cli::StatsArgs,
+    output::stats,
     serve::api::{self, Command},
-    state::stats::{self, Report},
+    state::stats::Report,
 };
 
 pub async fn run(args: &StatsArgs) -> anyhow::Result<()> {

@@ -96,6 +96,7 @@ mod tests {
             lifespan_ns: None,
             failure: None,
             ending: None,
+            direction: None,
         };
         TransitionRecord::new(&transition, &WallClock::with_offset_ns(0))
     }

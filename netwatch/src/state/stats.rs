@@ -16,11 +16,13 @@ use crate::{
     host::snapshot::SocketRow,
     kernel::events::TcpState,
     record::{Resent, RetransmitRecord, TransitionRecord},
-    state::table::{Failure, Listener},
+    state::table::{Direction, Failure, Listener},
 };
 
 const SAMPLES: usize = 4096;
 const KEYS: usize = 1024;
+/// Pids remembered per command.
+const PIDS: usize = 16;
 
 #[derive(Debug, Default)]
 struct Series {
@@ -30,13 +32,20 @@ struct Series {
     failures: BTreeMap<String, u64>,
     retransmits: u64,
     last_seen: u64,
+    /// The processes of a command, most recent last; at most PIDS.
+    pids: VecDeque<u32>,
 }
 
 /// One row of `netwatch stats`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Summary {
-    /// `ADDR:PORT` or `COMM[PID]`.
+    /// A remote endpoint: `ADDR:PORT` connected to (outbound), or `ADDR -> :PORT`, a peer
+    /// address (its ephemeral ports folded together) and the local port it came in on
+    /// (inbound). A process: its command name, `-` when not known.
     pub key: String,
+    /// For a command: its pids seen, most recent last (at most 16).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pids: Vec<u32>,
     pub connects: u64,
     pub p50_ms: Option<f64>,
     pub p90_ms: Option<f64>,
@@ -145,7 +154,7 @@ impl Stats {
         if latency.is_none() && failure.is_none() {
             return;
         }
-        for series in self.series((t.raddr, t.rport), t.pid, t.comm.as_deref()) {
+        for series in self.series(remote_key(t.direction, t), t.pid, t.comm.as_deref()) {
             if let Some(ns) = latency {
                 series.count += 1;
                 series.max_ns = series.max_ns.max(ns);
@@ -163,36 +172,42 @@ impl Stats {
     /// Counts a retransmitted segment against its remote endpoint and process.
     pub fn record_retransmit(&mut self, r: &RetransmitRecord) {
         if r.resent == Resent::Segment {
-            for series in self.series((r.raddr, r.rport), r.pid, r.comm.as_deref()) {
+            let remote = remote_key(r.direction, r);
+            for series in self.series(remote, r.pid, r.comm.as_deref()) {
                 series.retransmits += 1;
             }
         }
     }
 
-    /// The remote endpoint's and the process's series, made if new (evicting the least
-    /// recently seen key when a table is full).
-    fn series(
-        &mut self,
-        remote: (IpAddr, u16),
-        pid: Option<u32>,
-        comm: Option<&str>,
-    ) -> [&mut Series; 2] {
+    /// The remote endpoint's and the command's series, made if new (evicting the least
+    /// recently seen key when a table is full); the command's remembers `pid`.
+    fn series(&mut self, remote: String, pid: Option<u32>, comm: Option<&str>) -> [&mut Series; 2] {
         self.clock += 1;
-        let remote = std::net::SocketAddr::from(remote).to_string();
-        let process = process_key(comm, pid);
+        let process = comm.unwrap_or("-").to_string();
         let clock = self.clock;
-        [(&mut self.by_remote, remote), (&mut self.by_process, process)].map(|(table, key)| {
-            if !table.contains_key(&key)
-                && table.len() >= KEYS
-                && let Some(oldest) =
-                    table.iter().min_by_key(|(_, s)| s.last_seen).map(|(k, _)| k.clone())
-            {
-                table.remove(&oldest);
+        let [remote, process] = [(&mut self.by_remote, remote), (&mut self.by_process, process)]
+            .map(|(table, key)| {
+                if !table.contains_key(&key)
+                    && table.len() >= KEYS
+                    && let Some(oldest) =
+                        table.iter().min_by_key(|(_, s)| s.last_seen).map(|(k, _)| k.clone())
+                {
+                    table.remove(&oldest);
+                }
+                let series = table.entry(key).or_default();
+                series.last_seen = clock;
+                series
+            });
+        if let Some(pid) = pid
+            && process.pids.back() != Some(&pid)
+        {
+            process.pids.retain(|p| *p != pid);
+            if process.pids.len() == PIDS {
+                process.pids.pop_front();
             }
-            let series = table.entry(key).or_default();
-            series.last_seen = clock;
-            series
-        })
+            process.pids.push_back(pid);
+        }
+        [remote, process]
     }
 
     pub fn report(&self) -> Report {
@@ -211,6 +226,7 @@ impl Stats {
                     };
                     Summary {
                         key: key.clone(),
+                        pids: s.pids.iter().copied().collect(),
                         connects: s.count,
                         p50_ms: pick(0.50),
                         p90_ms: pick(0.90),
@@ -232,71 +248,32 @@ impl Stats {
     }
 }
 
-/// `COMM[PID]`, or `-` when the owner is unknown.
-fn process_key(comm: Option<&str>, pid: Option<u32>) -> String {
-    match (comm, pid) {
-        (Some(comm), Some(pid)) => format!("{comm}[{pid}]"),
-        _ => "-".to_string(),
+/// What a connection is counted under: the endpoint it connected to, or, for one accepted
+/// here, its peer's address and the local port (the peer's ephemeral port would make a key
+/// per connection).
+fn remote_key(direction: Option<Direction>, ends: &impl Endpoints) -> String {
+    let (local, remote) = ends.endpoints();
+    match direction {
+        Some(Direction::Inbound) => format!("{} -> :{}", remote.0, local.1),
+        _ => std::net::SocketAddr::from(remote).to_string(),
     }
 }
 
-/// The report as aligned text tables: remote endpoints, processes, listeners.
-pub fn text(report: &Report) -> String {
-    let ms = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.3}"));
-    let known = |v: Option<u32>| v.map_or("-".to_string(), |v| v.to_string());
-    let mut out = String::new();
-    for (title, rows) in [("REMOTE", &report.by_remote), ("PROCESS", &report.by_process)] {
-        out.push_str(&format!(
-            "{title:<40} {:>8} {:>10} {:>10} {:>10} {:>10} {:>8}  FAILED\n",
-            "CONNECTS", "P50_MS", "P90_MS", "P99_MS", "MAX_MS", "RETRANS"
-        ));
-        for row in rows {
-            let failed: Vec<String> =
-                row.failed.iter().map(|(why, n)| format!("{why}={n}")).collect();
-            out.push_str(&format!(
-                "{:<40} {:>8} {:>10} {:>10} {:>10} {:>10} {:>8}  {}\n",
-                row.key,
-                row.connects,
-                ms(row.p50_ms),
-                ms(row.p90_ms),
-                ms(row.p99_ms),
-                ms(row.max_ms),
-                row.retransmits,
-                if failed.is_empty() { "-".to_string() } else { failed.join(" ") }
-            ));
-        }
-        out.push('\n');
+/// Records that name a connection's two ends.
+trait Endpoints {
+    fn endpoints(&self) -> ((IpAddr, u16), (IpAddr, u16));
+}
+
+impl Endpoints for TransitionRecord {
+    fn endpoints(&self) -> ((IpAddr, u16), (IpAddr, u16)) {
+        ((self.laddr, self.lport), (self.raddr, self.rport))
     }
-    out.push_str(&format!(
-        "{:<40} {:<24} {:>9} {:>9} {:>10} {:>10} {:>7} {:>9} {:>9} {:>11}\n",
-        "LISTENER",
-        "PROCESS",
-        "ACCEPTQ",
-        "BACKLOG",
-        "HALF_OPEN",
-        "HANDSHAKES",
-        "ACCEPTED",
-        "QUEUED",
-        "PEAK_Q",
-        "SYNACK_RETX"
-    ));
-    for l in &report.listeners {
-        let process = process_key(l.comm.as_deref(), l.pid);
-        out.push_str(&format!(
-            "{:<40} {:<24} {:>9} {:>9} {:>10} {:>10} {:>7} {:>9} {:>9} {:>11}\n",
-            std::net::SocketAddr::from((l.laddr, l.lport)).to_string(),
-            process,
-            known(l.accept_queue),
-            known(l.backlog),
-            known(l.half_open),
-            l.handshakes,
-            l.accepted,
-            l.queued,
-            l.peak_queued,
-            l.synack_retransmits
-        ));
+}
+
+impl Endpoints for RetransmitRecord {
+    fn endpoints(&self) -> ((IpAddr, u16), (IpAddr, u16)) {
+        ((self.laddr, self.lport), (self.raddr, self.rport))
     }
-    out.trim_end().to_string()
 }
 
 #[cfg(test)]
@@ -342,6 +319,7 @@ mod tests {
             retransmits: None,
             failure,
             ending: None,
+            direction: None,
         }
     }
 
@@ -363,21 +341,43 @@ mod tests {
             (Some(50.0), Some(90.0), Some(99.0), Some(100.0))
         );
         assert_eq!(remote.failed, BTreeMap::from([("refused".into(), 1), ("timeout".into(), 1)]));
-        let processes: Vec<(&str, u64)> =
-            report.by_process.iter().map(|s| (s.key.as_str(), s.connects)).collect();
-        assert_eq!(processes, [("curl[7]", 100), ("curl[8]", 0)]);
-        assert_eq!(report.by_process[1].p50_ms, None);
-        let text = text(&report);
+        // One row per command, whatever its pids.
+        let processes: Vec<(&str, u64, &[u32])> = report
+            .by_process
+            .iter()
+            .map(|s| (s.key.as_str(), s.connects, s.pids.as_slice()))
+            .collect();
+        assert_eq!(processes, [("curl", 100, &[7, 8][..])]);
+        let text = crate::output::stats::text(&report);
         assert!(text.contains("10.0.0.5:5432") && text.contains("refused=1 timeout=1"), "{text}");
+        assert!(text.contains("curl[8,7]"), "{text}");
+    }
+
+    #[test]
+    fn inbound_connections_count_by_peer_address_and_local_port() {
+        let mut stats = Stats::new();
+        for rport in [50_001, 50_002, 50_003] {
+            let mut reset = record(TcpState::Established, TcpState::Close, None, None, 9);
+            (reset.rport, reset.failure) = (rport, Some(Failure::Reset));
+            reset.direction = Some(Direction::Inbound);
+            stats.record(&reset);
+        }
+        let report = stats.report();
+        let keys: Vec<&str> = report.by_remote.iter().map(|s| s.key.as_str()).collect();
+        assert_eq!(keys, ["10.0.0.5 -> :40000"], "ephemeral ports folded together");
+        assert_eq!(report.by_remote[0].failed.get("reset"), Some(&3));
     }
 
     #[test]
     fn keys_are_bounded() {
         let mut stats = Stats::new();
         for pid in 0..(KEYS as u32 + 10) {
-            stats.record(&record(TcpState::SynSent, TcpState::Established, Some(1), None, pid));
+            let mut connect = record(TcpState::SynSent, TcpState::Established, Some(1), None, pid);
+            connect.comm = Some(format!("cmd{pid}"));
+            stats.record(&connect);
         }
         assert_eq!(stats.by_process.len(), KEYS);
-        assert!(!stats.by_process.contains_key("curl[0]"), "the least recently seen went first");
+        assert!(!stats.by_process.contains_key("cmd0"), "the least recently seen went first");
+        assert_eq!(stats.by_process["cmd1033"].pids, [1033]);
     }
 }

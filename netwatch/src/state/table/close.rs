@@ -25,6 +25,18 @@ pub struct Transition {
     /// At a CLOSE that no tracepoint reported (a timewait socket's end, a namespace's
     /// deletion): what ended the socket.
     pub ending: Option<Ending>,
+    /// Who opened the connection, when netwatch knows.
+    pub direction: Option<Direction>,
+}
+
+/// Which end opened a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Direction {
+    /// This host connected out (CLOSE -> SYN_SENT).
+    Outbound,
+    /// A listener here accepted it (LISTEN -> SYN_RECV), or its local port is a listener's.
+    Inbound,
 }
 
 /// What ended a socket whose end no tracepoint reports: a timewait socket, or any socket of
@@ -137,7 +149,17 @@ impl Table {
         if opens && change.local.1 != 0 {
             self.end_reused(change.netns, change.local, change.remote, change.ts_ns, change.key);
         }
+        let known_direction = self.sockets.get(&change.key).and_then(|s| s.direction);
+        let direction = match (change.old, change.new) {
+            (TcpState::Close, TcpState::SynSent) => Some(Direction::Outbound),
+            (TcpState::Listen, TcpState::SynRecv) => Some(Direction::Inbound),
+            _ if known_direction.is_some() => known_direction,
+            // Found by the snapshot: a connection on a listening port was accepted there.
+            (_, TcpState::Listen) | (TcpState::Listen, _) => None,
+            _ => self.listener_of(change.netns, change.local).map(|_| Direction::Inbound),
+        };
         let socket = self.sockets.entry(change.key).or_default();
+        socket.direction = direction;
 
         if change.old == TcpState::Listen && change.new == TcpState::SynRecv {
             socket.created_ns.get_or_insert(change.ts_ns);
@@ -241,7 +263,7 @@ impl Table {
                 self.remember_closed(change.key);
             }
         }
-        Transition { change, owner, in_old_state_ns, lifespan_ns, failure, ending: None }
+        Transition { change, owner, in_old_state_ns, lifespan_ns, failure, ending: None, direction }
     }
 
     pub(super) fn remember_closed(&mut self, key: SockKey) {

@@ -39,6 +39,8 @@ pub struct Listener {
 pub struct RetransmitSeen {
     pub owner: Option<Owner>,
     pub state: Option<TcpState>,
+    /// Who opened the connection, when known.
+    pub direction: Option<super::Direction>,
     /// Retransmits of this socket seen so far, this one included.
     pub count: u64,
 }
@@ -58,10 +60,11 @@ impl Table {
                 RetransmitSeen {
                     owner: socket.owner.clone(),
                     state: socket.state,
+                    direction: socket.direction,
                     count: socket.retransmits,
                 }
             }
-            None => RetransmitSeen { owner: None, state: None, count: 1 },
+            None => RetransmitSeen { owner: None, state: None, direction: None, count: 1 },
         }
     }
 
@@ -69,6 +72,7 @@ impl Table {
     pub(super) fn enqueue(&mut self, child: SockKey, listener: SockKey) {
         let Some(queue) = self.accept_queues.get_mut(&listener) else { return };
         let socket = self.sockets.entry(child).or_default();
+        socket.direction = Some(super::Direction::Inbound);
         if socket.queued_on.is_none() {
             socket.queued_on = Some(listener);
             queue.queued += 1;

@@ -29,7 +29,7 @@ mod socket;
 mod tests;
 mod timewait;
 
-pub use close::{Ending, Failure, Transition, may_leave_timewait};
+pub use close::{Direction, Ending, Failure, Transition, may_leave_timewait};
 pub use listeners::{AcceptQueue, Listener, RetransmitSeen};
 pub use socket::{Owner, Row};
 

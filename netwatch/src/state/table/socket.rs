@@ -2,6 +2,7 @@
 //! table row needs.
 use std::{collections::VecDeque, net::IpAddr};
 
+use super::close::Direction;
 use crate::{
     host::snapshot::{FdOwner, Protocol, SocketRow, TimerKind},
     kernel::events::{Family, SockKey, Task, TcpState, Totals},
@@ -87,6 +88,8 @@ pub(super) struct Socket {
     /// What the full socket carried when it closed into a timewait socket, for the summary
     /// at the timewait socket's own end.
     pub(super) close_totals: Option<Totals>,
+    /// Who opened the connection, once known.
+    pub(super) direction: Option<Direction>,
 }
 
 /// The (pid, fd) pairs holding a socket, with each process's command name: a sorted vector,

@@ -84,6 +84,7 @@ impl Table {
             owner: socket.owner,
             failure: None,
             ending: Some(ending),
+            direction: socket.direction,
         })
     }
 
@@ -201,6 +202,7 @@ impl Table {
             lifespan_ns: None,
             failure: None,
             ending: None,
+            direction: socket.direction,
         })
     }
 
