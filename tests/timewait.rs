@@ -1,0 +1,271 @@
+//! TIME_WAIT through the whole state machine: a client that closes first goes
+//! FIN_WAIT2 -> TIME_WAIT, and then TIME_WAIT -> CLOSE when its timewait socket expires, is
+//! taken over by a new connection (`tcp_tw_reuse`), or its namespace goes; the FIN_WAIT2
+//! substate of an orphan turns into TIME_WAIT when the peer's FIN comes, or expires after
+//! `tcp_fin_timeout`. Each case in a namespace of its own, with `ss` as the oracle.
+//! A failed unwrap is how a test reports a missing field.
+#![allow(clippy::unwrap_used)]
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    os::fd::{AsRawFd as _, FromRawFd as _},
+    thread,
+    time::{Duration, Instant},
+};
+
+use netwatch_tests::{
+    Agent, NetNs, Watcher,
+    oracle::{netwatch_rows, ss_rows},
+    require_root,
+};
+use serde_json::Value;
+
+/// A TCP socket with SO_REUSEADDR bound to `local`, connected to `server`: what a client
+/// that reuses its port (and so may meet its own timewait socket) does.
+fn connect_from(local: SocketAddr, server: SocketAddr) -> TcpStream {
+    let addr = |a: SocketAddr| {
+        let SocketAddr::V4(a) = a else { panic!("IPv4 only") };
+        libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: a.port().to_be(),
+            sin_addr: libc::in_addr { s_addr: u32::from(*a.ip()).to_be() },
+            sin_zero: [0; 8],
+        }
+    };
+    let size = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: plain socket calls on a new fd, with valid pointers and sizes; the fd is handed
+    // to a TcpStream, which owns it from then on.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0);
+        let stream = TcpStream::from_raw_fd(fd);
+        let one: libc::c_int = 1;
+        let set = libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_REUSEADDR,
+            (&raw const one).cast(),
+            std::mem::size_of_val(&one) as libc::socklen_t,
+        );
+        assert_eq!(set, 0, "SO_REUSEADDR");
+        let local = addr(local);
+        let bound = libc::bind(stream.as_raw_fd(), (&raw const local).cast(), size);
+        assert_eq!(bound, 0, "bind: {}", std::io::Error::last_os_error());
+        let server = addr(server);
+        let connected = libc::connect(stream.as_raw_fd(), (&raw const server).cast(), size);
+        assert_eq!(connected, 0, "connect: {}", std::io::Error::last_os_error());
+        stream
+    }
+}
+
+/// A server in `ns` that answers each connection's request and closes after the client
+/// does, for as long as the test keeps the namespace.
+fn echo_server(ns: &NetNs) -> SocketAddr {
+    let listener = ns.run(|| TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap());
+    let addr = listener.local_addr().unwrap();
+    thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            let mut request = [0u8; 4];
+            if stream.read_exact(&mut request).is_ok() {
+                let _ = stream.write_all(&request);
+                let _ = stream.read_to_end(&mut Vec::new());
+            }
+        }
+    });
+    addr
+}
+
+/// One round trip from `local` (port 0: any) that the client closes first, leaving it in
+/// TIME_WAIT; returns the client's address.
+fn round_trip(ns: &NetNs, local: SocketAddr, server: SocketAddr) -> SocketAddr {
+    ns.run(move || {
+        let mut client = connect_from(local, server);
+        client.write_all(b"ping").unwrap();
+        client.read_exact(&mut [0u8; 4]).unwrap();
+        client.local_addr().unwrap()
+    })
+}
+
+/// The agent's history of the connection from `client` (open or closed, newest last).
+fn histories_of(agent: &Agent, client: SocketAddr, server: SocketAddr) -> Vec<Value> {
+    let filter = ["sport", "=", &format!(":{}", client.port())];
+    let all = agent.ask_json("history", &filter);
+    all.as_array()
+        .unwrap()
+        .iter()
+        .filter(|h| h["rport"] == server.port() && h["lport"] == client.port())
+        .cloned()
+        .collect()
+}
+
+fn steps(history: &Value) -> Vec<(String, String)> {
+    history["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| (s["old"].as_str().unwrap().into(), s["new"].as_str().unwrap().into()))
+        .collect()
+}
+
+fn step(old: &str, new: &str) -> (String, String) {
+    (old.into(), new.into())
+}
+
+/// Polls `history` until `done` holds or `limit` passes.
+fn wait_for_history(
+    agent: &Agent,
+    client: SocketAddr,
+    server: SocketAddr,
+    limit: Duration,
+    done: impl Fn(&[Value]) -> bool,
+) -> Vec<Value> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let found = histories_of(agent, client, server);
+        if done(&found) {
+            return found;
+        }
+        assert!(Instant::now() < deadline, "timed out; histories: {found:#?}");
+        thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// A reused TIME_WAIT: the client's timewait socket is listed as `ss` lists it; a new
+/// connect from the same port to the same server (`tcp_tw_reuse`) takes it over, and the
+/// old connection's TIME_WAIT -> CLOSE (`reused`) comes before the new one's first step.
+#[test]
+fn a_timewait_socket_taken_over_by_a_new_connection_ends_reused() {
+    require_root();
+    let agent = Agent::start(&Agent::test_socket("tw-reuse"));
+    let ns = NetNs::new("twreuse");
+    ns.run(|| std::fs::write("/proc/sys/net/ipv4/tcp_tw_reuse", "1").unwrap());
+    let server = echo_server(&ns);
+    let watcher = Watcher::start(&["--json", "--socket", agent.socket.to_str().unwrap()]);
+    let client = round_trip(&ns, (Ipv4Addr::LOCALHOST, 0).into(), server);
+
+    let (rows, records, _) = netwatch_rows(&agent, &ns);
+    assert_eq!(rows, ss_rows(&ns), "the agent's table vs ss -tuanp");
+    let tw = records.iter().find(|r| r["lport"] == client.port()).unwrap();
+    assert_eq!(tw["state"], "TIME_WAIT", "{tw}");
+    let [open] = histories_of(&agent, client, server).try_into().unwrap();
+    assert_eq!(steps(&open).last(), Some(&step("FIN_WAIT2", "TIME_WAIT")));
+    assert_eq!(open["closed"], false);
+
+    // The kernel lets a timewait socket be reused once a second has passed since the last
+    // timestamp it received.
+    thread::sleep(Duration::from_millis(1100));
+    let again = round_trip(&ns, client, server);
+    assert_eq!(again, client, "the same 4-tuple");
+    let both = wait_for_history(&agent, client, server, Duration::from_secs(10), |h| {
+        h.len() == 2 && h.iter().all(|h| h["closed"] == false || h["ending"] == "reused")
+    });
+    let old = both.iter().find(|h| h["cookie"] == open["cookie"]).unwrap();
+    assert_eq!((old["closed"].as_bool(), old["ending"].as_str()), (Some(true), Some("reused")));
+    let last = old["steps"].as_array().unwrap().last().unwrap();
+    assert_eq!(
+        step(last["old"].as_str().unwrap(), last["new"].as_str().unwrap()),
+        step("TIME_WAIT", "CLOSE")
+    );
+    let in_time_wait = last["duration_ns"].as_u64().unwrap();
+    assert!(in_time_wait > 1_000_000_000, "in TIME_WAIT over a second: {last}");
+    let spent: u64 =
+        old["steps"].as_array().unwrap().iter().map(|s| s["duration_ns"].as_u64().unwrap()).sum();
+    assert_eq!(old["lifespan_ns"].as_u64(), Some(spent), "durations add up: {old:#}");
+    assert_eq!((old["bytes_sent"].as_u64(), old["bytes_received"].as_u64()), (Some(4), Some(4)));
+    let new = both.iter().find(|h| h["cookie"] != open["cookie"]).unwrap();
+    assert_eq!(steps(new)[0], step("CLOSE", "SYN_SENT"));
+
+    // In the stream, the old connection ends before the new one starts.
+    let lines = watcher.stop();
+    let position = |cookie: &Value, new: &str| {
+        lines.iter().position(|l| {
+            let r: Value = serde_json::from_str(l).unwrap();
+            r["cookie"] == *cookie && r["new"] == new
+        })
+    };
+    let ended = position(&open["cookie"], "CLOSE").expect("TIME_WAIT -> CLOSE in the stream");
+    let started = position(&new["cookie"], "SYN_SENT").expect("the new connect in the stream");
+    assert!(ended < started, "the reused socket's end comes first");
+    let (rows, _, _) = netwatch_rows(&agent, &ns);
+    assert_eq!(rows, ss_rows(&ns), "after the reuse");
+    assert!(agent.stop().success());
+}
+
+/// An orphan whose peer has not closed waits in the FIN_WAIT2 substate of a timewait socket:
+/// the stream shows no change at the full socket's close, then FIN_WAIT2 -> TIME_WAIT when
+/// the peer's FIN comes; an orphan whose peer never closes expires after tcp_fin_timeout.
+#[test]
+fn the_fin_wait2_substate_turns_into_time_wait_or_expires() {
+    require_root();
+    let agent = Agent::start(&Agent::test_socket("tw-fin2"));
+    let ns = NetNs::new("twfin2");
+    ns.run(|| std::fs::write("/proc/sys/net/ipv4/tcp_fin_timeout", "3").unwrap());
+    let listener = ns.run(|| TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap());
+    let server = listener.local_addr().unwrap();
+    // Two connections the clients close at once; the server holds its ends open.
+    let (clients, accepted) = ns.run(move || {
+        let clients: Vec<TcpStream> = (0..2).map(|_| TcpStream::connect(server).unwrap()).collect();
+        let accepted: Vec<TcpStream> = (0..2).map(|_| listener.accept().unwrap().0).collect();
+        let clients: Vec<SocketAddr> = clients.iter().map(|c| c.local_addr().unwrap()).collect();
+        (clients, accepted)
+    });
+    let (answered, never) = (clients[0], clients[1]);
+    let in_fin_wait2 =
+        |h: &[Value]| h.len() == 1 && steps(&h[0]).last() == Some(&step("FIN_WAIT1", "FIN_WAIT2"));
+    for client in [answered, never] {
+        wait_for_history(&agent, client, server, Duration::from_secs(5), in_fin_wait2);
+    }
+    let (rows, _, _) = netwatch_rows(&agent, &ns);
+    assert_eq!(rows, ss_rows(&ns), "orphans in FIN-WAIT-2 vs ss");
+
+    // The server closes one of its ends: that client's timewait socket turns to TIME_WAIT.
+    let mut accepted = accepted.into_iter();
+    let answer = accepted.next().unwrap();
+    assert_eq!(answer.peer_addr().unwrap(), answered);
+    drop(answer);
+    let turned = wait_for_history(&agent, answered, server, Duration::from_secs(5), |h| {
+        h.len() == 1 && steps(&h[0]).last() == Some(&step("FIN_WAIT2", "TIME_WAIT"))
+    });
+    assert_eq!(turned[0]["closed"], false);
+    // The other's peer never closes: its FIN_WAIT2 expires after tcp_fin_timeout (3 s).
+    let expired = wait_for_history(&agent, never, server, Duration::from_secs(10), |h| {
+        h.len() == 1 && h[0]["closed"] == true
+    });
+    let last = expired[0]["steps"].as_array().unwrap().last().unwrap();
+    assert_eq!((last["old"].as_str(), last["new"].as_str()), (Some("FIN_WAIT2"), Some("CLOSE")));
+    assert_eq!(expired[0]["ending"], "expired", "{expired:#?}");
+    let in_fin_wait2_ns = last["duration_ns"].as_u64().unwrap();
+    assert!((3_000_000_000..6_000_000_000).contains(&in_fin_wait2_ns), "{last}");
+    let (rows, _, _) = netwatch_rows(&agent, &ns);
+    assert_eq!(rows, ss_rows(&ns), "after the expiry");
+    drop(accepted);
+    assert!(agent.stop().success());
+}
+
+/// TIME_WAIT lasts the kernel's 60 s; then TIME_WAIT -> CLOSE (`expired`) closes the history,
+/// and neither `ss` nor netwatch lists the socket any more.
+#[test]
+fn time_wait_expires_after_sixty_seconds() {
+    require_root();
+    let agent = Agent::start(&Agent::test_socket("tw-expiry"));
+    let ns = NetNs::new("twexpiry");
+    let server = echo_server(&ns);
+    let client = round_trip(&ns, (Ipv4Addr::LOCALHOST, 0).into(), server);
+    let (rows, _, _) = netwatch_rows(&agent, &ns);
+    assert_eq!(rows, ss_rows(&ns), "in TIME_WAIT");
+    let closed = wait_for_history(&agent, client, server, Duration::from_secs(75), |h| {
+        h.len() == 1 && h[0]["closed"] == true
+    });
+    let h = &closed[0];
+    assert_eq!(h["ending"], "expired", "{h:#}");
+    let last = h["steps"].as_array().unwrap().last().unwrap();
+    assert_eq!((last["old"].as_str(), last["new"].as_str()), (Some("TIME_WAIT"), Some("CLOSE")));
+    let in_time_wait = last["duration_ns"].as_u64().unwrap() as f64 / 1e9;
+    assert!((60.0..66.0).contains(&in_time_wait), "TIME_WAIT lasted {in_time_wait} s");
+    let (rows, _, _) = netwatch_rows(&agent, &ns);
+    assert_eq!(rows, ss_rows(&ns), "after the expiry");
+    assert!(rows.iter().all(|r| r.1 != "TIME-WAIT"), "{rows:?}");
+    assert!(agent.stop().success());
+}
