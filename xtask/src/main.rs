@@ -103,6 +103,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if !setup::is_root() {
                 bail!("the integration tests load eBPF programs: run `sudo -E cargo xtask test`");
             }
+            step("formatting (cargo fmt --check)", || {
+                cargo(&root, &["fmt", "--all", "--", "--check"])
+            })?;
+            step("lints (cargo clippy -D warnings)", || {
+                cargo(&root, &["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])
+            })?;
             step("unit tests", || {
                 cargo(
                     &root,

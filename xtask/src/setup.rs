@@ -1,6 +1,6 @@
 //! Makes sure the machine can build and test netwatch, installing what is missing.
 //!
-//! What is needed (DESIGN.md, Toolchain): the nightly toolchain with rust-src (the eBPF crate
+//! What is needed (docs/ARCHITECTURE.md, Toolchain): the nightly toolchain with rust-src (the eBPF crate
 //! is built with `-Z build-std=core`), bpf-linker 0.13.0 linked against the same LLVM major as
 //! nightly rustc (from Debian's llvm-N-dev), iproute2 (`ss`, `ip`) and nftables (`nft`, to drop chosen packets) for the tests, and tracefs
 //! mounted for the classic-tracepoint fallback. Each check is cheap; each install says what it
@@ -57,7 +57,7 @@ pub fn ensure_all() -> anyhow::Result<()> {
         installed.push("Debian packages");
     }
 
-    if !rust_src_installed()? {
+    if !component_installed("nightly", "rust-src")? {
         step("add rust-src to the nightly toolchain", || {
             run_visible(Command::new("rustup").args([
                 "component",
@@ -68,6 +68,22 @@ pub fn ensure_all() -> anyhow::Result<()> {
             ]))
         })?;
         installed.push("rust-src");
+    }
+
+    // `cargo xtask test` checks formatting and lints with the workspace's own toolchain.
+    for component in ["rustfmt", "clippy"] {
+        if !component_installed("stable", component)? {
+            step(&format!("add {component} to the stable toolchain"), || {
+                run_visible(Command::new("rustup").args([
+                    "component",
+                    "add",
+                    component,
+                    "--toolchain",
+                    "stable",
+                ]))
+            })?;
+            installed.push(component);
+        }
     }
 
     match bpf_linker_llvm() {
@@ -147,12 +163,12 @@ fn install_packages(packages: &[&str]) -> anyhow::Result<()> {
     .with_context(|| format!("run by hand: {by_hand}"))
 }
 
-fn rust_src_installed() -> anyhow::Result<bool> {
+fn component_installed(toolchain: &str, component: &str) -> anyhow::Result<bool> {
     let output = Command::new("rustup")
-        .args(["component", "list", "--installed", "--toolchain", "nightly"])
+        .args(["component", "list", "--installed", "--toolchain", toolchain])
         .output()
         .context("running rustup")?;
-    Ok(String::from_utf8_lossy(&output.stdout).lines().any(|l| l.starts_with("rust-src")))
+    Ok(String::from_utf8_lossy(&output.stdout).lines().any(|l| l.starts_with(component)))
 }
 
 fn cargo_bin_dir() -> PathBuf {

@@ -3,7 +3,7 @@
 //!
 //! For each socket it keeps what the stream needs to say more than the kernel record does:
 //! who owns the socket (not merely who was on the CPU), when it was created, and when it
-//! entered its current state. Ownership follows DESIGN.md: the current task counts as owner
+//! entered its current state. Ownership (docs/ARCHITECTURE.md): the current task counts as owner
 //! only for transitions that run inside the owner's own system call; every other transition
 //! (softirq: handshake completion, peer FIN, RST, timers, loopback delivery) keeps the owner
 //! already known. A passively opened socket inherits its listener's owner until accepted.
