@@ -15,36 +15,13 @@ use std::{
     time::{Duration, Instant},
 };
 
+use netwatch_common::program;
 use netwatch_tests::{
     Agent, Holder, NetNs, listening_port, netwatch_bin,
-    oracle::{netwatch_rows, ss_rows},
+    oracle::{netwatch_rows, settled_rows},
     require_root, sockpeer_in,
 };
 use serde_json::Value;
-
-/// The kernel programs netwatch-ebpf defines (the kernel keeps 15 bytes of a name).
-const PROGRAMS: [&str; 20] = [
-    "state_btf",
-    "state_classic",
-    "sock_create",
-    "sock_release",
-    "accept_exit",
-    "fd_open_exit",
-    "close_enter",
-    "addr_syscall_enter",
-    "addr_syscall_exit",
-    "recvmsg_enter",
-    "recvmsg_exit",
-    "reset_received",
-    "process_fork",
-    "process_exec",
-    "process_exit",
-    "udp_sendmsg4",
-    "udp_sendmsg6",
-    "connect_port",
-    "retransmit",
-    "synack_retransmit",
-];
 
 /// Ids of the loaded BPF programs that carry one of netwatch's names.
 fn netwatch_programs() -> BTreeSet<u32> {
@@ -53,7 +30,7 @@ fn netwatch_programs() -> BTreeSet<u32> {
         .filter(|p| {
             p.name_as_str().is_some_and(|name| {
                 !name.is_empty()
-                    && PROGRAMS.iter().any(|ours| ours.get(..15).unwrap_or(ours) == name)
+                    && program::ALL.iter().any(|ours| ours.get(..15).unwrap_or(ours) == name)
             })
         })
         .map(|p| p.id())
@@ -102,10 +79,8 @@ fn a_killed_agent_leaves_nothing_attached_and_a_new_one_rebuilds_the_table() {
         .unwrap();
 
     let agent = Agent::start(&socket);
-    thread::sleep(Duration::from_millis(300));
-    let (rows, _, stderr) = netwatch_rows(&agent, &ns);
+    let (_, _, stderr) = settled_rows(&agent, &ns);
     assert!(!stderr.contains("one-shot"), "the new agent answered: {stderr}");
-    assert_eq!(rows, ss_rows(&ns), "the restarted agent's table vs ss -tuanp");
     drop(holder);
     assert!(agent.stop().success());
 }
@@ -188,9 +163,7 @@ fn namespaces_come_and_go_with_their_sockets() {
         let ns = NetNs::new(&format!("churn{round}"));
         let inode = ns.inode();
         let holder = Holder::start(&ns, sockpeer);
-        thread::sleep(Duration::from_millis(300));
-        let (rows, records, _) = netwatch_rows(&agent, &ns);
-        assert_eq!(rows, ss_rows(&ns), "round {round}: the new namespace's table vs ss");
+        let (_, records, _) = settled_rows(&agent, &ns);
         assert!(records.iter().any(|r| r["state"] == "TIME_WAIT"), "round {round}");
         drop(holder);
         drop(ns);
@@ -226,7 +199,6 @@ fn short_lived_processes_are_attributed_in_table_history_and_log() {
         // `ip netns exec` execs the program: the child's pid is sockpeer's.
         expected.insert(lport, child.id());
     }
-    thread::sleep(Duration::from_millis(300));
     let (_, records, _) = netwatch_rows(&agent, &ns);
     for (lport, pid) in &expected {
         let row = records

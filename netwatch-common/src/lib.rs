@@ -40,6 +40,174 @@ pub mod kind {
     pub const SYNACK_RETRANSMIT: u8 = 14;
 }
 
+/// The kernel programs' names: the functions in `netwatch-ebpf`, which the loader looks up
+/// and attaches, and which the kernel lists (keeping 15 bytes of each).
+pub mod program {
+    pub const STATE_BTF: &str = "state_btf";
+    pub const STATE_CLASSIC: &str = "state_classic";
+    pub const SOCK_CREATE: &str = "sock_create";
+    pub const SOCK_RELEASE: &str = "sock_release";
+    pub const ACCEPT_EXIT: &str = "accept_exit";
+    pub const FD_OPEN_EXIT: &str = "fd_open_exit";
+    pub const CLOSE_ENTER: &str = "close_enter";
+    pub const ADDR_SYSCALL_ENTER: &str = "addr_syscall_enter";
+    pub const ADDR_SYSCALL_EXIT: &str = "addr_syscall_exit";
+    pub const RECVMSG_ENTER: &str = "recvmsg_enter";
+    pub const RECVMSG_EXIT: &str = "recvmsg_exit";
+    pub const RESET_RECEIVED: &str = "reset_received";
+    pub const RETRANSMIT: &str = "retransmit";
+    pub const SYNACK_RETRANSMIT: &str = "synack_retransmit";
+    pub const PROCESS_FORK: &str = "process_fork";
+    pub const PROCESS_EXEC: &str = "process_exec";
+    pub const PROCESS_EXIT: &str = "process_exit";
+    pub const UDP_SENDMSG4: &str = "udp_sendmsg4";
+    pub const UDP_SENDMSG6: &str = "udp_sendmsg6";
+    pub const CONNECT_PORT: &str = "connect_port";
+
+    pub const ALL: [&str; 20] = [
+        STATE_BTF,
+        STATE_CLASSIC,
+        SOCK_CREATE,
+        SOCK_RELEASE,
+        ACCEPT_EXIT,
+        FD_OPEN_EXIT,
+        CLOSE_ENTER,
+        ADDR_SYSCALL_ENTER,
+        ADDR_SYSCALL_EXIT,
+        RECVMSG_ENTER,
+        RECVMSG_EXIT,
+        RESET_RECEIVED,
+        RETRANSMIT,
+        SYNACK_RETRANSMIT,
+        PROCESS_FORK,
+        PROCESS_EXEC,
+        PROCESS_EXIT,
+        UDP_SENDMSG4,
+        UDP_SENDMSG6,
+        CONNECT_PORT,
+    ];
+}
+
+/// The maps of `netwatch-ebpf` that userspace opens.
+pub mod map {
+    /// The ring buffer every program writes its records to.
+    pub const EVENTS: &str = "EVENTS";
+    /// Per CPU: [0] ring reservation failures, [1] the most bytes ever unread.
+    pub const LOST: &str = "LOST";
+    /// Switches the loader sets after attaching (`config::*` indices).
+    pub const CONFIG: &str = "CONFIG";
+}
+
+/// The load-time globals of `netwatch-ebpf`: read-only statics the loader patches with
+/// kernel struct offsets (from BTF) and tracepoint field offsets (from tracefs) before load.
+pub mod global {
+    pub const OFF_SKC_DADDR: &str = "OFF_SKC_DADDR";
+    pub const OFF_SKC_RCV_SADDR: &str = "OFF_SKC_RCV_SADDR";
+    pub const OFF_SKC_DPORT: &str = "OFF_SKC_DPORT";
+    pub const OFF_SKC_NUM: &str = "OFF_SKC_NUM";
+    pub const OFF_SKC_FAMILY: &str = "OFF_SKC_FAMILY";
+    pub const OFF_SKC_NET: &str = "OFF_SKC_NET";
+    pub const OFF_SKC_V6_DADDR: &str = "OFF_SKC_V6_DADDR";
+    pub const OFF_SKC_V6_RCV_SADDR: &str = "OFF_SKC_V6_RCV_SADDR";
+    pub const OFF_SK_PROTOCOL: &str = "OFF_SK_PROTOCOL";
+    pub const OFF_INET_SPORT: &str = "OFF_INET_SPORT";
+    pub const OFF_NET_NS_INUM: &str = "OFF_NET_NS_INUM";
+    pub const OFF_TASK_GROUP_LEADER: &str = "OFF_TASK_GROUP_LEADER";
+    pub const OFF_TASK_COMM: &str = "OFF_TASK_COMM";
+    pub const OFF_TASK_FILES: &str = "OFF_TASK_FILES";
+    pub const OFF_FILES_FDT: &str = "OFF_FILES_FDT";
+    pub const OFF_FDT_FD: &str = "OFF_FDT_FD";
+    pub const OFF_FDT_MAX_FDS: &str = "OFF_FDT_MAX_FDS";
+    pub const OFF_FILE_PRIVATE_DATA: &str = "OFF_FILE_PRIVATE_DATA";
+    pub const OFF_SOCKET_FILE: &str = "OFF_SOCKET_FILE";
+    pub const OFF_SOCKET_SK: &str = "OFF_SOCKET_SK";
+    pub const OFF_SKC_COOKIE: &str = "OFF_SKC_COOKIE";
+    pub const OFF_SKC_STATE: &str = "OFF_SKC_STATE";
+    pub const OFF_FILE_INODE: &str = "OFF_FILE_INODE";
+    pub const OFF_INODE_INO: &str = "OFF_INODE_INO";
+    pub const OFF_SK_SOCKET: &str = "OFF_SK_SOCKET";
+    pub const OFF_TP_BYTES_SENT: &str = "OFF_TP_BYTES_SENT";
+    pub const OFF_TP_BYTES_RECEIVED: &str = "OFF_TP_BYTES_RECEIVED";
+    pub const OFF_TP_BYTES_RETRANS: &str = "OFF_TP_BYTES_RETRANS";
+    pub const OFF_TP_TOTAL_RETRANS: &str = "OFF_TP_TOTAL_RETRANS";
+    pub const OFF_SK_FLAGS: &str = "OFF_SK_FLAGS";
+    pub const OFF_TASK_NSPROXY: &str = "OFF_TASK_NSPROXY";
+    pub const OFF_NSPROXY_NET_NS: &str = "OFF_NSPROXY_NET_NS";
+    pub const OFF_TASK_PID: &str = "OFF_TASK_PID";
+    pub const OFF_TASK_TGID: &str = "OFF_TASK_TGID";
+    pub const TP_SYSCALL_RET: &str = "TP_SYSCALL_RET";
+    pub const TP_SYSCALL_ARG0: &str = "TP_SYSCALL_ARG0";
+    pub const TP_RECVMSG_MSG: &str = "TP_RECVMSG_MSG";
+    pub const TP_RESET_COOKIE: &str = "TP_RESET_COOKIE";
+    pub const OFF_MSGHDR_CONTROL: &str = "OFF_MSGHDR_CONTROL";
+    pub const OFF_MSGHDR_CONTROLLEN: &str = "OFF_MSGHDR_CONTROLLEN";
+    pub const TP_SKADDR: &str = "TP_SKADDR";
+    pub const TP_OLDSTATE: &str = "TP_OLDSTATE";
+    pub const TP_NEWSTATE: &str = "TP_NEWSTATE";
+    pub const TP_SPORT: &str = "TP_SPORT";
+    pub const TP_DPORT: &str = "TP_DPORT";
+    pub const TP_FAMILY: &str = "TP_FAMILY";
+    pub const TP_PROTOCOL: &str = "TP_PROTOCOL";
+    pub const TP_SADDR: &str = "TP_SADDR";
+    pub const TP_DADDR: &str = "TP_DADDR";
+    pub const TP_SADDR_V6: &str = "TP_SADDR_V6";
+    pub const TP_DADDR_V6: &str = "TP_DADDR_V6";
+
+    pub const ALL: [&str; 51] = [
+        OFF_SKC_DADDR,
+        OFF_SKC_RCV_SADDR,
+        OFF_SKC_DPORT,
+        OFF_SKC_NUM,
+        OFF_SKC_FAMILY,
+        OFF_SKC_NET,
+        OFF_SKC_V6_DADDR,
+        OFF_SKC_V6_RCV_SADDR,
+        OFF_SK_PROTOCOL,
+        OFF_INET_SPORT,
+        OFF_NET_NS_INUM,
+        OFF_TASK_GROUP_LEADER,
+        OFF_TASK_COMM,
+        OFF_TASK_FILES,
+        OFF_FILES_FDT,
+        OFF_FDT_FD,
+        OFF_FDT_MAX_FDS,
+        OFF_FILE_PRIVATE_DATA,
+        OFF_SOCKET_FILE,
+        OFF_SOCKET_SK,
+        OFF_SKC_COOKIE,
+        OFF_SKC_STATE,
+        OFF_FILE_INODE,
+        OFF_INODE_INO,
+        OFF_SK_SOCKET,
+        OFF_TP_BYTES_SENT,
+        OFF_TP_BYTES_RECEIVED,
+        OFF_TP_BYTES_RETRANS,
+        OFF_TP_TOTAL_RETRANS,
+        OFF_SK_FLAGS,
+        OFF_TASK_NSPROXY,
+        OFF_NSPROXY_NET_NS,
+        OFF_TASK_PID,
+        OFF_TASK_TGID,
+        TP_SYSCALL_RET,
+        TP_SYSCALL_ARG0,
+        TP_RECVMSG_MSG,
+        TP_RESET_COOKIE,
+        OFF_MSGHDR_CONTROL,
+        OFF_MSGHDR_CONTROLLEN,
+        TP_SKADDR,
+        TP_OLDSTATE,
+        TP_NEWSTATE,
+        TP_SPORT,
+        TP_DPORT,
+        TP_FAMILY,
+        TP_PROTOCOL,
+        TP_SADDR,
+        TP_DADDR,
+        TP_SADDR_V6,
+        TP_DADDR_V6,
+    ];
+}
+
 /// `flags` bits of a [`SockEvent`].
 pub mod flags {
     /// The CLOSE->SYN_SENT transition was held back until the `sock_ops` TCP_CONNECT callback,

@@ -187,9 +187,17 @@ pub struct Watcher {
 }
 
 impl Watcher {
-    /// Starts `netwatch watch ARGS` and waits until it says it is attached.
+    /// Starts `netwatch watch ARGS` and waits until it says it is attached. Without a
+    /// `--socket` of the test's own agent it loads programs of its own (`--no-agent`), so an
+    /// agent running on the host cannot answer in its place.
     pub fn start(args: &[&str]) -> Watcher {
-        let args: Vec<&str> = std::iter::once("watch").chain(args.iter().copied()).collect();
+        let own = if args.contains(&"--socket") || args.contains(&"--no-agent") {
+            None
+        } else {
+            Some("--no-agent")
+        };
+        let args: Vec<&str> =
+            std::iter::once("watch").chain(args.iter().copied()).chain(own).collect();
         let Spawned { child, lines, stderr, stdout_reader } =
             spawn_until_ready(&args, "netwatch: watching");
         Watcher { child, lines, stdout_reader: Some(stdout_reader), stderr }
@@ -576,6 +584,23 @@ pub mod oracle {
             "LISTEN" => "LISTEN",
             "CLOSING" => "CLOSING",
             other => panic!("state {other}"),
+        }
+    }
+
+    /// The agent's table for `ns` once it equals ss's: the kernel's own timers (a delayed
+    /// ACK, a FIN's retransmission) can still be moving sockets a moment after a test's last
+    /// action, and the agent's answers include every event up to the question, so the two
+    /// are compared until they agree, and asserted equal after PATIENCE.
+    pub fn settled_rows(agent: &Agent, ns: &NetNs) -> (Vec<Comparable>, Vec<Value>, String) {
+        let deadline = std::time::Instant::now() + crate::PATIENCE;
+        loop {
+            let (ours, records, stderr) = netwatch_rows(agent, ns);
+            let theirs = ss_rows(ns);
+            if ours == theirs || std::time::Instant::now() > deadline {
+                assert_eq!(ours, theirs, "the agent's table vs ss -tuanp in {}", ns.name);
+                return (ours, records, stderr);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
         }
     }
 

@@ -17,7 +17,7 @@ use aya::{
     maps::{Array, MapData, PerCpuArray, RingBuf},
     programs::{BtfTracePoint, CgroupAttachMode, CgroupSock, CgroupSockAddr, SockOps, TracePoint},
 };
-use netwatch_common::config;
+use netwatch_common::{config, global, map, program};
 
 use crate::{
     error::{Error, Result},
@@ -62,14 +62,14 @@ pub struct Probes {
 
 impl Probes {
     pub fn take_ring(&mut self) -> Result<RingBuf<MapData>> {
-        let map = self.ebpf.take_map("EVENTS").ok_or(Error::Missing("EVENTS"))?;
-        RingBuf::try_from(map).map_err(|source| Error::Map { name: "EVENTS", source })
+        let map = self.ebpf.take_map(map::EVENTS).ok_or(Error::Missing(map::EVENTS))?;
+        RingBuf::try_from(map).map_err(|source| Error::Map { name: map::EVENTS, source })
     }
 
     pub fn take_ring_counters(&mut self) -> Result<RingCounters> {
-        let map = self.ebpf.take_map("LOST").ok_or(Error::Missing("LOST"))?;
+        let map = self.ebpf.take_map(map::LOST).ok_or(Error::Missing(map::LOST))?;
         let map =
-            PerCpuArray::try_from(map).map_err(|source| Error::Map { name: "LOST", source })?;
+            PerCpuArray::try_from(map).map_err(|source| Error::Map { name: map::LOST, source })?;
         Ok(RingCounters { map })
     }
 }
@@ -83,13 +83,15 @@ pub struct RingCounters {
 impl RingCounters {
     /// Events lost since the programs were loaded, summed over CPUs.
     pub fn lost(&self) -> Result<u64> {
-        let values = self.map.get(&0, 0).map_err(|source| Error::Map { name: "LOST", source })?;
+        let values =
+            self.map.get(&0, 0).map_err(|source| Error::Map { name: map::LOST, source })?;
         Ok(values.iter().sum())
     }
 
     /// The most bytes the ring buffer held unread at once since the programs were loaded.
     pub fn peak_unread(&self) -> Result<u64> {
-        let values = self.map.get(&1, 0).map_err(|source| Error::Map { name: "LOST", source })?;
+        let values =
+            self.map.get(&1, 0).map_err(|source| Error::Map { name: map::LOST, source })?;
         Ok(values.iter().copied().max().unwrap_or(0))
     }
 }
@@ -160,7 +162,7 @@ pub fn load(options: &LoadOptions) -> Result<Probes> {
         loader.override_global(name, value, true);
     }
     if let Some(size) = options.ring_size {
-        loader.map_max_entries("EVENTS", size);
+        loader.map_max_entries(map::EVENTS, size);
     }
     let mut ebpf = loader.load(EBPF_OBJECT)?;
 
@@ -173,13 +175,13 @@ pub fn load(options: &LoadOptions) -> Result<Probes> {
         None => None,
     };
     let source = if let Some(btf) = &aya_btf {
-        let program: &mut BtfTracePoint = program(&mut ebpf, "state_btf")?;
-        program.load("inet_sock_set_state", btf).map_err(attach_error("state_btf"))?;
+        let program: &mut BtfTracePoint = program(&mut ebpf, program::STATE_BTF)?;
+        program.load("inet_sock_set_state", btf).map_err(attach_error(program::STATE_BTF))?;
         program.attach().map_err(attach_error("tp_btf/inet_sock_set_state"))?;
         StateSource::TpBtf
     } else {
-        let program: &mut TracePoint = program(&mut ebpf, "state_classic")?;
-        program.load().map_err(attach_error("state_classic"))?;
+        let program: &mut TracePoint = program(&mut ebpf, program::STATE_CLASSIC)?;
+        program.load().map_err(attach_error(program::STATE_CLASSIC))?;
         program
             .attach("sock", "inet_sock_set_state")
             .map_err(attach_error("tracepoint sock:inet_sock_set_state"))?;
@@ -195,8 +197,12 @@ pub fn load(options: &LoadOptions) -> Result<Probes> {
 
     if let Some(btf) = &aya_btf {
         for (name, function, consequence) in [
-            ("retransmit", "tcp_retransmit_skb", "retransmits are counted only at close"),
-            ("synack_retransmit", "tcp_retransmit_synack", "SYN-ACK retransmits are not counted"),
+            (program::RETRANSMIT, "tcp_retransmit_skb", "retransmits are counted only at close"),
+            (
+                program::SYNACK_RETRANSMIT,
+                "tcp_retransmit_synack",
+                "SYN-ACK retransmits are not counted",
+            ),
         ] {
             let program: &mut BtfTracePoint = program(&mut ebpf, name)?;
             let attached = program.load(function, btf).and_then(|()| program.attach().map(drop));
@@ -226,8 +232,11 @@ fn attach_cgroup_hooks(
 ) -> Result<()> {
     let root = File::open(root).map_err(|e| Error::io(format!("open {}", root.display()), e))?;
     for (name, consequence) in [
-        ("sock_create", "the first transition of a socket shows no time since its creation"),
-        ("sock_release", "closed sockets that never connected are forgotten only by eviction"),
+        (program::SOCK_CREATE, "the first transition of a socket shows no time since its creation"),
+        (
+            program::SOCK_RELEASE,
+            "closed sockets that never connected are forgotten only by eviction",
+        ),
     ] {
         let program: &mut CgroupSock = program(ebpf, name)?;
         // Single = flags 0, which bpf_link_create requires; cgroup links are multi-attach anyway,
@@ -239,7 +248,7 @@ fn attach_cgroup_hooks(
         }
     }
 
-    for name in ["udp_sendmsg4", "udp_sendmsg6"] {
+    for name in [program::UDP_SENDMSG4, program::UDP_SENDMSG6] {
         let program: &mut CgroupSockAddr = program(ebpf, name)?;
         let attached =
             program.load().and_then(|()| program.attach(&root, CgroupAttachMode::Single).map(drop));
@@ -251,17 +260,17 @@ fn attach_cgroup_hooks(
         }
     }
 
-    let program: &mut SockOps = program(ebpf, "connect_port")?;
+    let program: &mut SockOps = program(ebpf, program::CONNECT_PORT)?;
     let attached =
         program.load().and_then(|()| program.attach(&root, CgroupAttachMode::Single).map(drop));
     match attached {
         Ok(()) if source == StateSource::TpBtf => {
-            let map = ebpf.map_mut("CONFIG").ok_or(Error::Missing("CONFIG"))?;
+            let map = ebpf.map_mut(map::CONFIG).ok_or(Error::Missing(map::CONFIG))?;
             let mut config: Array<_, u32> =
-                Array::try_from(map).map_err(|source| Error::Map { name: "CONFIG", source })?;
+                Array::try_from(map).map_err(|source| Error::Map { name: map::CONFIG, source })?;
             config
                 .set(config::DEFER_CONNECT, 1, 0)
-                .map_err(|source| Error::Map { name: "CONFIG", source })?;
+                .map_err(|source| Error::Map { name: map::CONFIG, source })?;
         }
         Ok(()) => warnings.push(
             "the classic tracepoint cannot wait for the connect callback: SYN_SENT shows local \
@@ -290,43 +299,43 @@ fn attach_error(program: &'static str) -> impl Fn(aya::programs::ProgramError) -
 /// Kernel struct offsets the programs read, named as the programs' globals.
 fn kernel_offsets(btf: &KernelBtf) -> Result<Vec<(&'static str, u32)>> {
     const FIELDS: [(&str, &str, &str); 36] = [
-        ("OFF_SKC_DADDR", "sock", "__sk_common.skc_daddr"),
-        ("OFF_SKC_RCV_SADDR", "sock", "__sk_common.skc_rcv_saddr"),
-        ("OFF_SKC_DPORT", "sock", "__sk_common.skc_dport"),
-        ("OFF_SKC_NUM", "sock", "__sk_common.skc_num"),
-        ("OFF_SKC_FAMILY", "sock", "__sk_common.skc_family"),
-        ("OFF_SKC_NET", "sock", "__sk_common.skc_net.net"),
-        ("OFF_SKC_V6_DADDR", "sock", "__sk_common.skc_v6_daddr"),
-        ("OFF_SKC_V6_RCV_SADDR", "sock", "__sk_common.skc_v6_rcv_saddr"),
-        ("OFF_SK_PROTOCOL", "sock", "sk_protocol"),
-        ("OFF_INET_SPORT", "inet_sock", "inet_sport"),
-        ("OFF_NET_NS_INUM", "net", "ns.inum"),
-        ("OFF_TASK_GROUP_LEADER", "task_struct", "group_leader"),
-        ("OFF_TASK_COMM", "task_struct", "comm"),
-        ("OFF_TASK_FILES", "task_struct", "files"),
-        ("OFF_FILES_FDT", "files_struct", "fdt"),
-        ("OFF_FDT_FD", "fdtable", "fd"),
-        ("OFF_FDT_MAX_FDS", "fdtable", "max_fds"),
-        ("OFF_FILE_PRIVATE_DATA", "file", "private_data"),
-        ("OFF_SOCKET_FILE", "socket", "file"),
-        ("OFF_SOCKET_SK", "socket", "sk"),
-        ("OFF_SKC_COOKIE", "sock", "__sk_common.skc_cookie"),
-        ("OFF_SKC_STATE", "sock", "__sk_common.skc_state"),
-        ("OFF_FILE_INODE", "file", "f_inode"),
-        ("OFF_INODE_INO", "inode", "i_ino"),
-        ("OFF_SK_SOCKET", "sock", "sk_socket"),
-        ("OFF_TP_BYTES_SENT", "tcp_sock", "bytes_sent"),
-        ("OFF_TP_BYTES_RECEIVED", "tcp_sock", "bytes_received"),
-        ("OFF_TP_BYTES_RETRANS", "tcp_sock", "bytes_retrans"),
-        ("OFF_TP_TOTAL_RETRANS", "tcp_sock", "total_retrans"),
+        (global::OFF_SKC_DADDR, "sock", "__sk_common.skc_daddr"),
+        (global::OFF_SKC_RCV_SADDR, "sock", "__sk_common.skc_rcv_saddr"),
+        (global::OFF_SKC_DPORT, "sock", "__sk_common.skc_dport"),
+        (global::OFF_SKC_NUM, "sock", "__sk_common.skc_num"),
+        (global::OFF_SKC_FAMILY, "sock", "__sk_common.skc_family"),
+        (global::OFF_SKC_NET, "sock", "__sk_common.skc_net.net"),
+        (global::OFF_SKC_V6_DADDR, "sock", "__sk_common.skc_v6_daddr"),
+        (global::OFF_SKC_V6_RCV_SADDR, "sock", "__sk_common.skc_v6_rcv_saddr"),
+        (global::OFF_SK_PROTOCOL, "sock", "sk_protocol"),
+        (global::OFF_INET_SPORT, "inet_sock", "inet_sport"),
+        (global::OFF_NET_NS_INUM, "net", "ns.inum"),
+        (global::OFF_TASK_GROUP_LEADER, "task_struct", "group_leader"),
+        (global::OFF_TASK_COMM, "task_struct", "comm"),
+        (global::OFF_TASK_FILES, "task_struct", "files"),
+        (global::OFF_FILES_FDT, "files_struct", "fdt"),
+        (global::OFF_FDT_FD, "fdtable", "fd"),
+        (global::OFF_FDT_MAX_FDS, "fdtable", "max_fds"),
+        (global::OFF_FILE_PRIVATE_DATA, "file", "private_data"),
+        (global::OFF_SOCKET_FILE, "socket", "file"),
+        (global::OFF_SOCKET_SK, "socket", "sk"),
+        (global::OFF_SKC_COOKIE, "sock", "__sk_common.skc_cookie"),
+        (global::OFF_SKC_STATE, "sock", "__sk_common.skc_state"),
+        (global::OFF_FILE_INODE, "file", "f_inode"),
+        (global::OFF_INODE_INO, "inode", "i_ino"),
+        (global::OFF_SK_SOCKET, "sock", "sk_socket"),
+        (global::OFF_TP_BYTES_SENT, "tcp_sock", "bytes_sent"),
+        (global::OFF_TP_BYTES_RECEIVED, "tcp_sock", "bytes_received"),
+        (global::OFF_TP_BYTES_RETRANS, "tcp_sock", "bytes_retrans"),
+        (global::OFF_TP_TOTAL_RETRANS, "tcp_sock", "total_retrans"),
         // Moved into sock_common (as skc_flags) in 6.x; `sk_flags` on older kernels.
-        ("OFF_SK_FLAGS", "sock", "__sk_common.skc_flags|sk_flags"),
-        ("OFF_TASK_NSPROXY", "task_struct", "nsproxy"),
-        ("OFF_NSPROXY_NET_NS", "nsproxy", "net_ns"),
-        ("OFF_TASK_PID", "task_struct", "pid"),
-        ("OFF_TASK_TGID", "task_struct", "tgid"),
-        ("OFF_MSGHDR_CONTROL", "user_msghdr", "msg_control"),
-        ("OFF_MSGHDR_CONTROLLEN", "user_msghdr", "msg_controllen"),
+        (global::OFF_SK_FLAGS, "sock", "__sk_common.skc_flags|sk_flags"),
+        (global::OFF_TASK_NSPROXY, "task_struct", "nsproxy"),
+        (global::OFF_NSPROXY_NET_NS, "nsproxy", "net_ns"),
+        (global::OFF_TASK_PID, "task_struct", "pid"),
+        (global::OFF_TASK_TGID, "task_struct", "tgid"),
+        (global::OFF_MSGHDR_CONTROL, "user_msghdr", "msg_control"),
+        (global::OFF_MSGHDR_CONTROLLEN, "user_msghdr", "msg_controllen"),
     ];
     FIELDS
         .iter()
@@ -357,17 +366,17 @@ fn classic_tracepoint_fields() -> Result<Vec<(&'static str, u32)>> {
         .map_err(|e| Error::TracepointFormat { path: path.clone(), reason: e.to_string() })?;
     let fields = parse_tracepoint_format(&text);
     [
-        ("TP_SKADDR", "skaddr"),
-        ("TP_OLDSTATE", "oldstate"),
-        ("TP_NEWSTATE", "newstate"),
-        ("TP_SPORT", "sport"),
-        ("TP_DPORT", "dport"),
-        ("TP_FAMILY", "family"),
-        ("TP_PROTOCOL", "protocol"),
-        ("TP_SADDR", "saddr"),
-        ("TP_DADDR", "daddr"),
-        ("TP_SADDR_V6", "saddr_v6"),
-        ("TP_DADDR_V6", "daddr_v6"),
+        (global::TP_SKADDR, "skaddr"),
+        (global::TP_OLDSTATE, "oldstate"),
+        (global::TP_NEWSTATE, "newstate"),
+        (global::TP_SPORT, "sport"),
+        (global::TP_DPORT, "dport"),
+        (global::TP_FAMILY, "family"),
+        (global::TP_PROTOCOL, "protocol"),
+        (global::TP_SADDR, "saddr"),
+        (global::TP_DADDR, "daddr"),
+        (global::TP_SADDR_V6, "saddr_v6"),
+        (global::TP_DADDR_V6, "daddr_v6"),
     ]
     .into_iter()
     .map(|(global, field)| {
@@ -386,13 +395,16 @@ const OWNERSHIP_DEGRADED: &str = "sockets are attributed only to the process tha
 /// Attaches the programs that follow sockets through fd tables and processes.
 fn attach_ownership_programs(ebpf: &mut Ebpf, btf: &Btf) -> Result<()> {
     let syscalls: [(&'static str, &[&str]); 7] = [
-        ("accept_exit", &["sys_exit_accept4", "sys_exit_accept"]),
-        ("fd_open_exit", &["sys_exit_socket", "sys_exit_dup", "sys_exit_dup2", "sys_exit_dup3"]),
-        ("close_enter", &["sys_enter_close"]),
-        ("addr_syscall_enter", &["sys_enter_bind", "sys_enter_connect"]),
-        ("addr_syscall_exit", &["sys_exit_bind", "sys_exit_connect"]),
-        ("recvmsg_enter", &["sys_enter_recvmsg"]),
-        ("recvmsg_exit", &["sys_exit_recvmsg"]),
+        (program::ACCEPT_EXIT, &["sys_exit_accept4", "sys_exit_accept"]),
+        (
+            program::FD_OPEN_EXIT,
+            &["sys_exit_socket", "sys_exit_dup", "sys_exit_dup2", "sys_exit_dup3"],
+        ),
+        (program::CLOSE_ENTER, &["sys_enter_close"]),
+        (program::ADDR_SYSCALL_ENTER, &["sys_enter_bind", "sys_enter_connect"]),
+        (program::ADDR_SYSCALL_EXIT, &["sys_exit_bind", "sys_exit_connect"]),
+        (program::RECVMSG_ENTER, &["sys_enter_recvmsg"]),
+        (program::RECVMSG_EXIT, &["sys_exit_recvmsg"]),
     ];
     for (name, tracepoints) in syscalls {
         let program: &mut TracePoint = program(ebpf, name)?;
@@ -402,27 +414,30 @@ fn attach_ownership_programs(ebpf: &mut Ebpf, btf: &Btf) -> Result<()> {
         }
     }
     for (name, category, tracepoint) in [
-        ("process_exec", "sched", "sched_process_exec"),
-        ("process_exit", "sched", "sched_process_exit"),
-        ("reset_received", "tcp", "tcp_receive_reset"),
+        (program::PROCESS_EXEC, "sched", "sched_process_exec"),
+        (program::PROCESS_EXIT, "sched", "sched_process_exit"),
+        (program::RESET_RECEIVED, "tcp", "tcp_receive_reset"),
     ] {
         let program: &mut TracePoint = program(ebpf, name)?;
         program.load().map_err(attach_error(name))?;
         program.attach(category, tracepoint).map_err(attach_error(name))?;
     }
-    let program: &mut BtfTracePoint = program(ebpf, "process_fork")?;
-    program.load("sched_process_fork", btf).map_err(attach_error("process_fork"))?;
-    program.attach().map_err(attach_error("process_fork"))?;
+    let program: &mut BtfTracePoint = program(ebpf, program::PROCESS_FORK)?;
+    program.load("sched_process_fork", btf).map_err(attach_error(program::PROCESS_FORK))?;
+    program.attach().map_err(attach_error(program::PROCESS_FORK))?;
     Ok(())
 }
 
 /// Record field offsets (`TP_*`) from the syscall and tcp tracepoints' format files.
 fn syscall_field_offsets() -> Result<Vec<(&'static str, u32)>> {
     Ok(vec![
-        ("TP_SYSCALL_RET", syscall_field_offset("sys_exit_accept4", "ret")?),
-        ("TP_SYSCALL_ARG0", syscall_field_offset("sys_enter_close", "fd")?),
-        ("TP_RECVMSG_MSG", syscall_field_offset("sys_enter_recvmsg", "msg")?),
-        ("TP_RESET_COOKIE", tracepoint_field_offset("tcp", "tcp_receive_reset", "sock_cookie")?),
+        (global::TP_SYSCALL_RET, syscall_field_offset("sys_exit_accept4", "ret")?),
+        (global::TP_SYSCALL_ARG0, syscall_field_offset("sys_enter_close", "fd")?),
+        (global::TP_RECVMSG_MSG, syscall_field_offset("sys_enter_recvmsg", "msg")?),
+        (
+            global::TP_RESET_COOKIE,
+            tracepoint_field_offset("tcp", "tcp_receive_reset", "sock_cookie")?,
+        ),
     ])
 }
 
@@ -492,7 +507,36 @@ fn raise_memlock_limit() {
 
 #[cfg(test)]
 mod tests {
+    use object::{Object as _, ObjectSection as _, ObjectSymbol as _, SymbolKind};
+
     use super::*;
+
+    /// The contract in netwatch-common names exactly the programs the kernel object defines,
+    /// and every global and map the loader patches or opens is in the object.
+    #[test]
+    fn the_object_defines_what_netwatch_common_names() {
+        let object = object::File::parse(EBPF_OBJECT).expect("the embedded eBPF object parses");
+        let symbols: Vec<String> =
+            object.symbols().filter_map(|s| Some(s.name().ok()?.to_string())).collect();
+        // A program is a function in a section of its own; helpers (memcpy, subprograms the
+        // compiler kept out of line) are in .text.
+        let mut programs: Vec<&str> = object
+            .symbols()
+            .filter(|s| s.kind() == SymbolKind::Text)
+            .filter(|s| {
+                let section = s.section_index().and_then(|i| object.section_by_index(i).ok());
+                section.and_then(|section| section.name().ok()).is_some_and(|n| n != ".text")
+            })
+            .filter_map(|s| s.name().ok())
+            .collect();
+        programs.sort_unstable();
+        let mut named = program::ALL.to_vec();
+        named.sort_unstable();
+        assert_eq!(programs, named, "programs in the object vs netwatch_common::program::ALL");
+        for name in global::ALL.iter().chain(&[map::EVENTS, map::LOST, map::CONFIG]) {
+            assert!(symbols.iter().any(|s| s == name), "{name} is not in the eBPF object");
+        }
+    }
 
     #[test]
     fn parses_the_inet_sock_set_state_format() {
