@@ -676,7 +676,9 @@ fn connect_latency_counts_a_retransmitted_syn() {
     let stats = agent.ask_json("stats", &[]);
     let remote = format!("10.231.0.2:{port}");
     let summary = stats["by_remote"].as_array().unwrap().iter().find(|r| r["key"] == *remote);
-    let summary = summary.unwrap_or_else(|| panic!("no summary for {remote}: {stats:#}"));
+    let summary = summary.unwrap_or_else(|| {
+        panic!("no summary for {remote}: {stats:#}\nagent: {}", agent.stderr.lock().unwrap())
+    });
     assert_eq!(summary["connects"], 1, "{summary}");
     let max_ms = summary["max_ms"].as_f64().unwrap();
     assert!((950.0..2000.0).contains(&max_ms), "one SYN retransmission takes ~1 s: {summary}");

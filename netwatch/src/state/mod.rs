@@ -1,7 +1,8 @@
 //! The state netwatch keeps from events: the socket [`table`] (owners, listeners, timewait
 //! sockets), per-connection [`history`], handshake [`stats`], and the [`tracer`] that feeds
-//! them from the kernel and keeps them sound after lost events.
+//! them from the kernel and keeps them sound after lost events ([`loss`]).
 pub mod history;
+pub mod loss;
 pub mod stats;
 pub mod table;
 pub mod tracer;

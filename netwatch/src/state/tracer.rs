@@ -10,11 +10,9 @@ use crate::{
     host::snapshot::{DiagSocket, NetNamespace, Snapshot, network_namespaces, socket_fds},
     kernel::events::{Event, EventReader, StateChange, TcpState},
     kernel::loader::{self, LoadOptions, Probes, RingCounters},
-    record::{
-        Listed, LossReason, LossRecord, OwnerChange, RetransmitRecord, StreamRecord,
-        TransitionRecord, WallClock,
-    },
+    record::{Listed, OwnerChange, RetransmitRecord, StreamRecord, TransitionRecord, WallClock},
     serve::metrics::Health,
+    state::loss::{LossCounts, LossTracker},
     state::table::{Table, Transition, may_leave_timewait},
 };
 
@@ -29,9 +27,6 @@ const DRAIN_INTERVAL: Duration = Duration::from_millis(5);
 /// those a RST ended early; those past their expiry or in FIN_WAIT2 are looked at every
 /// LOSS_CHECK_INTERVAL.
 const TIMEWAIT_CHECK_INTERVAL: Duration = Duration::from_secs(5);
-
-/// Loss checks in a row that may find new losses before the table is rebuilt anyway.
-const RESYNC_AT_LATEST: u32 = 5;
 
 pub struct Tracer {
     /// Whether this tracer keeps the socket table's holders exact after exec (the agent
@@ -49,11 +44,7 @@ pub struct Tracer {
     clock: WallClock,
     loss_timer: tokio::time::Interval,
     drain_timer: tokio::time::Interval,
-    reported_ring_full: u64,
-    reported_malformed: u64,
-    reported_skipped: u64,
-    /// Loss checks since events were first lost without a resync yet (None: table sound).
-    resync_due: Option<u32>,
+    losses: LossTracker,
     /// sock_diag sockets for timewait lookups, one per namespace; opening one costs a thread,
     /// so they are kept, but only until the next loss check, since each pins its namespace.
     diag: DiagSockets,
@@ -122,10 +113,7 @@ impl Tracer {
                 timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 timer
             },
-            reported_ring_full: 0,
-            reported_malformed: 0,
-            reported_skipped: 0,
-            resync_due: None,
+            losses: LossTracker::default(),
             diag: DiagSockets::default(),
             batch: Vec::new(),
             ring_size: options.ring_size.unwrap_or(loader::DEFAULT_RING_SIZE),
@@ -429,43 +417,17 @@ impl Tracer {
     fn check_losses(&mut self, out: &mut Vec<StreamRecord>, now: bool) -> anyhow::Result<()> {
         // Let go of the namespaces the lookup sockets pin (a deleted one lives on until then).
         self.diag = DiagSockets::default();
-        let ring_full = self.ring.lost().context("reading the lost-event counter")?;
-        let time = self.clock.wall(WallClock::monotonic_now_ns());
-        let skipped = loader::skipped_runs();
-        let losing = ring_full > self.reported_ring_full
-            || self.reader.malformed > self.reported_malformed
-            || skipped > self.reported_skipped;
-        // A snapshot costs more than the events it replaces: taken while events are still
-        // being lost it would only deepen the loss. Rebuild once a check finds no new loss,
-        // or after RESYNC_AT_LATEST checks of continuous loss.
-        self.resync_due = match (self.resync_due, losing) {
-            (None, true) | (Some(_), _) if now => {
-                self.resync();
-                None
-            }
-            (None, false) => None,
-            (Some(checks), true) if checks + 1 < RESYNC_AT_LATEST => Some(checks + 1),
-            (None, true) => Some(0),
-            (Some(_), _) => {
-                self.resync();
-                losing.then_some(0)
-            }
+        let counts = LossCounts {
+            ring_buffer_full: self.ring.lost().context("reading the lost-event counter")?,
+            malformed: self.reader.malformed,
+            skipped: loader::skipped_runs(),
         };
-        for (reason, total, reported) in [
-            (LossReason::RingBufferFull, ring_full, &mut self.reported_ring_full),
-            (LossReason::Malformed, self.reader.malformed, &mut self.reported_malformed),
-            (LossReason::Skipped, skipped, &mut self.reported_skipped),
-        ] {
-            if total > *reported {
-                out.push(StreamRecord::Lost(LossRecord {
-                    time,
-                    reason,
-                    count: total - *reported,
-                    total,
-                }));
-                *reported = total;
-            }
+        let time = self.clock.wall(WallClock::monotonic_now_ns());
+        let verdict = self.losses.check(counts, now, time);
+        if verdict.resync {
+            self.resync();
         }
+        out.extend(verdict.records.into_iter().map(StreamRecord::Lost));
         Ok(())
     }
 }
