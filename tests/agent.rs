@@ -354,17 +354,22 @@ fn separate_server_and_client_each_hold_their_end() {
 #[test]
 fn stats_summarise_handshakes_and_failures() {
     let agent = Agent::start(&Agent::test_socket("stats"));
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
-    let addr = listener.local_addr().unwrap();
-    for _ in 0..20 {
-        let client = std::net::TcpStream::connect(addr).unwrap();
-        drop(listener.accept().unwrap());
-        drop(client);
-    }
-    let closed = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
-    let refused_addr = closed.local_addr().unwrap();
-    drop(closed);
-    assert!(std::net::TcpStream::connect(refused_addr).is_err());
+    // In a namespace of the test's own: nothing else can take the closed port meanwhile.
+    let ns = NetNs::new("stats");
+    let (addr, refused_addr) = ns.run(|| {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let addr = listener.local_addr().unwrap();
+        for _ in 0..20 {
+            let client = std::net::TcpStream::connect(addr).unwrap();
+            drop(listener.accept().unwrap());
+            drop(client);
+        }
+        let closed = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let refused_addr = closed.local_addr().unwrap();
+        drop(closed);
+        assert!(std::net::TcpStream::connect(refused_addr).is_err());
+        (addr, refused_addr)
+    });
 
     let output = Command::new(netwatch_bin())
         .args(["stats", "--json", "--socket", socket_arg(&agent)])
@@ -507,14 +512,18 @@ fn metrics_parse_and_count_the_traffic() {
             })
             .sum::<f64>()
     };
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
-    for _ in 0..10 {
-        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        drop(listener.accept().unwrap());
-        drop(client);
-    }
-    let gone = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap().local_addr().unwrap();
-    assert!(std::net::TcpStream::connect(gone).is_err());
+    let ns = NetNs::new("metrics");
+    let listener = ns.run(|| {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        for _ in 0..10 {
+            let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+            drop(listener.accept().unwrap());
+            drop(client);
+        }
+        let gone = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap().local_addr().unwrap();
+        assert!(std::net::TcpStream::connect(gone).is_err());
+        listener
+    });
     let after = scrape();
     assert!(established(&after) - established(&before) >= 10.0, "ten handshakes counted");
     let refused = |s: &prometheus_parse::Scrape| {

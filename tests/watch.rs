@@ -134,13 +134,19 @@ fn ipv6_loopback_open_and_close() {
 
 #[test]
 fn refused_connect_and_listener_lifecycle() {
+    require_root();
     let watcher = Watcher::start(&["--json"]);
-    // std's bind() also listens: CLOSE->LISTEN, then LISTEN->CLOSE when dropped.
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind");
-    let port = listener.local_addr().expect("addr").port();
-    drop(listener);
-    let error = TcpStream::connect((Ipv4Addr::LOCALHOST, port)).expect_err("nothing listens");
-    assert_eq!(error.kind(), std::io::ErrorKind::ConnectionRefused);
+    // In a namespace of the test's own: nothing else can take the port once it is free.
+    let ns = NetNs::new("refused");
+    let port = ns.run(|| {
+        // std's bind() also listens: CLOSE->LISTEN, then LISTEN->CLOSE when dropped.
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        drop(listener);
+        let error = TcpStream::connect((Ipv4Addr::LOCALHOST, port)).expect_err("nothing listens");
+        assert_eq!(error.kind(), std::io::ErrorKind::ConnectionRefused);
+        port
+    });
     watcher.wait_until("the refused connect", |lines| {
         lines
             .iter()
