@@ -11,7 +11,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    host::snapshot::{FdOwner, SocketRow},
+    host::snapshot::{Holder, SocketRow},
     kernel::events::{Family, Retransmit, StateSource, TcpState},
     state::table::{Direction, Ending, Failure, RetransmitSeen, Transition},
 };
@@ -57,7 +57,7 @@ impl WallClock {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Listed {
     pub row: SocketRow,
-    pub owners: Vec<FdOwner>,
+    pub owners: Vec<Holder>,
     /// Time in the current state, when an agent saw the state begin.
     pub in_state: Option<Duration>,
     /// The `ip netns` name of the socket's namespace, if it has one.
@@ -73,10 +73,25 @@ pub struct Listed {
 /// A process that became a socket's owner: connecting, listening, accepting, closing.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct OwnerChange {
-    pub pid: u32,
-    pub comm: String,
+    #[serde(flatten)]
+    pub owner: Owner,
     /// How long before the table was taken; None when the snapshot found it.
     pub ago: Option<Duration>,
+}
+
+/// A connection's two ends, (address, port) each: what the filters match and the statistics
+/// count under.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Endpoints {
+    pub local: (IpAddr, u16),
+    pub remote: (IpAddr, u16),
+}
+
+/// A process that owns a socket (or held it, or took it over), by pid and command name.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Owner {
+    pub pid: u32,
+    pub comm: String,
 }
 
 /// One line of the stream.
@@ -167,6 +182,10 @@ pub(crate) fn millis(ns: u64) -> f64 {
 }
 
 impl TransitionRecord {
+    pub fn endpoints(&self) -> Endpoints {
+        Endpoints { local: (self.laddr, self.lport), remote: (self.raddr, self.rport) }
+    }
+
     pub fn new(t: &Transition, clock: &WallClock) -> Self {
         let c = &t.change;
         TransitionRecord {
@@ -251,6 +270,10 @@ pub struct RetransmitRecord {
 }
 
 impl RetransmitRecord {
+    pub fn endpoints(&self) -> Endpoints {
+        Endpoints { local: (self.laddr, self.lport), remote: (self.raddr, self.rport) }
+    }
+
     pub fn new(r: &Retransmit, seen: RetransmitSeen, clock: &WallClock) -> Self {
         RetransmitRecord {
             time: clock.wall(r.ts_ns),

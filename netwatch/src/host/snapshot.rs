@@ -68,7 +68,7 @@ pub struct SocketRow {
 
 /// A process holding a socket through one of its file descriptors.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FdOwner {
+pub struct Holder {
     pub pid: u32,
     pub comm: String,
     pub fd: i32,
@@ -90,7 +90,7 @@ pub struct NetNamespace {
 pub struct Snapshot {
     pub rows: Vec<SocketRow>,
     /// Socket inode -> the processes holding it, in pid then fd order.
-    pub owners: HashMap<u64, Vec<FdOwner>>,
+    pub owners: HashMap<u64, Vec<Holder>>,
     pub namespaces: Vec<NetNamespace>,
     /// Namespaces or processes that could not be read (they may have just gone away).
     pub problems: Vec<String>,
@@ -522,9 +522,9 @@ fn row_from(
 /// system calls each): one `readlink` per fd is what `ss -p` costs too, and at 10k sockets
 /// that halves the snapshot. `/proc/PID/stat` is read (with procfs's parser) only for
 /// processes that hold a socket.
-pub fn socket_owners(problems: &mut Vec<String>) -> HashMap<u64, Vec<FdOwner>> {
+pub fn socket_owners(problems: &mut Vec<String>) -> HashMap<u64, Vec<Holder>> {
     use procfs::FromRead as _;
-    let mut owners: HashMap<u64, Vec<FdOwner>> = HashMap::new();
+    let mut owners: HashMap<u64, Vec<Holder>> = HashMap::new();
     let entries = match std::fs::read_dir("/proc") {
         Ok(entries) => entries,
         Err(error) => {
@@ -554,7 +554,7 @@ pub fn socket_owners(problems: &mut Vec<String>) -> HashMap<u64, Vec<FdOwner>> {
                 procfs::process::Stat::from_file(entry.path().join("stat")).ok()
             });
             let Some(stat) = stat else { break };
-            owners.entry(inode).or_default().push(FdOwner {
+            owners.entry(inode).or_default().push(Holder {
                 pid,
                 comm: stat.comm.clone(),
                 fd: fd_number,

@@ -6,7 +6,7 @@ use serde::Serialize;
 
 use crate::{
     host::services::Services,
-    host::snapshot::{FdOwner, Protocol, SocketRow, Timer},
+    host::snapshot::{Holder, Protocol, SocketRow, Timer},
     kernel::events::{Family, TcpState},
     record::Listed,
 };
@@ -52,7 +52,7 @@ pub fn endpoint(
 }
 
 /// `users:(("nginx",pid=812,fd=6),...)`, as `ss -p` prints owners.
-pub fn users(owners: &[FdOwner]) -> String {
+pub fn users(owners: &[Holder]) -> String {
     if owners.is_empty() {
         return String::new();
     }
@@ -183,7 +183,7 @@ struct Record<'a> {
     lport: u16,
     raddr: String,
     rport: u16,
-    owners: &'a [FdOwner],
+    owners: &'a [Holder],
     in_state_ms: Option<u128>,
     owner_history: Vec<OwnerRecord<'a>>,
     netns: u32,
@@ -212,8 +212,8 @@ fn record(listed: &Listed) -> Record<'_> {
             .owner_history
             .iter()
             .map(|o| OwnerRecord {
-                pid: o.pid,
-                comm: &o.comm,
+                pid: o.owner.pid,
+                comm: &o.owner.comm,
                 ago_ms: o.ago.map(|d| d.as_millis()),
             })
             .collect(),
@@ -272,8 +272,8 @@ mod tests {
                 v6only: true,
             },
             owners: vec![
-                FdOwner { pid: 812, comm: "nginx".into(), fd: 6, start_time: Some(1) },
-                FdOwner { pid: 813, comm: "nginx".into(), fd: 6, start_time: Some(2) },
+                Holder { pid: 812, comm: "nginx".into(), fd: 6, start_time: Some(1) },
+                Holder { pid: 813, comm: "nginx".into(), fd: 6, start_time: Some(2) },
             ],
             in_state: None,
             netns_name: None,

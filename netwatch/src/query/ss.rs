@@ -13,6 +13,7 @@
 //! it stopped at.
 use std::net::IpAddr;
 
+pub use crate::record::Endpoints;
 use crate::{host::services::Services, kernel::events::TcpState};
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -56,12 +57,6 @@ pub enum Expr {
     Not(Box<Expr>),
     And(Box<Expr>, Box<Expr>),
     Or(Box<Expr>, Box<Expr>),
-}
-
-/// What a row offers to the filter.
-pub struct Endpoints {
-    pub local: (IpAddr, u16),
-    pub remote: (IpAddr, u16),
 }
 
 impl Expr {

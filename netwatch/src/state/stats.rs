@@ -15,7 +15,7 @@ use std::net::IpAddr;
 use crate::{
     host::snapshot::SocketRow,
     kernel::events::TcpState,
-    record::{Resent, RetransmitRecord, TransitionRecord},
+    record::{Endpoints, Resent, RetransmitRecord, TransitionRecord},
     state::table::{Direction, Failure, Listener},
 };
 
@@ -154,7 +154,8 @@ impl Stats {
         if latency.is_none() && failure.is_none() {
             return;
         }
-        for series in self.series(remote_key(t.direction, t), t.pid, t.comm.as_deref()) {
+        for series in self.series(remote_key(t.direction, t.endpoints()), t.pid, t.comm.as_deref())
+        {
             if let Some(ns) = latency {
                 series.count += 1;
                 series.max_ns = series.max_ns.max(ns);
@@ -172,7 +173,7 @@ impl Stats {
     /// Counts a retransmitted segment against its remote endpoint and process.
     pub fn record_retransmit(&mut self, r: &RetransmitRecord) {
         if r.resent == Resent::Segment {
-            let remote = remote_key(r.direction, r);
+            let remote = remote_key(r.direction, r.endpoints());
             for series in self.series(remote, r.pid, r.comm.as_deref()) {
                 series.retransmits += 1;
             }
@@ -251,28 +252,11 @@ impl Stats {
 /// What a connection is counted under: the endpoint it connected to, or, for one accepted
 /// here, its peer's address and the local port (the peer's ephemeral port would make a key
 /// per connection).
-fn remote_key(direction: Option<Direction>, ends: &impl Endpoints) -> String {
-    let (local, remote) = ends.endpoints();
+fn remote_key(direction: Option<Direction>, ends: Endpoints) -> String {
+    let Endpoints { local, remote } = ends;
     match direction {
         Some(Direction::Inbound) => format!("{} -> :{}", remote.0, local.1),
         _ => std::net::SocketAddr::from(remote).to_string(),
-    }
-}
-
-/// Records that name a connection's two ends.
-trait Endpoints {
-    fn endpoints(&self) -> ((IpAddr, u16), (IpAddr, u16));
-}
-
-impl Endpoints for TransitionRecord {
-    fn endpoints(&self) -> ((IpAddr, u16), (IpAddr, u16)) {
-        ((self.laddr, self.lport), (self.raddr, self.rport))
-    }
-}
-
-impl Endpoints for RetransmitRecord {
-    fn endpoints(&self) -> ((IpAddr, u16), (IpAddr, u16)) {
-        ((self.laddr, self.lport), (self.raddr, self.rport))
     }
 }
 

@@ -179,12 +179,8 @@ impl Tracer {
                 queues_known: false,
                 owner_history: row
                     .owner_history
-                    .iter()
-                    .map(|(ago, owner)| OwnerChange {
-                        pid: owner.pid,
-                        comm: owner.comm.clone(),
-                        ago: ago.map(Duration::from_nanos),
-                    })
+                    .into_iter()
+                    .map(|(ago, owner)| OwnerChange { owner, ago: ago.map(Duration::from_nanos) })
                     .collect(),
             })
             .collect()

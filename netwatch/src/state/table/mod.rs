@@ -16,7 +16,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use rustc_hash::{FxHashMap, FxHashSet};
 
 use crate::{
-    host::snapshot::{FdOwner, Protocol, SocketRow, Timer, TimerKind},
+    host::snapshot::{Holder, Protocol, SocketRow, Timer, TimerKind},
     kernel::events::{Event, FdSocket, SockKey, TcpState},
 };
 
@@ -50,7 +50,7 @@ pub struct Table {
     by_pid: FxHashMap<u32, FxHashSet<SockKey>>,
     /// Holders the snapshot found for sockets it did not list (an unbound UDP socket, a TCP
     /// socket not yet connected), by inode: claimed when an event names that inode.
-    unclaimed: HashMap<u64, Vec<FdOwner>>,
+    unclaimed: HashMap<u64, Vec<Holder>>,
     /// Timewait sockets by 4-tuple (cookie), to tell when a new connection takes one over.
     timewaits: FxHashMap<FourTuple, u64>,
     /// Transitions made while applying an event, ahead of its own ([`Table::take_ended`]).
@@ -76,7 +76,7 @@ impl Table {
     /// snapshot row. A socket's state found here has no known start; its stream owner is the
     /// first process (lowest pid) holding it, and a listener's owner passes on to the
     /// connections it spawns.
-    pub fn seed(&mut self, rows: &[SocketRow], owners: &HashMap<u64, Vec<FdOwner>>, now_ns: u64) {
+    pub fn seed(&mut self, rows: &[SocketRow], owners: &HashMap<u64, Vec<Holder>>, now_ns: u64) {
         // Rows without a cookie (read from /proc/net) could never be matched with events.
         for row in rows.iter().filter(|r| r.cookie != 0) {
             self.insert_row(row, owners.get(&row.inode).filter(|_| row.inode != 0), now_ns);
@@ -103,7 +103,7 @@ impl Table {
 
     /// Adds a socket found by a targeted lookup (a timewait socket after its full socket
     /// closed) or by the snapshot.
-    pub fn insert_row(&mut self, row: &SocketRow, holders: Option<&Vec<FdOwner>>, now_ns: u64) {
+    pub fn insert_row(&mut self, row: &SocketRow, holders: Option<&Vec<Holder>>, now_ns: u64) {
         let owner = holders
             .and_then(|list| list.first())
             .map(|o| Owner { pid: o.pid, comm: o.comm.clone() });
@@ -125,7 +125,7 @@ impl Table {
     }
 
     /// Records processes holding the socket `key` through their fds.
-    fn add_holders(&mut self, key: SockKey, holders: impl IntoIterator<Item = FdOwner>) {
+    fn add_holders(&mut self, key: SockKey, holders: impl IntoIterator<Item = Holder>) {
         let socket = self.sockets.entry(key).or_default();
         for holder in holders {
             socket.holders.insert((holder.pid, holder.fd), holder.comm);
@@ -241,7 +241,7 @@ impl Table {
     fn hold(&mut self, fd: &FdSocket) {
         self.learn(fd);
         let holder =
-            FdOwner { pid: fd.task.pid, comm: fd.task.comm.clone(), fd: fd.fd, start_time: None };
+            Holder { pid: fd.task.pid, comm: fd.task.comm.clone(), fd: fd.fd, start_time: None };
         self.add_holders(SockKey::Cookie(fd.cookie), [holder]);
     }
 
@@ -306,15 +306,15 @@ impl Table {
 
     /// Every socket's holders by inode, listed or not: what a /proc scan would find.
     #[cfg(test)]
-    fn holders_by_inode(&self) -> HashMap<u64, Vec<FdOwner>> {
+    fn holders_by_inode(&self) -> HashMap<u64, Vec<Holder>> {
         self.sockets
             .values()
             .filter_map(|s| {
                 let inode = s.facts.as_ref()?.inode;
-                let owners: Vec<FdOwner> = s
+                let owners: Vec<Holder> = s
                     .holders
                     .iter()
-                    .map(|((pid, fd), comm)| FdOwner {
+                    .map(|((pid, fd), comm)| Holder {
                         pid: *pid,
                         comm: comm.clone(),
                         fd: *fd,
@@ -365,7 +365,7 @@ impl Table {
                 owners: socket
                     .holders
                     .iter()
-                    .map(|((pid, fd), comm)| FdOwner {
+                    .map(|((pid, fd), comm)| Holder {
                         pid: *pid,
                         comm: comm.clone(),
                         fd: *fd,

@@ -3,17 +3,11 @@
 use std::{collections::VecDeque, net::IpAddr};
 
 use super::close::Direction;
+pub use crate::record::Owner;
 use crate::{
-    host::snapshot::{FdOwner, Protocol, SocketRow, TimerKind},
+    host::snapshot::{Holder, Protocol, SocketRow, TimerKind},
     kernel::events::{Family, SockKey, Task, TcpState, Totals},
 };
-
-/// A process that owns a socket.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Owner {
-    pub pid: u32,
-    pub comm: String,
-}
 
 impl From<&Task> for Owner {
     fn from(task: &Task) -> Self {
@@ -169,7 +163,7 @@ impl Socket {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Row {
     pub row: SocketRow,
-    pub owners: Vec<FdOwner>,
+    pub owners: Vec<Holder>,
     pub in_state_ns: Option<u64>,
     /// The owners the socket had, oldest first, with how long ago each took over.
     pub owner_history: Vec<(Option<u64>, Owner)>,

@@ -312,7 +312,7 @@ fn row(cookie: u64, state: TcpState, local_port: u16, inode: u64) -> SocketRow {
 #[test]
 fn snapshot_seeds_owners_and_listeners_but_not_state_times() {
     let mut table = Table::new();
-    let holder = |pid, comm: &str| FdOwner { pid, comm: comm.into(), fd: 3, start_time: Some(1) };
+    let holder = |pid, comm: &str| Holder { pid, comm: comm.into(), fd: 3, start_time: Some(1) };
     let owners = HashMap::from([
         (10, vec![holder(7, "nginx"), holder(8, "nginx")]),
         (11, vec![holder(9, "app")]),
