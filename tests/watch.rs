@@ -92,8 +92,10 @@ fn assert_durations_add_up(records: &[Value], first_has_duration: bool) {
 }
 
 fn check_open_close(listen_on: SocketAddr, family: &str) {
+    require_root();
     let watcher = Watcher::start(&["--json"]);
-    let exchange = exchange_in_process(listen_on);
+    let ns = NetNs::new(&format!("openclose{family}"));
+    let exchange = ns.run(move || exchange_in_process(listen_on));
     let records = finish(watcher, &exchange);
     let (s, c) = (exchange.server_port, exchange.client_port);
     let ip = listen_on.ip().to_string();
@@ -378,9 +380,15 @@ fn text_and_json_show_the_same_transitions() {
 
 #[test]
 fn filters_select_exactly_the_expected_lines() {
-    let v4 = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind v4");
-    let port = v4.local_addr().expect("addr").port();
-    let v6 = TcpListener::bind((Ipv6Addr::LOCALHOST, port)).expect("bind v6 on the same port");
+    require_root();
+    // A namespace of the test's own: only its traffic uses the port, in either family.
+    let ns = NetNs::new("filters");
+    let (v4, v6, port) = ns.run(|| {
+        let v4 = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind v4");
+        let port = v4.local_addr().expect("addr").port();
+        let v6 = TcpListener::bind((Ipv6Addr::LOCALHOST, port)).expect("bind v6 on the same port");
+        (v4, v6, port)
+    });
     let p = port.to_string();
     let me = std::process::id().to_string();
     let all = Watcher::start(&["--json", "--port", &p]);
@@ -403,12 +411,16 @@ fn filters_select_exactly_the_expected_lines() {
     .collect();
 
     let v4_server = thread::spawn(move || serve_one(&v4).expect("serve v4"));
-    let child =
-        sockpeer().args(["connect", &format!("127.0.0.1:{port}")]).output().expect("sockpeer");
+    let child = ns
+        .command(env!("CARGO_BIN_EXE_sockpeer"))
+        .args(["connect", &format!("127.0.0.1:{port}")])
+        .output()
+        .expect("sockpeer");
     assert!(child.status.success());
     v4_server.join().expect("v4 server");
     let v6_server = thread::spawn(move || serve_one(&v6).expect("serve v6"));
-    client_roundtrip(format!("[::1]:{port}").parse().expect("addr")).expect("v6 client");
+    let v6_client = format!("[::1]:{port}").parse().expect("addr");
+    ns.run(move || client_roundtrip(v6_client).expect("v6 client"));
     v6_server.join().expect("v6 server");
 
     all.wait_until("22 transitions", |lines| lines.len() >= 22);
@@ -450,7 +462,8 @@ fn classic_tracepoint_fallback_keys_by_address() {
         "says which source: {}",
         watcher.stderr()
     );
-    let exchange = exchange_in_process((Ipv4Addr::LOCALHOST, 0).into());
+    let ns = NetNs::new("classic");
+    let exchange = ns.run(|| exchange_in_process((Ipv4Addr::LOCALHOST, 0).into()));
     // Without a cookie a timewait socket cannot be told for the closed one: the stream says
     // what the kernel reported.
     let records = finish_with(watcher, &exchange, ("FIN_WAIT2", "CLOSE"));
