@@ -311,16 +311,7 @@ impl Table {
             .values()
             .filter_map(|s| {
                 let inode = s.facts.as_ref()?.inode;
-                let owners: Vec<Holder> = s
-                    .holders
-                    .iter()
-                    .map(|((pid, fd), comm)| Holder {
-                        pid: *pid,
-                        comm: comm.clone(),
-                        fd: *fd,
-                        start_time: None,
-                    })
-                    .collect();
+                let owners = s.holders.to_vec();
                 (inode != 0 && !owners.is_empty()).then_some((inode, owners))
             })
             .collect()
@@ -362,16 +353,7 @@ impl Table {
                     }),
                     v6only: facts.v6only,
                 },
-                owners: socket
-                    .holders
-                    .iter()
-                    .map(|((pid, fd), comm)| Holder {
-                        pid: *pid,
-                        comm: comm.clone(),
-                        fd: *fd,
-                        start_time: None,
-                    })
-                    .collect(),
+                owners: socket.holders.to_vec(),
                 in_state_ns: socket.since_ns.map(|since| now_ns.saturating_sub(since)),
                 owner_history: socket
                     .owner_history

@@ -135,6 +135,18 @@ impl Holders {
         self.iter().filter(move |((holder, _), _)| *holder == pid)
     }
 
+    /// The holders as a table row lists them.
+    pub(super) fn to_vec(&self) -> Vec<Holder> {
+        self.iter()
+            .map(|((pid, fd), comm)| Holder {
+                pid: *pid,
+                comm: comm.clone(),
+                fd: *fd,
+                start_time: None,
+            })
+            .collect()
+    }
+
     pub(super) fn comms_of_pid_mut(&mut self, pid: u32) -> impl Iterator<Item = &mut String> {
         self.0.iter_mut().filter(move |((holder, _), _)| *holder == pid).map(|(_, comm)| comm)
     }
