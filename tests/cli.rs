@@ -56,6 +56,9 @@ fn every_command_survives_a_closed_stdout() {
         vec!["stats", "--socket", socket, "--json"],
         vec!["watch", "--socket", socket],
         vec!["watch", "--socket", socket, "--json"],
+        vec!["watch", "--no-agent"],
+        // No command: the stream, since stdout is not a terminal.
+        vec!["--socket", socket],
         vec!["--help"],
     ] {
         let (code, stderr) = with_closed_stdout(&args, connect);

@@ -40,7 +40,6 @@ fn main() -> ExitCode {
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(error) if reader_went_away(&error) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("netwatch: {error:#}");
             // A bad filter or namespace is a usage error, like clap's: exit 2.
@@ -49,14 +48,4 @@ fn main() -> ExitCode {
             if usage { ExitCode::from(2) } else { ExitCode::FAILURE }
         }
     }
-}
-
-/// Whether `error` is stdout's reader going away (`netwatch ... | head`): what it read was
-/// written, so the command succeeded.
-fn reader_went_away(error: &anyhow::Error) -> bool {
-    error.chain().any(|cause| {
-        cause
-            .downcast_ref::<std::io::Error>()
-            .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
-    })
 }

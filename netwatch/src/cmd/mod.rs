@@ -12,7 +12,13 @@ use std::io::{self, Write as _};
 pub(crate) fn emit(text: &str) -> anyhow::Result<()> {
     let mut out = io::stdout().lock();
     match writeln!(out, "{text}").and_then(|()| out.flush()) {
-        Err(error) if error.kind() == io::ErrorKind::BrokenPipe => Ok(()),
+        Err(error) if reader_gone(&error) => Ok(()),
         other => Ok(other?),
     }
+}
+
+/// Whether a write to stdout failed because its reader went away. Only stdout's errors are
+/// asked: a broken pipe to the agent is a failure to report.
+pub(crate) fn reader_gone(error: &io::Error) -> bool {
+    error.kind() == io::ErrorKind::BrokenPipe
 }

@@ -30,18 +30,20 @@ struct Printer {
 }
 
 impl Printer {
-    fn print(&mut self, records: &mut Vec<StreamRecord>) -> io::Result<()> {
+    fn print(&mut self, records: &mut Vec<StreamRecord>) -> anyhow::Result<()> {
         records.retain(|record| match record {
             StreamRecord::Transition(t) => self.filter.matches(t),
             StreamRecord::Retransmit(r) => self.filter.matches_retransmit(r),
             StreamRecord::Lost(_) | StreamRecord::LogFailed(_) => true,
         });
         self.log.write(records);
+        let mut written = Ok(());
         for record in records.drain(..) {
-            self.out.write_all(record.render(self.format).as_bytes())?;
-            self.out.write_all(b"\n")?;
+            written = written
+                .and_then(|()| self.out.write_all(record.render(self.format).as_bytes()))
+                .and_then(|()| self.out.write_all(b"\n"));
         }
-        self.out.flush()
+        written.and_then(|()| self.out.flush()).map_err(stdout_error)
     }
 }
 
@@ -89,16 +91,27 @@ pub async fn run(args: &WatchArgs) -> anyhow::Result<()> {
         None => direct(args, &mut signals, &mut printer).await,
     };
     match result {
-        Err(error) if is_broken_pipe(&error) => Ok(()),
+        Err(error) if error.downcast_ref::<ReaderGone>().is_some() => Ok(()),
         other => other,
     }
 }
 
-fn header(args: &WatchArgs, printer: &mut Printer) -> io::Result<()> {
+/// A failed write to stdout, told apart from every other error when its reader is gone.
+fn stdout_error(error: io::Error) -> anyhow::Error {
+    if super::reader_gone(&error) { ReaderGone.into() } else { error.into() }
+}
+
+/// Stdout's reader went away (`netwatch | head`): the reader's choice, not an error.
+#[derive(Debug, thiserror::Error)]
+#[error("stdout's reader went away")]
+struct ReaderGone;
+
+fn header(args: &WatchArgs, printer: &mut Printer) -> anyhow::Result<()> {
+    let mut written = Ok(());
     if printer.format == Format::Text && !args.no_header {
-        writeln!(printer.out, "{}", output::TEXT_HEADER)?;
+        written = writeln!(printer.out, "{}", output::TEXT_HEADER);
     }
-    printer.out.flush()
+    written.and_then(|()| printer.out.flush()).map_err(stdout_error)
 }
 
 async fn direct(
@@ -154,11 +167,4 @@ async fn attached(
         }
         printer.print(&mut records)?;
     }
-}
-
-/// Output piped into `head` ends with EPIPE: that is the reader's choice, not an error.
-fn is_broken_pipe(error: &anyhow::Error) -> bool {
-    error.chain().any(|cause| {
-        cause.downcast_ref::<io::Error>().is_some_and(|e| e.kind() == io::ErrorKind::BrokenPipe)
-    })
 }

@@ -198,7 +198,7 @@ impl Tracer {
         listeners: &[crate::state::table::Listener],
     ) -> Option<Vec<crate::host::snapshot::SocketRow>> {
         if listeners.iter().any(|l| !self.namespaces.contains_key(&l.netns)) {
-            self.namespaces.extend(network_namespaces().into_iter().map(|ns| (ns.inode, ns)));
+            self.learn_namespaces();
         }
         let wanted: std::collections::BTreeSet<u32> = listeners.iter().map(|l| l.netns).collect();
         let mut rows = Vec::new();
@@ -237,6 +237,9 @@ impl Tracer {
     pub async fn next(&mut self, out: &mut Vec<StreamRecord>) -> anyhow::Result<()> {
         tokio::select! {
             _ = self.loss_timer.tick() => {
+                // Queued events first: a new connection that took over a timewait socket's
+                // 4-tuple must be seen before the sock_diag dump that no longer finds it.
+                self.catch_up(out);
                 self.forget_gone_namespaces(out);
                 self.check_timewait(out, false);
                 self.check_losses(out, false)
@@ -307,7 +310,7 @@ impl Tracer {
     /// carries the full socket's cookie.
     fn close(&mut self, change: StateChange) -> Option<Transition> {
         if change.cookie.is_some() && !self.namespaces.contains_key(&change.netns) {
-            self.namespaces.extend(network_namespaces().into_iter().map(|ns| (ns.inode, ns)));
+            self.learn_namespaces();
         }
         let timewait = change
             .cookie
@@ -360,7 +363,8 @@ impl Tracer {
         if unsure.is_empty() {
             return;
         }
-        self.namespaces = network_namespaces().into_iter().map(|ns| (ns.inode, ns)).collect();
+        self.namespaces.clear();
+        self.learn_namespaces();
         let now = WallClock::monotonic_now_ns();
         for inode in unsure {
             if !self.namespaces.contains_key(&inode) {
@@ -397,6 +401,11 @@ impl Tracer {
                 Err(error) => tracing::debug!("timewait sockets in netns {netns}: {error}"),
             }
         }
+    }
+
+    /// Adds the namespaces a /proc scan finds to the known ones.
+    fn learn_namespaces(&mut self) {
+        self.namespaces.extend(network_namespaces().into_iter().map(|ns| (ns.inode, ns)));
     }
 
     fn push_transitions(&self, transitions: Vec<Transition>, out: &mut Vec<StreamRecord>) {

@@ -353,7 +353,13 @@ impl Table {
                     }),
                     v6only: facts.v6only,
                 },
-                owners: socket.holders.to_vec(),
+                // A timewait socket has no file: ss lists no process for it, even while the
+                // full socket it replaced is still held (shut down, not yet closed).
+                owners: if facts.expires_ns.is_some() {
+                    Vec::new()
+                } else {
+                    socket.holders.to_vec()
+                },
                 in_state_ns: socket.since_ns.map(|since| now_ns.saturating_sub(since)),
                 owner_history: socket
                     .owner_history

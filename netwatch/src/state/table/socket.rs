@@ -119,10 +119,6 @@ impl Holders {
         self.0.retain(|(key, comm)| keep(key, comm));
     }
 
-    pub(super) fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-
     pub(super) fn iter(&self) -> impl Iterator<Item = (&(u32, i32), &String)> {
         self.0.iter().map(|(key, comm)| (key, comm))
     }

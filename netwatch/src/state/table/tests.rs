@@ -258,14 +258,40 @@ fn the_fin_wait2_substate_turns_to_time_wait_when_sock_diag_says_so() {
 }
 
 #[test]
-fn a_deleted_namespace_ends_its_unheld_sockets() {
+fn a_deleted_namespace_ends_its_timewait_sockets_only() {
     let mut table = Table::new();
     closed_into_timewait(&mut table, TimeWait);
-    table.apply(Event::FdOpened(fd_event(5, 3, task(20, "sshd"), Protocol::Tcp)));
+    // An orphan still closing holds a reference to its namespace: it ends with an event.
+    table.apply(change(5, 60_000, Established, FinWait1, task(20, "sshd")));
+    table.apply(released(5, 61_000));
     let ended = table.forget_namespace(1, 9_000_000_000);
     assert_eq!(ended.len(), 1);
     assert_eq!((ended[0].change.old, ended[0].ending), (TimeWait, Some(Ending::NetnsDeleted)));
-    assert_eq!(table.len(), 1, "a held socket keeps its namespace alive");
+    assert_eq!(table.len(), 1, "the orphan is still there");
+    assert!(table.timewait_namespaces(0).is_empty());
+}
+
+#[test]
+fn a_timewait_socket_replaced_on_its_four_tuple_ended_reused() {
+    let mut table = Table::new();
+    closed_into_timewait(&mut table, TimeWait);
+    // A new connection on the same 4-tuple whose SYN_SENT came without its port (no
+    // sock_ops), closed into TIME_WAIT in turn.
+    let mut no_port = change(2, 2_000_000_000, Close, SynSent, task(11, "curl"));
+    if let Event::State(c) = &mut no_port {
+        c.local.1 = 0;
+    }
+    table.apply(no_port);
+    assert!(table.take_ended().is_empty(), "not known to be the same 4-tuple yet");
+    let Event::State(close) = change(2, 3_000_000_000, FinWait2, Close, task(0, "swapper/0"))
+    else {
+        unreachable!()
+    };
+    table.enter_timewait(close, &timewait_row(2, TimeWait, 60_000), 3_000_000_000);
+    let ended = table.take_ended();
+    assert_eq!(ended.len(), 1);
+    assert_eq!((ended[0].change.key, ended[0].ending), (SockKey::Cookie(1), Some(Ending::Reused)));
+    assert_eq!(table.rows(3_000_000_000).len(), 1, "one TIME-WAIT row, as ss shows");
 }
 
 #[test]

@@ -12,7 +12,7 @@
 use std::collections::{HashMap, HashSet};
 
 use crate::{
-    host::snapshot::{Protocol, SocketRow},
+    host::snapshot::SocketRow,
     kernel::events::{SockKey, StateChange, StateSource, Task, TcpState, Totals},
 };
 
@@ -47,7 +47,7 @@ impl Table {
         socket.close_totals = totals;
         socket.state = Some(row.state);
         let facts = Facts::from_row(row, now_ns);
-        self.timewaits.insert(facts.four_tuple(), row.cookie);
+        let tuple = facts.four_tuple();
         match &mut socket.facts {
             // The row's uid is the timewait socket's 0; keep the full socket's.
             Some(known) => {
@@ -55,6 +55,14 @@ impl Table {
                 known.expires_ns = facts.expires_ns;
             }
             None => socket.facts = Some(facts),
+        }
+        // An older timewait socket on the same 4-tuple that no event said was taken over
+        // (its new connection's SYN_SENT came without a port) ended when this one was made.
+        if let Some(older) = self.timewaits.insert(tuple, row.cookie)
+            && older != row.cookie
+            && let Some(ended) = self.end_quietly(SockKey::Cookie(older), now_ns, Ending::Reused)
+        {
+            self.ended.push(ended);
         }
         transition
     }
@@ -220,28 +228,25 @@ impl Table {
         self.sockets.values().filter_map(|s| s.facts.as_ref().map(|f| f.netns)).collect()
     }
 
-    /// Ends the sockets of a network namespace that is gone, at `now_ns`. The kernel destroys
-    /// its timewait, orphaned and not yet accepted sockets with it and reports none of them;
-    /// sockets some process holds keep a namespace alive, so they stay. TCP sockets come back
-    /// as transitions to CLOSE.
+    /// Ends the timewait sockets of a network namespace that can no longer be reached, at
+    /// `now_ns`. Timewait sockets hold no reference to their namespace and go with it, with no
+    /// event. Every other socket holds one and keeps the namespace alive (an orphan finishing
+    /// its close, a child waiting in its listener's queue): those end with events of their
+    /// own, as anywhere else.
     pub fn forget_namespace(&mut self, netns: u32, now_ns: u64) -> Vec<Transition> {
-        let gone: Vec<(SockKey, bool)> = self
-            .sockets
+        let gone: Vec<u64> = self
+            .timewaits
             .iter()
-            .filter(|(_, socket)| socket.holders.is_empty())
-            .filter_map(|(key, socket)| {
-                let facts = socket.facts.as_ref().filter(|f| f.netns == netns)?;
-                let open = socket.state.is_some_and(|s| s != TcpState::Close);
-                Some((*key, facts.protocol == Protocol::Tcp && open))
-            })
+            .filter(|((ns, _, _), _)| *ns == netns)
+            .map(|(_, cookie)| *cookie)
             .collect();
         let mut transitions = Vec::new();
-        for (key, tcp) in gone {
-            if tcp {
-                transitions.extend(self.end_quietly(key, now_ns, Ending::NetnsDeleted));
-            } else {
-                self.sockets.remove(&key);
-            }
+        for cookie in gone {
+            transitions.extend(self.end_quietly(
+                SockKey::Cookie(cookie),
+                now_ns,
+                Ending::NetnsDeleted,
+            ));
         }
         self.timewaits.retain(|(ns, _, _), _| *ns != netns);
         transitions
