@@ -1,6 +1,6 @@
 //! sock_diag reply datagrams: truncated or corrupt netlink messages are errors, not panics.
 #![no_main]
-use netwatch::host::snapshot::{Protocol, parse_replies};
+use netwatch::host::{snapshot::Protocol, sock_diag::parse_replies};
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     let mut rows = Vec::new();

@@ -1,5 +1,8 @@
-//! What netwatch reads from the host outside its event stream: the one-time socket snapshot
-//! (sock_diag in every namespace, `/proc` as fallback, the fd-to-process join) and service
-//! names from `/etc/services`.
+//! What netwatch reads from the host outside its event stream: the one-time socket
+//! [`snapshot`] of every namespace, made of [`sock_diag`] dumps (or, as a fallback, the
+//! [`procfs`] `/proc/net` tables) joined to the processes holding each socket through
+//! `/proc/PID/fd`; and service names from `/etc/services`.
+pub mod procfs;
 pub mod services;
 pub mod snapshot;
+pub mod sock_diag;

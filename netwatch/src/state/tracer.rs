@@ -7,7 +7,11 @@ use anyhow::Context as _;
 
 use crate::{
     host::snapshot::SocketRow,
-    host::snapshot::{DiagSocket, NetNamespace, Snapshot, network_namespaces, socket_fds},
+    host::{
+        procfs::socket_fds,
+        snapshot::{NetNamespace, Snapshot, network_namespaces},
+        sock_diag::DiagSocket,
+    },
     kernel::events::{Event, EventReader, StateChange, TcpState},
     kernel::loader::{self, LoadOptions, Probes, RingCounters},
     record::{Listed, OwnerChange, RetransmitRecord, StreamRecord, TransitionRecord, WallClock},
