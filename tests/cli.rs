@@ -90,3 +90,36 @@ fn an_unknown_namespace_is_a_usage_error() {
         assert!(output.status.success(), "{known}: {}", String::from_utf8_lossy(&output.stderr));
     }
 }
+
+#[test]
+fn bad_arguments_exit_2_with_one_line_naming_the_value() {
+    for (args, needle) in [
+        (&["--state", "SYN_SEND"][..], "'SYN_SEND'"),
+        (&["watch", "--port", "70000"][..], "70000"),
+        (&["watch", "--transition", "SYN_SENT-ESTABLISHED"][..], "OLD:NEW"),
+        (&["-4", "-6"][..], "cannot be used with"),
+    ] {
+        let output = Command::new(netwatch_bin()).args(args).output().expect("run netwatch");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.lines().next().is_some_and(|l| l.contains(needle)), "{args:?}: {stderr}");
+        assert!(output.stdout.is_empty());
+    }
+    let output = Command::new(netwatch_bin()).args(["--state", "nope"]).output().expect("run");
+    assert!(String::from_utf8_lossy(&output.stderr).contains("ESTABLISHED, SYN_SENT, SYN_RECV"));
+}
+
+#[test]
+fn non_root_gets_a_clear_message() {
+    let output = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(netwatch_bin())
+        .output()
+        .expect("run setpriv (util-linux)");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+    // "must run as root", or, where an agent's root-only directory exists, that its socket
+    // is root's.
+    assert!(stderr.contains("run as root"), "{stderr}");
+}
