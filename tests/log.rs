@@ -134,6 +134,14 @@ fn a_log_that_cannot_be_opened_stops_the_start() {
     }
 }
 
+/// Writes `path` until its file system is full.
+fn fill(path: &Path) {
+    use std::io::Write as _;
+    let mut filler = std::fs::File::create(path).unwrap();
+    let block = [0u8; 4096];
+    while filler.write_all(&block).is_ok() {}
+}
+
 /// A tmpfs of this test's own, unmounted when dropped.
 struct SmallDisk(PathBuf);
 
@@ -161,7 +169,7 @@ impl Drop for SmallDisk {
 #[test]
 fn a_full_disk_stops_the_log_not_the_agent() {
     require_root();
-    let disk = SmallDisk::new("full", "16k");
+    let disk = SmallDisk::new("full", "1m");
     let log = disk.0.join("events.ndjson");
     let socket = Agent::test_socket("log-full");
     let agent =
@@ -169,8 +177,9 @@ fn a_full_disk_stops_the_log_not_the_agent() {
     // Port 1 sees no traffic: the stream shows only what is not a connection's (losses,
     // log failures), so the client never falls behind the test's own traffic.
     let watcher = Watcher::start(&["--json", "--socket", socket.to_str().unwrap(), "--port", "1"]);
-    // Some 200 kB of records, for a 16 kB disk.
-    connections(50);
+    // The disk fills up only now, with the watcher attached.
+    fill(&disk.0.join("filler"));
+    connections(5);
     watcher.wait_until("a log_failed record", |lines| {
         lines.iter().any(|l| l.contains(r#""type":"log_failed""#))
     });
