@@ -200,6 +200,16 @@ impl Watcher {
             std::iter::once("watch").chain(args.iter().copied()).chain(own).collect();
         let Spawned { child, lines, stderr, stdout_reader } =
             spawn_until_ready(&args, "netwatch: watching");
+        // Attached to an agent, the watch says so once connected, which can be a moment
+        // before the agent has accepted it and subscribed it to the stream. The agent accepts
+        // in order: once it has answered a later connection, the watch is subscribed.
+        if let Some(at) = args.iter().position(|a| *a == "--socket") {
+            let output = Command::new(netwatch_bin())
+                .args(["stats", "--json", "--socket", args[at + 1]])
+                .output()
+                .expect("run netwatch stats");
+            assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        }
         Watcher { child, lines, stdout_reader: Some(stdout_reader), stderr }
     }
 
