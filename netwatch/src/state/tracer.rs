@@ -269,8 +269,7 @@ impl Tracer {
     /// Detaches the programs, then turns what the kernel had already delivered into records.
     pub fn finish(&mut self, out: &mut Vec<StreamRecord>) -> anyhow::Result<()> {
         drop(self.probes.take());
-        self.reader.read_available(&mut self.batch);
-        self.apply_batch(out);
+        self.catch_up(out);
         self.check_losses(out, false)
     }
 
