@@ -109,6 +109,24 @@ fn step(old: &str, new: &str) -> (String, String) {
     (old.into(), new.into())
 }
 
+/// Polls `history FILTER` until `done` holds or PATIENCE passes.
+fn wait_for_history_where(
+    agent: &Agent,
+    filter: &[&str],
+    done: impl Fn(&[Value]) -> bool,
+) -> Vec<Value> {
+    let deadline = Instant::now() + netwatch_tests::PATIENCE;
+    loop {
+        let found = agent.ask_json("history", filter);
+        let found = found.as_array().unwrap();
+        if done(found) {
+            return found.clone();
+        }
+        assert!(Instant::now() < deadline, "timed out; histories: {found:#?}");
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Polls `history` until `done` holds or `limit` passes.
 fn wait_for_history(
     agent: &Agent,
@@ -264,5 +282,74 @@ fn time_wait_expires_after_sixty_seconds() {
     assert!((60.0..75.0).contains(&in_time_wait), "TIME_WAIT lasted {in_time_wait} s");
     let (rows, _, _) = settled_rows(&agent, &ns);
     assert!(rows.iter().all(|r| r.1 != "TIME-WAIT"), "{rows:?}");
+    assert!(agent.stop().success());
+}
+
+/// A connection the server resets from FIN_WAIT2 (it shut its side down, then closed with
+/// the client's data unread) leaves no timewait socket. The lookup for its 4-tuple then finds
+/// the listener on the same port, which must not be taken for it: the listener keeps its
+/// owner and its time in state, and the next connection is still attributed to it.
+#[test]
+fn a_reset_connection_leaves_its_listener_alone() {
+    require_root();
+    let agent = Agent::start(&Agent::test_socket("tw-listener"));
+    let ns = NetNs::new("twlistener");
+    let listener = ns.run(|| TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap());
+    let server = listener.local_addr().unwrap();
+    let listener = thread::spawn(move || {
+        let (mut stream, _) = listener.accept().unwrap();
+        stream.read_exact(&mut [0u8; 4]).unwrap();
+        stream.shutdown(std::net::Shutdown::Write).unwrap();
+        // The client goes on sending: closing now, with its data unread, resets the
+        // connection.
+        thread::sleep(Duration::from_millis(100));
+        drop(stream);
+        listener
+    });
+    ns.run(move || {
+        let mut client = TcpStream::connect(server).unwrap();
+        let chunk = [1u8; 64 * 1024];
+        while client.write_all(&chunk).is_ok() {}
+    });
+    let listener = listener.join().unwrap();
+    let me = u64::from(std::process::id());
+    let (_, records, _) = settled_rows(&agent, &ns);
+    let row = records.iter().find(|r| r["state"] == "LISTEN").unwrap();
+    assert!(row["in_state_ms"].is_u64(), "the listener keeps its time in state: {row}");
+    let stats = agent.ask_json("stats", &[]);
+    let ours = stats["listeners"].as_array().unwrap().iter().find(|l| l["lport"] == server.port());
+    assert_eq!(ours.unwrap()["pid"].as_u64(), Some(me), "{stats:#}");
+    // The next connection is the listener's until accepted.
+    let next = ns.run(move || TcpStream::connect(server).unwrap());
+    let filter = ["dport", "=", &format!(":{}", next.local_addr().unwrap().port())];
+    let born = wait_for_history_where(&agent, &filter, |h| h.len() == 1);
+    assert_eq!(steps(&born[0])[0], step("LISTEN", "SYN_RECV"));
+    assert_eq!(born[0]["steps"][0]["pid"].as_u64(), Some(me), "{born:#?}");
+    drop((next, listener));
+    assert!(agent.stop().success());
+}
+
+/// Timewait sockets the agent found at start end in `history` too: here when their
+/// namespace is deleted.
+#[test]
+fn timewait_sockets_from_the_snapshot_close_in_history() {
+    require_root();
+    let ns = NetNs::new("twseeded");
+    let server = echo_server(&ns);
+    let client = round_trip(&ns, (Ipv4Addr::LOCALHOST, 0).into(), server);
+    let agent = Agent::start(&Agent::test_socket("tw-seeded"));
+    let [seeded] = histories_of(&agent, client, server).try_into().unwrap();
+    assert_eq!(
+        (seeded["first_seen"].as_str(), seeded["snapshot_state"].as_str()),
+        (Some("snapshot"), Some("TIME_WAIT"))
+    );
+    assert_eq!(seeded["closed"], false);
+    drop(ns);
+    let [ended] = histories_of(&agent, client, server).try_into().unwrap();
+    assert_eq!(
+        (ended["closed"].as_bool(), ended["ending"].as_str()),
+        (Some(true), Some("netns_deleted"))
+    );
+    assert_eq!(steps(&ended), [step("TIME_WAIT", "CLOSE")]);
     assert!(agent.stop().success());
 }
