@@ -123,3 +123,30 @@ fn non_root_gets_a_clear_message() {
     // is root's.
     assert!(stderr.contains("run as root"), "{stderr}");
 }
+
+/// Asking for one connection the agent does not know is an error that says so, and a
+/// snapshot asked for is not reported as a missing agent.
+#[test]
+fn questions_get_answers_that_say_what_is_true() {
+    require_root();
+    let agent = Agent::start(&Agent::test_socket("answers"));
+    let socket = agent.socket.to_str().unwrap();
+    let output = Command::new(netwatch_bin())
+        .args(["history", "--socket", socket, "--cookie", "18446744073709551615"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("no connection with cookie 18446744073709551615"), "{stderr}");
+    for asked in ["--no-agent", "--from-proc"] {
+        let output = Command::new(netwatch_bin())
+            .args(["table", asked, "--socket", socket])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success(), "{asked}: {stderr}");
+        assert!(!stderr.contains("no agent"), "an agent runs; {asked} asked for this: {stderr}");
+    }
+    assert!(agent.stop().success());
+}

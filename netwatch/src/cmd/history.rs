@@ -23,6 +23,14 @@ pub async fn run(args: &HistoryArgs) -> anyhow::Result<()> {
     let all: Vec<History> = serde_json::from_str(&line).with_context(|| {
         format!("the agent at {} answered: {}", args.socket.display(), line.trim())
     })?;
+    if let Some(cookie) = args.cookie
+        && !all.iter().any(|h| h.cookie == cookie)
+    {
+        bail!(
+            "the agent knows no connection with cookie {cookie}: closed ones are kept for \
+             --history-max-age and at most --history-keep of them (see `netwatch history`)"
+        );
+    }
     let since = args.since.map(|d| chrono::Utc::now() - d);
     let chosen: Vec<&History> = all
         .iter()

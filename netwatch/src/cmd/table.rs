@@ -159,7 +159,13 @@ pub async fn run(args: &TableArgs) -> anyhow::Result<()> {
     let all = match agent {
         Some(rows) => rows,
         None => {
-            eprintln!("netwatch: no agent to ask: showing a one-shot snapshot (no time-in-state)");
+            if args.no_agent || args.from_proc {
+                eprintln!("netwatch: a one-shot snapshot, as asked (no time-in-state)");
+            } else {
+                eprintln!(
+                    "netwatch: no agent to ask: showing a one-shot snapshot (no time-in-state)"
+                );
+            }
             let source = if args.from_proc { Source::ProcNet } else { Source::SockDiag };
             let snapshot = Snapshot::take_from(source);
             for problem in &snapshot.problems {
