@@ -10,11 +10,12 @@ use std::{
     io::{Read as _, Write as _},
     net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
     os::fd::{AsRawFd as _, FromRawFd as _},
+    process::Command,
     thread,
     time::{Duration, Instant},
 };
 
-use netwatch_tests::{Agent, NetNs, Watcher, oracle::settled_rows, require_root};
+use netwatch_tests::{Agent, NetNs, Watcher, netwatch_bin, oracle::settled_rows, require_root};
 use serde_json::Value;
 
 /// A TCP socket with SO_REUSEADDR bound to `local`, connected to `server`: what a client
@@ -351,5 +352,30 @@ fn timewait_sockets_from_the_snapshot_close_in_history() {
         (Some(true), Some("netns_deleted"))
     );
     assert_eq!(steps(&ended), [step("TIME_WAIT", "CLOSE")]);
+    assert!(agent.stop().success());
+}
+
+/// A connection older than the agent has, in `history`, the owner the table gives it: the
+/// process the snapshot found holding it.
+#[test]
+fn sockets_from_the_snapshot_have_their_owner_in_history() {
+    require_root();
+    let ns = NetNs::new("seededowner");
+    let listener = ns.run(|| TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap());
+    let port = listener.local_addr().unwrap().port();
+    let agent = Agent::start(&Agent::test_socket("seeded-owner"));
+    let filter = ["sport", "=", &format!(":{port}")];
+    let found = agent.ask_json("history", &filter);
+    let listening = found.as_array().unwrap().iter().find(|h| h["snapshot_state"] == "LISTEN");
+    let listening = listening.unwrap_or_else(|| panic!("{found:#}"));
+    assert_eq!(listening["snapshot_owner"]["pid"].as_u64(), Some(u64::from(std::process::id())));
+    let text = Command::new(netwatch_bin())
+        .args(["history", "--socket", agent.socket.to_str().unwrap()])
+        .args(filter)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains(&format!("[{}]", std::process::id())), "the owner in text: {text}");
+    drop(listener);
     assert!(agent.stop().success());
 }

@@ -48,7 +48,9 @@ pub async fn run(args: &AgentArgs) -> anyhow::Result<()> {
     let mut stats = Stats::new();
     let mut histories =
         Histories::new(Retention { count: args.history_keep, max_age: args.history_max_age });
-    histories.seed(&tracer.take_snapshot_rows().unwrap_or_default());
+    if let Some(snapshot) = tracer.take_snapshot() {
+        histories.seed(&snapshot);
+    }
     release_freed_memory();
     let metrics = Metrics::new(args.metrics_remotes);
     let metrics_listener = match args.metrics {
@@ -288,8 +290,8 @@ fn absorb(
 
 /// After a resync the table was rebuilt from a new snapshot: histories follow it.
 fn reconcile(tracer: &mut Tracer, histories: &mut Histories) {
-    if let Some(rows) = tracer.take_snapshot_rows() {
-        histories.reconcile(&rows, chrono::Utc::now());
+    if let Some(snapshot) = tracer.take_snapshot() {
+        histories.reconcile(&snapshot, chrono::Utc::now());
     }
 }
 

@@ -55,8 +55,12 @@ pub async fn run(args: &HistoryArgs) -> anyhow::Result<()> {
     }
     let mut lines = Vec::with_capacity(chosen.len());
     for h in chosen {
-        let owner =
-            h.steps.iter().rev().find_map(|s| Some(format!("{}[{}]", s.comm.as_ref()?, s.pid?)));
+        let owner = h
+            .steps
+            .iter()
+            .rev()
+            .find_map(|s| Some(format!("{}[{}]", s.comm.as_ref()?, s.pid?)))
+            .or_else(|| h.snapshot_owner.as_ref().map(|o| format!("{}[{}]", o.comm, o.pid)));
         let mut line = format!(
             "{:<8} {} -> {} {} {}",
             h.cookie,

@@ -8,9 +8,9 @@ use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    host::snapshot::{Protocol, SocketRow},
+    host::snapshot::{Protocol, Snapshot},
     kernel::events::TcpState,
-    record::{Resent, RetransmitRecord, TransitionRecord},
+    record::{Owner, Resent, RetransmitRecord, TransitionRecord},
     state::table::{Ending, Failure},
 };
 
@@ -50,6 +50,9 @@ pub struct History {
     pub first_seen: FirstSeen,
     /// The state it was in when the snapshot found it.
     pub snapshot_state: Option<TcpState>,
+    /// The process holding it when the snapshot found it (the first, by pid).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_owner: Option<Owner>,
     pub steps: Vec<Step>,
     pub closed: bool,
     pub failure: Option<Failure>,
@@ -88,6 +91,7 @@ impl History {
             rport,
             first_seen,
             snapshot_state: None,
+            snapshot_owner: None,
             steps: Vec::new(),
             closed: false,
             failure: None,
@@ -131,13 +135,21 @@ impl Histories {
         Histories { retention: Some(retention), ..Default::default() }
     }
 
-    /// Sockets the agent's snapshot found (TCP only: UDP has no state machine).
-    pub fn seed(&mut self, rows: &[SocketRow]) {
-        for row in rows.iter().filter(|r| r.protocol == Protocol::Tcp && r.cookie != 0) {
+    /// Sockets the agent's snapshot found (TCP only: UDP has no state machine), each with
+    /// the owner the table gives it: the first process holding it.
+    pub fn seed(&mut self, snapshot: &Snapshot) {
+        let tcp = snapshot.rows.iter().filter(|r| r.protocol == Protocol::Tcp && r.cookie != 0);
+        for row in tcp {
             self.open.entry(row.cookie).or_insert_with(|| {
                 let mut history =
                     History::new(row.cookie, row.netns, row.local, row.remote, FirstSeen::Snapshot);
                 history.snapshot_state = Some(row.state);
+                history.snapshot_owner = snapshot
+                    .owners
+                    .get(&row.inode)
+                    .filter(|_| row.inode != 0)
+                    .and_then(|holders| holders.first())
+                    .map(|h| Owner { pid: h.pid, comm: h.comm.clone() });
                 history
             });
         }
@@ -146,9 +158,13 @@ impl Histories {
     /// After lost events, the table was rebuilt from a new snapshot (`rows`, taken at `now`):
     /// open connections it no longer has ended unseen, and are closed as such; those it has
     /// that no history knows are added.
-    pub fn reconcile(&mut self, rows: &[SocketRow], now: DateTime<Utc>) {
-        let present: std::collections::HashSet<u64> =
-            rows.iter().filter(|r| r.protocol == Protocol::Tcp).map(|r| r.cookie).collect();
+    pub fn reconcile(&mut self, snapshot: &Snapshot, now: DateTime<Utc>) {
+        let present: std::collections::HashSet<u64> = snapshot
+            .rows
+            .iter()
+            .filter(|r| r.protocol == Protocol::Tcp)
+            .map(|r| r.cookie)
+            .collect();
         let gone: Vec<u64> =
             self.open.keys().filter(|cookie| !present.contains(cookie)).copied().collect();
         for cookie in gone {
@@ -158,7 +174,7 @@ impl Histories {
                 self.closed.push_back((now, history));
             }
         }
-        self.seed(rows);
+        self.seed(snapshot);
         self.expire(now);
     }
 
@@ -237,7 +253,10 @@ mod tests {
     use std::net::{IpAddr, Ipv4Addr};
 
     use super::*;
+    use std::collections::HashMap;
+
     use crate::{
+        host::snapshot::{Holder, SocketRow},
         kernel::events::{Family, StateSource},
         output::history::path,
     };
@@ -320,8 +339,17 @@ mod tests {
             timer: None,
             v6only: false,
         };
-        histories.seed(&[row]);
+        let holder = Holder { pid: 77, comm: "sshd".into(), fd: 4, start_time: Some(1) };
+        let snapshot = Snapshot {
+            rows: vec![row],
+            owners: HashMap::from([(1, vec![holder])]),
+            namespaces: Vec::new(),
+            problems: Vec::new(),
+            took: std::time::Duration::ZERO,
+        };
+        histories.seed(&snapshot);
         assert_eq!(path(&histories.all()[0]), "ESTABLISHED (since before netwatch)");
+        assert_eq!(histories.all()[0].snapshot_owner, Some(Owner { pid: 77, comm: "sshd".into() }));
         histories.record(&record(9, 50, TcpState::Established, TcpState::FinWait1, None));
         let history = &histories.all()[0];
         assert_eq!(history.first_seen, FirstSeen::Snapshot);

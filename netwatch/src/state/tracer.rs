@@ -6,7 +6,6 @@ use std::{collections::HashMap, time::Duration};
 use anyhow::Context as _;
 
 use crate::{
-    host::snapshot::SocketRow,
     host::{
         procfs::socket_fds,
         snapshot::{NetNamespace, Snapshot, network_namespaces},
@@ -39,9 +38,9 @@ pub struct Tracer {
     /// Namespace inode -> a path to enter it, for targeted lookups and names.
     namespaces: HashMap<u32, NetNamespace>,
     probes: Option<Probes>,
-    /// The rows of the snapshot the table was last seeded from, until taken: for whoever
-    /// keeps more than the table (histories).
-    snapshot_rows: Option<Vec<SocketRow>>,
+    /// The snapshot the table was last seeded from (rows and owners; its namespaces are
+    /// the tracer's), until taken: for whoever keeps more than the table (histories).
+    seeded_from: Option<Snapshot>,
     reader: EventReader,
     ring: RingCounters,
     table: Table,
@@ -94,17 +93,18 @@ impl Tracer {
         let ring = probes.take_ring_counters()?;
         // The programs are attached: whatever changes from here on is queued in the ring
         // buffer and applied after the snapshot, so nothing falls between the two.
-        let snapshot = Snapshot::take();
+        let mut snapshot = Snapshot::take();
         for problem in &snapshot.problems {
             tracing::warn!("snapshot: {problem}");
         }
         tracing::info!("snapshot: {} sockets in {:.1?}", snapshot.rows.len(), snapshot.took);
         let mut table = Table::new();
         table.seed(&snapshot.rows, &snapshot.owners, WallClock::monotonic_now_ns());
-        let namespaces = snapshot.namespaces.into_iter().map(|ns| (ns.inode, ns)).collect();
+        let namespaces =
+            std::mem::take(&mut snapshot.namespaces).into_iter().map(|ns| (ns.inode, ns)).collect();
         Ok(Tracer {
             keep_rows: false,
-            snapshot_rows: Some(snapshot.rows),
+            seeded_from: Some(snapshot),
             namespaces,
             probes: Some(probes),
             reader,
@@ -130,7 +130,7 @@ impl Tracer {
     /// from a fresh snapshot, exactly as at start (events still queued are newer and are
     /// applied after it). State times restart unknown; owners and rows are right again.
     fn resync(&mut self) {
-        let snapshot = Snapshot::take();
+        let mut snapshot = Snapshot::take();
         tracing::warn!(
             "events were lost: the table was rebuilt from a new snapshot ({} sockets in {:.1?})",
             snapshot.rows.len(),
@@ -141,14 +141,15 @@ impl Tracer {
         table.keep_counts_of(&self.table);
         self.table = table;
         self.snapshot_at = unix_now();
-        self.namespaces = snapshot.namespaces.into_iter().map(|ns| (ns.inode, ns)).collect();
-        self.snapshot_rows = Some(snapshot.rows);
+        self.namespaces =
+            std::mem::take(&mut snapshot.namespaces).into_iter().map(|ns| (ns.inode, ns)).collect();
+        self.seeded_from = Some(snapshot);
     }
 
-    /// The rows of the snapshot the table was seeded from since the last call: the one at
-    /// start, then each one a resync took after lost events.
-    pub fn take_snapshot_rows(&mut self) -> Option<Vec<SocketRow>> {
-        self.snapshot_rows.take()
+    /// The snapshot the table was seeded from since the last call: the one at start, then
+    /// each one a resync took after lost events.
+    pub fn take_snapshot(&mut self) -> Option<Snapshot> {
+        self.seeded_from.take()
     }
 
     /// Keeps the table's holders exact after exec (a look at the process's fds).
