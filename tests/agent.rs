@@ -347,3 +347,60 @@ fn separate_server_and_client_each_hold_their_end() {
     client.wait().unwrap();
     assert!(agent.stop().success());
 }
+
+/// An IPv6 wildcard listener with IPV6_V6ONLY takes no IPv4: ss lists it as `[::]:PORT`
+/// next to `0.0.0.0:PORT`, and so must the agent for a listener it learned from events.
+#[test]
+fn a_v6only_listener_is_listed_as_ss_lists_it() {
+    use std::os::fd::FromRawFd as _;
+    let agent = Agent::start(&Agent::test_socket("v6only"));
+    let ns = NetNs::new("v6only");
+    let (v6, v4, port) = ns.run(|| {
+        // SAFETY: plain socket calls on a new fd, which the TcpListener then owns.
+        let v6 = unsafe {
+            let fd = libc::socket(libc::AF_INET6, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+            assert!(fd >= 0);
+            let listener = TcpListener::from_raw_fd(fd);
+            let one: libc::c_int = 1;
+            let size = std::mem::size_of_val(&one) as libc::socklen_t;
+            let set = libc::setsockopt(
+                fd,
+                libc::IPPROTO_IPV6,
+                libc::IPV6_V6ONLY,
+                (&raw const one).cast(),
+                size,
+            );
+            assert_eq!(set, 0, "IPV6_V6ONLY");
+            let any: libc::sockaddr_in6 = std::mem::zeroed();
+            let any = libc::sockaddr_in6 { sin6_family: libc::AF_INET6 as u16, ..any };
+            let size = std::mem::size_of_val(&any) as libc::socklen_t;
+            assert_eq!(libc::bind(fd, (&raw const any).cast(), size), 0, "bind [::]:0");
+            assert_eq!(libc::listen(fd, 8), 0, "listen");
+            listener
+        };
+        let port = v6.local_addr().unwrap().port();
+        let v4 = TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)).unwrap();
+        (v6, v4, port)
+    });
+    let listed = |output: std::process::Output| -> Vec<String> {
+        let text = String::from_utf8_lossy(&output.stdout).into_owned();
+        let mut local: Vec<String> = text
+            .lines()
+            .filter_map(|l| l.split_whitespace().find(|f| f.ends_with(&format!(":{port}"))))
+            .map(String::from)
+            .collect();
+        local.sort();
+        local
+    };
+    let ours = listed(
+        Command::new(netwatch_bin())
+            .args(["table", "-tln", "--netns", &ns.name, "--socket", socket_arg(&agent)])
+            .output()
+            .unwrap(),
+    );
+    let theirs = listed(ns.command("ss").args(["-tln"]).output().unwrap());
+    assert_eq!(theirs, [format!("0.0.0.0:{port}"), format!("[::]:{port}")]);
+    assert_eq!(ours, theirs, "the agent's table vs ss -tln");
+    drop((v6, v4));
+    assert!(agent.stop().success());
+}

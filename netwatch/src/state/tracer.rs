@@ -294,6 +294,9 @@ impl Tracer {
                 Event::State(change) if may_leave_timewait(&change) => self.close(change),
                 event => self.table.apply(event),
             };
+            if let Some(listening) = transition.as_ref().filter(|t| is_ipv6_wildcard_listen(t)) {
+                self.learn_v6only(listening);
+            }
             for ended in self.table.take_ended().into_iter().chain(transition) {
                 out.push(StreamRecord::Transition(Box::new(TransitionRecord::new(
                     &ended,
@@ -407,6 +410,22 @@ impl Tracer {
         }
     }
 
+    /// Whether an IPv6 wildcard listener takes IPv4 too (`*:80`, as ss prints it) or not
+    /// (`[::]:80`): IPV6_V6ONLY is in no event, so one sock_diag lookup of the new listener
+    /// says. Listeners are few, so this costs little.
+    fn learn_v6only(&mut self, listening: &Transition) {
+        let change = &listening.change;
+        let Some(cookie) = change.cookie else { return };
+        if !self.namespaces.contains_key(&change.netns) {
+            self.learn_namespaces();
+        }
+        let any = (change.remote.0, 0);
+        let found = self.look_up_tcp(change.netns, change.family, change.local, any).flatten();
+        if let Some(row) = found.filter(|row| row.cookie == cookie) {
+            self.table.set_v6only(cookie, row.v6only);
+        }
+    }
+
     /// Adds the namespaces a /proc scan finds to the known ones.
     fn learn_namespaces(&mut self) {
         self.namespaces.extend(network_namespaces().into_iter().map(|ns| (ns.inode, ns)));
@@ -439,4 +458,12 @@ impl Tracer {
         out.extend(verdict.records.into_iter().map(StreamRecord::Lost));
         Ok(())
     }
+}
+
+/// A transition into LISTEN of an IPv6 socket bound to the wildcard address.
+fn is_ipv6_wildcard_listen(transition: &Transition) -> bool {
+    let change = &transition.change;
+    change.new == TcpState::Listen
+        && change.family == crate::kernel::events::Family::Ipv6
+        && change.local.0.is_unspecified()
 }

@@ -304,6 +304,16 @@ impl Table {
         }
     }
 
+    /// Records whether an IPv6 socket takes IPv4 too, as sock_diag reported it: no event
+    /// carries IPV6_V6ONLY.
+    pub fn set_v6only(&mut self, cookie: u64, v6only: bool) {
+        if let Some(facts) =
+            self.sockets.get_mut(&SockKey::Cookie(cookie)).and_then(|s| s.facts.as_mut())
+        {
+            facts.v6only = v6only;
+        }
+    }
+
     /// Every socket's holders by inode, listed or not: what a /proc scan would find.
     #[cfg(test)]
     fn holders_by_inode(&self) -> HashMap<u64, Vec<Holder>> {
