@@ -15,7 +15,7 @@ use std::{
 use netwatch_tests::{
     Agent, Holder, NetNs, Watcher, client_roundtrip, listening_port, netwatch_bin,
     oracle::{settled_rows, ss_rows},
-    parse_json, serve_one, sockpeer_in,
+    parse_json, serve_one, sockpeer_in, veth_pair,
 };
 use serde_json::Value;
 
@@ -402,5 +402,26 @@ fn a_v6only_listener_is_listed_as_ss_lists_it() {
     assert_eq!(theirs, [format!("0.0.0.0:{port}"), format!("[::]:{port}")]);
     assert_eq!(ours, theirs, "the agent's table vs ss -tln");
     drop((v6, v4));
+    assert!(agent.stop().success());
+}
+
+/// A half-open connection (the handshake's last ACK dropped) is a request socket in its
+/// listener's SYN queue, which no tracepoint reports: the agent's table lists it as ss does.
+#[test]
+fn half_open_connections_are_listed_as_ss_lists_them() {
+    let agent = Agent::start(&Agent::test_socket("half-open"));
+    let (client_ns, server_ns) = veth_pair();
+    let sockpeer = env!("CARGO_BIN_EXE_sockpeer");
+    let (mut server, line) = sockpeer_in(&server_ns, sockpeer, &["serve", "10.231.0.2:0"]);
+    let port = listening_port(&line);
+    server_ns.drop_bare_acks(port);
+    let (mut client, line) =
+        sockpeer_in(&client_ns, sockpeer, &["connect-hold", &format!("10.231.0.2:{port}")]);
+    assert!(line.starts_with("ready "), "{line}");
+    let (rows, _, _) = settled_rows(&agent, &server_ns);
+    assert!(rows.iter().any(|r| r.1 == "SYN-RECV"), "the half-open connection: {rows:?}");
+    drop(client.stdin.take());
+    let _ = (client.kill(), server.kill());
+    let _ = (client.wait(), server.wait());
     assert!(agent.stop().success());
 }

@@ -89,7 +89,7 @@ pub async fn run(args: &AgentArgs) -> anyhow::Result<()> {
                 reconcile(&mut tracer, &mut histories);
                 // The client may have gone; nothing to do then.
                 match query {
-                    Query::Table(reply) => { let _ = reply.send(tracer.listed()); }
+                    Query::Table(reply) => { let _ = reply.send(tracer.listed_with_half_open()); }
                     Query::Stats(reply) => {
                         let mut report = stats.report();
                         let listeners = tracer.listeners();

@@ -191,6 +191,31 @@ impl Tracer {
             .collect()
     }
 
+    /// The table as `listed` gives it, and the half-open connections waiting in the
+    /// listeners' SYN queues: request sockets, which are not full sockets and pass no
+    /// tracepoint (the state change comes with the handshake's last ACK). They are read from
+    /// sock_diag at the moment of asking, as `ss` reads them, one dump per namespace with a
+    /// listener; they have no process, as in `ss`.
+    pub fn listed_with_half_open(&mut self) -> Vec<Listed> {
+        let mut rows = self.listed();
+        let listeners = self.listeners();
+        let known: std::collections::HashSet<u64> = rows.iter().map(|l| l.row.cookie).collect();
+        let half_open = self
+            .passive_sockets(&listeners)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|row| row.state == TcpState::SynRecv && !known.contains(&row.cookie));
+        rows.extend(half_open.map(|row| Listed {
+            netns_name: self.namespaces.get(&row.netns).and_then(|ns| ns.name.clone()),
+            in_state: None,
+            owners: Vec::new(),
+            row,
+            queues_known: false,
+            owner_history: Vec::new(),
+        }));
+        rows
+    }
+
     /// Every listening socket with its accept-queue counts.
     pub fn listeners(&self) -> Vec<crate::state::table::Listener> {
         self.table.listeners()
