@@ -19,10 +19,6 @@ use netwatch_tests::{
 };
 use serde_json::Value;
 
-fn socket_arg(agent: &Agent) -> &str {
-    agent.socket.to_str().unwrap()
-}
-
 /// (lport, rport, old, new, pid, comm) of every transition record.
 fn transitions(records: &[Value]) -> Vec<(Value, Value, Value, Value, Value, Value)> {
     records
@@ -41,9 +37,9 @@ fn watch_through_the_agent_shows_what_a_direct_watch_shows() {
     let mode = std::fs::metadata(&agent.socket).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600, "root-only API socket");
     // Both watchers start before the listener exists, so both know its owner.
-    let attached = Watcher::start(&["--json", "--socket", socket_arg(&agent)]);
+    let attached = Watcher::start(&["--json", "--socket", agent.socket_arg()]);
     assert!(attached.stderr().contains("via the agent"), "{}", attached.stderr());
-    let direct = Watcher::start(&["--json", "--socket", socket_arg(&agent), "--no-agent"]);
+    let direct = Watcher::start(&["--json", "--socket", agent.socket_arg(), "--no-agent"]);
     assert!(direct.stderr().contains("tp_btf"), "{}", direct.stderr());
 
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
@@ -124,7 +120,7 @@ fn malformed_and_silent_clients_do_not_disturb_others() {
     let agent = Agent::start(&Agent::test_socket("clients"));
     // Connects and never sends.
     let silent = UnixStream::connect(&agent.socket).unwrap();
-    let watcher = Watcher::start(&["--json", "--port", "1", "--socket", socket_arg(&agent)]);
+    let watcher = Watcher::start(&["--json", "--port", "1", "--socket", agent.socket_arg()]);
 
     let mut bad = UnixStream::connect(&agent.socket).unwrap();
     bad.write_all(b"{\"v\":1,\"cmd\":\"rm -rf\"}\n").unwrap();
@@ -193,7 +189,7 @@ fn agent_table_equals_ss_for_sockets_from_before_and_after_it_started() {
 fn table_converges_to_ss_after_lost_events() {
     let ns = NetNs::new("lost");
     let agent = Agent::start_with(&Agent::test_socket("lost"), &["--ring-size", "4096"]);
-    let watcher = Watcher::start(&["--json", "--port", "1", "--socket", socket_arg(&agent)]);
+    let watcher = Watcher::start(&["--json", "--port", "1", "--socket", agent.socket_arg()]);
     // SAFETY: signalling our own child.
     unsafe { libc::kill(agent.child.id() as i32, libc::SIGSTOP) };
     let holder = Holder::start(&ns, env!("CARGO_BIN_EXE_sockpeer"));
@@ -394,7 +390,7 @@ fn a_v6only_listener_is_listed_as_ss_lists_it() {
     };
     let ours = listed(
         Command::new(netwatch_bin())
-            .args(["table", "-tln", "--netns", &ns.name, "--socket", socket_arg(&agent)])
+            .args(["table", "-tln", "--netns", &ns.name, "--socket", agent.socket_arg()])
             .output()
             .unwrap(),
     );

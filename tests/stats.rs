@@ -16,10 +16,6 @@ use netwatch_tests::{
 };
 use serde_json::Value;
 
-fn socket_arg(agent: &Agent) -> &str {
-    agent.socket.to_str().unwrap()
-}
-
 /// `netwatch stats`: the agent's connect latencies and failures per endpoint and process.
 #[test]
 fn stats_summarise_handshakes_and_failures() {
@@ -42,7 +38,7 @@ fn stats_summarise_handshakes_and_failures() {
     });
 
     let output = Command::new(netwatch_bin())
-        .args(["stats", "--json", "--socket", socket_arg(&agent)])
+        .args(["stats", "--json", "--socket", agent.socket_arg()])
         .output()
         .unwrap();
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
@@ -80,7 +76,7 @@ fn stats_summarise_handshakes_and_failures() {
         (Some(20), Some(1))
     );
     let text = Command::new(netwatch_bin())
-        .args(["stats", "--socket", socket_arg(&agent)])
+        .args(["stats", "--socket", agent.socket_arg()])
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&text.stdout).contains(&addr.to_string()));
@@ -268,7 +264,7 @@ fn history_shows_each_connections_path() {
 
     let history = |args: &[&str]| -> Vec<Value> {
         let output = Command::new(netwatch_bin())
-            .args(["history", "--json", "--socket", socket_arg(&agent)])
+            .args(["history", "--json", "--socket", agent.socket_arg()])
             .args(args)
             .output()
             .unwrap();
@@ -313,7 +309,7 @@ fn history_shows_each_connections_path() {
     let one = history(&["--cookie", &h["cookie"].to_string()]);
     assert_eq!(one.len(), 1);
     let text = Command::new(netwatch_bin())
-        .args(["history", "--socket", socket_arg(&agent), "--cookie", &h["cookie"].to_string()])
+        .args(["history", "--socket", agent.socket_arg(), "--cookie", &h["cookie"].to_string()])
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&text.stdout);
@@ -508,7 +504,7 @@ fn listeners_show_their_accept_queue_and_half_open_connections() {
     assert!(half["synack_retransmits"].as_u64().unwrap() >= 1, "{half:#}");
     assert_eq!(half["handshakes"].as_u64(), Some(0), "{half:#}");
     let text = Command::new(netwatch_bin())
-        .args(["stats", "--socket", socket_arg(&agent)])
+        .args(["stats", "--socket", agent.socket_arg()])
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&text.stdout).contains("HALF_OPEN"));

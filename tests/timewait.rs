@@ -110,25 +110,35 @@ fn step(old: &str, new: &str) -> (String, String) {
     (old.into(), new.into())
 }
 
-/// Polls `history FILTER` until `done` holds or PATIENCE passes.
-fn wait_for_history_where(
-    agent: &Agent,
-    filter: &[&str],
+/// Asks `ask` until `done` holds of its answer or `limit` passes.
+fn poll(
+    limit: Duration,
+    ask: impl Fn() -> Vec<Value>,
     done: impl Fn(&[Value]) -> bool,
 ) -> Vec<Value> {
-    let deadline = Instant::now() + netwatch_tests::PATIENCE;
+    let deadline = Instant::now() + limit;
     loop {
-        let found = agent.ask_json("history", filter);
-        let found = found.as_array().unwrap();
-        if done(found) {
-            return found.clone();
+        let found = ask();
+        if done(&found) {
+            return found;
         }
         assert!(Instant::now() < deadline, "timed out; histories: {found:#?}");
         thread::sleep(Duration::from_millis(100));
     }
 }
 
-/// Polls `history` until `done` holds or `limit` passes.
+/// Polls `history FILTER` until `done` holds or PATIENCE passes.
+fn wait_for_history_where(
+    agent: &Agent,
+    filter: &[&str],
+    done: impl Fn(&[Value]) -> bool,
+) -> Vec<Value> {
+    let ask = || agent.ask_json("history", filter).as_array().unwrap().clone();
+    poll(netwatch_tests::PATIENCE, ask, done)
+}
+
+/// Polls the history of the connection from `client` to `server` until `done` holds or
+/// `limit` passes.
 fn wait_for_history(
     agent: &Agent,
     client: SocketAddr,
@@ -136,15 +146,7 @@ fn wait_for_history(
     limit: Duration,
     done: impl Fn(&[Value]) -> bool,
 ) -> Vec<Value> {
-    let deadline = Instant::now() + limit;
-    loop {
-        let found = histories_of(agent, client, server);
-        if done(&found) {
-            return found;
-        }
-        assert!(Instant::now() < deadline, "timed out; histories: {found:#?}");
-        thread::sleep(Duration::from_millis(250));
-    }
+    poll(limit, || histories_of(agent, client, server), done)
 }
 
 /// A reused TIME_WAIT: the client's timewait socket is listed as `ss` lists it; a new

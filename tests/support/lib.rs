@@ -124,6 +124,11 @@ impl Agent {
         Agent { child, socket: socket.to_path_buf(), stderr }
     }
 
+    /// The agent's socket, as a command-line argument.
+    pub fn socket_arg(&self) -> &str {
+        self.socket.to_str().expect("utf-8 path")
+    }
+
     /// A socket path of this test's own, in a fresh directory.
     pub fn test_socket(name: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("netwatch-test-{}-{name}", std::process::id()));

@@ -341,9 +341,6 @@ impl Tracer {
     /// lookup, before any later event is applied, says whether it did: a timewait socket
     /// carries the full socket's cookie.
     fn close(&mut self, change: StateChange) -> Option<Transition> {
-        if change.cookie.is_some() && !self.namespaces.contains_key(&change.netns) {
-            self.learn_namespaces();
-        }
         let timewait = change
             .cookie
             .and_then(|cookie| {
@@ -358,8 +355,9 @@ impl Tracer {
         }
     }
 
-    /// The socket sock_diag has for a TCP 4-tuple in a known namespace, through that
-    /// namespace's kept socket; None when the namespace is unknown or the lookup failed.
+    /// The socket sock_diag has for a TCP 4-tuple, through its namespace's kept socket (a
+    /// namespace not known yet is looked for first); None when the namespace cannot be
+    /// found or the lookup failed.
     fn look_up_tcp(
         &mut self,
         netns: u32,
@@ -367,6 +365,9 @@ impl Tracer {
         local: (std::net::IpAddr, u16),
         remote: (std::net::IpAddr, u16),
     ) -> Option<Option<crate::host::snapshot::SocketRow>> {
+        if !self.namespaces.contains_key(&netns) {
+            self.learn_namespaces();
+        }
         let namespace = self.namespaces.get(&netns)?;
         match self.diag.get(namespace).and_then(|d| d.lookup_tcp(family, local, remote)) {
             Ok(found) => Some(found),
@@ -441,9 +442,6 @@ impl Tracer {
     fn learn_v6only(&mut self, listening: &Transition) {
         let change = &listening.change;
         let Some(cookie) = change.cookie else { return };
-        if !self.namespaces.contains_key(&change.netns) {
-            self.learn_namespaces();
-        }
         let any = (change.remote.0, 0);
         let found = self.look_up_tcp(change.netns, change.family, change.local, any).flatten();
         if let Some(row) = found.filter(|row| row.cookie == cookie) {
