@@ -72,7 +72,7 @@ pub struct HistoryArgs {
     #[arg(long)]
     pub json: bool,
     /// ss-style address and port filter.
-    #[arg(value_name = "FILTER", allow_hyphen_values = true, trailing_var_arg = true)]
+    #[arg(value_name = "FILTER")]
     pub filter: Vec<String>,
 }
 
@@ -225,7 +225,7 @@ pub struct TableArgs {
     #[arg(long)]
     pub ndjson: bool,
     /// ss-style filter (see below).
-    #[arg(value_name = "FILTER", allow_hyphen_values = true, trailing_var_arg = true)]
+    #[arg(value_name = "FILTER")]
     pub filter: Vec<String>,
 }
 
@@ -368,6 +368,24 @@ mod tests {
         assert!(args.tcp && args.all && args.numeric && !args.udp);
         assert_eq!(args.filter, ["state", "established", "sport", ">=", ":1024"]);
         assert_eq!(parse(&["table", "-l", "-a"]).unwrap_err().kind(), ErrorKind::ArgumentConflict);
+    }
+
+    #[test]
+    fn options_may_follow_the_filter_and_unknown_ones_are_named() {
+        let cli = parse(&["table", "-tl", "sport", "=", ":7200", "--json", "-n"]).unwrap();
+        let Some(Command::Table(args)) = cli.command else { panic!("not table") };
+        assert!(args.json && args.numeric && args.listening);
+        assert_eq!(args.filter, ["sport", "=", ":7200"]);
+        for args in
+            [&["table", "-H"][..], &["table", "-tanpZ"], &["table", "sport", "=", ":1", "-H"]]
+        {
+            let error = parse(args).unwrap_err();
+            assert_eq!(error.kind(), ErrorKind::UnknownArgument, "{args:?}");
+            assert!(error.to_string().contains("unexpected argument '-"), "{args:?}: {error}");
+        }
+        let cli = parse(&["history", "dport", "=", ":5432", "--json"]).unwrap();
+        let Some(Command::History(args)) = cli.command else { panic!("not history") };
+        assert!(args.json);
     }
 
     #[test]
