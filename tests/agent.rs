@@ -14,7 +14,7 @@ use std::{
 
 use netwatch_tests::{
     Agent, Holder, NetNs, Watcher, client_roundtrip, listening_port, netwatch_bin,
-    oracle::{settled_rows, ss_rows},
+    oracle::{settled_rows, ss_rows, text_rows},
     parse_json, serve_one, sockpeer_in, veth_pair,
 };
 use serde_json::Value;
@@ -154,13 +154,22 @@ fn malformed_and_silent_clients_do_not_disturb_others() {
 #[test]
 fn agent_table_equals_ss_for_sockets_from_before_and_after_it_started() {
     let ns = NetNs::new("agt");
-    let before = Holder::start(&ns, env!("CARGO_BIN_EXE_sockpeer"));
+    let mut before = Holder::start(&ns, env!("CARGO_BIN_EXE_sockpeer"));
     let agent = Agent::start(&Agent::test_socket("table"));
-    let after = Holder::start(&ns, env!("CARGO_BIN_EXE_sockpeer"));
+    let mut after = Holder::start(&ns, env!("CARGO_BIN_EXE_sockpeer"));
+    // Both act on their sockets again: UDP connects and sends, a UDP reconnect, an fd moved by
+    // fcntl(F_DUPFD), a reset, and a fork.
+    before.next_step();
+    after.next_step();
     let (ours, records, stderr) = settled_rows(&agent, &ns);
     assert!(!stderr.contains("one-shot"), "asked the agent: {stderr}");
     let theirs = ss_rows(&ns);
     assert_eq!(ours, theirs, "agent table vs ss -tuanp");
+    // The same as text, as an operator reads it, with and without the agent.
+    let (ours, theirs) = text_rows(&ns, &["--socket", agent.socket_arg()]);
+    assert_eq!(ours, theirs, "netwatch table -tuanp (agent) vs ss -tuanp");
+    let (ours, theirs) = text_rows(&ns, &["--no-agent"]);
+    assert_eq!(ours, theirs, "netwatch table -tuanp --no-agent vs ss -tuanp");
     for holder in [&before, &after] {
         let held = records
             .iter()

@@ -65,6 +65,8 @@ fn table_equals_ss_for_every_state_and_filter() {
     assert!(all.iter().any(|r| r[0] == "udp" && r[1] == "ESTAB"), "connected UDP");
 
     let v4_port = format!(":{v4}");
+    let v4_addr = format!("127.0.0.1:{v4}");
+    let quoted = format!("sport = :{v4} or dport = :{v4}");
     let filters: Vec<Vec<&str>> = vec![
         vec!["-tun"],
         vec!["-tuln"],
@@ -82,6 +84,29 @@ fn table_equals_ss_for_every_state_and_filter() {
         vec!["-tuan", "src", "127.0.0.0/8", "and", "not", "sport", "=", &v4_port],
         vec!["-tan", "sport", ">", &v6],
         vec!["-tan", "sport", "<=", &dual],
+        // ss's own forms and its left-to-right `and`/`or`.
+        vec![
+            "-tan",
+            "sport",
+            "=",
+            &v4_port,
+            "or",
+            "dport",
+            "=",
+            &v4_port,
+            "and",
+            "src",
+            "127.0.0.1",
+        ],
+        vec!["-tuan", "src", "::/0"],
+        vec!["-tuan", "src", "[::ffff:127.0.0.1]"],
+        vec!["-tuan", "src", "::ffff:127.0.0.0/104"],
+        vec!["-tuan", "src", "127/8"],
+        vec!["-tuan", "dst", &v4_addr],
+        vec!["-tuan", "src", "*:9000"],
+        vec!["-tuan", "exclude", "time-wait", "exclude", "listening"],
+        // One quoted argument, and options after the filter.
+        vec!["-ta", &quoted, "-n"],
     ];
     for filter in filters {
         let (ours, _) = netwatch_table(&ns, &filter);
@@ -96,17 +121,26 @@ fn the_proc_net_fallback_lists_the_same_rows() {
     let _holder = Holder::start(&ns, env!("CARGO_BIN_EXE_sockpeer"));
     let (ours, _) = netwatch_table(&ns, &["-tuanp", "--from-proc"]);
     // /proc/net has no listener backlog (netstat shows 0 there too); ss shows it as Send-Q.
+    // Nor does it say which interface a socket is bound to, or whether an IPv6 wildcard
+    // listener is IPV6_V6ONLY: netwatch shows it as the sysctl default has it (dual-stack).
     let mut theirs = ss(&ns, &["-tuanp"]);
     for row in theirs.iter_mut().filter(|r| r[1] == "LISTEN") {
         row[3] = "0".into();
+        if let Some(port) = row[4].strip_prefix("[::]:") {
+            (row[4], row[5]) = (format!("*:{port}"), "*:*".into());
+        }
     }
+    for row in &mut theirs {
+        row[4] = row[4].replace("%lo", "");
+    }
+    theirs.sort();
     assert_eq!(ours, theirs);
     assert!(ours.len() >= 15, "the mix: {ours:#?}");
 }
 
 #[test]
 fn json_lists_the_same_sockets_with_identity() {
-    let ns = NetNs::new("tbl");
+    let ns = NetNs::new("json");
     let _holder = Holder::start(&ns, env!("CARGO_BIN_EXE_sockpeer"));
     let output = Command::new(netwatch_bin())
         .args(["table", "-tuan", "--json", "--netns", &ns.name])

@@ -103,7 +103,8 @@ pub fn accept_exit(ctx: TracePointContext) -> u32 {
     0
 }
 
-/// sys_exit_socket, sys_exit_dup, sys_exit_dup2, sys_exit_dup3: a new fd for a socket.
+/// sys_exit_socket, sys_exit_dup, sys_exit_dup2, sys_exit_dup3, sys_exit_fcntl (F_DUPFD),
+/// sys_exit_pidfd_getfd: a new fd for a socket.
 #[tracepoint]
 pub fn fd_open_exit(ctx: TracePointContext) -> u32 {
     if let Some(fd) = syscall_ret(&ctx) {

@@ -475,30 +475,64 @@ pub fn veth_pair() -> (NetNs, NetNs) {
     (a, b)
 }
 
-/// A `sockpeer hold` running inside `ns`, holding a mix of sockets in every state `ss` lists
-/// until dropped. `ports` are its three listeners' (IPv4, IPv6, dual-stack).
+/// A `sockpeer hold` running inside `ns`, holding a mix of sockets in every state and shape
+/// `ss` lists until dropped. `ports` are its three listeners' (IPv4, IPv6, dual-stack).
 pub struct Holder {
     child: Child,
-    _stdin: std::process::ChildStdin,
+    stdin: Option<std::process::ChildStdin>,
+    stdout: BufReader<std::process::ChildStdout>,
     pub pid: u32,
     pub ports: Vec<u16>,
 }
 
 impl Holder {
     /// `sockpeer` is the test binary's path (`env!("CARGO_BIN_EXE_sockpeer")` in a test).
+    /// Gives `ns` what the mix needs first: fe80::1 on lo, and bare ACKs to the half-open
+    /// port dropped.
     pub fn start(ns: &NetNs, sockpeer: &str) -> Holder {
         require_root();
-        let (mut child, line) = sockpeer_in(ns, sockpeer, &["hold"]);
-        let stdin = child.stdin.take().expect("stdin");
+        let has_link_local = ns
+            .command("ip")
+            .args(["-6", "addr", "show", "dev", "lo"])
+            .output()
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("fe80::1/64"));
+        if !has_link_local {
+            ns.exec(&["ip", "addr", "add", "fe80::1/64", "dev", "lo", "nodad"]);
+            ns.drop_bare_acks(HALF_OPEN_PORT);
+        }
+        let mut child = ns
+            .command(sockpeer)
+            .arg("hold")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("sockpeer hold: {e}"));
+        let stdin = child.stdin.take();
+        let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
+        let mut line = String::new();
+        stdout.read_line(&mut line).expect("sockpeer hold's first line");
         let ports = line
+            .trim()
             .strip_prefix("ready ")
             .unwrap_or_else(|| panic!("sockpeer hold did not get ready: {line:?}"))
             .split_whitespace()
             .map(|p| p.parse().expect("port"))
             .collect();
-        Holder { pid: child.id(), child, _stdin: stdin, ports }
+        Holder { pid: child.id(), child, stdin, stdout, ports }
+    }
+
+    /// Runs the holder's second step (see sockpeer's `hold`) and waits until it is done.
+    pub fn next_step(&mut self) {
+        let stdin = self.stdin.as_mut().expect("stdin");
+        stdin.write_all(b"next\n").and_then(|()| stdin.flush()).expect("write to sockpeer");
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).expect("sockpeer hold's answer");
+        assert_eq!(line.trim(), "done", "sockpeer hold's second step");
     }
 }
+
+/// The port of the holder's half-open connection (its namespace drops bare ACKs to it).
+pub const HALF_OPEN_PORT: u16 = 9000;
 
 impl Drop for Holder {
     fn drop(&mut self) {

@@ -11,13 +11,16 @@ use crate::{Agent, NetNs, netwatch_bin};
 /// and peer (address, port), and the sorted holders.
 pub type Comparable = (String, String, (String, u16), (String, u16), Vec<String>);
 
-/// `127.0.0.1:80`, `[::1]:80`, `*:80`, `0.0.0.0:*` -> (address, port); `*` is the dual-stack
-/// wildcard, which netwatch's JSON spells `::`.
+/// `127.0.0.1:80`, `[::1]:80`, `*:80`, `0.0.0.0:*`, `[fe80::1]%lo:22` -> (address, port),
+/// the address with its `%interface`; `*` is the dual-stack wildcard, which netwatch's JSON
+/// spells `::`.
 fn ss_endpoint(text: &str) -> (String, u16) {
     let (host, port) = text.rsplit_once(':').unwrap();
+    let (host, scope) = host.split_once('%').map_or((host, None), |(h, s)| (h, Some(s)));
     let host = host.trim_start_matches('[').trim_end_matches(']');
     let host = if host == "*" { "::" } else { host };
-    (host.to_string(), if port == "*" { 0 } else { port.parse().unwrap() })
+    let host = scope.map_or(host.to_string(), |scope| format!("{host}%{scope}"));
+    (host, if port == "*" { 0 } else { port.parse().unwrap() })
 }
 
 fn ss_users(text: &str) -> Vec<String> {
@@ -112,10 +115,12 @@ pub fn netwatch_rows(agent: &Agent, ns: &NetNs) -> (Vec<Comparable>, Vec<Value>,
                 })
                 .collect();
             users.sort();
+            let laddr = r["laddr"].as_str().unwrap();
+            let laddr = r["scope"].as_str().map_or(laddr.into(), |s| format!("{laddr}%{s}"));
             (
                 r["netid"].as_str().unwrap().into(),
                 ss_state(r["state"].as_str().unwrap()).into(),
-                (r["laddr"].as_str().unwrap().into(), r["lport"].as_u64().unwrap() as u16),
+                (laddr, r["lport"].as_u64().unwrap() as u16),
                 (r["raddr"].as_str().unwrap().into(), r["rport"].as_u64().unwrap() as u16),
                 users,
             )
@@ -123,4 +128,38 @@ pub fn netwatch_rows(agent: &Agent, ns: &NetNs) -> (Vec<Comparable>, Vec<Value>,
         .collect();
     rows.sort();
     (rows, records, String::from_utf8_lossy(&output.stderr).into_owned())
+}
+
+/// `netwatch table -tuanp` and `ss -tuanp` as text, row for row: netid, state, local, peer
+/// and process columns (an agent keeps no queue lengths but a listener's), sorted, with each
+/// row's holders sorted (ss lists them in the order of its own hash table).
+pub fn text_rows(ns: &NetNs, netwatch_args: &[&str]) -> (Vec<Vec<String>>, Vec<Vec<String>>) {
+    let columns = |line: &str| -> Vec<String> {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let mut users: Vec<&str> = f
+            .get(6)
+            .and_then(|u| u.strip_prefix("users:(")?.strip_suffix(')'))
+            .map_or(Vec::new(), |u| u.split("),(").map(|u| u.trim_matches(['(', ')'])).collect());
+        users.sort();
+        let row = [0, 1, 4, 5].iter().map(|&i| f.get(i).copied().unwrap_or("").to_string());
+        row.chain(std::iter::once(users.join(","))).collect()
+    };
+    let ours = Command::new(netwatch_bin())
+        .args(["table", "-tuanp", "--netns", &ns.name])
+        .args(netwatch_args)
+        .output()
+        .unwrap();
+    assert!(ours.status.success(), "{}", String::from_utf8_lossy(&ours.stderr));
+    let text = String::from_utf8_lossy(&ours.stdout);
+    let mut lines = text.lines();
+    // Columns after Process (In-State) are cut where the header has them.
+    let header = lines.next().unwrap_or("");
+    let end = header.find("In-State").unwrap_or(usize::MAX);
+    let mut ours: Vec<Vec<String>> = lines.map(|l| columns(l.get(..end).unwrap_or(l))).collect();
+    ours.sort();
+    let theirs = ns.command("ss").args(["-H", "-tuanp"]).output().unwrap();
+    let mut theirs: Vec<Vec<String>> =
+        String::from_utf8_lossy(&theirs.stdout).lines().map(columns).collect();
+    theirs.sort();
+    (ours, theirs)
 }

@@ -26,17 +26,19 @@
 //! - `sockpeer connect-fail ADDR:PORT timeout|abort` connects somewhere that never answers:
 //!   `timeout` waits for the kernel to give up (one SYN retry, about 3 s), `abort` closes the
 //!   socket 200 ms into the attempt;
-//! - `sockpeer hold` makes a mix of sockets in every state `ss` lists, prints `ready`, and
-//!   keeps them until its stdin closes.
+//! - `sockpeer hold` makes a mix of sockets in every state and shape `ss` lists, in two
+//!   steps (see [`hold`]).
 use std::{
     io::{Read as _, Write as _},
-    net::{Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     process::ExitCode,
     thread,
     time::Duration,
 };
 
 use netwatch_tests::{client_roundtrip, serve_one};
+
+mod hold;
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -51,7 +53,7 @@ fn main() -> ExitCode {
             Err(error) => Err(std::io::Error::other(format!("bad address {addr}: {error}"))),
         },
         ["serve-forked", addr] => serve_forked(addr),
-        ["hold"] => hold(),
+        ["hold"] => hold::hold(),
         ["connect-hold", addr] => connect_hold(addr),
         ["connect-fail", addr, how] => connect_fail(addr, how),
         ["pairs", count] => pairs(count),
@@ -345,7 +347,7 @@ fn udp_sends(addr: &str, count: &str) -> std::io::Result<()> {
 
 /// A UDP socket never bound nor connected, that sends once: the kernel binds it to an
 /// ephemeral port as it sends (std's UdpSocket always binds first, hence libc).
-fn autobound_udp(to: SocketAddr) -> std::io::Result<UdpSocket> {
+pub(crate) fn autobound_udp(to: SocketAddr) -> std::io::Result<UdpSocket> {
     use std::os::fd::FromRawFd as _;
     let SocketAddr::V4(to) = to else { return Err(std::io::Error::other("IPv4 only")) };
     // SAFETY: plain socket calls on a new fd, handed to UdpSocket, which closes it.
@@ -382,61 +384,8 @@ fn sockaddr_in(to: std::net::SocketAddrV4) -> libc::sockaddr_in {
 }
 
 /// A connected pair through `listener`: (client, accepted server side).
-fn pair(listener: &TcpListener) -> std::io::Result<(TcpStream, TcpStream)> {
+pub(crate) fn pair(listener: &TcpListener) -> std::io::Result<(TcpStream, TcpStream)> {
     let client = TcpStream::connect(listener.local_addr()?)?;
     let (server, _) = listener.accept()?;
     Ok((client, server))
-}
-
-fn hold() -> std::io::Result<()> {
-    let v4 = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
-    let v6 = TcpListener::bind((Ipv6Addr::LOCALHOST, 0))?;
-    let dual = TcpListener::bind((Ipv6Addr::UNSPECIFIED, 0))?; // takes IPv4 too
-    let established_v4 = pair(&v4)?;
-    let established_v6 = pair(&v6)?;
-    let dual_port = dual.local_addr()?.port();
-    let mapped_client = TcpStream::connect((Ipv4Addr::LOCALHOST, dual_port))?;
-    let (mapped_server, _) = dual.accept()?;
-
-    // Half-closed: the client's FIN makes it FIN_WAIT2 and the server CLOSE_WAIT.
-    let (half_client, half_server) = pair(&v4)?;
-    half_client.shutdown(Shutdown::Write)?;
-
-    // TIME_WAIT: the side that closes first keeps the 4-tuple for 60 s, owned by nobody.
-    let (mut tw_client, mut tw_server) = pair(&v4)?;
-    tw_client.write_all(b"x")?;
-    tw_server.read_exact(&mut [0u8; 1])?;
-    drop(tw_client);
-    let mut rest = Vec::new();
-    tw_server.read_to_end(&mut rest)?;
-    drop(tw_server);
-
-    // Queued, never accepted: ESTAB without an owner, and Recv-Q 1 on the listener.
-    let queued = TcpStream::connect(v4.local_addr()?)?;
-
-    // Refused: leaves nothing behind.
-    let closed = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
-    let closed_addr = closed.local_addr()?;
-    drop(closed);
-    if TcpStream::connect(closed_addr).is_ok() {
-        return Err(std::io::Error::other("connect to a closed port succeeded"));
-    }
-
-    let udp_bound_v4 = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?;
-    let udp_bound_v6 = UdpSocket::bind((Ipv6Addr::LOCALHOST, 0))?;
-    let udp_connected_v4 = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?;
-    udp_connected_v4.connect(udp_bound_v4.local_addr()?)?;
-    let udp_connected_v6 = UdpSocket::bind((Ipv6Addr::LOCALHOST, 0))?;
-    udp_connected_v6.connect(udp_bound_v6.local_addr()?)?;
-    let udp_autobound = autobound_udp(udp_bound_v4.local_addr()?)?;
-
-    // Let the last ACKs land so that queues and states are settled when the test looks.
-    thread::sleep(Duration::from_millis(100));
-    let ports: Vec<SocketAddr> = vec![v4.local_addr()?, v6.local_addr()?, dual.local_addr()?];
-    println!("ready {}", ports.iter().map(|p| p.port().to_string()).collect::<Vec<_>>().join(" "));
-    std::io::stdout().flush()?;
-    std::io::stdin().read_to_end(&mut Vec::new())?;
-    drop((established_v4, established_v6, mapped_client, mapped_server, half_client, half_server));
-    drop((queued, udp_bound_v4, udp_bound_v6, udp_connected_v4, udp_connected_v6, udp_autobound));
-    Ok(())
 }

@@ -84,11 +84,10 @@ impl Selection {
         self.protocols.contains(&row.protocol)
             && self.family.is_none_or(|f| f == row.family)
             && states.contains(row.state)
-            && self
-                .query
-                .expr
-                .as_ref()
-                .is_none_or(|e| e.matches(&Endpoints { local: row.local, remote: row.remote }))
+            && self.query.expr.as_ref().is_none_or(|e| {
+                let ends = Endpoints { local: row.local, remote: row.remote };
+                e.matches_scoped(&ends, row.scope.as_deref())
+            })
             && self.pid.is_none_or(|pid| listed.owners.iter().any(|o| o.pid == pid))
             && self.comm.as_ref().is_none_or(|c| listed.owners.iter().any(|o| &o.comm == c))
             && self.netns.as_ref().is_none_or(|ns| {

@@ -1,8 +1,10 @@
 //! What netwatch reads from the host outside its event stream: the one-time socket
 //! [`snapshot`] of every namespace, made of [`sock_diag`] dumps (or, as a fallback, the
 //! [`procfs`] `/proc/net` tables) joined to the processes holding each socket through
-//! `/proc/PID/fd`; and service names from `/etc/services`.
+//! `/proc/PID/fd`, with the [`unlisted`] sockets no dump shows made known by cookie; and
+//! service names from `/etc/services`.
 pub mod procfs;
 pub mod services;
 pub mod snapshot;
 pub mod sock_diag;
+pub mod unlisted;

@@ -73,6 +73,7 @@ fn proc_row(
         send_q,
         timer: None,
         v6only: v6only_guess(local.ip()),
+        scope: None,
     }
 }
 

@@ -61,6 +61,10 @@ pub struct SocketRow {
     pub timer: Option<Timer>,
     /// An IPv6 socket with IPV6_V6ONLY (an unspecified-address one without it takes IPv4 too).
     pub v6only: bool,
+    /// The interface the socket is bound to (SO_BINDTODEVICE, or a link-local address's
+    /// scope), which ss shows as `ADDR%IF`; none when unbound or not known (/proc/net).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<String>,
 }
 
 /// A process holding a socket through one of its file descriptors.
@@ -89,6 +93,9 @@ pub struct Snapshot {
     /// Socket inode -> the processes holding it, in pid then fd order.
     pub owners: HashMap<u64, Vec<Holder>>,
     pub namespaces: Vec<NetNamespace>,
+    /// Held sockets no dump lists (never bound or connected), given a cookie: only when asked
+    /// for ([`Snapshot::find_unlisted`]).
+    pub unlisted: Vec<SocketRow>,
     /// Namespaces or processes that could not be read (they may have just gone away).
     pub problems: Vec<String>,
     pub took: Duration,
@@ -129,6 +136,15 @@ impl Snapshot {
         snapshot.owners = socket_owners(&mut snapshot.problems);
         snapshot.took = started.elapsed();
         snapshot
+    }
+}
+
+impl Snapshot {
+    /// Finds the held sockets no dump lists and gives each a cookie (see [`super::unlisted`]),
+    /// so that a table kept from events can follow them when they bind, connect or send.
+    pub fn find_unlisted(&mut self) {
+        let listed: std::collections::HashSet<u64> = self.rows.iter().map(|r| r.inode).collect();
+        self.unlisted = super::unlisted::unlisted_sockets(&self.owners, &listed);
     }
 }
 

@@ -1,6 +1,6 @@
 //! Netlink sock_diag: a socket opened inside one namespace, the requests netwatch makes of it
 //! (dumps by state, exact 4-tuple lookups), and the parser of its replies.
-use std::{io, net::IpAddr};
+use std::{collections::HashMap, io, net::IpAddr};
 
 use netlink_packet_core::{
     NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
@@ -25,6 +25,7 @@ const EXPIRES_OFFSET: usize = 16 + 4 + 48;
 pub struct DiagSocket {
     socket: Socket,
     netns: u32,
+    interfaces: Interfaces,
     sequence: u32,
     receive: Vec<u8>,
 }
@@ -32,26 +33,40 @@ pub struct DiagSocket {
 impl DiagSocket {
     /// Opens a socket in the namespace at `path` (inode `netns`).
     pub fn open(path: &std::path::Path, netns: u32) -> io::Result<DiagSocket> {
-        let socket = in_namespace(path, || {
+        let (socket, interfaces) = in_namespace(path, || {
             let mut socket = Socket::new(NETLINK_SOCK_DIAG)?;
             socket.bind_auto()?;
             socket.connect(&SocketAddr::new(0, 0))?;
-            Ok(socket)
+            Ok((socket, Interfaces::of_this_namespace()))
         })?;
-        Ok(DiagSocket { socket, netns, sequence: 0, receive: vec![0; 1 << 16] })
+        Ok(DiagSocket { socket, netns, interfaces, sequence: 0, receive: vec![0; 1 << 16] })
     }
 
     /// The socket the kernel keeps for a TCP 4-tuple (after its full socket closed: the
-    /// timewait socket, if any). An exact lookup, not a dump.
+    /// timewait socket, if any). An exact lookup, not a dump. A socket with an IPv6 link-local
+    /// address is bound to its interface and found only with it, so each of the namespace's
+    /// interfaces is tried in turn.
     pub fn lookup_tcp(
         &mut self,
         family: Family,
         local: (IpAddr, u16),
         remote: (IpAddr, u16),
     ) -> io::Result<Option<SocketRow>> {
+        let link_local =
+            |addr: IpAddr| matches!(addr, IpAddr::V6(v6) if v6.is_unicast_link_local());
+        let mut interfaces = vec![0];
+        if link_local(local.0) || link_local(remote.0) {
+            interfaces.extend(self.interfaces.0.keys().copied());
+        }
         let mut rows = Vec::new();
-        self.query(Protocol::Tcp, family, Some((local, remote)), StateFlags::all(), &mut rows)?;
-        Ok(rows.pop())
+        for interface in interfaces {
+            let exact = Some(Exact { local, remote, interface });
+            self.query(Protocol::Tcp, family, exact, StateFlags::all(), &mut rows)?;
+            if let Some(row) = rows.pop() {
+                return Ok(Some(row));
+            }
+        }
+        Ok(None)
     }
 
     /// The TCP listeners and half-open (SYN_RECV request) sockets: the kernel's accept queue
@@ -84,12 +99,13 @@ impl DiagSocket {
         &mut self,
         protocol: Protocol,
         family: Family,
-        exact: Option<((IpAddr, u16), (IpAddr, u16))>,
+        exact: Option<Exact>,
         states: StateFlags,
         rows: &mut Vec<SocketRow>,
     ) -> io::Result<()> {
         self.sequence = self.sequence.wrapping_add(1);
         let (socket, netns, sequence) = (&mut self.socket, self.netns, self.sequence);
+        let interfaces = &self.interfaces;
         let receive = &mut self.receive;
         let mut header = NetlinkHeader::default();
         header.sequence_number = sequence;
@@ -98,9 +114,10 @@ impl DiagSocket {
             Family::Ipv4 => SocketId::new_v4(),
             Family::Ipv6 => SocketId::new_v6(),
         };
-        if let Some((local, remote)) = exact {
+        if let Some(Exact { local, remote, interface }) = exact {
             (socket_id.source_address, socket_id.source_port) = local;
             (socket_id.destination_address, socket_id.destination_port) = remote;
+            socket_id.interface_id = interface;
             socket_id.cookie = [0xff; 8]; // INET_DIAG_NOCOOKIE: match on the 4-tuple alone
         }
         let mut request = NetlinkMessage::new(
@@ -128,24 +145,73 @@ impl DiagSocket {
         loop {
             let size = socket.recv(&mut &mut receive[..], 0)?;
             let datagram = &receive[..size];
-            if parse_replies(datagram, sequence, netns, protocol, exact.is_some(), rows)? {
+            let context = Context { sequence, netns, protocol, exact: exact.is_some(), interfaces };
+            if parse_replies(datagram, &context, rows)? {
                 return Ok(());
             }
         }
     }
 }
 
-/// Reads one datagram of sock_diag replies to request `sequence` into `rows`; true once the
-/// answer is complete (the dump's DONE, an exact lookup's one reply or ENOENT). Replies to
-/// other requests are skipped; anything malformed is an error, never a panic.
+/// An exact lookup's 4-tuple, and the interface a bound socket is found with (0: none).
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Exact {
+    local: (IpAddr, u16),
+    remote: (IpAddr, u16),
+    interface: u32,
+}
+
+/// The namespace's interface names by index, read when its sock_diag socket is opened: a
+/// socket bound to an interface is shown with its name, as ss shows it.
+#[derive(Debug, Default)]
+pub struct Interfaces(HashMap<u32, String>);
+
+impl Interfaces {
+    /// The interfaces of the calling thread's network namespace.
+    fn of_this_namespace() -> Interfaces {
+        let mut names = HashMap::new();
+        // SAFETY: if_nameindex returns an array ended by a zero entry, freed below; each name
+        // is a NUL-terminated string inside it.
+        unsafe {
+            let list = libc::if_nameindex();
+            if !list.is_null() {
+                let mut entry = list;
+                while (*entry).if_index != 0 && !(*entry).if_name.is_null() {
+                    let name = std::ffi::CStr::from_ptr((*entry).if_name);
+                    names.insert((*entry).if_index, name.to_string_lossy().into_owned());
+                    entry = entry.add(1);
+                }
+                libc::if_freenameindex(list);
+            }
+        }
+        Interfaces(names)
+    }
+
+    /// The name of interface `index`, or `if<index>` for one gone since (ss's fallback).
+    fn name(&self, index: u32) -> Option<String> {
+        (index != 0).then(|| self.0.get(&index).cloned().unwrap_or_else(|| format!("if{index}")))
+    }
+}
+
+/// What a reply is read against: the request, and the namespace it was made in.
+pub struct Context<'a> {
+    pub sequence: u32,
+    pub netns: u32,
+    pub protocol: Protocol,
+    /// An exact lookup (one reply, or ENOENT) rather than a dump.
+    pub exact: bool,
+    pub interfaces: &'a Interfaces,
+}
+
+/// Reads one datagram of sock_diag replies to the request into `rows`; true once the answer
+/// is complete (the dump's DONE, an exact lookup's one reply or ENOENT). Replies to other
+/// requests are skipped; anything malformed is an error, never a panic.
 pub fn parse_replies(
     datagram: &[u8],
-    sequence: u32,
-    netns: u32,
-    protocol: Protocol,
-    exact: bool,
+    context: &Context<'_>,
     rows: &mut Vec<SocketRow>,
 ) -> io::Result<bool> {
+    let Context { sequence, exact, .. } = *context;
     let malformed = |what: String| io::Error::new(io::ErrorKind::InvalidData, what);
     let mut offset = 0;
     while offset < datagram.len() {
@@ -180,7 +246,7 @@ pub fn parse_replies(
                 let v6only = response.nlas.iter().any(|nla| {
                     matches!(nla, netlink_packet_sock_diag::inet::nlas::Nla::SkV6Only(true))
                 });
-                if let Some(row) = row_from(netns, protocol, &response.header, expires, v6only) {
+                if let Some(row) = row_from(context, &response.header, expires, v6only) {
                     rows.push(row);
                 }
                 if exact {
@@ -194,8 +260,7 @@ pub fn parse_replies(
 }
 
 fn row_from(
-    netns: u32,
-    protocol: Protocol,
+    context: &Context<'_>,
     header: &netlink_packet_sock_diag::inet::InetResponseHeader,
     expires_ms: u32,
     v6only: bool,
@@ -217,8 +282,8 @@ fn row_from(
         remaining_ms: expires_ms,
     });
     Some(SocketRow {
-        netns,
-        protocol,
+        netns: context.netns,
+        protocol: context.protocol,
         family,
         state: TcpState::from_kernel(header.state)?,
         local: (id.source_address, id.source_port),
@@ -230,6 +295,7 @@ fn row_from(
         send_q: header.send_queue,
         timer,
         v6only,
+        scope: context.interfaces.name(id.interface_id),
     })
 }
 
@@ -274,6 +340,19 @@ mod tests {
         message(sequence, SockDiagMessage::InetResponse(Box::new(response)).into())
     }
 
+    static NO_INTERFACES: std::sync::LazyLock<Interfaces> =
+        std::sync::LazyLock::new(Interfaces::default);
+
+    fn context(sequence: u32) -> Context<'static> {
+        Context {
+            sequence,
+            netns: 1,
+            protocol: Protocol::Tcp,
+            exact: false,
+            interfaces: &NO_INTERFACES,
+        }
+    }
+
     fn done(sequence: u32) -> Vec<u8> {
         message(sequence, NetlinkPayload::Done(DoneMessage::default()))
     }
@@ -282,12 +361,12 @@ mod tests {
     fn replies_are_read_until_done_and_other_requests_are_skipped() {
         let datagram = [socket_reply(3, 80), socket_reply(2, 81), socket_reply(3, 82)].concat();
         let mut rows = Vec::new();
-        let done_yet = parse_replies(&datagram, 3, 1, Protocol::Tcp, false, &mut rows).unwrap();
+        let done_yet = parse_replies(&datagram, &context(3), &mut rows).unwrap();
         assert!(!done_yet);
         let ports: Vec<u16> = rows.iter().map(|r| r.local.1).collect();
         assert_eq!(ports, [80, 82], "the reply to request 2 is not ours");
         assert_eq!((rows[0].cookie, rows[0].inode, rows[0].state), (7, 42, TcpState::Established));
-        assert!(parse_replies(&done(3), 3, 1, Protocol::Tcp, false, &mut rows).unwrap());
+        assert!(parse_replies(&done(3), &context(3), &mut rows).unwrap());
     }
 
     proptest! {
@@ -309,7 +388,7 @@ mod tests {
             }
             datagram.extend(noise);
             let mut rows = Vec::new();
-            let _ = parse_replies(&datagram, 1, 1, Protocol::Tcp, false, &mut rows);
+            let _ = parse_replies(&datagram, &context(1), &mut rows);
             prop_assert!(rows.len() <= 2);
         }
     }

@@ -396,9 +396,20 @@ const OWNERSHIP_DEGRADED: &str = "sockets are attributed only to the process tha
 fn attach_ownership_programs(ebpf: &mut Ebpf, btf: &Btf) -> Result<()> {
     let syscalls: [(&'static str, &[&str]); 7] = [
         (program::ACCEPT_EXIT, &["sys_exit_accept4", "sys_exit_accept"]),
+        // fcntl's return is an fd only for F_DUPFD(_CLOEXEC); for other commands a socket
+        // found at that fd number is one the process does hold, so the event is true, and
+        // the table already has it. (Its exit has no `cmd` to tell; an enter hook to keep it
+        // would cost every fcntl more.)
         (
             program::FD_OPEN_EXIT,
-            &["sys_exit_socket", "sys_exit_dup", "sys_exit_dup2", "sys_exit_dup3"],
+            &[
+                "sys_exit_socket",
+                "sys_exit_dup",
+                "sys_exit_dup2",
+                "sys_exit_dup3",
+                "sys_exit_fcntl",
+                "sys_exit_pidfd_getfd",
+            ],
         ),
         (program::CLOSE_ENTER, &["sys_enter_close"]),
         (program::ADDR_SYSCALL_ENTER, &["sys_enter_bind", "sys_enter_connect"]),

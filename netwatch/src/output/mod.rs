@@ -1,5 +1,7 @@
 //! Rendering only: stream records as text lines ([`stream`]) and the socket table as `ss`
-//! lays it out ([`table`]). What a record holds is [`crate::record`]'s business.
+//! lays it out ([`table`]), each endpoint written one way ([`address`]). What a record holds
+//! is [`crate::record`]'s business.
+pub mod address;
 pub mod history;
 pub mod stats;
 pub mod stream;

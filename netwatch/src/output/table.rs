@@ -1,9 +1,10 @@
 //! The `netwatch table` view: sockets as `ss -tanup` lays them out (text), or as JSON.
-use std::{net::SocketAddr, time::Duration};
+use std::time::Duration;
 
 use comfy_table::{CellAlignment, ContentArrangement, Table, presets};
 use serde::Serialize;
 
+use super::address;
 use crate::{
     host::services::Services,
     host::snapshot::{Holder, Protocol, SocketRow, Timer},
@@ -30,25 +31,14 @@ pub fn ss_state(state: TcpState) -> &'static str {
     }
 }
 
-/// `addr:port` as ss prints it: IPv6 in brackets, a dual-stack wildcard (IPv6 unspecified,
-/// not V6ONLY) as `*`, port 0 as `*`, a service name unless `services` is None (`-n`).
-pub fn endpoint(
-    row: &SocketRow,
-    addr: (std::net::IpAddr, u16),
-    services: Option<&Services>,
-) -> String {
-    let host = match SocketAddr::from((addr.0, 0)) {
-        SocketAddr::V4(v4) => v4.ip().to_string(),
-        SocketAddr::V6(v6) if v6.ip().is_unspecified() && !row.v6only => "*".to_string(),
-        SocketAddr::V6(v6) => format!("[{}]", v6.ip()),
-    };
-    let protocol = row.protocol;
-    let port = match (addr.1, services.and_then(|s| s.name_of(addr.1, protocol))) {
-        (0, _) => "*".to_string(),
-        (_, Some(name)) => name.to_string(),
-        (port, None) => port.to_string(),
-    };
-    format!("{host}:{port}")
+/// A row's local and peer endpoints as ss prints them (the interface on the local end only),
+/// with service names unless `services` is None (`-n`).
+pub fn endpoints(row: &SocketRow, services: Option<&Services>) -> (String, String) {
+    let service = |port: u16| services.and_then(|s| s.name_of(port, row.protocol));
+    (
+        address::endpoint(row.local, row.v6only, row.scope.as_deref(), service(row.local.1)),
+        address::endpoint(row.remote, row.v6only, None, service(row.remote.1)),
+    )
 }
 
 /// `users:(("nginx",pid=812,fd=6),...)`, as `ss -p` prints owners.
@@ -126,13 +116,14 @@ pub fn text(rows: &[Listed], options: &TextOptions<'_>) -> String {
         .set_header(header);
     for listed in rows {
         let row = &listed.row;
+        let (local, remote) = endpoints(row, options.services);
         let mut cells = vec![
             row.protocol.name().to_string(),
             ss_state(row.state).to_string(),
             queue(listed, row.recv_q),
             queue(listed, row.send_q),
-            endpoint(row, row.local, options.services),
-            endpoint(row, row.remote, options.services),
+            local,
+            remote,
             users(&listed.owners),
         ];
         if !options.state {
@@ -183,6 +174,11 @@ struct Record<'a> {
     lport: u16,
     raddr: String,
     rport: u16,
+    /// The interface the socket is bound to (ss's `%IF`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    scope: Option<&'a str>,
+    /// An IPv6 socket that takes no IPv4 (IPV6_V6ONLY).
+    v6only: bool,
     owners: &'a [Holder],
     in_state_ms: Option<u128>,
     owner_history: Vec<OwnerRecord<'a>>,
@@ -206,6 +202,8 @@ fn record(listed: &Listed) -> Record<'_> {
         lport: row.local.1,
         raddr: row.remote.0.to_string(),
         rport: row.remote.1,
+        scope: row.scope.as_deref(),
+        v6only: row.v6only,
         owners: &listed.owners,
         in_state_ms: listed.in_state.map(|d| d.as_millis()),
         owner_history: listed
@@ -270,6 +268,7 @@ mod tests {
                 send_q: 128,
                 timer: None,
                 v6only: true,
+                scope: None,
             },
             owners: vec![
                 Holder { pid: 812, comm: "nginx".into(), fd: 6, start_time: Some(1) },

@@ -338,14 +338,13 @@ mod tests {
             send_q: 0,
             timer: None,
             v6only: false,
+            scope: None,
         };
         let holder = Holder { pid: 77, comm: "sshd".into(), fd: 4, start_time: Some(1) };
         let snapshot = Snapshot {
             rows: vec![row],
             owners: HashMap::from([(1, vec![holder])]),
-            namespaces: Vec::new(),
-            problems: Vec::new(),
-            took: std::time::Duration::ZERO,
+            ..Snapshot::default()
         };
         histories.seed(&snapshot);
         assert_eq!(path(&histories.all()[0]), "ESTABLISHED (since before netwatch)");

@@ -76,6 +76,17 @@ impl DiagSockets {
     }
 }
 
+/// A table of what `snapshot` found, with the sockets no dump lists made known (taking
+/// their cookies) so that events can name them.
+fn seeded_table(snapshot: &mut Snapshot) -> Table {
+    snapshot.find_unlisted();
+    let now_ns = WallClock::monotonic_now_ns();
+    let mut table = Table::new();
+    table.seed(&snapshot.rows, &snapshot.owners, now_ns);
+    table.seed_unlisted(&snapshot.unlisted, now_ns);
+    table
+}
+
 fn unix_now() -> f64 {
     chrono::Utc::now().timestamp_millis() as f64 / 1e3
 }
@@ -98,8 +109,7 @@ impl Tracer {
             tracing::warn!("snapshot: {problem}");
         }
         tracing::info!("snapshot: {} sockets in {:.1?}", snapshot.rows.len(), snapshot.took);
-        let mut table = Table::new();
-        table.seed(&snapshot.rows, &snapshot.owners, WallClock::monotonic_now_ns());
+        let table = seeded_table(&mut snapshot);
         let namespaces =
             std::mem::take(&mut snapshot.namespaces).into_iter().map(|ns| (ns.inode, ns)).collect();
         Ok(Tracer {
@@ -136,8 +146,7 @@ impl Tracer {
             snapshot.rows.len(),
             snapshot.took
         );
-        let mut table = Table::new();
-        table.seed(&snapshot.rows, &snapshot.owners, WallClock::monotonic_now_ns());
+        let mut table = seeded_table(&mut snapshot);
         table.keep_counts_of(&self.table);
         self.table = table;
         self.snapshot_at = unix_now();
@@ -319,8 +328,8 @@ impl Tracer {
                 Event::State(change) if may_leave_timewait(&change) => self.close(change),
                 event => self.table.apply(event),
             };
-            if let Some(listening) = transition.as_ref().filter(|t| is_ipv6_wildcard_listen(t)) {
-                self.learn_v6only(listening);
+            if let Some(new) = transition.as_ref().filter(|t| needs_diag_facts(t)) {
+                self.learn_from_diag(new);
             }
             for ended in self.table.take_ended().into_iter().chain(transition) {
                 out.push(StreamRecord::Transition(Box::new(TransitionRecord::new(
@@ -436,16 +445,17 @@ impl Tracer {
         }
     }
 
-    /// Whether an IPv6 wildcard listener takes IPv4 too (`*:80`, as ss prints it) or not
-    /// (`[::]:80`): IPV6_V6ONLY is in no event, so one sock_diag lookup of the new listener
-    /// says. Listeners are few, so this costs little.
-    fn learn_v6only(&mut self, listening: &Transition) {
-        let change = &listening.change;
+    /// What no event carries, from one sock_diag lookup of the socket (see
+    /// [`needs_diag_facts`]): whether an IPv6 wildcard listener takes IPv4 too (`*:80`, as ss
+    /// prints it) or not (`[::]:80`), and the interface a socket is bound to (`%eth0`).
+    fn learn_from_diag(&mut self, new: &Transition) {
+        let change = &new.change;
         let Some(cookie) = change.cookie else { return };
-        let any = (change.remote.0, 0);
-        let found = self.look_up_tcp(change.netns, change.family, change.local, any).flatten();
+        let remote =
+            if change.new == TcpState::Listen { (change.remote.0, 0) } else { change.remote };
+        let found = self.look_up_tcp(change.netns, change.family, change.local, remote).flatten();
         if let Some(row) = found.filter(|row| row.cookie == cookie) {
-            self.table.set_v6only(cookie, row.v6only);
+            self.table.learn_from_diag(&row);
         }
     }
 
@@ -484,9 +494,16 @@ impl Tracer {
 }
 
 /// A transition into LISTEN of an IPv6 socket bound to the wildcard address.
-fn is_ipv6_wildcard_listen(transition: &Transition) -> bool {
+/// Which new sockets get a sock_diag lookup for the facts no event carries: every new
+/// listener (IPV6_V6ONLY; SO_BINDTODEVICE), and every connection with an IPv6 link-local
+/// address, which is always bound to its interface. Both are rare, so this costs little. A
+/// connection bound to a device by SO_BINDTODEVICE alone is not looked up: its interface is
+/// shown only by snapshots.
+fn needs_diag_facts(transition: &Transition) -> bool {
     let change = &transition.change;
-    change.new == TcpState::Listen
-        && change.family == crate::kernel::events::Family::Ipv6
-        && change.local.0.is_unspecified()
+    let link_local = match change.local.0 {
+        std::net::IpAddr::V6(v6) => v6.is_unicast_link_local(),
+        std::net::IpAddr::V4(_) => false,
+    };
+    change.new == TcpState::Listen || (change.new == TcpState::Established && link_local)
 }

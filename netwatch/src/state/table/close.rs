@@ -221,6 +221,7 @@ impl Table {
             inode: 0,
             uid: None,
             v6only: false,
+            scope: None,
             expires_ns: None,
         });
         // CLOSE->SYN_SENT held back for the port reports it; CLOSE reads 0 for it: keep the

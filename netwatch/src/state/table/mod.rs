@@ -101,6 +101,14 @@ impl Table {
             .collect();
     }
 
+    /// Adds sockets no dump lists, with the holders the snapshot found for them.
+    pub fn seed_unlisted(&mut self, rows: &[SocketRow], now_ns: u64) {
+        for row in rows {
+            let holders = self.unclaimed.remove(&row.inode);
+            self.insert_row(row, holders.as_ref(), now_ns);
+        }
+    }
+
     /// Adds a socket found by a targeted lookup (a timewait socket after its full socket
     /// closed) or by the snapshot.
     pub fn insert_row(&mut self, row: &SocketRow, holders: Option<&Vec<Holder>>, now_ns: u64) {
@@ -259,6 +267,7 @@ impl Table {
             inode: fd.inode,
             uid: None,
             v6only: false,
+            scope: None,
             expires_ns: None,
         });
         facts.local = fd.local;
@@ -304,13 +313,14 @@ impl Table {
         }
     }
 
-    /// Records whether an IPv6 socket takes IPv4 too, as sock_diag reported it: no event
-    /// carries IPV6_V6ONLY.
-    pub fn set_v6only(&mut self, cookie: u64, v6only: bool) {
+    /// Records what sock_diag says of a socket and no event carries: whether an IPv6 socket
+    /// takes IPv4 too (IPV6_V6ONLY), and the interface it is bound to.
+    pub fn learn_from_diag(&mut self, row: &SocketRow) {
         if let Some(facts) =
-            self.sockets.get_mut(&SockKey::Cookie(cookie)).and_then(|s| s.facts.as_mut())
+            self.sockets.get_mut(&SockKey::Cookie(row.cookie)).and_then(|s| s.facts.as_mut())
         {
-            facts.v6only = v6only;
+            facts.v6only = row.v6only;
+            facts.scope.clone_from(&row.scope);
         }
     }
 
@@ -361,7 +371,8 @@ impl Table {
                         kind: TimerKind::Timewait,
                         remaining_ms: (end.saturating_sub(now_ns) / 1_000_000) as u32,
                     }),
-                    v6only: facts.v6only,
+                    v6only: facts.v6only || bound_to_an_ipv6_address(facts.local.0),
+                    scope: facts.scope.clone(),
                 },
                 // A timewait socket has no file: ss lists no process for it, even while the
                 // full socket it replaced is still held (shut down, not yet closed).
@@ -380,4 +391,10 @@ impl Table {
         }
         rows
     }
+}
+
+/// Binding an IPv6 socket to an address other than `::` or a v4-mapped one makes it
+/// IPV6_V6ONLY (the kernel's `__inet6_bind`), which ss shows in its peer (`[::]:*`, not `*:*`).
+fn bound_to_an_ipv6_address(local: std::net::IpAddr) -> bool {
+    matches!(local, std::net::IpAddr::V6(v6) if !v6.is_unspecified() && v6.to_ipv4_mapped().is_none())
 }

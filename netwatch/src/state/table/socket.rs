@@ -26,6 +26,8 @@ pub(super) struct Facts {
     pub(super) inode: u64,
     pub(super) uid: Option<u32>,
     pub(super) v6only: bool,
+    /// The interface the socket is bound to, as sock_diag named it.
+    pub(super) scope: Option<String>,
     /// A timewait socket's end, in CLOCK_MONOTONIC ns: set only for timewait sockets.
     pub(super) expires_ns: Option<u64>,
 }
@@ -42,6 +44,7 @@ impl Facts {
             inode: row.inode,
             uid: Some(row.uid),
             v6only: row.v6only,
+            scope: row.scope.clone(),
             expires_ns: row
                 .timer
                 .filter(|t| t.kind == TimerKind::Timewait)

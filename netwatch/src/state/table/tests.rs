@@ -332,6 +332,7 @@ fn row(cookie: u64, state: TcpState, local_port: u16, inode: u64) -> SocketRow {
         send_q: 0,
         timer: None,
         v6only: false,
+        scope: None,
     }
 }
 
