@@ -514,4 +514,15 @@ mod tests {
             text.contains("RETRANSMIT") && text.contains("ESTABLISHED") && text.ends_with("#3")
         );
     }
+    #[test]
+    fn a_listeners_line_writes_its_ends_as_the_table_does() {
+        let mut record =
+            TransitionRecord::new(&transition(curl(), None), &WallClock::with_offset_ns(0));
+        (record.laddr, record.lport) = ("::".parse().unwrap(), 8000);
+        (record.raddr, record.rport) = ("::".parse().unwrap(), 0);
+        let text = record.text();
+        assert!(text.contains(" *:8000 ") && text.contains(" *:* "), "{text}");
+        (record.raddr, record.rport) = ("0.0.0.0".parse().unwrap(), 0);
+        assert!(record.text().contains(" 0.0.0.0:* "), "{}", record.text());
+    }
 }

@@ -5,6 +5,7 @@ use anyhow::{Context as _, bail};
 use crate::{
     cli::HistoryArgs,
     host::services::Services,
+    output::address::endpoint,
     output::history::path,
     query::ss::{self as query, Endpoints},
     serve::api::{self, Command},
@@ -64,8 +65,8 @@ pub async fn run(args: &HistoryArgs) -> anyhow::Result<()> {
         let mut line = format!(
             "{:<8} {} -> {} {} {}",
             h.cookie,
-            std::net::SocketAddr::from((h.laddr, h.lport)),
-            std::net::SocketAddr::from((h.raddr, h.rport)),
+            endpoint((h.laddr, h.lport), false, None, None),
+            endpoint((h.raddr, h.rport), false, None, None),
             owner.unwrap_or_else(|| "-".into()),
             path(h)
         );

@@ -66,7 +66,7 @@ pub fn text(report: &Report) -> String {
         let process = process_key(l.comm.as_deref(), l.pid);
         out.push_str(&format!(
             "{:<40} {:<24} {:>9} {:>9} {:>10} {:>10} {:>7} {:>9} {:>9} {:>11}\n",
-            std::net::SocketAddr::from((l.laddr, l.lport)).to_string(),
+            super::address::endpoint((l.laddr, l.lport), false, None, None),
             process,
             known(l.accept_queue),
             known(l.backlog),

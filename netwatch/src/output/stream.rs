@@ -1,9 +1,10 @@
 //! How stream records look as text: one aligned line per record, under [`TEXT_HEADER`].
 //! NDJSON is the records' own serialization ([`crate::record`]).
-use std::net::SocketAddr;
+use std::net::IpAddr;
 
 use chrono::{DateTime, Local, Utc};
 
+use super::address::endpoint;
 use crate::{
     record::{
         LossReason, LossRecord, Resent, RetransmitRecord, StreamRecord, TransitionRecord, millis,
@@ -25,8 +26,7 @@ impl TransitionRecord {
     pub fn text(&self) -> String {
         let ms =
             self.duration_ns.map_or_else(|| "-".to_string(), |ns| format!("{:.3}", millis(ns)));
-        let local = SocketAddr::from((self.laddr, self.lport));
-        let remote = SocketAddr::from((self.raddr, self.rport));
+        let (local, remote) = ((self.laddr, self.lport), (self.raddr, self.rport));
         let mut line = format!(
             "{} {:<12} -> {:<12} {ms}",
             socket_columns(self.time, self.pid, self.comm.as_deref(), local, remote),
@@ -55,16 +55,16 @@ fn socket_columns(
     time: DateTime<Utc>,
     pid: Option<u32>,
     comm: Option<&str>,
-    local: SocketAddr,
-    remote: SocketAddr,
+    local: (IpAddr, u16),
+    remote: (IpAddr, u16),
 ) -> String {
     let pid = pid.map_or_else(|| "-".to_string(), |pid| pid.to_string());
     let comm = comm.unwrap_or("-");
     format!(
         "{} {pid:<7} {comm:<16} {:<23} {:<23}",
         clock(time),
-        local.to_string(),
-        remote.to_string()
+        endpoint(local, false, None, None),
+        endpoint(remote, false, None, None)
     )
 }
 
@@ -77,8 +77,7 @@ impl RetransmitRecord {
             Resent::Synack => "SYNACK-RETX",
         };
         let state = self.state.map_or_else(|| "-".to_string(), |s| s.to_string());
-        let local = SocketAddr::from((self.laddr, self.lport));
-        let remote = SocketAddr::from((self.raddr, self.rport));
+        let (local, remote) = ((self.laddr, self.lport), (self.raddr, self.rport));
         format!(
             "{} {what:<12} in {state:<12} #{}",
             socket_columns(self.time, self.pid, self.comm.as_deref(), local, remote),

@@ -6,6 +6,7 @@
 //! Memory is bounded: each key keeps its count, max and last `SAMPLES` latencies (the
 //! percentiles are over those), and at most `KEYS` keys per table are kept, the least
 //! recently seen going first.
+use crate::output::address::endpoint;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
@@ -252,11 +253,17 @@ impl Stats {
 /// What a connection is counted under: the endpoint it connected to, or, for one accepted
 /// here, its peer's address and the local port (the peer's ephemeral port would make a key
 /// per connection).
+/// An IPv4-mapped address (`::ffff:a.b.c.d`, a dual-stack socket's IPv4 peer) counts as the
+/// IPv4 address it is, so one endpoint is one key.
 fn remote_key(direction: Option<Direction>, ends: Endpoints) -> String {
     let Endpoints { local, remote } = ends;
+    let remote = (remote.0.to_canonical(), remote.1);
     match direction {
-        Some(Direction::Inbound) => format!("{} -> :{}", remote.0, local.1),
-        _ => std::net::SocketAddr::from(remote).to_string(),
+        Some(Direction::Inbound) => {
+            let peer = endpoint((remote.0, 0), false, None, None);
+            format!("{} -> :{}", peer.trim_end_matches(":*"), local.1)
+        }
+        _ => endpoint(remote, false, None, None),
     }
 }
 
@@ -305,6 +312,21 @@ mod tests {
             ending: None,
             direction: None,
         }
+    }
+
+    #[test]
+    fn one_endpoint_is_one_key_whatever_the_socket_family() {
+        let ends = |local: &str, remote: &str| Endpoints {
+            local: (local.parse().unwrap(), 40000),
+            remote: (remote.parse().unwrap(), 8000),
+        };
+        let mapped = remote_key(None, ends("::ffff:127.0.0.1", "::ffff:127.0.0.1"));
+        assert_eq!(mapped, remote_key(None, ends("127.0.0.1", "127.0.0.1")));
+        assert_eq!(mapped, "127.0.0.1:8000");
+        assert_eq!(remote_key(None, ends("::1", "::1")), "[::1]:8000");
+        let inbound =
+            remote_key(Some(Direction::Inbound), ends("::ffff:10.0.0.1", "::ffff:10.0.0.2"));
+        assert_eq!(inbound, "10.0.0.2 -> :40000");
     }
 
     #[test]
