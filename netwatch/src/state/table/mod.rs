@@ -270,6 +270,9 @@ impl Table {
             scope: None,
             expires_ns: None,
         });
+        // A connected UDP socket that connects again starts a new association, as a TCP
+        // socket's new state would.
+        let new_peer = facts.remote != fd.remote;
         facts.local = fd.local;
         facts.remote = fd.remote;
         facts.netns = fd.netns;
@@ -279,7 +282,7 @@ impl Table {
         if fd.protocol == Protocol::Udp
             && let Some(state) = fd.state
         {
-            if socket.state != Some(state) {
+            if socket.state != Some(state) || new_peer {
                 socket.since_ns = Some(fd.ts_ns);
             }
             socket.state = Some(state);

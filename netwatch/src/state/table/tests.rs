@@ -159,7 +159,7 @@ fn udp_rows_appear_once_bound_and_follow_connect() {
     connected.local.1 = 40000;
     connected.remote = (IpAddr::V4(Ipv4Addr::new(127, 0, 0, 53)), 53);
     connected.state = Some(Established);
-    table.apply(Event::Addresses(connected));
+    table.apply(Event::Addresses(connected.clone()));
     let rows = table.rows(0);
     assert_eq!(rows.len(), 1);
     assert_eq!(
@@ -167,6 +167,16 @@ fn udp_rows_appear_once_bound_and_follow_connect() {
         (Established, 40000, 53)
     );
     assert_eq!(rows[0].owners[0].pid, 20);
+    // Connecting to a new peer restarts the time in state; the same peer again does not.
+    let first = connected.ts_ns;
+    let mut again = connected;
+    again.ts_ns = first + 1_000;
+    table.apply(Event::Addresses(again.clone()));
+    assert_eq!(table.rows(5_000)[0].in_state_ns, Some(5_000 - first));
+    again.remote.1 = 5353;
+    again.ts_ns = 4_000;
+    table.apply(Event::Addresses(again));
+    assert_eq!(table.rows(5_000)[0].in_state_ns, Some(1_000));
 }
 
 /// The timewait socket sock_diag would find for `change`'s socket: same cookie and 4-tuple.
