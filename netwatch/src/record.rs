@@ -525,4 +525,26 @@ mod tests {
         (record.raddr, record.rport) = ("0.0.0.0".parse().unwrap(), 0);
         assert!(record.text().contains(" 0.0.0.0:* "), "{}", record.text());
     }
+
+    #[test]
+    fn wide_endpoints_widen_their_columns_and_lines_stay_under_the_header() {
+        use crate::output::TextLayout;
+        let mut layout = TextLayout::default();
+        let mut record =
+            TransitionRecord::new(&transition(curl(), None), &WallClock::with_offset_ns(0));
+        let narrow = StreamRecord::Transition(Box::new(record.clone()));
+        assert!(!layout.fit(&narrow), "an IPv4 line fits the first columns");
+        (record.laddr, record.raddr) = (
+            "::ffff:192.168.100.200".parse().unwrap(),
+            "2001:db8:ffff:ffff:ffff:ffff:ffff:ffff".parse().unwrap(),
+        );
+        let wide = StreamRecord::Transition(Box::new(record));
+        assert!(layout.fit(&wide), "wider endpoints grow the columns");
+        assert!(!layout.fit(&wide) && !layout.fit(&narrow), "and they stay grown");
+        let header = layout.header();
+        for line in [narrow.render_in(Format::Text, layout), wide.render_in(Format::Text, layout)] {
+            let state = line.find("SYN_SENT").or_else(|| line.find("ESTABLISHED")).unwrap();
+            assert_eq!(state, header.find("OLD").unwrap(), "{header}\n{line}");
+        }
+    }
 }

@@ -13,7 +13,7 @@ use tokio::{
 use crate::{
     cli::WatchArgs,
     kernel::loader::SourceChoice,
-    output::{self, Format},
+    output::{Format, TextLayout},
     query::stream::TransitionFilter,
     record::StreamRecord,
     serve::api::{self, Command, Request},
@@ -27,6 +27,9 @@ struct Printer {
     format: Format,
     filter: TransitionFilter,
     log: Logging,
+    /// The text columns' widths, and whether their header is shown (again when they grow).
+    layout: TextLayout,
+    header: bool,
 }
 
 impl Printer {
@@ -39,9 +42,11 @@ impl Printer {
         self.log.write(records);
         let mut written = Ok(());
         for record in records.drain(..) {
-            written = written
-                .and_then(|()| self.out.write_all(record.render(self.format).as_bytes()))
-                .and_then(|()| self.out.write_all(b"\n"));
+            if self.format == Format::Text && self.layout.fit(&record) && self.header {
+                written = written.and_then(|()| writeln!(self.out, "{}", self.layout.header()));
+            }
+            let line = record.render_in(self.format, self.layout);
+            written = written.and_then(|()| writeln!(self.out, "{line}"));
         }
         written.and_then(|()| self.out.flush()).map_err(stdout_error)
     }
@@ -75,6 +80,8 @@ pub async fn run(args: &WatchArgs) -> anyhow::Result<()> {
         format: args.format(),
         filter: args.filter(),
         log: Logging::start(args.log.options())?,
+        layout: TextLayout::default(),
+        header: args.format() == Format::Text && !args.no_header,
     };
     // Options that shape the kernel side need programs of our own.
     let own_programs =
@@ -106,10 +113,10 @@ fn stdout_error(error: io::Error) -> anyhow::Error {
 #[error("stdout's reader went away")]
 struct ReaderGone;
 
-fn header(args: &WatchArgs, printer: &mut Printer) -> anyhow::Result<()> {
+fn header(printer: &mut Printer) -> anyhow::Result<()> {
     let mut written = Ok(());
-    if printer.format == Format::Text && !args.no_header {
-        written = writeln!(printer.out, "{}", output::TEXT_HEADER);
+    if printer.header {
+        written = writeln!(printer.out, "{}", printer.layout.header());
     }
     written.and_then(|()| printer.out.flush()).map_err(stdout_error)
 }
@@ -121,7 +128,7 @@ async fn direct(
 ) -> anyhow::Result<()> {
     let mut tracer = Tracer::start(&args.load_options())?;
     eprintln!("netwatch: watching TCP state changes via {}; Ctrl-C to stop", tracer.describe());
-    header(args, printer)?;
+    header(printer)?;
     let mut records = Vec::new();
     loop {
         tokio::select! {
@@ -150,7 +157,7 @@ async fn attached(
         "netwatch: watching TCP state changes via the agent at {}; Ctrl-C to stop",
         args.socket.display()
     );
-    header(args, printer)?;
+    header(printer)?;
     let mut lines = BufReader::new(read).lines();
     let mut records = Vec::new();
     loop {

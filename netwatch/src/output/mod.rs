@@ -7,4 +7,4 @@ pub mod stats;
 pub mod stream;
 pub mod table;
 
-pub use stream::{Format, TEXT_HEADER};
+pub use stream::{Format, TextLayout};

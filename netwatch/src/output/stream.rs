@@ -18,18 +18,66 @@ pub enum Format {
     Json,
 }
 
-/// Column header of the text stream; address columns fit any IPv4 endpoint, and an IPv6
-/// endpoint widens its line rather than being cut.
-pub const TEXT_HEADER: &str = "TIME            PID     COMM             LOCAL                   REMOTE                  OLD          -> NEW          MS";
+/// The widths of the text stream's LOCAL and REMOTE columns. They start at an IPv4
+/// endpoint's (`255.255.255.255:65535` and a space); a wider endpoint (IPv4-mapped, IPv6, a
+/// scope) widens its column for the rest of the stream, and the header is printed again, so
+/// that every line stays aligned under the header above it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TextLayout {
+    local: usize,
+    remote: usize,
+}
+
+impl Default for TextLayout {
+    fn default() -> Self {
+        TextLayout { local: 23, remote: 23 }
+    }
+}
+
+/// A full IPv6 endpoint, `[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff]:65535`: a column that
+/// must grow grows to this at least, so that it grows once.
+const IPV6_WIDTH: usize = 47;
+
+impl TextLayout {
+    pub fn header(&self) -> String {
+        format!(
+            "TIME            PID     COMM             {:<local$} {:<remote$} OLD          -> NEW          MS",
+            "LOCAL",
+            "REMOTE",
+            local = self.local,
+            remote = self.remote
+        )
+    }
+
+    /// Widens the columns to fit `record`'s endpoints; true if they grew.
+    pub fn fit(&mut self, record: &StreamRecord) -> bool {
+        let ends = match record {
+            StreamRecord::Transition(t) => ((t.laddr, t.lport), (t.raddr, t.rport)),
+            StreamRecord::Retransmit(r) => ((r.laddr, r.lport), (r.raddr, r.rport)),
+            StreamRecord::Lost(_) | StreamRecord::LogFailed(_) => return false,
+        };
+        let grown = |width: usize, end: (IpAddr, u16)| {
+            let needed = endpoint(end, false, None, None).len();
+            if needed > width { needed.max(IPV6_WIDTH) } else { width }
+        };
+        let before = *self;
+        (self.local, self.remote) = (grown(self.local, ends.0), grown(self.remote, ends.1));
+        *self != before
+    }
+}
 
 impl TransitionRecord {
     pub fn text(&self) -> String {
+        self.text_in(TextLayout::default())
+    }
+
+    pub fn text_in(&self, layout: TextLayout) -> String {
         let ms =
             self.duration_ns.map_or_else(|| "-".to_string(), |ns| format!("{:.3}", millis(ns)));
         let (local, remote) = ((self.laddr, self.lport), (self.raddr, self.rport));
         let mut line = format!(
             "{} {:<12} -> {:<12} {ms}",
-            socket_columns(self.time, self.pid, self.comm.as_deref(), local, remote),
+            socket_columns(self.time, self.pid, self.comm.as_deref(), (local, remote), layout),
             self.old,
             self.new,
         );
@@ -50,28 +98,30 @@ fn clock(time: DateTime<Utc>) -> impl std::fmt::Display {
 }
 
 /// The columns every socket line of the stream starts with: TIME, PID, COMM, LOCAL, REMOTE
-/// (`-` for an owner not known), aligned under [`TEXT_HEADER`].
+/// (`-` for an owner not known), aligned under `layout`'s header.
 fn socket_columns(
     time: DateTime<Utc>,
     pid: Option<u32>,
     comm: Option<&str>,
-    local: (IpAddr, u16),
-    remote: (IpAddr, u16),
+    (local, remote): ((IpAddr, u16), (IpAddr, u16)),
+    layout: TextLayout,
 ) -> String {
     let pid = pid.map_or_else(|| "-".to_string(), |pid| pid.to_string());
     let comm = comm.unwrap_or("-");
     format!(
-        "{} {pid:<7} {comm:<16} {:<23} {:<23}",
+        "{} {pid:<7} {comm:<16} {:<local$} {:<remote$}",
         clock(time),
         endpoint(local, false, None, None),
-        endpoint(remote, false, None, None)
+        endpoint(remote, false, None, None),
+        local = layout.local,
+        remote = layout.remote,
     )
 }
 
 impl RetransmitRecord {
     /// A stream line in the transition columns: `RETRANSMIT` in the OLD column, the state
     /// after the arrow, and the socket's count last.
-    pub fn text(&self) -> String {
+    pub fn text_in(&self, layout: TextLayout) -> String {
         let what = match self.resent {
             Resent::Segment => "RETRANSMIT",
             Resent::Synack => "SYNACK-RETX",
@@ -80,7 +130,7 @@ impl RetransmitRecord {
         let (local, remote) = ((self.laddr, self.lport), (self.raddr, self.rport));
         format!(
             "{} {what:<12} in {state:<12} #{}",
-            socket_columns(self.time, self.pid, self.comm.as_deref(), local, remote),
+            socket_columns(self.time, self.pid, self.comm.as_deref(), (local, remote), layout),
             self.count,
         )
     }
@@ -105,10 +155,15 @@ impl LossRecord {
 
 impl StreamRecord {
     pub fn render(&self, format: Format) -> String {
+        self.render_in(format, TextLayout::default())
+    }
+
+    /// The record as a line: JSON, or text in `layout`'s columns.
+    pub fn render_in(&self, format: Format, layout: TextLayout) -> String {
         match (format, self) {
             (Format::Json, record) => record.json(),
-            (Format::Text, StreamRecord::Transition(t)) => t.text(),
-            (Format::Text, StreamRecord::Retransmit(r)) => r.text(),
+            (Format::Text, StreamRecord::Transition(t)) => t.text_in(layout),
+            (Format::Text, StreamRecord::Retransmit(r)) => r.text_in(layout),
             (Format::Text, StreamRecord::Lost(l)) => l.text(),
             (Format::Text, StreamRecord::LogFailed(l)) => format!(
                 "{} LOG STOPPED: {} ({}); tracing goes on, records are no longer logged",
