@@ -354,11 +354,13 @@ fn separate_server_and_client_each_hold_their_end() {
 }
 
 /// An IPv6 wildcard listener with IPV6_V6ONLY takes no IPv4: ss lists it as `[::]:PORT`
-/// next to `0.0.0.0:PORT`, and so must the agent for a listener it learned from events.
+/// next to `0.0.0.0:PORT`, and so must the agent for a listener it learned from events, in
+/// its table and in the stream.
 #[test]
 fn a_v6only_listener_is_listed_as_ss_lists_it() {
     use std::os::fd::FromRawFd as _;
     let agent = Agent::start(&Agent::test_socket("v6only"));
+    let watcher = Watcher::start(&["--transition", "CLOSE:LISTEN", "--socket", agent.socket_arg()]);
     let ns = NetNs::new("v6only");
     let (v6, v4, port) = ns.run(|| {
         // SAFETY: plain socket calls on a new fd, which the TcpListener then owns.
@@ -406,6 +408,12 @@ fn a_v6only_listener_is_listed_as_ss_lists_it() {
     let theirs = listed(ns.command("ss").args(["-tln"]).output().unwrap());
     assert_eq!(theirs, [format!("0.0.0.0:{port}"), format!("[::]:{port}")]);
     assert_eq!(ours, theirs, "the agent's table vs ss -tln");
+    let ends = |l: &String| l.split_whitespace().skip(3).take(2).collect::<Vec<_>>().join(" ");
+    let wanted = [format!("0.0.0.0:{port} 0.0.0.0:*"), format!("[::]:{port} [::]:*")];
+    watcher.wait_until("both listeners' lines", |lines| {
+        wanted.iter().all(|w| lines.iter().any(|l| ends(l) == *w))
+    });
+    watcher.stop();
     drop((v6, v4));
     assert!(agent.stop().success());
 }

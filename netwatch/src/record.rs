@@ -175,6 +175,9 @@ pub struct TransitionRecord {
     /// Who opened the connection (outbound, inbound), when netwatch knows.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub direction: Option<Direction>,
+    /// An IPv6 socket that takes no IPv4 (IPV6_V6ONLY); present only when true.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub v6only: bool,
 }
 
 pub(crate) fn millis(ns: u64) -> f64 {
@@ -216,6 +219,7 @@ impl TransitionRecord {
             failure: t.failure,
             ending: t.ending,
             direction: t.direction,
+            v6only: t.v6only,
         }
     }
 }
@@ -393,6 +397,7 @@ mod tests {
             failure: None,
             ending: None,
             direction: None,
+            v6only: false,
         }
     }
 

@@ -51,13 +51,13 @@ impl TextLayout {
 
     /// Widens the columns to fit `record`'s endpoints; true if they grew.
     pub fn fit(&mut self, record: &StreamRecord) -> bool {
-        let ends = match record {
-            StreamRecord::Transition(t) => ((t.laddr, t.lport), (t.raddr, t.rport)),
-            StreamRecord::Retransmit(r) => ((r.laddr, r.lport), (r.raddr, r.rport)),
+        let (ends, v6only) = match record {
+            StreamRecord::Transition(t) => (((t.laddr, t.lport), (t.raddr, t.rport)), t.v6only),
+            StreamRecord::Retransmit(r) => (((r.laddr, r.lport), (r.raddr, r.rport)), false),
             StreamRecord::Lost(_) | StreamRecord::LogFailed(_) => return false,
         };
         let grown = |width: usize, end: (IpAddr, u16)| {
-            let needed = endpoint(end, false, None, None).len();
+            let needed = endpoint(end, v6only, None, None).len();
             if needed > width { needed.max(IPV6_WIDTH) } else { width }
         };
         let before = *self;
@@ -75,9 +75,15 @@ impl TransitionRecord {
         let ms =
             self.duration_ns.map_or_else(|| "-".to_string(), |ns| format!("{:.3}", millis(ns)));
         let (local, remote) = ((self.laddr, self.lport), (self.raddr, self.rport));
+        let columns = Columns {
+            time: self.time,
+            pid: self.pid,
+            comm: self.comm.as_deref(),
+            v6only: self.v6only,
+        };
         let mut line = format!(
             "{} {:<12} -> {:<12} {ms}",
-            socket_columns(self.time, self.pid, self.comm.as_deref(), (local, remote), layout),
+            columns.text((local, remote), layout),
             self.old,
             self.new,
         );
@@ -98,24 +104,28 @@ fn clock(time: DateTime<Utc>) -> impl std::fmt::Display {
 }
 
 /// The columns every socket line of the stream starts with: TIME, PID, COMM, LOCAL, REMOTE
-/// (`-` for an owner not known), aligned under `layout`'s header.
-fn socket_columns(
+/// (`-` for an owner not known).
+struct Columns<'a> {
     time: DateTime<Utc>,
     pid: Option<u32>,
-    comm: Option<&str>,
-    (local, remote): ((IpAddr, u16), (IpAddr, u16)),
-    layout: TextLayout,
-) -> String {
-    let pid = pid.map_or_else(|| "-".to_string(), |pid| pid.to_string());
-    let comm = comm.unwrap_or("-");
-    format!(
-        "{} {pid:<7} {comm:<16} {:<local$} {:<remote$}",
-        clock(time),
-        endpoint(local, false, None, None),
-        endpoint(remote, false, None, None),
-        local = layout.local,
-        remote = layout.remote,
-    )
+    comm: Option<&'a str>,
+    v6only: bool,
+}
+
+impl Columns<'_> {
+    /// The columns for these ends, aligned under `layout`'s header.
+    fn text(&self, (local, remote): ((IpAddr, u16), (IpAddr, u16)), layout: TextLayout) -> String {
+        let pid = self.pid.map_or_else(|| "-".to_string(), |pid| pid.to_string());
+        let comm = self.comm.unwrap_or("-");
+        format!(
+            "{} {pid:<7} {comm:<16} {:<local$} {:<remote$}",
+            clock(self.time),
+            endpoint(local, self.v6only, None, None),
+            endpoint(remote, self.v6only, None, None),
+            local = layout.local,
+            remote = layout.remote,
+        )
+    }
 }
 
 impl RetransmitRecord {
@@ -130,7 +140,8 @@ impl RetransmitRecord {
         let (local, remote) = ((self.laddr, self.lport), (self.raddr, self.rport));
         format!(
             "{} {what:<12} in {state:<12} #{}",
-            socket_columns(self.time, self.pid, self.comm.as_deref(), (local, remote), layout),
+            Columns { time: self.time, pid: self.pid, comm: self.comm.as_deref(), v6only: false }
+                .text((local, remote), layout),
             self.count,
         )
     }

@@ -97,6 +97,7 @@ mod tests {
             failure: None,
             ending: None,
             direction: None,
+            v6only: false,
         };
         TransitionRecord::new(&transition, &WallClock::with_offset_ns(0))
     }

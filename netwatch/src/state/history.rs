@@ -296,6 +296,7 @@ mod tests {
             failure: None,
             ending: None,
             direction: None,
+            v6only: false,
         }
     }
 

@@ -311,6 +311,7 @@ mod tests {
             failure,
             ending: None,
             direction: None,
+            v6only: false,
         }
     }
 

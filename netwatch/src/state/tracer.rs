@@ -324,12 +324,12 @@ impl Tracer {
                 ))));
                 continue;
             }
-            let transition = match event {
+            let mut transition = match event {
                 Event::State(change) if may_leave_timewait(&change) => self.close(change),
                 event => self.table.apply(event),
             };
-            if let Some(new) = transition.as_ref().filter(|t| needs_diag_facts(t)) {
-                self.learn_from_diag(new);
+            if let Some(new) = transition.as_mut().filter(|t| needs_diag_facts(t)) {
+                new.v6only |= self.learn_from_diag(new);
             }
             for ended in self.table.take_ended().into_iter().chain(transition) {
                 out.push(StreamRecord::Transition(Box::new(TransitionRecord::new(
@@ -448,15 +448,16 @@ impl Tracer {
     /// What no event carries, from one sock_diag lookup of the socket (see
     /// [`needs_diag_facts`]): whether an IPv6 wildcard listener takes IPv4 too (`*:80`, as ss
     /// prints it) or not (`[::]:80`), and the interface a socket is bound to (`%eth0`).
-    fn learn_from_diag(&mut self, new: &Transition) {
+    /// Returns whether the socket is IPV6_V6ONLY.
+    fn learn_from_diag(&mut self, new: &Transition) -> bool {
         let change = &new.change;
-        let Some(cookie) = change.cookie else { return };
+        let Some(cookie) = change.cookie else { return false };
         let remote =
             if change.new == TcpState::Listen { (change.remote.0, 0) } else { change.remote };
         let found = self.look_up_tcp(change.netns, change.family, change.local, remote).flatten();
-        if let Some(row) = found.filter(|row| row.cookie == cookie) {
-            self.table.learn_from_diag(&row);
-        }
+        let Some(row) = found.filter(|row| row.cookie == cookie) else { return false };
+        self.table.learn_from_diag(&row);
+        row.v6only
     }
 
     /// Adds the namespaces a /proc scan finds to the known ones.

@@ -27,6 +27,9 @@ pub struct Transition {
     pub ending: Option<Ending>,
     /// Who opened the connection, when netwatch knows.
     pub direction: Option<Direction>,
+    /// An IPv6 socket that takes no IPv4 (IPV6_V6ONLY), as far as netwatch knows: an IPv6
+    /// wildcard is written `[::]`, not `*`.
+    pub v6only: bool,
 }
 
 /// Which end opened a connection.
@@ -234,6 +237,7 @@ impl Table {
         if change.inode != 0 {
             facts.inode = change.inode;
         }
+        let v6only = facts.v6only || super::bound_to_an_ipv6_address(facts.local.0);
         let owner = socket.owner.clone();
         let released = socket.released;
 
@@ -264,7 +268,17 @@ impl Table {
                 self.remember_closed(change.key);
             }
         }
-        Transition { change, owner, in_old_state_ns, lifespan_ns, failure, ending: None, direction }
+        let ending = None;
+        Transition {
+            change,
+            owner,
+            in_old_state_ns,
+            lifespan_ns,
+            failure,
+            ending,
+            direction,
+            v6only,
+        }
     }
 
     pub(super) fn remember_closed(&mut self, key: SockKey) {

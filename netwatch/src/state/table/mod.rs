@@ -398,6 +398,6 @@ impl Table {
 
 /// Binding an IPv6 socket to an address other than `::` or a v4-mapped one makes it
 /// IPV6_V6ONLY (the kernel's `__inet6_bind`), which ss shows in its peer (`[::]:*`, not `*:*`).
-fn bound_to_an_ipv6_address(local: std::net::IpAddr) -> bool {
+pub(super) fn bound_to_an_ipv6_address(local: std::net::IpAddr) -> bool {
     matches!(local, std::net::IpAddr::V6(v6) if !v6.is_unspecified() && v6.to_ipv4_mapped().is_none())
 }

@@ -93,6 +93,7 @@ impl Table {
             failure: None,
             ending: Some(ending),
             direction: socket.direction,
+            v6only: false,
         })
     }
 
@@ -211,6 +212,7 @@ impl Table {
             failure: None,
             ending: None,
             direction: socket.direction,
+            v6only: false,
         })
     }
 
