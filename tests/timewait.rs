@@ -381,3 +381,48 @@ fn sockets_from_the_snapshot_have_their_owner_in_history() {
     drop(listener);
     assert!(agent.stop().success());
 }
+
+/// A burst of short connections from a narrow port range to a server that closes first, as
+/// an HTTP/1.0 server does: a new connection from a reused client port takes over the
+/// server's timewait socket for its 4-tuple, and a small `tcp_max_tw_buckets` makes the
+/// kernel skip others (TcpExtTCPTimeWaitOverflow), neither with an event. Right after the
+/// burst, the agent's table equals ss: not 60 s later.
+#[test]
+fn the_table_equals_ss_right_after_a_burst_that_reuses_timewait_sockets() {
+    require_root();
+    let agent = Agent::start(&Agent::test_socket("tw-burst"));
+    let ns = NetNs::new("twburst");
+    ns.exec(&["sysctl", "-qw", "net.ipv4.ip_local_port_range=40000 40019"]);
+    ns.exec(&["sysctl", "-qw", "net.ipv4.tcp_max_tw_buckets=4"]);
+    let sockpeer = env!("CARGO_BIN_EXE_sockpeer");
+    let serve = ["serve-many", "127.0.0.1:0", "300", "server-first"];
+    let (mut server, line) = netwatch_tests::sockpeer_in(&ns, sockpeer, &serve);
+    let port = netwatch_tests::listening_port(&line);
+    let target = format!("127.0.0.1:{port}");
+    let churn = ns.command(sockpeer).args(["churn", &target, "300", "server-first"]).status();
+    assert!(churn.unwrap().success(), "300 round trips from 20 ports");
+    assert!(server.wait().unwrap().success());
+    assert!(nstat(&ns, "TcpExtTCPTimeWaitOverflow") > 0, "the timewait buckets overflowed");
+    // One question, one answer: nothing in the namespace changes for a minute now.
+    let started = Instant::now();
+    let (ours, _, _) = netwatch_tests::oracle::netwatch_rows(&agent, &ns);
+    let theirs = netwatch_tests::oracle::ss_rows(&ns);
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let timewaits = theirs.iter().filter(|r| r.1 == "TIME-WAIT").count();
+    assert!((1..=4).contains(&timewaits), "ss shows the kernel's few: {timewaits}");
+    assert_eq!(ours, theirs, "the agent's table right after the burst");
+    // The takeovers happened, and the agent ended those timewait sockets as reused.
+    let histories = agent.ask_json("history", &["sport", "=", &format!(":{port}")]);
+    let reused = histories.as_array().unwrap().iter().filter(|h| h["ending"] == "reused").count();
+    assert!(reused > 0, "no timewait socket was taken over");
+    assert!(agent.stop().success());
+}
+
+/// A kernel counter of `ns`, as `nstat -az` reads it.
+fn nstat(ns: &NetNs, name: &str) -> u64 {
+    let output = ns.command("nstat").args(["-az", name]).output().unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    text.lines()
+        .find_map(|l| l.split_whitespace().nth(1).filter(|_| l.starts_with(name))?.parse().ok())
+        .unwrap_or(0)
+}

@@ -10,10 +10,12 @@
 //! - `sockpeer pass-fd` binds a UDP socket, forks a child and passes it the socket over a
 //!   unix socket pair with SCM_RIGHTS (the child closes its inherited copy first), prints
 //!   `ready PARENT CHILD FD`, and keeps both until its stdin closes;
-//! - `sockpeer serve-many ADDR:PORT N` prints `listening PORT` and serves N connections;
+//! - `sockpeer serve-many ADDR:PORT N [server-first]` prints `listening PORT` and serves N
+//!   connections (closing each first, with `server-first`);
 //! - `sockpeer listen ADDR:PORT` prints `listening PORT` and never accepts, until its stdin
 //!   closes;
-//! - `sockpeer churn ADDR:PORT N` makes N round trips to it, one after another;
+//! - `sockpeer churn ADDR:PORT N [server-first]` makes N round trips to it, one after
+//!   another (reading to the server's close before closing, with `server-first`);
 //! - `sockpeer rate SECONDS` serves itself on loopback: prints `ready`, waits for a line on
 //!   stdin (so that several start together), makes round trips for SECONDS and prints how
 //!   many (for benchmarks);
@@ -59,8 +61,10 @@ fn main() -> ExitCode {
         ["pairs", count] => pairs(count),
         ["fork-exec"] => fork_exec(),
         ["pass-fd"] => pass_fd(),
-        ["serve-many", addr, count] => serve_many(addr, count),
-        ["churn", addr, count] => churn(addr, count),
+        ["serve-many", addr, count] => serve_many(addr, count, false),
+        ["serve-many", addr, count, "server-first"] => serve_many(addr, count, true),
+        ["churn", addr, count] => churn(addr, count, false),
+        ["churn", addr, count, "server-first"] => churn(addr, count, true),
         ["udp-sends", addr, count] => udp_sends(addr, count),
         ["rate", seconds] => rate(seconds),
         ["listen", addr] => TcpListener::bind(addr).and_then(|listener| {
@@ -299,21 +303,36 @@ fn count_arg(count: &str) -> std::io::Result<usize> {
     count.parse().map_err(|e| std::io::Error::other(format!("bad count {count}: {e}")))
 }
 
-fn serve_many(addr: &str, count: &str) -> std::io::Result<()> {
+/// `server_first`: the server closes as soon as it has answered, as an HTTP/1.0 server
+/// does, so its end keeps the 4-tuple in TIME_WAIT.
+fn serve_many(addr: &str, count: &str, server_first: bool) -> std::io::Result<()> {
     let listener = TcpListener::bind(addr)?;
     println!("listening {}", listener.local_addr()?.port());
     std::io::stdout().flush()?;
     for _ in 0..count_arg(count)? {
-        serve_one(&listener)?;
+        if server_first {
+            let (mut stream, _) = listener.accept()?;
+            stream.read_exact(&mut [0u8; 4])?;
+            stream.write_all(b"pong")?;
+        } else {
+            serve_one(&listener)?;
+        }
     }
     Ok(())
 }
 
-fn churn(addr: &str, count: &str) -> std::io::Result<()> {
+/// `server_first`: the client reads to the server's close before it closes its own end.
+fn churn(addr: &str, count: &str, server_first: bool) -> std::io::Result<()> {
     let server: SocketAddr =
         addr.parse().map_err(|e| std::io::Error::other(format!("{addr}: {e}")))?;
     for _ in 0..count_arg(count)? {
-        client_roundtrip(server)?;
+        if server_first {
+            let mut stream = TcpStream::connect(server)?;
+            stream.write_all(b"ping")?;
+            stream.read_to_end(&mut Vec::new())?;
+        } else {
+            client_roundtrip(server)?;
+        }
     }
     Ok(())
 }
