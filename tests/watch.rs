@@ -347,8 +347,9 @@ fn text_and_json_show_the_same_transitions() {
     );
     assert_eq!(text_lines.len(), expected_lines, "{text_lines:#?}");
     assert_eq!(records.len(), expected_lines - 1);
-    // Two instances each stamp events with their own program run, microseconds apart: the
-    // fields must agree exactly, the durations to well under a millisecond.
+    // Two instances each stamp events with their own program run, microseconds apart natively
+    // (about a millisecond under the matrix's emulated CPUs): the fields must agree exactly,
+    // the durations to a few milliseconds.
     // IPv4 ends, as ss writes them: port 0 is `*`.
     let end = |addr: &Value, port: &Value| match port.as_u64() {
         Some(0) => format!("{}:*", addr.as_str().unwrap()),
@@ -370,7 +371,7 @@ fn text_and_json_show_the_same_transitions() {
             ("-", None) => {}
             (text_ms, Some(json_ms)) => {
                 let text_ms: f64 = text_ms.parse().expect("ms is a number");
-                assert!((text_ms - json_ms).abs() < 0.5, "text line {line} vs {record}");
+                assert!((text_ms - json_ms).abs() < 5.0, "text line {line} vs {record}");
             }
             (text_ms, None) => panic!("text has {text_ms} ms where JSON has null: {line}"),
         }

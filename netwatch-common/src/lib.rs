@@ -139,6 +139,7 @@ pub mod global {
     pub const TP_SYSCALL_ARG0: &str = "TP_SYSCALL_ARG0";
     pub const TP_RECVMSG_MSG: &str = "TP_RECVMSG_MSG";
     pub const TP_RESET_COOKIE: &str = "TP_RESET_COOKIE";
+    pub const RETRANSMIT_HAS_ERR: &str = "RETRANSMIT_HAS_ERR";
     pub const OFF_MSGHDR_CONTROL: &str = "OFF_MSGHDR_CONTROL";
     pub const OFF_MSGHDR_CONTROLLEN: &str = "OFF_MSGHDR_CONTROLLEN";
     pub const TP_SKADDR: &str = "TP_SKADDR";
@@ -153,7 +154,7 @@ pub mod global {
     pub const TP_SADDR_V6: &str = "TP_SADDR_V6";
     pub const TP_DADDR_V6: &str = "TP_DADDR_V6";
 
-    pub const ALL: [&str; 51] = [
+    pub const ALL: [&str; 52] = [
         OFF_SKC_DADDR,
         OFF_SKC_RCV_SADDR,
         OFF_SKC_DPORT,
@@ -192,6 +193,7 @@ pub mod global {
         TP_SYSCALL_ARG0,
         TP_RECVMSG_MSG,
         TP_RESET_COOKIE,
+        RETRANSMIT_HAS_ERR,
         OFF_MSGHDR_CONTROL,
         OFF_MSGHDR_CONTROLLEN,
         TP_SKADDR,

@@ -4,7 +4,10 @@
 
 use crate::{globals::*, record::*, state::*};
 use aya_ebpf::{
-    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user, generated::bpf_get_current_task},
+    helpers::{
+        bpf_get_current_pid_tgid,
+        generated::{bpf_get_current_task, bpf_probe_read_user},
+    },
     macros::{map, tracepoint},
     maps::LruHashMap,
     programs::TracePointContext,
@@ -214,12 +217,18 @@ pub fn recvmsg_exit(ctx: TracePointContext) -> u32 {
     0
 }
 
-/// Reads a `T` at `base + offset` in the current process's memory; zero if the read faults.
+/// Reads a `T` at `base + offset` in the current process's memory; zero if the read faults
+/// (without a branch on the result: see `read_kernel`).
 #[inline(always)]
 pub(crate) fn read_user<T: Default>(base: u64, offset: usize) -> T {
-    if base == 0 {
-        return T::default();
+    let mut value = core::mem::MaybeUninit::<T>::uninit();
+    // SAFETY: as in read_kernel; a null base fails the read and yields zeros.
+    unsafe {
+        bpf_probe_read_user(
+            value.as_mut_ptr().cast(),
+            core::mem::size_of::<T>() as u32,
+            (base as usize).wrapping_add(offset) as *const core::ffi::c_void,
+        );
+        value.assume_init()
     }
-    // SAFETY: bpf_probe_read_user checks the address and fails instead of faulting.
-    unsafe { bpf_probe_read_user((base as usize + offset) as *const T).unwrap_or_default() }
 }

@@ -60,6 +60,9 @@ load_time_constants!(
     /// Offset of `msg` in `syscalls:sys_enter_recvmsg`, and of `msg_control` /
     /// `msg_controllen` in `struct user_msghdr`: fds passed with SCM_RIGHTS.
     TP_RECVMSG_MSG,
+    /// 1 when tp_btf/tcp_retransmit_skb passes `err` (its third argument, from 6.3); before
+    /// that the tracepoint fired only for retransmissions that were sent.
+    RETRANSMIT_HAS_ERR,
     /// Offset of `sock_cookie` in `tcp:tcp_receive_reset`.
     TP_RESET_COOKIE,
     OFF_MSGHDR_CONTROL,

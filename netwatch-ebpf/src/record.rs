@@ -5,8 +5,8 @@ use crate::globals::*;
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, BPF_RB_RING_SIZE},
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_probe_read_kernel,
-        generated::{bpf_get_current_task, bpf_ktime_get_ns},
+        bpf_get_current_comm, bpf_get_current_pid_tgid,
+        generated::{bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel},
     },
     macros::map,
     maps::{Array, LruHashMap, PerCpuArray, RingBuf},
@@ -88,10 +88,25 @@ pub(crate) fn process_comm() -> [u8; 16] {
 }
 
 /// Reads a `T` at `base + offset` in kernel memory; zero if the read faults.
+///
+/// Without a branch on the helper's result: the helper zeroes its destination when the read
+/// fails, and a branch per read doubles the paths the verifier walks. Kernels before about
+/// 6.8 could not prune those paths (a zeroed stack slot and a read one never compare equal),
+/// and state_btf passed the 6.1 verifier's million-instruction limit.
 #[inline(always)]
 pub(crate) fn read_kernel<T: Default>(base: *const u8, offset: usize) -> T {
-    // SAFETY: bpf_probe_read_kernel checks the address and fails instead of faulting.
-    unsafe { bpf_probe_read_kernel(base.wrapping_add(offset) as *const T).unwrap_or_default() }
+    let mut value = core::mem::MaybeUninit::<T>::uninit();
+    // SAFETY: the helper checks the source address and fails instead of faulting; on success
+    // or failure it writes all `size_of::<T>()` bytes of `value` (zeros on failure), and
+    // every T read this way is plain data for which all zeros is a valid value.
+    unsafe {
+        bpf_probe_read_kernel(
+            value.as_mut_ptr().cast(),
+            core::mem::size_of::<T>() as u32,
+            base.wrapping_add(offset).cast(),
+        );
+        value.assume_init()
+    }
 }
 
 #[inline(always)]

@@ -23,12 +23,14 @@ pub fn reset_received(ctx: TracePointContext) -> u32 {
     0
 }
 
-/// tp_btf/tcp_retransmit_skb(sk, skb, err): a segment sent again; failed sends (`err`) are
-/// not retransmissions the peer sees and are not counted by the kernel's `total_retrans`.
+/// tp_btf/tcp_retransmit_skb(sk, skb[, err]): a segment sent again; failed sends (`err`,
+/// from 6.3) are not retransmissions the peer sees and are not counted by the kernel's
+/// `total_retrans`. Before 6.3 there is no `err`, and only sent ones are traced. (The check
+/// is on a load-time constant, so an older verifier never sees the third argument read.)
 #[btf_tracepoint(function = "tcp_retransmit_skb")]
 pub fn retransmit(ctx: BtfTracePointContext) -> u32 {
     let sk: *const u8 = ctx.arg(0);
-    let err: i32 = ctx.arg(2);
+    let err: i32 = if constant(&RETRANSMIT_HAS_ERR) != 0 { ctx.arg(2) } else { 0 };
     if err == 0 {
         submit_retransmit(kind::RETRANSMIT, sk, sk);
     }

@@ -14,9 +14,12 @@ pub enum Error {
     TableNotRoot,
 
     #[error(
-        "cannot use kernel BTF at {path}: {reason}; netwatch needs a kernel built with \
-         CONFIG_DEBUG_INFO_BTF=y (or use `--source classic`)"
+        "this kernel has no BTF ({path} does not exist): it was built without \
+         CONFIG_DEBUG_INFO_BTF=y (use `--source classic`)"
     )]
+    NoBtf { path: PathBuf },
+
+    #[error("cannot use kernel BTF at {path}: {reason}")]
     Btf { path: PathBuf, reason: String },
 
     #[error(

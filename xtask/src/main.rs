@@ -5,6 +5,7 @@
 //! the checks cost well under a second.
 mod bench;
 mod setup;
+mod vm;
 
 use std::{
     os::unix::process::CommandExt as _,
@@ -32,8 +33,18 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Set up, then run the unit tests and the privileged integration tests.
+    /// Set up, then run the unit tests, the privileged integration tests, and the kernel
+    /// matrix (`vm`).
     Test,
+    /// Set up, build, and run the privileged tests on each kernel of the matrix under qemu.
+    Vm {
+        /// Only the kernels whose label contains this.
+        #[arg(long)]
+        kernel: Option<String>,
+        /// Only these test binaries (agent, table, watch...), for a quicker look.
+        #[arg(long, value_delimiter = ',')]
+        tests: Vec<String>,
+    },
     /// Set up, build in release mode and run the benchmarks (report in target/bench/).
     Bench {
         /// Socket counts for the snapshot scenario.
@@ -138,9 +149,61 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     bail!("integration tests failed ({status})");
                 }
                 Ok(())
-            })
+            })?;
+            kernel_matrix(&root, None, &[])
+        }
+        Task::Vm { kernel, tests } => {
+            setup::ensure_all()?;
+            if !setup::is_root() {
+                bail!("the kernel matrix boots kernels with qemu: run `sudo -E cargo xtask vm`");
+            }
+            step("build netwatch (release)", || {
+                cargo(&root, &["build", "--release", "-p", "netwatch"])
+            })?;
+            kernel_matrix(&root, kernel.as_deref(), &tests)
         }
     }
+}
+
+/// Installs what the matrix needs, builds the test binaries, boots each kernel and runs them.
+fn kernel_matrix(root: &Path, only: Option<&str>, names: &[String]) -> anyhow::Result<()> {
+    let kernels: Vec<&str> = vm::MATRIX.iter().map(|k| k.package).collect();
+    setup::ensure_packages(&[vm::PACKAGES, &kernels].concat())?;
+    let mut tests = step("build the test binaries (release)", || test_binaries(root))?;
+    if !names.is_empty() {
+        tests.retain(|t| names.iter().any(|n| vm::test_name(t) == *n));
+    }
+    let outcomes = step("kernel matrix (qemu)", || {
+        vm::run(root, &root.join("target/release/netwatch"), &tests, only)
+    })?;
+    eprint!("{}", vm::report(&outcomes));
+    if outcomes.iter().all(vm::Outcome::passed) {
+        Ok(())
+    } else {
+        bail!("the kernel matrix failed: see the console logs above")
+    }
+}
+
+/// The privileged test binaries, built (not run), as cargo reports their paths.
+fn test_binaries(root: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let output = Command::new(env_or("CARGO", "cargo"))
+        .current_dir(root)
+        .args(["test", "--release", "-p", "netwatch-tests", "--no-run", "--message-format=json"])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("running cargo")?;
+    if !output.status.success() {
+        bail!("building the test binaries failed ({})", output.status);
+    }
+    let mut binaries: Vec<PathBuf> = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|message| message["target"]["kind"][0] == "test")
+        .filter_map(|message| message["executable"].as_str().map(PathBuf::from))
+        .collect();
+    binaries.sort();
+    binaries.dedup();
+    Ok(binaries)
 }
 
 /// Runs one named step, printing when it starts and how long it took.

@@ -353,6 +353,11 @@ fn kernel_offsets(btf: &KernelBtf) -> Result<Vec<(&'static str, u32)>> {
             }
             Ok((global, found.unwrap_or_else(|| btf.offset_of(strukt, paths))?))
         })
+        .chain(std::iter::once(Ok((
+            global::RETRANSMIT_HAS_ERR,
+            // A kernel without the tracepoint fails at attach, with its own warning.
+            u32::from(btf.tracepoint_args("tcp_retransmit_skb").is_ok_and(|n| n >= 3)),
+        ))))
         .collect()
 }
 

@@ -15,6 +15,7 @@ use crate::{
     kernel::loader::{self, LoadOptions, Probes, RingCounters},
     record::{Listed, OwnerChange, RetransmitRecord, StreamRecord, TransitionRecord, WallClock},
     serve::metrics::Health,
+    state::clones::Clones,
     state::loss::{LossCounts, LossTracker},
     state::table::{Table, Transition, may_leave_timewait},
 };
@@ -52,6 +53,9 @@ pub struct Tracer {
     /// so they are kept, but only until the next loss check, since each pins its namespace.
     diag: DiagSockets,
     batch: Vec<Event>,
+    /// The batch in the order it is applied (see [`Clones`]).
+    sorted: Vec<Event>,
+    clones: Clones,
     ring_size: u32,
     /// When the table was last seeded from a snapshot (Unix time, seconds).
     snapshot_at: f64,
@@ -130,6 +134,8 @@ impl Tracer {
             losses: LossTracker::default(),
             diag: DiagSockets::default(),
             batch: Vec::new(),
+            sorted: Vec::new(),
+            clones: Clones::default(),
             ring_size: options.ring_size.unwrap_or(loader::DEFAULT_RING_SIZE),
             snapshot_at: unix_now(),
             timewait_checked: HashMap::new(),
@@ -310,8 +316,11 @@ impl Tracer {
 
     fn apply_batch(&mut self, out: &mut Vec<StreamRecord>) {
         let mut execs = Vec::new();
-        let mut batch = std::mem::take(&mut self.batch);
-        for event in batch.drain(..) {
+        let mut sorted = std::mem::take(&mut self.sorted);
+        for event in self.batch.drain(..) {
+            self.clones.sort(event, &mut sorted);
+        }
+        for event in sorted.drain(..) {
             if let (true, Event::Exec(task)) = (self.keep_rows, &event) {
                 execs.push(task.pid);
             }
@@ -338,7 +347,7 @@ impl Tracer {
                 ))));
             }
         }
-        self.batch = batch;
+        self.sorted = sorted;
         for pid in execs {
             // A targeted look at one process's fds: exec closed its close-on-exec ones.
             self.table.keep_open_fds(pid, &socket_fds(pid));
