@@ -48,6 +48,16 @@ pub enum Command {
     /// Each connection's state-machine history (open, and recently closed), from a running
     /// agent.
     History(HistoryArgs),
+    /// What works on this kernel: every hook, attached or not, why, and what is lost
+    /// (exit 0 only on the full path).
+    Check(CheckArgs),
+}
+
+#[derive(Clone, Debug, Args)]
+pub struct CheckArgs {
+    /// One JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Clone, Debug, Args)]

@@ -28,6 +28,12 @@ pub enum Error {
     )]
     Tracefs { reason: String },
 
+    #[error(
+        "no TCP state tracepoint could be attached ({reasons}); try `--source classic`, or \
+         run `netwatch check` for every hook"
+    )]
+    NoStateSource { reasons: String },
+
     #[error("cannot read tracepoint format {path}: {reason}")]
     TracepointFormat { path: PathBuf, reason: String },
 

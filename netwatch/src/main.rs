@@ -35,6 +35,7 @@ fn main() -> ExitCode {
             Some(Command::Agent(args)) => netwatch::cmd::agent::run(args).await,
             Some(Command::Stats(args)) => netwatch::cmd::stats::run(args).await,
             Some(Command::History(args)) => netwatch::cmd::history::run(args).await,
+            Some(Command::Check(args)) => netwatch::cmd::check::run(args).await,
             None => netwatch::cmd::watch::run(&cli.watch).await,
         }
     });

@@ -33,15 +33,17 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub async fn run(args: &AgentArgs) -> anyhow::Result<()> {
     let mut signals = Signals::install()?;
-    // Bind first: a second agent fails before touching the kernel.
-    let listener = api::bind(&args.socket)?;
-    let socket_file = SocketFile(args.socket.clone());
-    listener.set_nonblocking(true).context("configuring the agent socket")?;
-    let listener = UnixListener::from_std(listener).context("registering the agent socket")?;
+    // A second agent fails before touching the kernel; the socket itself is made only once
+    // the programs are attached, so that a client never waits on an agent not ready yet.
+    api::check_free(&args.socket)?;
     // A log that cannot be opened stops the agent before it touches the kernel.
     let mut log = Logging::start(args.log.options())?;
 
     let mut tracer = Tracer::start(&args.load_options())?.keeping_rows();
+    let listener = api::bind(&args.socket)?;
+    let socket_file = SocketFile(args.socket.clone());
+    listener.set_nonblocking(true).context("configuring the agent socket")?;
+    let listener = UnixListener::from_std(listener).context("registering the agent socket")?;
     set_priority(args.nice);
     let (sender, _) = broadcast::channel::<Arc<StreamRecord>>(CLIENT_QUEUE);
     let (table_requests, mut table_queue) = mpsc::channel::<Query>(64);

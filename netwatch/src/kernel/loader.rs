@@ -7,18 +7,20 @@
 //! Dropping [`Probes`] detaches everything; the links are fds, so a killed process detaches too.
 use std::{
     collections::HashMap,
-    fs::File,
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
 use aya::{
     Btf, Ebpf, EbpfLoader,
-    maps::{Array, MapData, PerCpuArray, RingBuf},
-    programs::{BtfTracePoint, CgroupAttachMode, CgroupSock, CgroupSockAddr, SockOps, TracePoint},
+    maps::{MapData, PerCpuArray, RingBuf},
 };
-use netwatch_common::{config, global, map, program};
+use netwatch_common::{global, map};
 
+use super::{
+    attach::Attacher,
+    hooks::{self, HookStatus},
+};
 use crate::{
     error::{Error, Result},
     kernel::btf::KernelBtf,
@@ -56,6 +58,8 @@ pub struct Probes {
     pub source: StateSource,
     /// One line per hook that could not be used, and what that costs the user.
     pub warnings: Vec<String>,
+    /// How every program fared, for `netwatch check`.
+    pub hooks: Vec<HookStatus>,
     /// From start of loading to the last attach.
     pub load_time: Duration,
 }
@@ -126,10 +130,7 @@ pub fn load(options: &LoadOptions) -> Result<Probes> {
         SourceChoice::Auto => match KernelBtf::from_sys_fs() {
             Ok(btf) => Some(btf),
             Err(error) => {
-                warnings.push(format!(
-                    "{error}; falling back to the classic tracepoint: sockets are identified \
-                     by address, not cookie, and netns is unknown"
-                ));
+                warnings.push(format!("{error}: only what needs no BTF is traced"));
                 None
             }
         },
@@ -138,27 +139,20 @@ pub fn load(options: &LoadOptions) -> Result<Probes> {
         Some(btf) => kernel_offsets(btf)?,
         None => Vec::new(),
     };
-    let tracepoint_fields = match kernel_btf {
-        Some(_) => Vec::new(),
-        None => classic_tracepoint_fields()?,
+    // Read even with BTF: the classic tracepoint is the fallback if tp_btf fails to load.
+    let classic_fields = match classic_tracepoint_fields() {
+        Ok(fields) => Ok(fields),
+        Err(error) if kernel_btf.is_none() => return Err(error),
+        Err(error) => Err(error),
     };
-    // The ownership programs walk fd tables with BTF offsets; the classic mode has none.
-    let syscall_fields = match &kernel_btf {
-        Some(_) => match syscall_field_offsets() {
-            Ok(fields) => fields,
-            Err(error) => {
-                warnings.push(format!("{error}: {OWNERSHIP_DEGRADED}"));
-                Vec::new()
-            }
-        },
-        None => Vec::new(),
-    };
+    let syscall_fields = syscall_field_offsets();
 
     let mut loader = EbpfLoader::new();
-    for (name, value) in offsets.iter().chain(&tracepoint_fields) {
-        loader.override_global(name, value, true);
-    }
-    for (name, value) in &syscall_fields {
+    let fields = [
+        classic_fields.as_deref().unwrap_or_default(),
+        syscall_fields.as_deref().unwrap_or_default(),
+    ];
+    for (name, value) in offsets.iter().chain(fields.into_iter().flatten()) {
         loader.override_global(name, value, true);
     }
     if let Some(size) = options.ring_size {
@@ -174,126 +168,28 @@ pub fn load(options: &LoadOptions) -> Result<Probes> {
         })?),
         None => None,
     };
-    let source = if let Some(btf) = &aya_btf {
-        let program: &mut BtfTracePoint = program(&mut ebpf, program::STATE_BTF)?;
-        program.load("inet_sock_set_state", btf).map_err(attach_error(program::STATE_BTF))?;
-        program.attach().map_err(attach_error("tp_btf/inet_sock_set_state"))?;
-        StateSource::TpBtf
-    } else {
-        let program: &mut TracePoint = program(&mut ebpf, program::STATE_CLASSIC)?;
-        program.load().map_err(attach_error(program::STATE_CLASSIC))?;
-        program
-            .attach("sock", "inet_sock_set_state")
-            .map_err(attach_error("tracepoint sock:inet_sock_set_state"))?;
-        StateSource::Tracepoint
+    let mut attacher = Attacher { ebpf: &mut ebpf, statuses: Vec::new() };
+    let Some(source) = attacher.state(aya_btf.as_ref(), classic_fields.is_ok()) else {
+        let why = attacher.statuses.iter().filter_map(|s| s.reason.clone()).collect::<Vec<_>>();
+        return Err(Error::NoStateSource { reasons: why.join("; ") });
     };
-
-    if let Some(btf) = &aya_btf
-        && !syscall_fields.is_empty()
-        && let Err(error) = attach_ownership_programs(&mut ebpf, btf)
-    {
-        warnings.push(format!("{error}: {OWNERSHIP_DEGRADED}"));
+    if source != StateSource::TpBtf && options.source == SourceChoice::Btf {
+        let why = attacher.statuses.first().and_then(|s| s.reason.clone()).unwrap_or_default();
+        return Err(Error::NoStateSource { reasons: why });
     }
-
-    if let Some(btf) = &aya_btf {
-        for (name, function, consequence) in [
-            (program::RETRANSMIT, "tcp_retransmit_skb", "retransmits are counted only at close"),
-            (
-                program::SYNACK_RETRANSMIT,
-                "tcp_retransmit_synack",
-                "SYN-ACK retransmits are not counted",
-            ),
-        ] {
-            let program: &mut BtfTracePoint = program(&mut ebpf, name)?;
-            let attached = program.load(function, btf).and_then(|()| program.attach().map(drop));
-            if let Err(error) = attached {
-                warnings.push(format!("cannot attach tp_btf/{function} ({error}): {consequence}"));
-            }
+    // The fd-table programs name sockets by cookie, which classic state events do not carry.
+    let why_not = match (&syscall_fields, source) {
+        (_, StateSource::Tracepoint) => {
+            Some("the classic state tracepoint has no socket cookies to join them to".into())
         }
-    }
-
-    match cgroup2_root() {
-        Some(root) => attach_cgroup_hooks(&mut ebpf, &root, source, &mut warnings)?,
-        None => warnings.push(
-            "no cgroup v2 hierarchy is mounted: socket creation times and the local port of \
-             SYN_SENT are unknown (mount one: `mount -t cgroup2 none /sys/fs/cgroup/unified`)"
-                .into(),
-        ),
-    }
-
-    Ok(Probes { ebpf, source, warnings, load_time: started.elapsed() })
-}
-
-fn attach_cgroup_hooks(
-    ebpf: &mut Ebpf,
-    root: &Path,
-    source: StateSource,
-    warnings: &mut Vec<String>,
-) -> Result<()> {
-    let root = File::open(root).map_err(|e| Error::io(format!("open {}", root.display()), e))?;
-    for (name, consequence) in [
-        (program::SOCK_CREATE, "the first transition of a socket shows no time since its creation"),
-        (
-            program::SOCK_RELEASE,
-            "closed sockets that never connected are forgotten only by eviction",
-        ),
-    ] {
-        let program: &mut CgroupSock = program(ebpf, name)?;
-        // Single = flags 0, which bpf_link_create requires; cgroup links are multi-attach anyway,
-        // so this coexists with other tools' programs (and another netwatch) on the root.
-        let attached =
-            program.load().and_then(|()| program.attach(&root, CgroupAttachMode::Single).map(drop));
-        if let Err(error) = attached {
-            warnings.push(format!("cannot attach cgroup/{name} ({error}): {consequence}"));
-        }
-    }
-
-    for name in [program::UDP_SENDMSG4, program::UDP_SENDMSG6] {
-        let program: &mut CgroupSockAddr = program(ebpf, name)?;
-        let attached =
-            program.load().and_then(|()| program.attach(&root, CgroupAttachMode::Single).map(drop));
-        if let Err(error) = attached {
-            warnings.push(format!(
-                "cannot attach cgroup/{name} ({error}): a UDP socket bound implicitly by its \
-                 first send is not listed by the agent"
-            ));
-        }
-    }
-
-    let program: &mut SockOps = program(ebpf, program::CONNECT_PORT)?;
-    let attached =
-        program.load().and_then(|()| program.attach(&root, CgroupAttachMode::Single).map(drop));
-    match attached {
-        Ok(()) if source == StateSource::TpBtf => {
-            let map = ebpf.map_mut(map::CONFIG).ok_or(Error::Missing(map::CONFIG))?;
-            let mut config: Array<_, u32> =
-                Array::try_from(map).map_err(|source| Error::Map { name: map::CONFIG, source })?;
-            config
-                .set(config::DEFER_CONNECT, 1, 0)
-                .map_err(|source| Error::Map { name: map::CONFIG, source })?;
-        }
-        Ok(()) => warnings.push(
-            "the classic tracepoint cannot wait for the connect callback: SYN_SENT shows local \
-             port 0"
-                .into(),
-        ),
-        Err(error) => warnings.push(format!(
-            "cannot attach sock_ops ({error}): SYN_SENT shows local port 0, as the kernel \
-             assigns it after the transition"
-        )),
-    }
-    Ok(())
-}
-
-fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T>
-where
-    &'a mut T: TryFrom<&'a mut aya::programs::Program>,
-{
-    ebpf.program_mut(name).ok_or(Error::Missing(name))?.try_into().map_err(|_| Error::Missing(name))
-}
-
-fn attach_error(program: &'static str) -> impl Fn(aya::programs::ProgramError) -> Error {
-    move |source| Error::Attach { program, source }
+        (Err(error), _) => Some(error.to_string()),
+        (Ok(_), _) => None,
+    };
+    attacher.ownership(aya_btf.as_ref(), why_not.as_deref());
+    attacher.cgroup(cgroup2_root().as_deref(), source)?;
+    let hooks = attacher.statuses;
+    warnings.extend(hooks::warnings(&hooks));
+    Ok(Probes { ebpf, source, warnings, hooks, load_time: started.elapsed() })
 }
 
 /// Kernel struct offsets the programs read, named as the programs' globals.
@@ -392,56 +288,6 @@ fn classic_tracepoint_fields() -> Result<Vec<(&'static str, u32)>> {
         Ok((global, *offset))
     })
     .collect()
-}
-
-const OWNERSHIP_DEGRADED: &str = "sockets are attributed only to the process that connects, \
-    listens or closes them (not to the one that accepts, dups or inherits them)";
-
-/// Attaches the programs that follow sockets through fd tables and processes.
-fn attach_ownership_programs(ebpf: &mut Ebpf, btf: &Btf) -> Result<()> {
-    let syscalls: [(&'static str, &[&str]); 7] = [
-        (program::ACCEPT_EXIT, &["sys_exit_accept4", "sys_exit_accept"]),
-        // fcntl's return is an fd only for F_DUPFD(_CLOEXEC); for other commands a socket
-        // found at that fd number is one the process does hold, so the event is true, and
-        // the table already has it. (Its exit has no `cmd` to tell; an enter hook to keep it
-        // would cost every fcntl more.)
-        (
-            program::FD_OPEN_EXIT,
-            &[
-                "sys_exit_socket",
-                "sys_exit_dup",
-                "sys_exit_dup2",
-                "sys_exit_dup3",
-                "sys_exit_fcntl",
-                "sys_exit_pidfd_getfd",
-            ],
-        ),
-        (program::CLOSE_ENTER, &["sys_enter_close"]),
-        (program::ADDR_SYSCALL_ENTER, &["sys_enter_bind", "sys_enter_connect"]),
-        (program::ADDR_SYSCALL_EXIT, &["sys_exit_bind", "sys_exit_connect"]),
-        (program::RECVMSG_ENTER, &["sys_enter_recvmsg"]),
-        (program::RECVMSG_EXIT, &["sys_exit_recvmsg"]),
-    ];
-    for (name, tracepoints) in syscalls {
-        let program: &mut TracePoint = program(ebpf, name)?;
-        program.load().map_err(attach_error(name))?;
-        for tracepoint in tracepoints {
-            program.attach("syscalls", tracepoint).map_err(attach_error(name))?;
-        }
-    }
-    for (name, category, tracepoint) in [
-        (program::PROCESS_EXEC, "sched", "sched_process_exec"),
-        (program::PROCESS_EXIT, "sched", "sched_process_exit"),
-        (program::RESET_RECEIVED, "tcp", "tcp_receive_reset"),
-    ] {
-        let program: &mut TracePoint = program(ebpf, name)?;
-        program.load().map_err(attach_error(name))?;
-        program.attach(category, tracepoint).map_err(attach_error(name))?;
-    }
-    let program: &mut BtfTracePoint = program(ebpf, program::PROCESS_FORK)?;
-    program.load("sched_process_fork", btf).map_err(attach_error(program::PROCESS_FORK))?;
-    program.attach().map_err(attach_error(program::PROCESS_FORK))?;
-    Ok(())
 }
 
 /// Record field offsets (`TP_*`) from the syscall and tcp tracepoints' format files.
@@ -546,7 +392,7 @@ mod tests {
             .filter_map(|s| s.name().ok())
             .collect();
         programs.sort_unstable();
-        let mut named = program::ALL.to_vec();
+        let mut named = netwatch_common::program::ALL.to_vec();
         named.sort_unstable();
         assert_eq!(programs, named, "programs in the object vs netwatch_common::program::ALL");
         for name in global::ALL.iter().chain(&[map::EVENTS, map::LOST, map::CONFIG]) {

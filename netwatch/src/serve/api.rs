@@ -68,9 +68,10 @@ pub fn error_line(message: &str) -> String {
     serde_json::json!({ "type": "error", "error": message }).to_string()
 }
 
-/// Binds the agent's socket: refuses when another agent answers there, replaces a stale
-/// socket file left by a killed agent, and creates the file with mode 0600.
-pub fn bind(path: &Path) -> Result<std::os::unix::net::UnixListener> {
+/// Checks that no agent answers at `path` and that the socket can be made there, removing a
+/// stale socket file left by a killed agent: what `bind` checks, for an agent to run before
+/// it spends time loading programs.
+pub fn check_free(path: &Path) -> Result<()> {
     let fail = |reason: String| Error::ApiSocket { path: path.to_path_buf(), reason };
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
         std::fs::create_dir_all(dir)
@@ -96,6 +97,14 @@ pub fn bind(path: &Path) -> Result<std::os::unix::net::UnixListener> {
         Err(e) if e.kind() == ErrorKind::NotFound => {}
         Err(e) => return Err(fail(e.to_string())),
     }
+    Ok(())
+}
+
+/// Binds the agent's socket: refuses when another agent answers there, replaces a stale
+/// socket file left by a killed agent, and creates the file with mode 0600.
+pub fn bind(path: &Path) -> Result<std::os::unix::net::UnixListener> {
+    let fail = |reason: String| Error::ApiSocket { path: path.to_path_buf(), reason };
+    check_free(path)?;
     // The file is created by bind(); a restrictive umask makes it 0600 from the start.
     // SAFETY: umask has no preconditions; it is restored right after.
     let previous = unsafe { libc::umask(0o177) };
@@ -123,16 +132,29 @@ pub async fn connect(path: &Path) -> io::Result<Option<tokio::net::UnixStream>> 
     }
 }
 
+/// How long a question to the agent may take: the agent answers from memory, and even a
+/// table of 100 000 sockets takes it about two seconds.
+pub const ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Sends one request and reads the one-line answer; None when no agent listens at `path`.
 pub async fn ask(path: &Path, command: Command) -> io::Result<Option<String>> {
     use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
     let Some(stream) = connect(path).await? else { return Ok(None) };
     let (read, mut write) = stream.into_split();
     let request = serde_json::to_string(&Request::new(command)).map_err(io::Error::other)? + "\n";
-    write.write_all(request.as_bytes()).await?;
-    let mut line = String::new();
-    tokio::io::BufReader::new(read).read_line(&mut line).await?;
-    Ok(Some(line))
+    let exchange = async {
+        write.write_all(request.as_bytes()).await?;
+        let mut line = String::new();
+        tokio::io::BufReader::new(read).read_line(&mut line).await?;
+        Ok::<_, io::Error>(line)
+    };
+    match tokio::time::timeout(ANSWER_TIMEOUT, exchange).await {
+        Ok(line) => line.map(Some),
+        Err(_) => Err(io::Error::new(
+            ErrorKind::TimedOut,
+            format!("the agent at {} did not answer within {ANSWER_TIMEOUT:?}", path.display()),
+        )),
+    }
 }
 
 /// Removes the socket file when the agent stops.
