@@ -51,6 +51,10 @@ pub enum Command {
     /// What works on this kernel: every hook, attached or not, why, and what is lost
     /// (exit 0 only on the full path).
     Check(CheckArgs),
+    /// Writes the man pages (DIR/man) and bash, zsh and fish completions (DIR/completions),
+    /// for packaging.
+    #[command(hide = true)]
+    GenerateDocs { dir: PathBuf },
 }
 
 #[derive(Clone, Debug, Args)]

@@ -36,6 +36,7 @@ fn main() -> ExitCode {
             Some(Command::Stats(args)) => netwatch::cmd::stats::run(args).await,
             Some(Command::History(args)) => netwatch::cmd::history::run(args).await,
             Some(Command::Check(args)) => netwatch::cmd::check::run(args).await,
+            Some(Command::GenerateDocs { dir }) => netwatch::cmd::docs::run(dir),
             None => netwatch::cmd::watch::run(&cli.watch).await,
         }
     });

@@ -4,6 +4,7 @@
 //! installs what is missing, printing each step and how long it took. With everything present
 //! the checks cost well under a second.
 mod bench;
+mod dist;
 mod setup;
 mod vm;
 
@@ -36,6 +37,9 @@ enum Task {
     /// Set up, then run the unit tests, the privileged integration tests, and the kernel
     /// matrix (`vm`).
     Test,
+    /// Build the static binary and the .deb into target/dist, with checksums, and test the
+    /// binary in a bare root under qemu.
+    Dist,
     /// Set up, build, and run the privileged tests on each kernel of the matrix under qemu.
     Vm {
         /// Only the kernels whose label contains this.
@@ -150,7 +154,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 Ok(())
             })?;
-            kernel_matrix(&root, None, &[])
+            kernel_matrix(&root, None, &[])?;
+            dist::dist(&root).map(drop)
+        }
+        Task::Dist => {
+            setup::ensure_all()?;
+            if !setup::is_root() {
+                bail!(
+                    "the bare-root test boots a kernel with qemu: run `sudo -E cargo xtask dist`"
+                );
+            }
+            dist::dist(&root).map(drop)
         }
         Task::Vm { kernel, tests } => {
             setup::ensure_all()?;
@@ -231,7 +245,7 @@ fn cargo(root: &Path, args: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn env_or(name: &str, default: &str) -> String {
+pub(crate) fn env_or(name: &str, default: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| default.to_string())
 }
 

@@ -131,6 +131,20 @@ fn nightly_llvm_major() -> anyhow::Result<u32> {
 }
 
 /// Installs the Debian packages in `packages` that are missing (the benchmarks' peers).
+/// Installs the standard library of `target` for the stable toolchain, if missing.
+pub fn ensure_target(target: &str) -> anyhow::Result<()> {
+    let installed = Command::new("rustup")
+        .args(["target", "list", "--installed"])
+        .output()
+        .context("running rustup")?;
+    if String::from_utf8_lossy(&installed.stdout).lines().any(|t| t.trim() == target) {
+        return Ok(());
+    }
+    step(&format!("install the {target} target"), || {
+        run_visible(Command::new("rustup").args(["target", "add", target]))
+    })
+}
+
 pub fn ensure_packages(packages: &[&str]) -> anyhow::Result<()> {
     let missing: Vec<&str> = packages.iter().copied().filter(|p| !package_installed(p)).collect();
     if missing.is_empty() {

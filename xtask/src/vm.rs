@@ -90,7 +90,7 @@ sync; poweroff -f
 
 /// The installed kernel release (`6.1.0-56-amd64`) of `package` (a metapackage that depends
 /// on `linux-image-RELEASE`), or of the package itself.
-fn kernel_release(package: &str) -> anyhow::Result<String> {
+pub fn kernel_release(package: &str) -> anyhow::Result<String> {
     let output = Command::new("dpkg-query")
         .args(["-W", "-f", "${Package} ${Depends}", package])
         .output()
@@ -103,11 +103,22 @@ fn kernel_release(package: &str) -> anyhow::Result<String> {
         .with_context(|| format!("no kernel of package {package} in /boot (is it installed?)"))
 }
 
-/// Writes the initramfs for `release` into `dir` and returns its path.
-fn initramfs(dir: &Path, release: &str, guest: &str) -> anyhow::Result<PathBuf> {
+/// What goes into an initramfs besides busybox: kernel modules of `release` to load (paths
+/// under `kernel/`, without `.ko`), the `/init` script, `/guest.sh`, and files to copy in
+/// (source, path inside).
+pub struct Image<'a> {
+    pub release: &'a str,
+    pub modules: &'a [&'a str],
+    pub init: &'a str,
+    pub guest: &'a str,
+    pub files: &'a [(&'a Path, &'a str)],
+}
+
+/// Writes the initramfs into `dir` and returns its path.
+pub fn initramfs(dir: &Path, image: &Image<'_>) -> anyhow::Result<PathBuf> {
     let root = dir.join("initramfs");
     let _ = std::fs::remove_dir_all(&root);
-    for sub in ["bin", "proc", "sys", "dev", "host", "mods"] {
+    for sub in ["bin", "proc", "sys", "dev", "host", "mods", "run", "tmp"] {
         std::fs::create_dir_all(root.join(sub))?;
     }
     std::fs::copy("/bin/busybox", root.join("bin/busybox")).context("copying /bin/busybox")?;
@@ -115,8 +126,8 @@ fn initramfs(dir: &Path, release: &str, guest: &str) -> anyhow::Result<PathBuf> 
     for applet in String::from_utf8_lossy(&applets.stdout).lines().filter(|a| *a != "busybox") {
         std::os::unix::fs::symlink("busybox", root.join("bin").join(applet))?;
     }
-    let modules = Path::new("/lib/modules").join(release).join("kernel");
-    for (n, module) in BOOT_MODULES.iter().enumerate() {
+    let modules = Path::new("/lib/modules").join(image.release).join("kernel");
+    for (n, module) in image.modules.iter().enumerate() {
         let source = modules.join(format!("{module}.ko"));
         // Built into this kernel, or absent from it: nothing to load.
         if source.exists() {
@@ -125,8 +136,13 @@ fn initramfs(dir: &Path, release: &str, guest: &str) -> anyhow::Result<PathBuf> 
             std::fs::copy(&source, target)?;
         }
     }
-    write_executable(&root.join("init"), INIT)?;
-    write_executable(&root.join("guest.sh"), guest)?;
+    for (source, inside) in image.files {
+        let target = root.join(inside.trim_start_matches('/'));
+        std::fs::copy(source, &target)
+            .with_context(|| format!("copying {} into the initramfs", source.display()))?;
+    }
+    write_executable(&root.join("init"), image.init)?;
+    write_executable(&root.join("guest.sh"), image.guest)?;
     let image = dir.join("initrd.gz");
     let archive = format!(
         "cd '{}' && find . | cpio -o -H newc --quiet | gzip -1 > '{}'",
@@ -156,6 +172,8 @@ fn guest_script(root: &Path, netwatch: &Path, tests: &[PathBuf], per_binary: Dur
     let _ = writeln!(script, "cd '{}'", root.join("tests").display());
     let _ = writeln!(script, "export NETWATCH_BIN='{}'", netwatch.display());
     let _ = writeln!(script, "'{}' --version", netwatch.display());
+    // What works on this kernel, and each program's verified instructions, for the record.
+    let _ = writeln!(script, "'{}' check", netwatch.display());
     for test in tests {
         let name = test_name(test);
         let _ = writeln!(script, "echo '=== netwatch-vm: begin {name}'");
@@ -225,10 +243,17 @@ pub fn run(
         std::fs::create_dir_all(&dir)?;
         let per_binary = Duration::from_secs(600);
         let guest = guest_script(root, netwatch, tests, per_binary);
-        let image = initramfs(&dir, &release, &guest)?;
+        let image = Image {
+            release: &release,
+            modules: BOOT_MODULES,
+            init: INIT,
+            guest: &guest,
+            files: &[],
+        };
+        let image = initramfs(&dir, &image)?;
         eprintln!("==> {}: kernel {release}, {} test binaries", kernel.label, tests.len());
         let started = Instant::now();
-        let console = boot(&release, &image, per_binary * tests.len() as u32)?;
+        let console = boot(&release, &image, per_binary * tests.len() as u32, true)?;
         let console_path = dir.join("console.log");
         std::fs::write(&console_path, &console)?;
         outcomes.push(Outcome {
@@ -242,8 +267,15 @@ pub fn run(
     Ok(outcomes)
 }
 
-/// Boots `release` with `image`, returning everything the console printed.
-fn boot(release: &str, image: &Path, limit: Duration) -> anyhow::Result<String> {
+/// Boots `release` with `image`, returning everything the console printed; `host_root`
+/// shares this machine's root read-only over 9p.
+pub fn boot(
+    release: &str,
+    image: &Path,
+    limit: Duration,
+    host_root: bool,
+) -> anyhow::Result<String> {
+    let share = "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap";
     let output = Command::new("timeout")
         .args(["-s", "KILL", &limit.as_secs().to_string(), "qemu-system-x86_64"])
         .args(["-accel", "tcg,thread=multi", "-cpu", "max", "-smp", "2", "-m", "2G"])
@@ -253,10 +285,7 @@ fn boot(release: &str, image: &Path, limit: Duration) -> anyhow::Result<String> 
         .arg("-initrd")
         .arg(image)
         .args(["-append", "console=ttyS0 panic=-1 quiet loglevel=3"])
-        .args([
-            "-virtfs",
-            "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
-        ])
+        .args(if host_root { vec!["-virtfs", share] } else { Vec::new() })
         .stdin(Stdio::null())
         .stderr(Stdio::inherit())
         .output()
