@@ -315,6 +315,14 @@ fn a_reset_connection_leaves_its_listener_alone() {
         while client.write_all(&chunk).is_ok() {}
     });
     let listener = listener.join().unwrap();
+    // The server's end closed from FIN_WAIT2 with the client's data unread: it sent the reset.
+    let filter = ["sport", "=", &format!(":{}", server.port())];
+    let closed = wait_for_history_where(&agent, &filter, |h| {
+        h.iter().any(|h| h["closed"] == true && h["rport"] != 0)
+    });
+    let ended = closed.iter().find(|h| h["closed"] == true && h["rport"] != 0).unwrap();
+    assert_eq!(ended["failure"], "reset_sent", "{ended:#}");
+    assert_eq!(steps(ended).last(), Some(&step("FIN_WAIT2", "CLOSE")), "{ended:#}");
     let me = u64::from(std::process::id());
     let (_, records, _) = settled_rows(&agent, &ns);
     let row = records.iter().find(|r| r["state"] == "LISTEN").unwrap();

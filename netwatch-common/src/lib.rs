@@ -38,6 +38,9 @@ pub mod kind {
     /// `tp_btf/tcp_retransmit_synack`: the listener `cookie` sent a SYN-ACK again to a
     /// half-open connection; the addresses are that connection's.
     pub const SYNACK_RETRANSMIT: u8 = 14;
+    /// fexit/inet_csk_clone_lock: a new connection's child socket (`skaddr`) was cloned from
+    /// the listener whose cookie is `cookie` (SO_REUSEPORT listeners share an address).
+    pub const CHILD_OF: u8 = 15;
 }
 
 /// The kernel programs' names: the functions in `netwatch-ebpf`, which the loader looks up
@@ -63,8 +66,9 @@ pub mod program {
     pub const UDP_SENDMSG4: &str = "udp_sendmsg4";
     pub const UDP_SENDMSG6: &str = "udp_sendmsg6";
     pub const CONNECT_PORT: &str = "connect_port";
+    pub const CHILD_OF: &str = "child_of";
 
-    pub const ALL: [&str; 20] = [
+    pub const ALL: [&str; 21] = [
         STATE_BTF,
         STATE_CLASSIC,
         SOCK_CREATE,
@@ -85,6 +89,7 @@ pub mod program {
         UDP_SENDMSG4,
         UDP_SENDMSG6,
         CONNECT_PORT,
+        CHILD_OF,
     ];
 }
 
@@ -131,6 +136,8 @@ pub mod global {
     pub const OFF_TP_BYTES_RETRANS: &str = "OFF_TP_BYTES_RETRANS";
     pub const OFF_TP_TOTAL_RETRANS: &str = "OFF_TP_TOTAL_RETRANS";
     pub const OFF_SK_FLAGS: &str = "OFF_SK_FLAGS";
+    pub const OFF_TP_RCV_NXT: &str = "OFF_TP_RCV_NXT";
+    pub const OFF_TP_COPIED_SEQ: &str = "OFF_TP_COPIED_SEQ";
     pub const OFF_TASK_NSPROXY: &str = "OFF_TASK_NSPROXY";
     pub const OFF_NSPROXY_NET_NS: &str = "OFF_NSPROXY_NET_NS";
     pub const OFF_TASK_PID: &str = "OFF_TASK_PID";
@@ -154,7 +161,7 @@ pub mod global {
     pub const TP_SADDR_V6: &str = "TP_SADDR_V6";
     pub const TP_DADDR_V6: &str = "TP_DADDR_V6";
 
-    pub const ALL: [&str; 52] = [
+    pub const ALL: [&str; 54] = [
         OFF_SKC_DADDR,
         OFF_SKC_RCV_SADDR,
         OFF_SKC_DPORT,
@@ -185,6 +192,8 @@ pub mod global {
         OFF_TP_BYTES_RETRANS,
         OFF_TP_TOTAL_RETRANS,
         OFF_SK_FLAGS,
+        OFF_TP_RCV_NXT,
+        OFF_TP_COPIED_SEQ,
         OFF_TASK_NSPROXY,
         OFF_NSPROXY_NET_NS,
         OFF_TASK_PID,
@@ -286,7 +295,10 @@ pub struct SockEvent {
     /// Process name (thread-group leader's comm) of the task on the CPU: evidence, not
     /// necessarily the owner.
     pub comm: [u8; 16],
-    pub _pad1: [u8; 4],
+    /// At a TCP socket's CLOSE transition (tp_btf only): `rcv_nxt - copied_seq`, the bytes
+    /// received that the owner never read, plus one for a FIN it never read. Data left
+    /// unread is why close() resets a connection.
+    pub unread: u32,
     /// sockfs inode of the socket (what `/proc/PID/fd` links name); 0 where unknown.
     pub inode: u64,
     /// At a TCP socket's CLOSE transition (tp_btf only), its `tcp_sock` counters:
@@ -327,7 +339,7 @@ impl SockEvent {
             saddr: [0; 16],
             daddr: [0; 16],
             comm: [0; 16],
-            _pad1: [0; 4],
+            unread: 0,
             inode: 0,
             bytes_sent: 0,
             bytes_received: 0,

@@ -47,6 +47,9 @@ load_time_constants!(
     OFF_TP_BYTES_RETRANS,
     OFF_TP_TOTAL_RETRANS,
     OFF_SK_FLAGS,
+    /// `tcp_sock.rcv_nxt` and `.copied_seq`: what was received but not read, at CLOSE.
+    OFF_TP_RCV_NXT,
+    OFF_TP_COPIED_SEQ,
     /// `task_struct.nsproxy`, `nsproxy.net_ns`: the current task's network namespace.
     OFF_TASK_NSPROXY,
     OFF_NSPROXY_NET_NS,

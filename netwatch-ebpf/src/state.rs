@@ -49,6 +49,9 @@ pub fn state_btf(ctx: BtfTracePointContext) -> u32 {
         // bytes_received counts it as one byte. (sk_shutdown cannot tell: close() sets it.)
         let sk_flags: u64 = read_kernel(sk, constant(&OFF_SK_FLAGS));
         event.fin_received = ((sk_flags >> 1) & 1) as u8;
+        let rcv_nxt: u32 = read_kernel(sk, constant(&OFF_TP_RCV_NXT));
+        let copied_seq: u32 = read_kernel(sk, constant(&OFF_TP_COPIED_SEQ));
+        event.unread = rcv_nxt.wrapping_sub(copied_seq);
     }
 
     if defer_connect_enabled() {

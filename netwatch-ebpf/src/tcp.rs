@@ -5,8 +5,8 @@ use core::ffi::c_void;
 use crate::{globals::*, record::*, state::*};
 use aya_ebpf::{
     helpers::generated::bpf_get_socket_cookie,
-    macros::{btf_tracepoint, tracepoint},
-    programs::{BtfTracePointContext, TracePointContext},
+    macros::{btf_tracepoint, fexit, tracepoint},
+    programs::{BtfTracePointContext, FExitContext, TracePointContext},
 };
 use netwatch_common::{IPPROTO_TCP, kind};
 
@@ -58,4 +58,24 @@ pub(crate) fn submit_retransmit(event_kind: u8, counted: *const u8, connection: 
     event.protocol = IPPROTO_TCP;
     fill_from_sock(&mut event, connection);
     submit(&event);
+}
+
+/// fexit/inet_csk_clone_lock(listener, req, priority) -> child: the listener a new
+/// connection came from. Listeners that share an address (SO_REUSEPORT) cannot be told apart
+/// by the child's addresses. The return value is read as the argument after the last one,
+/// which needs no helper (bpf_get_func_ret came in 5.17).
+#[fexit(function = "inet_csk_clone_lock")]
+pub fn child_of(ctx: FExitContext) -> i32 {
+    let listener: *const u8 = ctx.arg(0);
+    let child: *const u8 = ctx.arg(3);
+    if listener.is_null() || child.is_null() {
+        return 0;
+    }
+    let mut event = new_event(kind::CHILD_OF);
+    event.skaddr = child as u64;
+    // SAFETY: `listener` is the traced function's socket argument.
+    event.cookie = unsafe { bpf_get_socket_cookie(listener as *mut c_void) };
+    event.protocol = IPPROTO_TCP;
+    submit(&event);
+    0
 }

@@ -182,3 +182,19 @@ fn lo_index() -> std::io::Result<u32> {
         index => Ok(index),
     }
 }
+
+/// `listen-shared ADDR:PORT`: a SO_REUSEPORT listener with a backlog of 5 that never
+/// accepts, until stdin closes.
+pub fn listen_shared(addr: &str) -> std::io::Result<()> {
+    let address: SocketAddr =
+        addr.parse().map_err(|e| std::io::Error::other(format!("{addr}: {e}")))?;
+    let socket = Socket::new(Domain::for_address(address), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_port(true)?;
+    socket.bind(&address.into())?;
+    socket.listen(5)?;
+    println!("listening {}", address.port());
+    std::io::stdout().flush()?;
+    std::io::stdin().read_to_end(&mut Vec::new())?;
+    drop(socket);
+    Ok(())
+}

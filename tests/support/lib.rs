@@ -566,4 +566,15 @@ pub fn sockpeer_in(ns: &NetNs, sockpeer: &str, args: &[&str]) -> (Child, String)
     (child, line)
 }
 
+/// Whether this machine forbids ftrace (a sandboxed kernel: `available_filter_functions`
+/// refuses even root), and with it the trampolines fentry/fexit programs need. The kernels of
+/// the matrix allow them.
+pub fn ftrace_forbidden() -> bool {
+    std::fs::read_to_string("/sys/kernel/tracing/available_filter_functions")
+        .is_err_and(|e| e.kind() == std::io::ErrorKind::PermissionDenied)
+}
+
+/// The `fexit` program netwatch has, which [`ftrace_forbidden`] machines refuse.
+pub const FEXIT_HOOK: &str = "fexit/inet_csk_clone_lock";
+
 pub mod oracle;

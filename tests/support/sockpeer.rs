@@ -13,7 +13,7 @@
 //! - `sockpeer serve-many ADDR:PORT N [server-first]` prints `listening PORT` and serves N
 //!   connections (closing each first, with `server-first`);
 //! - `sockpeer listen ADDR:PORT` prints `listening PORT` and never accepts, until its stdin
-//!   closes;
+//!   closes; `sockpeer listen-shared ADDR:PORT` does so with SO_REUSEPORT and a backlog of 5;
 //! - `sockpeer churn ADDR:PORT N [server-first]` makes N round trips to it, one after
 //!   another (reading to the server's close before closing, with `server-first`);
 //! - `sockpeer rate SECONDS` serves itself on loopback: prints `ready`, waits for a line on
@@ -67,6 +67,7 @@ fn main() -> ExitCode {
         ["churn", addr, count, "server-first"] => churn(addr, count, true),
         ["udp-sends", addr, count] => udp_sends(addr, count),
         ["rate", seconds] => rate(seconds),
+        ["listen-shared", addr] => hold::listen_shared(addr),
         ["listen", addr] => TcpListener::bind(addr).and_then(|listener| {
             println!("listening {}", listener.local_addr()?.port());
             std::io::stdout().flush()?;

@@ -211,7 +211,7 @@ fn bare_root(root: &Path, binary: &Path) -> anyhow::Result<()> {
         files: &[(binary, "bin/netwatch")],
     };
     let image = vm::initramfs(&dir, &image)?;
-    let console = vm::boot(&release, &image, Duration::from_secs(400), false)?;
+    let console = vm::boot(&release, &image, Duration::from_secs(400), None)?;
     std::fs::write(dir.join("console.log"), &console)?;
     let failed: Vec<&&str> = BARE_CHECKS
         .iter()

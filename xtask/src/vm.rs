@@ -65,7 +65,7 @@ const BOOT_MODULES: &[&str] = &[
 
 /// The initramfs's /init: mounts the host root and what a system has, hands module loading
 /// to the host root's modprobe (inet_diag, nf_tables... load on demand as on a real system),
-/// runs /guest.sh in the host root, and powers off.
+/// mounts the project again at its path, runs /guest.sh in the host root, and powers off.
 const INIT: &str = r#"#!/bin/sh
 export PATH=/bin
 mount -t proc proc /proc; mount -t sysfs sysfs /sys; mount -t devtmpfs devtmpfs /dev
@@ -76,6 +76,11 @@ mount -t proc proc $H/proc; mount -t sysfs sysfs $H/sys; mount -t devtmpfs devtm
 mkdir -p $H/dev/pts $H/dev/shm 2>/dev/null
 mount -t devpts devpts $H/dev/pts; mount -t tmpfs tmpfs $H/dev/shm
 for d in run tmp var/tmp root; do mount -t tmpfs tmpfs $H/$d; done
+# The project (its built binaries) again at its own path, which a tmpfs may now hide (a CI
+# clone under /tmp).
+P=$(cat /project-root)
+mkdir -p $H$P 2>/dev/null
+mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=262144 project $H$P || poweroff -f
 mount -t bpf bpf $H/sys/fs/bpf; mount -t cgroup2 cgroup2 $H/sys/fs/cgroup
 mount -t tracefs tracefs $H/sys/kernel/tracing; mount -t debugfs debugfs $H/sys/kernel/debug
 ip link set lo up
@@ -243,17 +248,20 @@ pub fn run(
         std::fs::create_dir_all(&dir)?;
         let per_binary = Duration::from_secs(600);
         let guest = guest_script(root, netwatch, tests, per_binary);
+        let project_root = dir.join("project-root");
+        std::fs::write(&project_root, root.display().to_string())?;
+        let files = [(project_root.as_path(), "project-root")];
         let image = Image {
             release: &release,
             modules: BOOT_MODULES,
             init: INIT,
             guest: &guest,
-            files: &[],
+            files: &files,
         };
         let image = initramfs(&dir, &image)?;
         eprintln!("==> {}: kernel {release}, {} test binaries", kernel.label, tests.len());
         let started = Instant::now();
-        let console = boot(&release, &image, per_binary * tests.len() as u32, true)?;
+        let console = boot(&release, &image, per_binary * tests.len() as u32, Some(root))?;
         let console_path = dir.join("console.log");
         std::fs::write(&console_path, &console)?;
         outcomes.push(Outcome {
@@ -267,15 +275,26 @@ pub fn run(
     Ok(outcomes)
 }
 
-/// Boots `release` with `image`, returning everything the console printed; `host_root`
-/// shares this machine's root read-only over 9p.
+/// Boots `release` with `image`, returning everything the console printed; with `project`,
+/// this machine's root and the project are shared read-only over 9p.
 pub fn boot(
     release: &str,
     image: &Path,
     limit: Duration,
-    host_root: bool,
+    project: Option<&Path>,
 ) -> anyhow::Result<String> {
-    let share = "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap";
+    let share = |path: &Path, tag: &str| {
+        format!(
+            "local,path={},mount_tag={tag},security_model=none,readonly=on,multidevs=remap",
+            path.display()
+        )
+    };
+    let shares: Vec<String> = project
+        .map(|project| {
+            let host = share(Path::new("/"), "hostroot");
+            vec!["-virtfs".into(), host, "-virtfs".into(), share(project, "project")]
+        })
+        .unwrap_or_default();
     let output = Command::new("timeout")
         .args(["-s", "KILL", &limit.as_secs().to_string(), "qemu-system-x86_64"])
         .args(["-accel", "tcg,thread=multi", "-cpu", "max", "-smp", "2", "-m", "2G"])
@@ -285,7 +304,7 @@ pub fn boot(
         .arg("-initrd")
         .arg(image)
         .args(["-append", "console=ttyS0 panic=-1 quiet loglevel=3"])
-        .args(if host_root { vec!["-virtfs", share] } else { Vec::new() })
+        .args(&shares)
         .stdin(Stdio::null())
         .stderr(Stdio::inherit())
         .output()

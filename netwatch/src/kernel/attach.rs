@@ -7,7 +7,7 @@ use aya::{
     Btf, Ebpf,
     maps::Array,
     programs::{
-        BtfTracePoint, CgroupAttachMode, CgroupSock, CgroupSockAddr, Program, ProgramError,
+        BtfTracePoint, CgroupAttachMode, CgroupSock, CgroupSockAddr, FExit, Program, ProgramError,
         SockOps, TracePoint,
     },
 };
@@ -143,12 +143,16 @@ impl Attacher<'_> {
                     p.load("sched_process_fork", btf)?;
                     p.attach().map(drop)
                 });
+                self.attach::<FExit>(program::CHILD_OF, |p| {
+                    p.load("inet_csk_clone_lock", btf)?;
+                    p.attach().map(drop)
+                });
             }
             (_, why_not) => {
                 let why = why_not.unwrap_or("no kernel BTF (the fd-table walk needs its offsets)");
                 let names =
                     syscalls.iter().map(|(n, _)| *n).chain(processes.iter().map(|(n, _)| *n));
-                for name in names.chain([program::PROCESS_FORK]) {
+                for name in names.chain([program::PROCESS_FORK, program::CHILD_OF]) {
                     self.not_used(name, why);
                 }
             }

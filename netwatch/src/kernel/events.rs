@@ -177,6 +177,17 @@ pub struct StateChange {
     pub deferred_connect: bool,
     /// The connection's totals, on a tp_btf CLOSE transition.
     pub totals: Option<Totals>,
+    /// On LISTEN -> SYN_RECV: the cookie of the listener the child was cloned from, when
+    /// the kernel said (see `state::clones`).
+    pub listener: Option<u64>,
+}
+
+/// Data bytes received but never read at CLOSE, from `rcv_nxt - copied_seq`: a FIN the
+/// owner did not read counts one there (a FIN it read moved `copied_seq` past it, and then
+/// nothing before it is unread). More than a receive buffer can hold is a torn read: 0.
+fn unread_data(sequence_gap: u32, fin_received: bool) -> u32 {
+    let data = if fin_received { sequence_gap.saturating_sub(1) } else { sequence_gap };
+    if data > 1 << 30 { 0 } else { data }
 }
 
 /// What a TCP connection carried, read from the socket as it closed.
@@ -188,6 +199,8 @@ pub struct Totals {
     pub bytes_received: u64,
     /// Segments retransmitted.
     pub retransmits: u32,
+    /// Data bytes received that the owner never read: why close() sent a reset.
+    pub unread: u32,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -227,6 +240,12 @@ pub enum Event {
     FdClosed(FdSocket),
     /// bind(2)/connect(2) settled the socket's addresses.
     Addresses(FdSocket),
+    /// A new connection's child (by kernel address) was cloned from the listener with
+    /// cookie `listener`.
+    ChildOf {
+        skaddr: u64,
+        listener: u64,
+    },
     /// `parent` forked the process `child_tgid`, which inherits its fds.
     Forked {
         ts_ns: u64,
@@ -330,6 +349,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
                 new: state(raw.newstate)?,
                 task: task(&raw),
                 deferred_connect: raw.flags & flags::DEFERRED_CONNECT != 0,
+                listener: None,
                 totals: (raw.kind == kind::STATE_BTF
                     && raw.newstate == netwatch_common::tcp_state::CLOSE)
                     .then(|| Totals {
@@ -338,6 +358,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
                             .bytes_received
                             .saturating_sub(u64::from(raw.fin_received & 1)),
                         retransmits: raw.total_retrans,
+                        unread: unread_data(raw.unread, raw.fin_received & 1 != 0),
                     }),
             }))
         }
@@ -382,6 +403,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
         kind::EXEC => Ok(Event::Exec(task(&raw))),
         kind::EXIT => Ok(Event::Exit(task(&raw))),
         kind::RESET => Ok(Event::Reset { ts_ns: raw.ts_ns, cookie: raw.cookie }),
+        kind::CHILD_OF => Ok(Event::ChildOf { skaddr: raw.skaddr, listener: raw.cookie }),
         kind::RETRANSMIT | kind::SYNACK_RETRANSMIT => {
             let family = family(raw.family)?;
             Ok(Event::Retransmit(Retransmit {

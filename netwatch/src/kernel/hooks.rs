@@ -92,6 +92,12 @@ pub const HOOKS: &[Hook] = &[
         loses: "SYN-ACK retransmits are not counted",
     },
     Hook {
+        program: p::CHILD_OF,
+        attach: "fexit/inet_csk_clone_lock",
+        loses: "connections to SO_REUSEPORT listeners that share an address are counted \
+                against one of them in stats",
+    },
+    Hook {
         program: p::SOCK_CREATE,
         attach: "cgroup/sock_create",
         loses: "the first transition of a socket shows no time since its creation",

@@ -194,7 +194,7 @@ pub fn load(options: &LoadOptions) -> Result<Probes> {
 
 /// Kernel struct offsets the programs read, named as the programs' globals.
 fn kernel_offsets(btf: &KernelBtf) -> Result<Vec<(&'static str, u32)>> {
-    const FIELDS: [(&str, &str, &str); 36] = [
+    const FIELDS: [(&str, &str, &str); 38] = [
         (global::OFF_SKC_DADDR, "sock", "__sk_common.skc_daddr"),
         (global::OFF_SKC_RCV_SADDR, "sock", "__sk_common.skc_rcv_saddr"),
         (global::OFF_SKC_DPORT, "sock", "__sk_common.skc_dport"),
@@ -226,6 +226,8 @@ fn kernel_offsets(btf: &KernelBtf) -> Result<Vec<(&'static str, u32)>> {
         (global::OFF_TP_TOTAL_RETRANS, "tcp_sock", "total_retrans"),
         // Moved into sock_common (as skc_flags) in 6.x; `sk_flags` on older kernels.
         (global::OFF_SK_FLAGS, "sock", "__sk_common.skc_flags|sk_flags"),
+        (global::OFF_TP_RCV_NXT, "tcp_sock", "rcv_nxt"),
+        (global::OFF_TP_COPIED_SEQ, "tcp_sock", "copied_seq"),
         (global::OFF_TASK_NSPROXY, "task_struct", "nsproxy"),
         (global::OFF_NSPROXY_NET_NS, "nsproxy", "net_ns"),
         (global::OFF_TASK_PID, "task_struct", "pid"),

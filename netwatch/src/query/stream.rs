@@ -89,6 +89,7 @@ mod tests {
                 new,
                 task: Task { pid: 0, tid: 0, comm: "swapper/0".into() },
                 deferred_connect: false,
+                listener: None,
                 totals: None,
             },
             owner: Some(Owner { pid: 42, comm: "curl".into() }),

@@ -1,11 +1,15 @@
-//! New connections that older kernels report before naming them.
+//! New connections, held back until the kernel has said what they are.
 //!
-//! On older kernels (6.1 among them) `inet_csk_clone_lock()` sets a new child's state to
-//! SYN_RECV while the child is still a copy of its listener: the LISTEN -> SYN_RECV
-//! transition carries the listener's cookie, addresses and ports, and only the child's next
-//! transition (to ESTABLISHED, or CLOSE) shows what it is. Newer kernels name the child first.
-//! Such a transition (a remote port of 0, which no connection has) is held back by the
-//! child's kernel address until that next transition, and then given the child's identity.
+//! - **Which listener.** Listeners that share an address (SO_REUSEPORT) cannot be told apart
+//!   by a child's addresses; `fexit/inet_csk_clone_lock` says which one the kernel chose
+//!   (`Event::ChildOf`), just after the child's LISTEN -> SYN_RECV.
+//! - **Named late.** On older kernels (6.1 among them) `inet_csk_clone_lock()` sets the
+//!   child's state to SYN_RECV while the child is still a copy of its listener: that
+//!   transition carries the listener's cookie, addresses and ports (a remote port of 0, which
+//!   no connection has), and only the child's next transition shows what it is.
+//!
+//! So a LISTEN -> SYN_RECV is held by the child's kernel address until its listener is known
+//! and it is named (the child's next transition names it, and releases it in any case).
 use std::collections::{HashMap, VecDeque};
 
 use crate::kernel::events::{Event, StateChange, TcpState};
@@ -21,38 +25,58 @@ pub struct Clones {
     order: VecDeque<u64>,
 }
 
+fn named(change: &StateChange) -> bool {
+    change.remote.1 != 0
+}
+
 impl Clones {
-    /// Appends to `out` the events to apply for `event`, in order: none while it is held,
-    /// the held transition (renamed) before the child's next one.
+    /// Appends to `out` the events to apply for `event`, in order: none while a child's first
+    /// transition is held, then that transition (with its listener, renamed if need be)
+    /// before anything else of the child's.
     pub fn sort(&mut self, event: Event, out: &mut Vec<Event>) {
-        let Event::State(change) = event else {
-            out.push(event);
-            return;
-        };
-        if change.old == TcpState::Listen && change.new == TcpState::SynRecv && change.remote.1 == 0
-        {
-            if self.held.len() >= MAX_HELD
-                && let Some(oldest) = self.order.pop_front()
-            {
-                self.held.remove(&oldest);
+        match event {
+            Event::ChildOf { skaddr, listener } => {
+                let ready = self.held.get_mut(&skaddr).is_some_and(|held| {
+                    held.listener = Some(listener);
+                    named(held)
+                });
+                if ready && let Some(held) = self.release(skaddr) {
+                    out.push(Event::State(held));
+                }
             }
-            self.order.push_back(change.skaddr);
-            self.held.insert(change.skaddr, change);
-            return;
+            Event::State(change)
+                if change.old == TcpState::Listen && change.new == TcpState::SynRecv =>
+            {
+                if self.held.len() >= MAX_HELD
+                    && let Some(oldest) = self.order.pop_front()
+                {
+                    self.held.remove(&oldest);
+                }
+                self.order.push_back(change.skaddr);
+                self.held.insert(change.skaddr, change);
+            }
+            Event::State(change) => {
+                if let Some(mut first) = self.release(change.skaddr) {
+                    if !named(&first) {
+                        first.key = change.key;
+                        first.cookie = change.cookie;
+                        first.netns = change.netns;
+                        first.family = change.family;
+                        first.local = change.local;
+                        first.remote = change.remote;
+                    }
+                    out.push(Event::State(first));
+                }
+                out.push(Event::State(change));
+            }
+            other => out.push(other),
         }
-        if change.old == TcpState::SynRecv
-            && let Some(mut first) = self.held.remove(&change.skaddr)
-        {
-            self.order.retain(|skaddr| *skaddr != change.skaddr);
-            first.key = change.key;
-            first.cookie = change.cookie;
-            first.netns = change.netns;
-            first.family = change.family;
-            first.local = change.local;
-            first.remote = change.remote;
-            out.push(Event::State(first));
-        }
-        out.push(Event::State(change));
+    }
+
+    fn release(&mut self, skaddr: u64) -> Option<StateChange> {
+        let held = self.held.remove(&skaddr)?;
+        self.order.retain(|s| *s != skaddr);
+        Some(held)
     }
 }
 
@@ -83,6 +107,7 @@ mod tests {
             new,
             task: Task { pid: 1, tid: 1, comm: "python3".into() },
             deferred_connect: false,
+            listener: None,
             totals: None,
         }
     }
@@ -104,13 +129,31 @@ mod tests {
         let mut out = Vec::new();
         // 6.1: the child still has its listener's cookie (1) and no remote port.
         clones.sort(Event::State(change(Listen, SynRecv, 1, 0)), &mut out);
-        assert!(out.is_empty(), "held");
+        clones.sort(Event::ChildOf { skaddr: 0xc800, listener: 1 }, &mut out);
+        assert!(out.is_empty(), "held until named");
         clones.sort(Event::State(change(SynRecv, Established, 3, 43308)), &mut out);
         assert_eq!(states(&out), [(Listen, SynRecv, 3, 43308), (SynRecv, Established, 3, 43308)]);
-        // Newer kernels name the child first: nothing is held.
-        out.clear();
-        clones.sort(Event::State(change(Listen, SynRecv, 4, 5000)), &mut out);
-        assert_eq!(states(&out), [(Listen, SynRecv, 4, 5000)]);
+        let Event::State(first) = &out[0] else { panic!() };
+        assert_eq!(first.listener, Some(1));
         assert!(clones.held.is_empty() && clones.order.is_empty());
+    }
+
+    #[test]
+    fn a_named_child_waits_only_for_its_listener() {
+        use TcpState::*;
+        let mut clones = Clones::default();
+        let mut out = Vec::new();
+        clones.sort(Event::State(change(Listen, SynRecv, 4, 5000)), &mut out);
+        assert!(out.is_empty());
+        clones.sort(Event::ChildOf { skaddr: 0xc800, listener: 9 }, &mut out);
+        assert_eq!(states(&out), [(Listen, SynRecv, 4, 5000)]);
+        let Event::State(first) = &out[0] else { panic!() };
+        assert_eq!(first.listener, Some(9));
+        // Without the listener's word (its program not attached), the next transition
+        // releases it.
+        out.clear();
+        clones.sort(Event::State(change(Listen, SynRecv, 5, 5001)), &mut out);
+        clones.sort(Event::State(change(SynRecv, Established, 5, 5001)), &mut out);
+        assert_eq!(states(&out), [(Listen, SynRecv, 5, 5001), (SynRecv, Established, 5, 5001)]);
     }
 }

@@ -137,7 +137,9 @@ impl Table {
     pub(super) fn apply_state(&mut self, change: StateChange) -> Transition {
         self.claim_unclaimed(change.key, change.inode);
         let passive = change.old == TcpState::Listen && change.new == TcpState::SynRecv;
-        let listener = passive.then(|| self.listener_of(change.netns, change.local)).flatten();
+        let listener = passive
+            .then(|| self.listener_of(change.netns, change.local, change.listener))
+            .flatten();
         if let Some((listener, _)) = &listener {
             if let Some(queue) = self.accept_queues.get_mut(listener) {
                 queue.handshakes += 1;
@@ -159,7 +161,7 @@ impl Table {
             _ if known_direction.is_some() => known_direction,
             // Found by the snapshot: a connection on a listening port was accepted there.
             (_, TcpState::Listen) | (TcpState::Listen, _) => None,
-            _ => self.listener_of(change.netns, change.local).map(|_| Direction::Inbound),
+            _ => self.listener_of(change.netns, change.local, None).map(|_| Direction::Inbound),
         };
         let socket = self.sockets.entry(change.key).or_default();
         socket.direction = direction;
@@ -185,6 +187,13 @@ impl Table {
             (TcpState::Close, None, TcpState::SynSent) => Some(Failure::Timeout),
             (TcpState::Close, None, _) if open && orphaned_in_queue => {
                 Some(Failure::ListenerClosed)
+            }
+            // close() with data left unread resets the connection, from any synchronized
+            // state (a server that shut down its side first is in FIN_WAIT2 by then).
+            (TcpState::Close, None, old)
+                if old != TcpState::SynRecv && change.totals.is_some_and(|t| t.unread > 0) =>
+            {
+                Some(Failure::ResetSent)
             }
             (TcpState::Close, None, _) if open && socket.released => Some(Failure::ResetSent),
             (TcpState::Close, None, _) if open => Some(Failure::Timeout),
@@ -244,14 +253,12 @@ impl Table {
         let listener = (change.netns, change.local.1, change.local.0);
         match (change.old, change.new) {
             (_, TcpState::Listen) => {
-                self.listeners.insert(listener, (change.key, owner.clone()));
+                self.add_listener(listener, change.key, owner.clone());
                 self.accept_queues.entry(change.key).or_default();
             }
             // LISTEN -> SYN_RECV is a new child socket, not the listener changing.
             (TcpState::Listen, TcpState::Close) => {
-                if self.listeners.get(&listener).is_some_and(|(key, _)| *key == change.key) {
-                    self.listeners.remove(&listener);
-                }
+                self.remove_listener(listener, change.key);
                 self.accept_queues.remove(&change.key);
             }
             _ => {}

@@ -85,18 +85,20 @@ impl Table {
         let mut listeners: Vec<Listener> = self
             .listeners
             .iter()
-            .filter_map(|(&(netns, port, addr), (key, owner))| {
-                let SockKey::Cookie(cookie) = *key else { return None };
-                Some(Listener {
-                    cookie,
-                    netns,
-                    local: (addr, port),
-                    owner: owner.clone(),
-                    queue: self.accept_queues.get(key).copied().unwrap_or_default(),
+            .flat_map(|(&(netns, port, addr), group)| {
+                group.iter().filter_map(move |(key, owner)| {
+                    let SockKey::Cookie(cookie) = *key else { return None };
+                    Some(Listener {
+                        cookie,
+                        netns,
+                        local: (addr, port),
+                        owner: owner.clone(),
+                        queue: self.accept_queues.get(key).copied().unwrap_or_default(),
+                    })
                 })
             })
             .collect();
-        listeners.sort_by_key(|l| (l.netns, l.local.1, l.local.0));
+        listeners.sort_by_key(|l| (l.netns, l.local.1, l.local.0, l.cookie));
         listeners
     }
 
@@ -113,16 +115,39 @@ impl Table {
         }
     }
 
-    /// The owner of the listener a passively opened socket came from: the exact local address
-    /// first, then a wildcard listener of either family (a `[::]` listener takes IPv4 too).
+    /// The listener a passively opened socket came from, and its owner: the one the kernel
+    /// named (`chosen`, a cookie), else the first at the exact local address, then at a
+    /// wildcard of either family (a `[::]` listener takes IPv4 too).
     pub(super) fn listener_of(
         &self,
         netns: u32,
         (addr, port): (IpAddr, u16),
+        chosen: Option<u64>,
     ) -> Option<(SockKey, Option<Owner>)> {
-        [addr, IpAddr::V4(Ipv4Addr::UNSPECIFIED), IpAddr::V6(Ipv6Addr::UNSPECIFIED)]
-            .iter()
-            .find_map(|a| self.listeners.get(&(netns, port, *a)))
-            .cloned()
+        let groups: Vec<&Vec<(SockKey, Option<Owner>)>> =
+            [addr, IpAddr::V4(Ipv4Addr::UNSPECIFIED), IpAddr::V6(Ipv6Addr::UNSPECIFIED)]
+                .iter()
+                .filter_map(|a| self.listeners.get(&(netns, port, *a)))
+                .collect();
+        let named = chosen.and_then(|cookie| {
+            groups.iter().flat_map(|g| g.iter()).find(|(key, _)| *key == SockKey::Cookie(cookie))
+        });
+        named.or_else(|| groups.first().and_then(|g| g.first())).cloned()
+    }
+
+    /// Adds a listener at `at` (beside others there: SO_REUSEPORT).
+    pub(super) fn add_listener(&mut self, at: ListenerKey, key: SockKey, owner: Option<Owner>) {
+        let group = self.listeners.entry(at).or_default();
+        group.retain(|(k, _)| *k != key);
+        group.push((key, owner));
+    }
+
+    pub(super) fn remove_listener(&mut self, at: ListenerKey, key: SockKey) {
+        if let Some(group) = self.listeners.get_mut(&at) {
+            group.retain(|(k, _)| *k != key);
+            if group.is_empty() {
+                self.listeners.remove(&at);
+            }
+        }
     }
 }

@@ -41,8 +41,9 @@ pub struct Table {
     // Fx hashing: the keys are kernel cookies and pids, which no one outside chooses, and
     // SipHash was a tenth of the agent's time under load (cargo xtask bench, perf).
     sockets: FxHashMap<SockKey, Socket>,
-    /// Each listening socket's key and owner, to find the listener of a new passive socket.
-    listeners: HashMap<ListenerKey, (SockKey, Option<Owner>)>,
+    /// Each listening socket's key and owner, to find the listener of a new passive socket;
+    /// several share an address with SO_REUSEPORT.
+    listeners: HashMap<ListenerKey, Vec<(SockKey, Option<Owner>)>>,
     /// Accept-queue counts, by listening socket.
     accept_queues: FxHashMap<SockKey, AcceptQueue>,
     closed: VecDeque<SockKey>,
@@ -89,7 +90,7 @@ impl Table {
                 && r.protocol == Protocol::Tcp
                 && matches!(r.state, TcpState::Established | TcpState::CloseWait)
         }) {
-            if let Some((listener, _)) = self.listener_of(row.netns, row.local) {
+            if let Some((listener, _)) = self.listener_of(row.netns, row.local, None) {
                 self.enqueue(SockKey::Cookie(row.cookie), listener);
             }
         }
@@ -117,7 +118,7 @@ impl Table {
             .map(|o| Owner { pid: o.pid, comm: o.comm.clone() });
         let key = SockKey::Cookie(row.cookie);
         if row.protocol == Protocol::Tcp && row.state == TcpState::Listen {
-            self.listeners.insert((row.netns, row.local.1, row.local.0), (key, owner.clone()));
+            self.add_listener((row.netns, row.local.1, row.local.0), key, owner.clone());
             self.accept_queues.entry(key).or_default();
         }
         let socket = self.sockets.entry(key).or_default();
@@ -241,6 +242,8 @@ impl Table {
             Event::Retransmit(retransmit) => {
                 self.retransmit(&retransmit);
             }
+            // Joined to the child's LISTEN -> SYN_RECV before the table sees it (clones).
+            Event::ChildOf { .. } => {}
         }
         None
     }

@@ -27,6 +27,7 @@ fn change(cookie: u64, ts_ns: u64, old: TcpState, new: TcpState, on_cpu: Task) -
         new,
         task: on_cpu,
         deferred_connect: false,
+        listener: None,
         totals: None,
     })
 }
@@ -198,7 +199,8 @@ fn closed_into_timewait(table: &mut Table, tw_state: TcpState) -> Option<Transit
     let Event::State(mut close) = change(1, 50_000, FinWait2, Close, task(0, "swapper/0")) else {
         unreachable!()
     };
-    close.totals = Some(Totals { bytes_sent: 100, bytes_received: 2000, retransmits: 1 });
+    close.totals =
+        Some(Totals { bytes_sent: 100, bytes_received: 2000, retransmits: 1, unread: 0 });
     table.enter_timewait(close, &timewait_row(1, tw_state, 60_000), 50_000)
 }
 
@@ -432,9 +434,23 @@ fn failures_are_classified_at_close() {
         "close() with SO_LINGER 0 or unread data"
     );
     assert_eq!(
-        failure(vec![syn(4), established, abort]),
+        failure(vec![syn(4), established.clone(), abort]),
         Some(Failure::Timeout),
         "the kernel gave up on a connection its owner still holds"
+    );
+    // A server that shut its side down, then closed with the client's data unread.
+    let shut = change(4, 3, Established, FinWait1, task(1, "app"));
+    let half = change(4, 4, FinWait1, FinWait2, task(0, "x"));
+    let Event::State(mut unread_close) = change(4, 5, FinWait2, Close, task(1, "app")) else {
+        unreachable!()
+    };
+    unread_close.totals =
+        Some(Totals { bytes_sent: 555, bytes_received: 98_457, retransmits: 0, unread: 65_536 });
+    let unread_close = Event::State(unread_close);
+    assert_eq!(
+        failure(vec![syn(4), established, shut, half, released(4, 5), unread_close]),
+        Some(Failure::ResetSent),
+        "closed from FIN_WAIT2 with data unread"
     );
 }
 

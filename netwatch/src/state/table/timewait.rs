@@ -283,6 +283,7 @@ fn quiet_change(
         new,
         task: Task { pid: 0, tid: 0, comm: String::new() },
         deferred_connect: false,
+        listener: None,
         totals,
     }
 }
