@@ -391,7 +391,7 @@ fn sockets_from_the_snapshot_have_their_owner_in_history() {
 }
 
 /// A burst of short connections from a narrow port range to a server that closes first, as
-/// an HTTP/1.0 server does: a new connection from a reused client port takes over the
+/// an HTTP/1.0 server does: a new connection from a reused client port may take over the
 /// server's timewait socket for its 4-tuple, and a small `tcp_max_tw_buckets` makes the
 /// kernel skip others (TcpExtTCPTimeWaitOverflow), neither with an event. Right after the
 /// burst, the agent's table equals ss: not 60 s later.
@@ -400,15 +400,15 @@ fn the_table_equals_ss_right_after_a_burst_that_reuses_timewait_sockets() {
     require_root();
     let agent = Agent::start(&Agent::test_socket("tw-burst"));
     let ns = NetNs::new("twburst");
-    ns.exec(&["sysctl", "-qw", "net.ipv4.ip_local_port_range=40000 40019"]);
-    ns.exec(&["sysctl", "-qw", "net.ipv4.tcp_max_tw_buckets=4"]);
+    ns.exec(&["sysctl", "-qw", "net.ipv4.ip_local_port_range=40000 40007"]);
+    ns.exec(&["sysctl", "-qw", "net.ipv4.tcp_max_tw_buckets=2"]);
     let sockpeer = env!("CARGO_BIN_EXE_sockpeer");
     let serve = ["serve-many", "127.0.0.1:0", "300", "server-first"];
     let (mut server, line) = netwatch_tests::sockpeer_in(&ns, sockpeer, &serve);
     let port = netwatch_tests::listening_port(&line);
     let target = format!("127.0.0.1:{port}");
     let churn = ns.command(sockpeer).args(["churn", &target, "300", "server-first"]).status();
-    assert!(churn.unwrap().success(), "300 round trips from 20 ports");
+    assert!(churn.unwrap().success(), "300 round trips from 8 ports");
     assert!(server.wait().unwrap().success());
     assert!(nstat(&ns, "TcpExtTCPTimeWaitOverflow") > 0, "the timewait buckets overflowed");
     // One question, one answer: nothing in the namespace changes for a minute now.
@@ -417,12 +417,11 @@ fn the_table_equals_ss_right_after_a_burst_that_reuses_timewait_sockets() {
     let theirs = netwatch_tests::oracle::ss_rows(&ns);
     assert!(started.elapsed() < Duration::from_secs(5));
     let timewaits = theirs.iter().filter(|r| r.1 == "TIME-WAIT").count();
-    assert!((1..=4).contains(&timewaits), "ss shows the kernel's few: {timewaits}");
+    assert!((1..=2).contains(&timewaits), "ss shows the kernel's few: {timewaits}");
     assert_eq!(ours, theirs, "the agent's table right after the burst");
-    // The takeovers happened, and the agent ended those timewait sockets as reused.
-    let histories = agent.ask_json("history", &["sport", "=", &format!(":{port}")]);
-    let reused = histories.as_array().unwrap().iter().filter(|h| h["ending"] == "reused").count();
-    assert!(reused > 0, "no timewait socket was taken over");
+    // Whether a SYN takes over a timewait socket depends on its sequence number and
+    // timestamp (tcp_timewait_state_process), so takeovers here are likely, not certain; the
+    // takeover itself is tested on its own above.
     assert!(agent.stop().success());
 }
 

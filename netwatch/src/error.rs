@@ -14,13 +14,20 @@ pub enum Error {
     TableNotRoot,
 
     #[error(
-        "this kernel has no BTF ({path} does not exist): it was built without \
-         CONFIG_DEBUG_INFO_BTF=y (use `--source classic`)"
+        "this kernel has no BTF ({path} does not exist: it was built without \
+         CONFIG_DEBUG_INFO_BTF=y), so only the classic tracepoint can be used (`--source \
+         classic`, which `--source auto` falls back to)"
     )]
     NoBtf { path: PathBuf },
 
-    #[error("cannot use kernel BTF at {path}: {reason}")]
+    #[error("cannot use kernel BTF at {path}: {reason} (`--source classic` does without it)")]
     Btf { path: PathBuf, reason: String },
+
+    #[error(
+        "tp_btf/inet_sock_set_state could not be attached ({reason}); `--source auto` falls \
+         back to the classic tracepoint, and `netwatch check` lists every hook"
+    )]
+    NoTpBtf { reason: String },
 
     #[error(
         "tracefs is not mounted and mounting it failed ({reason}); run \
@@ -29,8 +36,8 @@ pub enum Error {
     Tracefs { reason: String },
 
     #[error(
-        "no TCP state tracepoint could be attached ({reasons}); try `--source classic`, or \
-         run `netwatch check` for every hook"
+        "no TCP state tracepoint could be attached, neither tp_btf nor the classic one \
+         ({reasons}); netwatch cannot trace on this kernel"
     )]
     NoStateSource { reasons: String },
 

@@ -19,9 +19,6 @@ pub const TARGET: &str = "x86_64-unknown-linux-musl";
 /// What the packaging needs on the host.
 pub const PACKAGES: &[&str] = &["dpkg-dev", "systemd", "binutils"];
 
-/// The kernel the bare-root test boots: the first of the matrix.
-const BARE_KERNEL: &str = "linux-image-amd64";
-
 /// sock_diag for `netwatch table` and the agent's lookups (Debian builds them as modules).
 const BARE_MODULES: &[&str] = &["net/ipv4/inet_diag", "net/ipv4/tcp_diag", "net/ipv4/udp_diag"];
 
@@ -69,27 +66,21 @@ grep '"rport":9' /tmp/watch.json | grep -q '"failure":"refused"' && pass refused
 
 const BARE_CHECKS: &[&str] = &["check", "agent", "table", "connect", "refused"];
 
-fn version(root: &Path) -> anyhow::Result<String> {
-    let manifest = std::fs::read_to_string(root.join("Cargo.toml"))?;
-    manifest
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("version = \"")?.strip_suffix('"').map(String::from))
-        .context("no version in Cargo.toml")
+/// The workspace's version, which xtask shares (`version.workspace`).
+const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The kernel the bare-root test boots: the first of the matrix.
+fn bare_kernel() -> &'static str {
+    vm::MATRIX[0].package
 }
 
-fn run(command: &mut Command) -> anyhow::Result<()> {
-    let status = command.status().with_context(|| format!("running {command:?}"))?;
-    if !status.success() {
-        bail!("{command:?} failed ({status})");
-    }
-    Ok(())
-}
+use setup::run_visible as run;
 
 /// Builds everything into target/dist and runs the bare-root test; returns the binary.
 pub fn dist(root: &Path) -> anyhow::Result<PathBuf> {
-    setup::ensure_packages(&[PACKAGES, vm::PACKAGES, &[BARE_KERNEL]].concat())?;
+    setup::ensure_packages(&[PACKAGES, vm::PACKAGES, &[bare_kernel()]].concat())?;
     setup::ensure_target(TARGET)?;
-    let version = version(root)?;
+    let version = VERSION;
     let out = root.join("target/dist");
     std::fs::create_dir_all(&out)?;
     let binary = step(&format!("build a static netwatch ({TARGET})"), || {
@@ -116,7 +107,7 @@ pub fn dist(root: &Path) -> anyhow::Result<PathBuf> {
     })?;
     let size = std::fs::metadata(&binary)?.len();
     eprintln!("==> {}: {:.1} MiB ({size} bytes)", binary.display(), size as f64 / 1048576.0);
-    let deb = step("build the .deb", || deb(root, &binary, &version, &out))?;
+    let deb = step("build the .deb", || deb(root, &binary, version, &out))?;
     step("checksums", || {
         let names =
             [&binary, &deb].map(|p| p.file_name().map(|n| n.to_os_string()).unwrap_or_default());
@@ -193,14 +184,15 @@ fn verify_unit(unit: &Path, binary: &Path, out: &Path) -> anyhow::Result<()> {
     // verify also reports on units it pulls in from this machine; only ours is checked.
     let ours: Vec<&str> = said.lines().filter(|l| l.contains("netwatch-agent.service")).collect();
     if !output.status.success() || !ours.is_empty() {
-        bail!("systemd-analyze verify netwatch-agent.service: {}", ours.join("; "));
+        let said = if ours.is_empty() { said.trim().to_string() } else { ours.join("; ") };
+        bail!("systemd-analyze verify netwatch-agent.service: {said}");
     }
     Ok(())
 }
 
 /// Boots Debian 12's kernel with busybox, the sock_diag modules and `binary` only.
 fn bare_root(root: &Path, binary: &Path) -> anyhow::Result<()> {
-    let release = vm::kernel_release(BARE_KERNEL)?;
+    let release = vm::kernel_release(bare_kernel())?;
     let dir = root.join("target/dist/bare");
     std::fs::create_dir_all(&dir)?;
     let image = vm::Image {

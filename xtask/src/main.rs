@@ -34,8 +34,8 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Set up, then run the unit tests, the privileged integration tests, and the kernel
-    /// matrix (`vm`).
+    /// Set up, then run the unit tests, the privileged integration tests, the kernel matrix
+    /// (`vm`), and `dist` with its bare-root test.
     Test,
     /// Build the static binary and the .deb into target/dist, with checksums, and test the
     /// binary in a bare root under qemu.

@@ -130,7 +130,6 @@ fn nightly_llvm_major() -> anyhow::Result<u32> {
         .context("`rustc +nightly -vV` printed no LLVM version")
 }
 
-/// Installs the Debian packages in `packages` that are missing (the benchmarks' peers).
 /// Installs the standard library of `target` for the stable toolchain, if missing.
 pub fn ensure_target(target: &str) -> anyhow::Result<()> {
     let installed = Command::new("rustup")
@@ -145,6 +144,7 @@ pub fn ensure_target(target: &str) -> anyhow::Result<()> {
     })
 }
 
+/// Installs the Debian packages in `packages` that are missing.
 pub fn ensure_packages(packages: &[&str]) -> anyhow::Result<()> {
     let missing: Vec<&str> = packages.iter().copied().filter(|p| !package_installed(p)).collect();
     if missing.is_empty() {
@@ -261,7 +261,7 @@ fn mount_tracefs() -> anyhow::Result<()> {
         .with_context(|| format!("run by hand: {by_hand}"))
 }
 
-fn run_visible(command: &mut Command) -> anyhow::Result<()> {
+pub(crate) fn run_visible(command: &mut Command) -> anyhow::Result<()> {
     let status = command.status().with_context(|| format!("starting {command:?}"))?;
     if !status.success() {
         bail!("{command:?} failed ({status})");

@@ -28,6 +28,8 @@ pub const PACKAGES: &[&str] = &["qemu-system-x86", "busybox-static", "cpio"];
 /// One kernel's run: each test binary's counts, and the console log.
 pub struct Outcome {
     pub label: &'static str,
+    /// How many test binaries were sent in.
+    pub expected: usize,
     pub release: String,
     pub binaries: Vec<BinaryResult>,
     pub took: Duration,
@@ -39,13 +41,14 @@ pub struct BinaryResult {
     pub name: String,
     pub passed: u32,
     pub failed: u32,
-    /// The binary printed no result line: it hung, crashed or timed out.
+    /// Whether the binary printed its result line (false: it hung, crashed or timed out).
     pub finished: bool,
 }
 
 impl Outcome {
     pub fn passed(&self) -> bool {
-        !self.binaries.is_empty() && self.binaries.iter().all(|b| b.finished && b.failed == 0)
+        self.binaries.len() == self.expected
+            && self.binaries.iter().all(|b| b.finished && b.failed == 0)
     }
 }
 
@@ -266,6 +269,7 @@ pub fn run(
         std::fs::write(&console_path, &console)?;
         outcomes.push(Outcome {
             label: kernel.label,
+            expected: tests.len(),
             release,
             binaries: parse_console(&console),
             took: started.elapsed(),

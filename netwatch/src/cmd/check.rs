@@ -23,10 +23,10 @@ struct Report<'a> {
 pub async fn run(args: &CheckArgs) -> anyhow::Result<()> {
     let probes = loader::load(&LoadOptions::default())?;
     let hooks = &probes.hooks;
-    let full_path = hooks.iter().all(|h| h.state != HookState::Failed)
-        && hooks.iter().all(|h| {
-            h.state == HookState::Attached || h.program == netwatch_common::program::STATE_CLASSIC
-        });
+    // The classic fallback is not needed on the full path.
+    let full_path = hooks.iter().all(|h| {
+        h.state == HookState::Attached || h.program == netwatch_common::program::STATE_CLASSIC
+    });
     let report =
         Report { kernel: procfs_release(), source: probes.source.to_string(), full_path, hooks };
     if args.json {

@@ -73,7 +73,8 @@ fn row_of(copy: &OwnedFd, inode: u64, pid: u32) -> io::Result<Option<SocketRow>>
         _ => return Ok(None),
     };
     let local = socket.local_addr()?.as_socket().map_or((any, 0), |a| (a.ip(), a.port()));
-    let netns = std::fs::metadata(format!("/proc/{pid}/ns/net"))?.ino() as u32;
+    let netns = socket_netns(copy)
+        .or_else(|_| std::fs::metadata(format!("/proc/{pid}/ns/net")).map(|m| m.ino() as u32))?;
     Ok(Some(SocketRow {
         netns,
         protocol,
@@ -90,4 +91,20 @@ fn row_of(copy: &OwnedFd, inode: u64, pid: u32) -> io::Result<Option<SocketRow>>
         v6only: false,
         scope: None,
     }))
+}
+
+/// `SIOCGSKNS` (linux/sockios.h; not in the libc crate): a socket's own network namespace,
+/// as an fd. The holder's namespace may differ: a socket keeps the one it was made in.
+const SIOCGSKNS: libc::c_ulong = 0x894C;
+
+/// The inode of the network namespace `socket` belongs to.
+fn socket_netns(socket: &OwnedFd) -> io::Result<u32> {
+    // SAFETY: an ioctl on our own socket fd that returns a new fd, owned below.
+    let ns = unsafe { libc::ioctl(socket.as_raw_fd(), SIOCGSKNS) };
+    if ns < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `ns` is a new fd from the kernel, owned here only.
+    let ns = unsafe { OwnedFd::from_raw_fd(ns) };
+    Ok(std::fs::metadata(format!("/proc/self/fd/{}", ns.as_raw_fd()))?.ino() as u32)
 }

@@ -149,7 +149,7 @@ impl Attacher<'_> {
                 });
             }
             (_, why_not) => {
-                let why = why_not.unwrap_or("no kernel BTF (the fd-table walk needs its offsets)");
+                let why = why_not.unwrap_or("no kernel BTF");
                 let names =
                     syscalls.iter().map(|(n, _)| *n).chain(processes.iter().map(|(n, _)| *n));
                 for name in names.chain([program::PROCESS_FORK, program::CHILD_OF]) {

@@ -15,7 +15,7 @@ use aya::{
     Btf, Ebpf, EbpfLoader,
     maps::{MapData, PerCpuArray, RingBuf},
 };
-use netwatch_common::{global, map};
+use netwatch_common::{global, map, program};
 
 use super::{
     attach::Attacher,
@@ -130,7 +130,7 @@ pub fn load(options: &LoadOptions) -> Result<Probes> {
         SourceChoice::Auto => match KernelBtf::from_sys_fs() {
             Ok(btf) => Some(btf),
             Err(error) => {
-                warnings.push(format!("{error}: only what needs no BTF is traced"));
+                warnings.push(error.to_string());
                 None
             }
         },
@@ -140,11 +140,14 @@ pub fn load(options: &LoadOptions) -> Result<Probes> {
         None => Vec::new(),
     };
     // Read even with BTF: the classic tracepoint is the fallback if tp_btf fails to load.
-    let classic_fields = match classic_tracepoint_fields() {
-        Ok(fields) => Ok(fields),
-        Err(error) if kernel_btf.is_none() => return Err(error),
-        Err(error) => Err(error),
-    };
+    let classic_fields = classic_tracepoint_fields();
+    if kernel_btf.is_none() {
+        // Without BTF the classic tracepoint is all there is.
+        classic_fields.as_ref().map_err(|e| Error::TracepointFormat {
+            path: PathBuf::from("events/sock/inet_sock_set_state/format"),
+            reason: e.to_string(),
+        })?;
+    }
     let syscall_fields = syscall_field_offsets();
 
     let mut loader = EbpfLoader::new();
@@ -174,8 +177,9 @@ pub fn load(options: &LoadOptions) -> Result<Probes> {
         return Err(Error::NoStateSource { reasons: why.join("; ") });
     };
     if source != StateSource::TpBtf && options.source == SourceChoice::Btf {
-        let why = attacher.statuses.first().and_then(|s| s.reason.clone()).unwrap_or_default();
-        return Err(Error::NoStateSource { reasons: why });
+        let status = attacher.statuses.iter().find(|s| s.program == program::STATE_BTF);
+        let reason = status.and_then(|s| s.reason.clone()).unwrap_or_default();
+        return Err(Error::NoTpBtf { reason });
     }
     // The fd-table programs name sockets by cookie, which classic state events do not carry.
     let why_not = match (&syscall_fields, source) {

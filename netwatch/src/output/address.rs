@@ -1,6 +1,7 @@
 //! One way to write a socket's end, ss's, for every view: `127.0.0.1:80`, `[::1]:80`, `*:80`
 //! for a dual-stack wildcard, `[::]:80` for an IPV6_V6ONLY one, `[fe80::1]%eth0:22` for a
-//! socket bound to an interface, and `*` for port 0.
+//! socket bound to an interface, and `*` for port 0. Each view passes what it knows of the
+//! socket (V6ONLY, the interface).
 use std::net::IpAddr;
 
 /// An endpoint as ss prints it. `v6only`: the socket takes no IPv4 (an IPv6 wildcard is then

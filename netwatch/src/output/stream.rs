@@ -1,4 +1,5 @@
-//! How stream records look as text: one aligned line per record, under [`TEXT_HEADER`].
+//! How stream records look as text: one aligned line per record, under the header of its
+//! [`TextLayout`].
 //! NDJSON is the records' own serialization ([`crate::record`]).
 use std::net::IpAddr;
 

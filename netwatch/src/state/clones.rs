@@ -22,7 +22,11 @@ const MAX_HELD: usize = 4096;
 #[derive(Default)]
 pub struct Clones {
     held: HashMap<u64, StateChange>,
+    /// Held children's addresses, oldest first; released ones are skipped when evicting.
     order: VecDeque<u64>,
+    /// Whether `fexit/inet_csk_clone_lock` is attached: only then is a named child held
+    /// for its listener.
+    listener_told: bool,
 }
 
 fn named(change: &StateChange) -> bool {
@@ -30,6 +34,10 @@ fn named(change: &StateChange) -> bool {
 }
 
 impl Clones {
+    pub fn new(listener_told: bool) -> Self {
+        Clones { listener_told, ..Default::default() }
+    }
+
     /// Appends to `out` the events to apply for `event`, in order: none while a child's first
     /// transition is held, then that transition (with its listener, renamed if need be)
     /// before anything else of the child's.
@@ -45,11 +53,12 @@ impl Clones {
                 }
             }
             Event::State(change)
-                if change.old == TcpState::Listen && change.new == TcpState::SynRecv =>
+                if change.old == TcpState::Listen
+                    && change.new == TcpState::SynRecv
+                    && (self.listener_told || !named(&change)) =>
             {
-                if self.held.len() >= MAX_HELD
-                    && let Some(oldest) = self.order.pop_front()
-                {
+                while self.held.len() >= MAX_HELD {
+                    let Some(oldest) = self.order.pop_front() else { break };
                     self.held.remove(&oldest);
                 }
                 self.order.push_back(change.skaddr);
@@ -75,7 +84,9 @@ impl Clones {
 
     fn release(&mut self, skaddr: u64) -> Option<StateChange> {
         let held = self.held.remove(&skaddr)?;
-        self.order.retain(|s| *s != skaddr);
+        if self.held.is_empty() {
+            self.order.clear();
+        }
         Some(held)
     }
 }
@@ -125,7 +136,7 @@ mod tests {
     #[test]
     fn a_child_named_late_is_held_until_its_next_transition() {
         use TcpState::*;
-        let mut clones = Clones::default();
+        let mut clones = Clones::new(true);
         let mut out = Vec::new();
         // 6.1: the child still has its listener's cookie (1) and no remote port.
         clones.sort(Event::State(change(Listen, SynRecv, 1, 0)), &mut out);
@@ -141,7 +152,7 @@ mod tests {
     #[test]
     fn a_named_child_waits_only_for_its_listener() {
         use TcpState::*;
-        let mut clones = Clones::default();
+        let mut clones = Clones::new(true);
         let mut out = Vec::new();
         clones.sort(Event::State(change(Listen, SynRecv, 4, 5000)), &mut out);
         assert!(out.is_empty());
@@ -149,11 +160,15 @@ mod tests {
         assert_eq!(states(&out), [(Listen, SynRecv, 4, 5000)]);
         let Event::State(first) = &out[0] else { panic!() };
         assert_eq!(first.listener, Some(9));
-        // Without the listener's word (its program not attached), the next transition
-        // releases it.
+        // A listener's word that does not come: the next transition releases it.
         out.clear();
         clones.sort(Event::State(change(Listen, SynRecv, 5, 5001)), &mut out);
         clones.sort(Event::State(change(SynRecv, Established, 5, 5001)), &mut out);
         assert_eq!(states(&out), [(Listen, SynRecv, 5, 5001), (SynRecv, Established, 5, 5001)]);
+        // Without the program that tells, a named child is not held at all.
+        out.clear();
+        let mut untold = Clones::new(false);
+        untold.sort(Event::State(change(Listen, SynRecv, 6, 5002)), &mut out);
+        assert_eq!(states(&out), [(Listen, SynRecv, 6, 5002)]);
     }
 }

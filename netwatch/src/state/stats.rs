@@ -6,7 +6,6 @@
 //! Memory is bounded: each key keeps its count, max and last `SAMPLES` latencies (the
 //! percentiles are over those), and at most `KEYS` keys per table are kept, the least
 //! recently seen going first.
-use crate::output::address::endpoint;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
@@ -259,11 +258,9 @@ fn remote_key(direction: Option<Direction>, ends: Endpoints) -> String {
     let Endpoints { local, remote } = ends;
     let remote = (remote.0.to_canonical(), remote.1);
     match direction {
-        Some(Direction::Inbound) => {
-            let peer = endpoint((remote.0, 0), false, None, None);
-            format!("{} -> :{}", peer.trim_end_matches(":*"), local.1)
-        }
-        _ => endpoint(remote, false, None, None),
+        Some(Direction::Inbound) => format!("{} -> :{}", remote.0, local.1),
+        // A peer's address is never a wildcard, nor its port 0: ss writes it as std does.
+        _ => std::net::SocketAddr::from(remote).to_string(),
     }
 }
 

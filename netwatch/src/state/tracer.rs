@@ -12,6 +12,7 @@ use crate::{
         sock_diag::DiagSocket,
     },
     kernel::events::{Event, EventReader, StateChange, TcpState},
+    kernel::hooks::HookState,
     kernel::loader::{self, LoadOptions, Probes, RingCounters},
     record::{Listed, OwnerChange, RetransmitRecord, StreamRecord, TransitionRecord, WallClock},
     serve::metrics::Health,
@@ -114,6 +115,9 @@ impl Tracer {
         }
         tracing::info!("snapshot: {} sockets in {:.1?}", snapshot.rows.len(), snapshot.took);
         let table = seeded_table(&mut snapshot);
+        let listener_told = probes.hooks.iter().any(|h| {
+            h.program == netwatch_common::program::CHILD_OF && h.state == HookState::Attached
+        });
         let namespaces =
             std::mem::take(&mut snapshot.namespaces).into_iter().map(|ns| (ns.inode, ns)).collect();
         Ok(Tracer {
@@ -135,7 +139,7 @@ impl Tracer {
             diag: DiagSockets::default(),
             batch: Vec::new(),
             sorted: Vec::new(),
-            clones: Clones::default(),
+            clones: Clones::new(listener_told),
             ring_size: options.ring_size.unwrap_or(loader::DEFAULT_RING_SIZE),
             snapshot_at: unix_now(),
             timewait_checked: HashMap::new(),
@@ -503,7 +507,6 @@ impl Tracer {
     }
 }
 
-/// A transition into LISTEN of an IPv6 socket bound to the wildcard address.
 /// Which new sockets get a sock_diag lookup for the facts no event carries: every new
 /// listener (IPV6_V6ONLY; SO_BINDTODEVICE), and every connection with an IPv6 link-local
 /// address, which is always bound to its interface. Both are rare, so this costs little. A

@@ -275,14 +275,13 @@ impl Table {
                 self.remember_closed(change.key);
             }
         }
-        let ending = None;
         Transition {
             change,
             owner,
             in_old_state_ns,
             lifespan_ns,
             failure,
-            ending,
+            ending: None,
             direction,
             v6only,
         }

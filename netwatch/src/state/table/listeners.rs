@@ -124,15 +124,14 @@ impl Table {
         (addr, port): (IpAddr, u16),
         chosen: Option<u64>,
     ) -> Option<(SockKey, Option<Owner>)> {
-        let groups: Vec<&Vec<(SockKey, Option<Owner>)>> =
+        let groups = || {
             [addr, IpAddr::V4(Ipv4Addr::UNSPECIFIED), IpAddr::V6(Ipv6Addr::UNSPECIFIED)]
-                .iter()
-                .filter_map(|a| self.listeners.get(&(netns, port, *a)))
-                .collect();
-        let named = chosen.and_then(|cookie| {
-            groups.iter().flat_map(|g| g.iter()).find(|(key, _)| *key == SockKey::Cookie(cookie))
-        });
-        named.or_else(|| groups.first().and_then(|g| g.first())).cloned()
+                .into_iter()
+                .filter_map(move |a| self.listeners.get(&(netns, port, a)))
+        };
+        let named = chosen
+            .and_then(|cookie| groups().flatten().find(|(key, _)| *key == SockKey::Cookie(cookie)));
+        named.or_else(|| groups().next().and_then(|g| g.first())).cloned()
     }
 
     /// Adds a listener at `at` (beside others there: SO_REUSEPORT).
