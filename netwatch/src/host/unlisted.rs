@@ -95,7 +95,7 @@ fn row_of(copy: &OwnedFd, inode: u64, pid: u32) -> io::Result<Option<SocketRow>>
 
 /// `SIOCGSKNS` (linux/sockios.h; not in the libc crate): a socket's own network namespace,
 /// as an fd. The holder's namespace may differ: a socket keeps the one it was made in.
-const SIOCGSKNS: libc::c_ulong = 0x894C;
+const SIOCGSKNS: libc::Ioctl = 0x894C;
 
 /// The inode of the network namespace `socket` belongs to.
 fn socket_netns(socket: &OwnedFd) -> io::Result<u32> {
