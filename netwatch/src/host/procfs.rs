@@ -82,11 +82,10 @@ fn proc_row(
 /// default, net.ipv6.bindv6only (a program may have changed it: this is a guess).
 fn v6only_guess(local: IpAddr) -> bool {
     match local {
-        IpAddr::V4(_) => false,
         IpAddr::V6(v6) if v6.is_unspecified() => {
             std::fs::read_to_string("/proc/sys/net/ipv6/bindv6only").is_ok_and(|v| v.trim() == "1")
         }
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().is_none(),
+        local => super::snapshot::v6only_by_bind(local),
     }
 }
 

@@ -67,6 +67,18 @@ pub struct SocketRow {
     pub scope: Option<String>,
 }
 
+/// Whether binding to `local` makes an IPv6 socket IPV6_V6ONLY: any IPv6 address but `::`
+/// and a v4-mapped one does (the kernel's `__inet6_bind`), which ss shows in its peer
+/// (`[::]:*`, not `*:*`).
+pub fn v6only_by_bind(local: IpAddr) -> bool {
+    matches!(local, IpAddr::V6(v6) if !v6.is_unspecified() && v6.to_ipv4_mapped().is_none())
+}
+
+/// An IPv6 link-local address: a socket with one is always bound to its interface.
+pub fn is_link_local(addr: IpAddr) -> bool {
+    matches!(addr, IpAddr::V6(v6) if v6.is_unicast_link_local())
+}
+
 /// A process holding a socket through one of its file descriptors.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Holder {

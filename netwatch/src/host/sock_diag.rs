@@ -12,7 +12,7 @@ use netlink_packet_sock_diag::{
 };
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_SOCK_DIAG};
 
-use super::snapshot::{Protocol, SocketRow, Timer, TimerKind, in_namespace};
+use super::snapshot::{Protocol, SocketRow, Timer, TimerKind, in_namespace, is_link_local};
 use crate::kernel::events::{Family, TcpState};
 
 /// Offset of `idiag_expires` in the netlink message (16-byte header + inet_diag_msg field).
@@ -52,10 +52,8 @@ impl DiagSocket {
         local: (IpAddr, u16),
         remote: (IpAddr, u16),
     ) -> io::Result<Option<SocketRow>> {
-        let link_local =
-            |addr: IpAddr| matches!(addr, IpAddr::V6(v6) if v6.is_unicast_link_local());
         let mut interfaces = vec![0];
-        if link_local(local.0) || link_local(remote.0) {
+        if is_link_local(local.0) || is_link_local(remote.0) {
             interfaces.extend(self.interfaces.0.keys().copied());
         }
         let mut rows = Vec::new();

@@ -8,7 +8,7 @@ use anyhow::Context as _;
 use crate::{
     host::{
         procfs::socket_fds,
-        snapshot::{NetNamespace, Snapshot, network_namespaces},
+        snapshot::{NetNamespace, Snapshot, is_link_local, network_namespaces},
         sock_diag::DiagSocket,
     },
     kernel::events::{Event, EventReader, StateChange, TcpState},
@@ -514,9 +514,6 @@ impl Tracer {
 /// shown only by snapshots.
 fn needs_diag_facts(transition: &Transition) -> bool {
     let change = &transition.change;
-    let link_local = match change.local.0 {
-        std::net::IpAddr::V6(v6) => v6.is_unicast_link_local(),
-        std::net::IpAddr::V4(_) => false,
-    };
-    change.new == TcpState::Listen || (change.new == TcpState::Established && link_local)
+    change.new == TcpState::Listen
+        || (change.new == TcpState::Established && is_link_local(change.local.0))
 }

@@ -246,7 +246,7 @@ impl Table {
         if change.inode != 0 {
             facts.inode = change.inode;
         }
-        let v6only = facts.v6only || super::bound_to_an_ipv6_address(facts.local.0);
+        let v6only = facts.v6only();
         let owner = socket.owner.clone();
         let released = socket.released;
 

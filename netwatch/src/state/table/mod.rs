@@ -377,7 +377,7 @@ impl Table {
                         kind: TimerKind::Timewait,
                         remaining_ms: (end.saturating_sub(now_ns) / 1_000_000) as u32,
                     }),
-                    v6only: facts.v6only || bound_to_an_ipv6_address(facts.local.0),
+                    v6only: facts.v6only(),
                     scope: facts.scope.clone(),
                 },
                 // A timewait socket has no file: ss lists no process for it, even while the
@@ -397,10 +397,4 @@ impl Table {
         }
         rows
     }
-}
-
-/// Binding an IPv6 socket to an address other than `::` or a v4-mapped one makes it
-/// IPV6_V6ONLY (the kernel's `__inet6_bind`), which ss shows in its peer (`[::]:*`, not `*:*`).
-pub(super) fn bound_to_an_ipv6_address(local: std::net::IpAddr) -> bool {
-    matches!(local, std::net::IpAddr::V6(v6) if !v6.is_unspecified() && v6.to_ipv4_mapped().is_none())
 }

@@ -52,6 +52,11 @@ impl Facts {
         }
     }
 
+    /// Whether the socket takes no IPv4: as sock_diag said, or as its bind implies.
+    pub(super) fn v6only(&self) -> bool {
+        self.v6only || crate::host::snapshot::v6only_by_bind(self.local.0)
+    }
+
     /// The socket's (netns, local, remote), the key of a timewait socket's 4-tuple.
     pub(super) fn four_tuple(&self) -> FourTuple {
         (self.netns, self.local, self.remote)
