@@ -28,6 +28,8 @@
 //! - `sockpeer connect-fail ADDR:PORT timeout|abort` connects somewhere that never answers:
 //!   `timeout` waits for the kernel to give up (one SYN retry, about 3 s), `abort` closes the
 //!   socket 200 ms into the attempt;
+//! - `sockpeer syscalls getppid|file|unix SECONDS` loops over system calls with no TCP in
+//!   them and prints ns per iteration (for benchmarks; see [`syscalls`]);
 //! - `sockpeer hold` makes a mix of sockets in every state and shape `ss` lists, in two
 //!   steps (see [`hold`]).
 use std::{
@@ -41,6 +43,7 @@ use std::{
 use netwatch_tests::{client_roundtrip, serve_one};
 
 mod hold;
+mod syscalls;
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -67,6 +70,7 @@ fn main() -> ExitCode {
         ["churn", addr, count, "server-first"] => churn(addr, count, true),
         ["udp-sends", addr, count] => udp_sends(addr, count),
         ["rate", seconds] => rate(seconds),
+        ["syscalls", what, seconds] => syscalls::run(what, seconds).map(|ns| println!("{ns:.1}")),
         ["listen-shared", addr] => hold::listen_shared(addr),
         ["listen", addr] => TcpListener::bind(addr).and_then(|listener| {
             println!("listening {}", listener.local_addr()?.port());

@@ -57,6 +57,9 @@ enum Task {
         /// `--history-keep` values for the retention scenario.
         #[arg(long, value_delimiter = ',', default_value = "10000,40000")]
         retention: Vec<usize>,
+        /// Only these scenarios (retention, snapshot, overhead, latency, tax, idle).
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
     },
 }
 
@@ -90,7 +93,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let error = Command::new(&binary).args(&args).exec();
             Err(error).with_context(|| format!("starting {}", binary.display()))
         }
-        Task::Bench { sockets, retention } => {
+        Task::Bench { sockets, retention, only } => {
             setup::ensure_all()?;
             if !setup::is_root() {
                 bail!("the benchmarks load eBPF programs: run `sudo -E cargo xtask bench`");
@@ -101,15 +104,35 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     &["build", "--release", "-p", "netwatch", "-p", "netwatch-tests", "--bins"],
                 )
             })?;
-            setup::ensure_packages(&["libbpf-tools", "net-tools"])?;
+            setup::ensure_packages(&["libbpf-tools", "net-tools", "bpftool"])?;
             let started = std::time::Instant::now();
             let bench = bench::Bench::new(&root);
             // Retention first: the snapshot scenario leaves thousands of TIME_WAIT sockets
             // behind, which a new agent would take in.
-            bench.retention(&retention)?;
-            bench.snapshot(&sockets)?;
-            bench.overhead()?;
-            bench.latency()?;
+            const SCENARIOS: [&str; 6] =
+                ["retention", "snapshot", "overhead", "latency", "tax", "idle"];
+            if let Some(unknown) = only.iter().find(|o| !SCENARIOS.contains(&o.as_str())) {
+                bail!("no scenario '{unknown}': choose from {}", SCENARIOS.join(", "));
+            }
+            let wanted = |name: &str| only.is_empty() || only.iter().any(|o| o == name);
+            if wanted("retention") {
+                bench.retention(&retention)?;
+            }
+            if wanted("snapshot") {
+                bench.snapshot(&sockets)?;
+            }
+            if wanted("overhead") {
+                bench.overhead()?;
+            }
+            if wanted("latency") {
+                bench.latency()?;
+            }
+            if wanted("tax") {
+                bench.tax()?;
+            }
+            if wanted("idle") {
+                bench.idle()?;
+            }
             eprintln!("==> benchmarks done in {:.0?}", started.elapsed());
             Ok(())
         }

@@ -30,12 +30,13 @@ pub(super) struct Attacher<'a> {
 fn one_line(error: &ProgramError) -> String {
     let text = error.to_string();
     let (first, log) = text.split_once(". Verifier output:").unwrap_or((&text, ""));
-    if !log.is_empty() {
-        tracing::debug!("verifier: {log}");
-        let last = log.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim();
-        return format!("{first}; the verifier said: {last}");
+    match log.lines().rev().map(str::trim).find(|l| !l.is_empty()) {
+        Some(last) => {
+            tracing::debug!("verifier: {log}");
+            format!("{first}; the verifier said: {last}")
+        }
+        None => first.to_string(),
     }
-    first.to_string()
 }
 
 impl Attacher<'_> {

@@ -17,6 +17,9 @@
 //! Scenario `latency`: kernel timestamp to the line `netwatch watch` prints (through the
 //! agent), and connect() to the row in the agent's table, at a low rate and under load.
 //!
+//! Scenarios `tax` and `idle` (see [`cost`]): what the agent costs system calls with no TCP
+//! in them, and a host with no traffic.
+//!
 //! Each scenario's report (Markdown and JSON) goes to target/bench/.
 use std::{
     io::{BufRead as _, BufReader},
@@ -27,6 +30,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
+mod cost;
 mod latency;
 mod overhead;
 mod support;

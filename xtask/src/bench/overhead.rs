@@ -221,25 +221,52 @@ impl Bench {
         let stats_path = "/proc/sys/kernel/bpf_stats_enabled";
         let stats_before = std::fs::read_to_string(stats_path).unwrap_or_else(|_| "0".into());
         std::fs::write(stats_path, "1").context("enabling kernel.bpf_stats_enabled")?;
-        let kernel_side = (|| -> anyhow::Result<(f64, f64, f64)> {
+        type Programs = Vec<(String, u64, u64)>;
+        let kernel_side = (|| -> anyhow::Result<(f64, f64, f64, Programs, f64)> {
             let agent = Agent::start(self, &[])?;
             let (ns0, runs0) = bpf_run_time(agent.child.id())?;
+            let programs0 = bpf_programs(agent.child.id())?;
             let rate = self.load(LOAD_PROCESSES, LOAD_SECONDS)?;
             let (ns1, runs1) = bpf_run_time(agent.child.id())?;
+            let programs1 = bpf_programs(agent.child.id())?;
             let round_trips = rate * LOAD_SECONDS;
+            let mut programs: Programs = programs1
+                .into_iter()
+                .map(|(name, ns, runs)| {
+                    let (ns0, runs0) = programs0
+                        .iter()
+                        .find(|(n, ..)| *n == name)
+                        .map_or((0, 0), |(_, ns, runs)| (*ns, *runs));
+                    (name, ns - ns0, runs - runs0)
+                })
+                .filter(|(_, _, runs)| *runs > 0)
+                .collect();
+            programs.sort_by_key(|(_, ns, _)| std::cmp::Reverse(*ns));
             Ok((
                 (ns1 - ns0) as f64 / 1e9,
                 (runs1 - runs0) as f64 / round_trips,
                 (ns1 - ns0) as f64 / round_trips,
+                programs,
+                round_trips,
             ))
         })();
         let _ = std::fs::write(stats_path, stats_before.trim());
-        let (bpf_seconds, runs_per_round_trip, ns_per_round_trip) = kernel_side?;
+        let (bpf_seconds, runs_per_round_trip, ns_per_round_trip, programs, round_trips) =
+            kernel_side?;
         markdown.push_str(&format!(
             "\nKernel side (a separate run with `kernel.bpf_stats_enabled=1`): netwatch's programs \
              ran {runs_per_round_trip:.1} times per round trip, {ns_per_round_trip:.0} ns in all \
-             ({bpf_seconds:.2} s of CPU in {LOAD_SECONDS} s).\n"
+             ({bpf_seconds:.2} s of CPU in {LOAD_SECONDS} s).\n\n\
+             | program | runs per round trip | ns per run | ns per round trip |\n|---|---:|---:|---:|\n"
         ));
+        for (name, ns, runs) in &programs {
+            markdown.push_str(&format!(
+                "| {name} | {:.1} | {:.0} | {:.0} |\n",
+                *runs as f64 / round_trips,
+                *ns as f64 / *runs as f64,
+                *ns as f64 / round_trips,
+            ));
+        }
         json.push(format!(
             r#"{{"scenario":"kernel_side","bpf_cpu_s":{bpf_seconds:.3},"runs_per_round_trip":{runs_per_round_trip:.2},"ns_per_round_trip":{ns_per_round_trip:.0}}}"#
         ));

@@ -64,9 +64,15 @@ impl Agent {
             .spawn()
             .context("starting the agent")?;
         let mut reader = BufReader::new(child.stderr.take().context("stderr")?);
+        // Warnings (a program this kernel refuses) come before the line that says it serves.
+        let mut said = String::new();
         let mut line = String::new();
-        reader.read_line(&mut line)?;
-        let stderr = std::sync::Arc::new(std::sync::Mutex::new(line.clone()));
+        while reader.read_line(&mut line)? > 0 && !line.contains("serving") {
+            said.push_str(&line);
+            line.clear();
+        }
+        said.push_str(&line);
+        let stderr = std::sync::Arc::new(std::sync::Mutex::new(said.clone()));
         let sink = stderr.clone();
         std::thread::spawn(move || {
             for line in reader.lines().map_while(Result::ok) {
@@ -78,7 +84,7 @@ impl Agent {
         });
         let agent = Agent { child, socket, netwatch, stderr };
         if !line.contains("serving") {
-            bail!("the agent did not start: {line}");
+            bail!("the agent did not start: {said}");
         }
         Ok(agent)
     }
@@ -231,6 +237,40 @@ pub(super) fn bpf_run_time(pid: u32) -> anyhow::Result<(u64, u64)> {
         }
     }
     Ok((ns, runs))
+}
+
+/// Per program of process `pid` (by name, from bpftool): (run time ns, runs), counted while
+/// `kernel.bpf_stats_enabled` is 1.
+pub(super) fn bpf_programs(pid: u32) -> anyhow::Result<Vec<(String, u64, u64)>> {
+    let mine: std::collections::HashSet<u64> = std::fs::read_dir(format!("/proc/{pid}/fdinfo"))?
+        .filter_map(|entry| std::fs::read_to_string(entry.ok()?.path()).ok())
+        .filter_map(|text| {
+            text.lines().find_map(|l| l.strip_prefix("prog_id:")?.trim().parse::<u64>().ok())
+        })
+        .collect();
+    let output = std::process::Command::new("bpftool")
+        .args(["prog", "show", "-j"])
+        .output()
+        .context("running bpftool (Debian's bpftool)")?;
+    // One JSON array of objects; the three fields wanted are plain numbers and a name.
+    let text = String::from_utf8_lossy(&output.stdout);
+    let mut programs = Vec::new();
+    for object in text.split("},{") {
+        let Some(id) = json_number(object, "id") else { continue };
+        if !mine.contains(&id) {
+            continue;
+        }
+        let name = object
+            .split("\"name\":\"")
+            .nth(1)
+            .and_then(|rest| rest.split('"').next())
+            .unwrap_or("?")
+            .to_string();
+        let ns = json_number(object, "run_time_ns").unwrap_or(0);
+        let runs = json_number(object, "run_cnt").unwrap_or(0);
+        programs.push((name, ns, runs));
+    }
+    Ok(programs)
 }
 
 /// A loopback port nobody uses right now.

@@ -1,0 +1,169 @@
+//! Scenario `tax`: what tracing costs work with no TCP in it. `sockpeer syscalls` loops
+//! (getppid; open, dup and two closes; a unix socket and its close) with nothing attached,
+//! with the agent and with `tcpstates`, interleaved over rounds.
+//!
+//! Scenario `idle`: the agent on a host with no traffic: its CPU share and how often its
+//! threads wake (context switches of all its threads, from /proc).
+use std::{
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+
+use super::{overhead::Tracing, support::*, *};
+
+const LOOPS: [&str; 3] = ["getppid", "file", "unix"];
+const LOOP_SECONDS: &str = "1";
+const TAX_ROUNDS: usize = 4;
+const IDLE_SECONDS: u64 = 10;
+
+/// A tracer running for as long as this lives.
+enum Tracer {
+    Nothing,
+    Agent(#[allow(dead_code)] Agent),
+    Tcpstates(std::process::Child),
+}
+
+impl Drop for Tracer {
+    fn drop(&mut self) {
+        if let Tracer::Tcpstates(child) = self {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Bench {
+    fn start_tracer(&self, tracing: Tracing) -> anyhow::Result<Tracer> {
+        Ok(match tracing {
+            Tracing::Nothing => Tracer::Nothing,
+            Tracing::Netwatch => Tracer::Agent(Agent::start(self, &[])?),
+            Tracing::Tcpstates => {
+                let mut child = Command::new("tcpstates")
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .context("starting tcpstates (Debian's libbpf-tools)")?;
+                std::thread::sleep(Duration::from_secs(2));
+                if child.try_wait()?.is_some() {
+                    bail!("tcpstates exited at start");
+                }
+                Tracer::Tcpstates(child)
+            }
+        })
+    }
+
+    /// ns per iteration of one `sockpeer syscalls` loop.
+    fn syscall_loop(&self, what: &str) -> anyhow::Result<f64> {
+        let output = Command::new(self.bin("sockpeer"))
+            .args(["syscalls", what, LOOP_SECONDS])
+            .output()
+            .context("starting sockpeer syscalls")?;
+        let text = String::from_utf8_lossy(&output.stdout);
+        if !output.status.success() {
+            bail!("sockpeer syscalls {what}: {}", String::from_utf8_lossy(&output.stderr));
+        }
+        text.trim().parse().with_context(|| format!("sockpeer syscalls {what}: {text:?}"))
+    }
+
+    pub fn tax(&self) -> anyhow::Result<()> {
+        let configs = [Tracing::Nothing, Tracing::Netwatch, Tracing::Tcpstates];
+        // (tracing, loop) -> ns per iteration, one sample per round.
+        let mut samples: Vec<(Tracing, &str, f64)> = Vec::new();
+        for round in 0..TAX_ROUNDS {
+            for tracing in configs {
+                eprintln!("==> bench tax: round {} of {TAX_ROUNDS}, {}", round + 1, tracing.name());
+                let _tracer = self.start_tracer(tracing)?;
+                for what in LOOPS {
+                    samples.push((tracing, what, self.syscall_loop(what)?));
+                }
+            }
+        }
+        let of = |tracing: Tracing, what: &str| {
+            timing(
+                samples
+                    .iter()
+                    .filter(|(t, w, _)| *t == tracing && *w == what)
+                    .map(|(_, _, ns)| *ns)
+                    .collect(),
+            )
+        };
+        let mut markdown = format!(
+            "## Tax on work with no TCP in it: system-call loops\n\n\
+             `sockpeer syscalls LOOP {LOOP_SECONDS}` under each set-up, {TAX_ROUNDS} rounds \
+             interleaved; ns per iteration, median (min-max), and the speed against nothing \
+             attached (untraced ns / traced ns; 1.0 is free).\n\n\
+             | loop | nothing attached | netwatch agent | speed | tcpstates | speed |\n\
+             |---|---:|---:|---:|---:|---:|\n"
+        );
+        let mut json = Vec::new();
+        for what in LOOPS {
+            let base = of(Tracing::Nothing, what);
+            let ours = of(Tracing::Netwatch, what);
+            let peer = of(Tracing::Tcpstates, what);
+            let cell = |t: &Timing| format!("{:.0} ({:.0}-{:.0})", t.median, t.min, t.max);
+            markdown.push_str(&format!(
+                "| {what} | {} | {} | {:.3} | {} | {:.3} |\n",
+                cell(&base),
+                cell(&ours),
+                base.median / ours.median,
+                cell(&peer),
+                base.median / peer.median,
+            ));
+            json.push(format!(
+                r#"{{"scenario":"tax","loop":"{what}","untraced_ns":{:.1},"agent_ns":{:.1},"agent_speed":{:.4},"tcpstates_ns":{:.1},"tcpstates_speed":{:.4}}}"#,
+                base.median,
+                ours.median,
+                base.median / ours.median,
+                peer.median,
+                base.median / peer.median,
+            ));
+        }
+        self.write_report("tax", &markdown, &json)
+    }
+
+    pub fn idle(&self) -> anyhow::Result<()> {
+        eprintln!("==> bench idle: an agent with no traffic for {IDLE_SECONDS} s");
+        let agent = Agent::start(self, &[])?;
+        std::thread::sleep(Duration::from_secs(2));
+        let pid = agent.child.id();
+        let (cpu0, switches0) = threads(pid)?;
+        std::thread::sleep(Duration::from_secs(IDLE_SECONDS));
+        let (cpu1, switches1) = threads(pid)?;
+        let cpu_percent = (cpu1 - cpu0) as f64 / (IDLE_SECONDS as f64 * 1e9) * 100.0;
+        let wakeups = (switches1 - switches0) as f64 / IDLE_SECONDS as f64;
+        let rss = agent.rss_kib()?;
+        let markdown = format!(
+            "## Idle: the agent with no traffic\n\n\
+             | CPU | wakeups/s (all threads) | RSS |\n|---:|---:|---:|\n\
+             | {cpu_percent:.3}% | {wakeups:.1} | {rss} KiB |\n\n\
+             Over {IDLE_SECONDS} s after a 2 s settle; wakeups are the voluntary and involuntary \
+             context switches of every thread of the agent.\n"
+        );
+        let json = vec![format!(
+            r#"{{"scenario":"idle","cpu_percent":{cpu_percent:.4},"wakeups_per_s":{wakeups:.2},"rss_kib":{rss}}}"#
+        )];
+        self.write_report("idle", &markdown, &json)
+    }
+}
+
+/// CPU time in ns (the scheduler's, finer than /proc/PID/stat's ticks) and context switches,
+/// voluntary and not, summed over every thread of `pid`.
+fn threads(pid: u32) -> anyhow::Result<(u64, u64)> {
+    let (mut cpu_ns, mut switches) = (0, 0);
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let path = task?.path();
+        let schedstat = std::fs::read_to_string(path.join("schedstat"))?;
+        cpu_ns +=
+            schedstat.split_whitespace().next().and_then(|n| n.parse::<u64>().ok()).unwrap_or(0);
+        let status = std::fs::read_to_string(path.join("status"))?;
+        switches += status
+            .lines()
+            .filter(|l| l.contains("ctxt_switches"))
+            .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .sum::<u64>();
+    }
+    Ok((cpu_ns, switches))
+}
