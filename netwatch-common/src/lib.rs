@@ -138,6 +138,11 @@ pub mod global {
     pub const OFF_SK_FLAGS: &str = "OFF_SK_FLAGS";
     pub const OFF_TP_RCV_NXT: &str = "OFF_TP_RCV_NXT";
     pub const OFF_TP_COPIED_SEQ: &str = "OFF_TP_COPIED_SEQ";
+    pub const OFF_SKC_NULLS_NODE: &str = "OFF_SKC_NULLS_NODE";
+    pub const OFF_SKC_HASH: &str = "OFF_SKC_HASH";
+    pub const OFF_NET_TW_HASHINFO: &str = "OFF_NET_TW_HASHINFO";
+    pub const OFF_HASHINFO_EHASH: &str = "OFF_HASHINFO_EHASH";
+    pub const OFF_HASHINFO_EHASH_MASK: &str = "OFF_HASHINFO_EHASH_MASK";
     pub const OFF_TASK_NSPROXY: &str = "OFF_TASK_NSPROXY";
     pub const OFF_NSPROXY_NET_NS: &str = "OFF_NSPROXY_NET_NS";
     pub const OFF_TASK_PID: &str = "OFF_TASK_PID";
@@ -161,7 +166,7 @@ pub mod global {
     pub const TP_SADDR_V6: &str = "TP_SADDR_V6";
     pub const TP_DADDR_V6: &str = "TP_DADDR_V6";
 
-    pub const ALL: [&str; 54] = [
+    pub const ALL: [&str; 59] = [
         OFF_SKC_DADDR,
         OFF_SKC_RCV_SADDR,
         OFF_SKC_DPORT,
@@ -194,6 +199,11 @@ pub mod global {
         OFF_SK_FLAGS,
         OFF_TP_RCV_NXT,
         OFF_TP_COPIED_SEQ,
+        OFF_SKC_NULLS_NODE,
+        OFF_SKC_HASH,
+        OFF_NET_TW_HASHINFO,
+        OFF_HASHINFO_EHASH,
+        OFF_HASHINFO_EHASH_MASK,
         OFF_TASK_NSPROXY,
         OFF_NSPROXY_NET_NS,
         OFF_TASK_PID,
@@ -224,6 +234,10 @@ pub mod flags {
     /// The CLOSE->SYN_SENT transition was held back until the `sock_ops` TCP_CONNECT callback,
     /// where the kernel has assigned the local port; `ts_ns` is still the transition's time.
     pub const DEFERRED_CONNECT: u8 = 1;
+    /// At CLOSE from FIN_WAIT1, FIN_WAIT2 or CLOSING: `tcp_time_wait()` put a timewait
+    /// socket with this socket's cookie in its place (found at the head of its
+    /// established-hash chain). Without it, no timewait socket was made.
+    pub const TIMEWAIT: u8 = 2;
 }
 
 /// Kernel address family codes (`AF_INET`, `AF_INET6`).

@@ -50,6 +50,14 @@ load_time_constants!(
     /// `tcp_sock.rcv_nxt` and `.copied_seq`: what was received but not read, at CLOSE.
     OFF_TP_RCV_NXT,
     OFF_TP_COPIED_SEQ,
+    /// The established hash, where a timewait socket takes a closing socket's place:
+    /// `sock_common.skc_nulls_node` (the chain link) and `.skc_hash`, the namespace's
+    /// `net.ipv4.tcp_death_row.hashinfo`, and that table's `ehash` and `ehash_mask`.
+    OFF_SKC_NULLS_NODE,
+    OFF_SKC_HASH,
+    OFF_NET_TW_HASHINFO,
+    OFF_HASHINFO_EHASH,
+    OFF_HASHINFO_EHASH_MASK,
     /// `task_struct.nsproxy`, `nsproxy.net_ns`: the current task's network namespace.
     OFF_TASK_NSPROXY,
     OFF_NSPROXY_NET_NS,

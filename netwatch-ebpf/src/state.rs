@@ -52,6 +52,13 @@ pub fn state_btf(ctx: BtfTracePointContext) -> u32 {
         let rcv_nxt: u32 = read_kernel(sk, constant(&OFF_TP_RCV_NXT));
         let copied_seq: u32 = read_kernel(sk, constant(&OFF_TP_COPIED_SEQ));
         event.unread = rcv_nxt.wrapping_sub(copied_seq);
+        if matches!(
+            event.oldstate,
+            tcp_state::FIN_WAIT1 | tcp_state::FIN_WAIT2 | tcp_state::CLOSING
+        ) && timewait_made(sk, event.cookie)
+        {
+            event.flags |= flags::TIMEWAIT;
+        }
     }
 
     if defer_connect_enabled() {
@@ -67,6 +74,38 @@ pub fn state_btf(ctx: BtfTracePointContext) -> u32 {
     }
     submit(&event);
     0
+}
+
+/// Whether `tcp_time_wait()` has just made a timewait socket for `sk` (whose cookie is
+/// `cookie`). It adds the timewait socket at the head of the established-hash chain of the
+/// 4-tuple, then closes `sk`; a timewait socket carries the full socket's cookie. So the
+/// first entries of that chain tell, without a lookup from userspace. Two are looked at, in
+/// case another socket joined the chain in between.
+#[inline(always)]
+fn timewait_made(sk: *const u8, cookie: u64) -> bool {
+    let net: u64 = read_kernel(sk, constant(&OFF_SKC_NET));
+    let hashinfo: u64 = read_kernel(net as *const u8, constant(&OFF_NET_TW_HASHINFO));
+    let ehash: u64 = read_kernel(hashinfo as *const u8, constant(&OFF_HASHINFO_EHASH));
+    let mask: u32 = read_kernel(hashinfo as *const u8, constant(&OFF_HASHINFO_EHASH_MASK));
+    let hash: u32 = read_kernel(sk, constant(&OFF_SKC_HASH));
+    // Each bucket is one `hlist_nulls_head` (a pointer).
+    let mut node: u64 = read_kernel(ehash as *const u8, (hash & mask) as usize * 8);
+    for _ in 0..2 {
+        // An odd value is the chain's end marker (and 0, a failed read).
+        if node == 0 || node & 1 != 0 {
+            return false;
+        }
+        // The link is `sock_common.skc_nulls_node`; `__sk_common` starts a `struct sock`, so
+        // its offsets in `sock` are those in `sock_common`.
+        let common = (node as usize).wrapping_sub(constant(&OFF_SKC_NULLS_NODE)) as *const u8;
+        let state: u8 = read_kernel(common, constant(&OFF_SKC_STATE));
+        let its_cookie: u64 = read_kernel(common, constant(&OFF_SKC_COOKIE));
+        if state == tcp_state::TIME_WAIT && its_cookie == cookie {
+            return true;
+        }
+        node = read_kernel(node as *const u8, 0);
+    }
+    false
 }
 
 /// Emits a held-back CLOSE->SYN_SENT for `cookie`, with `sport` if it is now known.

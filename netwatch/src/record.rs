@@ -389,6 +389,7 @@ mod tests {
                 new: TcpState::Established,
                 task: Task { pid: 0, tid: 0, comm: "swapper/1".into() },
                 deferred_connect: false,
+                timewait: None,
                 listener: None,
                 totals: None,
             },

@@ -175,6 +175,9 @@ pub struct StateChange {
     pub task: Task,
     /// Emitted late, from the connect callback, so that the local port is known.
     pub deferred_connect: bool,
+    /// On a tp_btf CLOSE: the kernel put a timewait socket in this one's place, in this
+    /// substate (TIME_WAIT once the peer's FIN came, FIN_WAIT2 before).
+    pub timewait: Option<TcpState>,
     /// The connection's totals, on a tp_btf CLOSE transition.
     pub totals: Option<Totals>,
     /// On LISTEN -> SYN_RECV: the cookie of the listener the child was cloned from, when
@@ -349,6 +352,9 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
                 new: state(raw.newstate)?,
                 task: task(&raw),
                 deferred_connect: raw.flags & flags::DEFERRED_CONNECT != 0,
+                timewait: (raw.flags & flags::TIMEWAIT != 0).then_some(
+                    if raw.fin_received & 1 != 0 { TcpState::TimeWait } else { TcpState::FinWait2 },
+                ),
                 listener: None,
                 totals: (raw.kind == kind::STATE_BTF
                     && raw.newstate == netwatch_common::tcp_state::CLOSE)

@@ -198,7 +198,7 @@ pub fn load(options: &LoadOptions) -> Result<Probes> {
 
 /// Kernel struct offsets the programs read, named as the programs' globals.
 fn kernel_offsets(btf: &KernelBtf) -> Result<Vec<(&'static str, u32)>> {
-    const FIELDS: [(&str, &str, &str); 38] = [
+    const FIELDS: [(&str, &str, &str); 43] = [
         (global::OFF_SKC_DADDR, "sock", "__sk_common.skc_daddr"),
         (global::OFF_SKC_RCV_SADDR, "sock", "__sk_common.skc_rcv_saddr"),
         (global::OFF_SKC_DPORT, "sock", "__sk_common.skc_dport"),
@@ -232,6 +232,11 @@ fn kernel_offsets(btf: &KernelBtf) -> Result<Vec<(&'static str, u32)>> {
         (global::OFF_SK_FLAGS, "sock", "__sk_common.skc_flags|sk_flags"),
         (global::OFF_TP_RCV_NXT, "tcp_sock", "rcv_nxt"),
         (global::OFF_TP_COPIED_SEQ, "tcp_sock", "copied_seq"),
+        (global::OFF_SKC_NULLS_NODE, "sock", "__sk_common.skc_nulls_node"),
+        (global::OFF_SKC_HASH, "sock", "__sk_common.skc_hash"),
+        (global::OFF_NET_TW_HASHINFO, "net", "ipv4.tcp_death_row.hashinfo"),
+        (global::OFF_HASHINFO_EHASH, "inet_hashinfo", "ehash"),
+        (global::OFF_HASHINFO_EHASH_MASK, "inet_hashinfo", "ehash_mask"),
         (global::OFF_TASK_NSPROXY, "task_struct", "nsproxy"),
         (global::OFF_NSPROXY_NET_NS, "nsproxy", "net_ns"),
         (global::OFF_TASK_PID, "task_struct", "pid"),

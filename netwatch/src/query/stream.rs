@@ -89,6 +89,7 @@ mod tests {
                 new,
                 task: Task { pid: 0, tid: 0, comm: "swapper/0".into() },
                 deferred_connect: false,
+                timewait: None,
                 listener: None,
                 totals: None,
             },

@@ -118,6 +118,7 @@ mod tests {
             new,
             task: Task { pid: 1, tid: 1, comm: "python3".into() },
             deferred_connect: false,
+            timewait: None,
             listener: None,
             totals: None,
         }

@@ -11,14 +11,14 @@ use crate::{
         snapshot::{NetNamespace, Snapshot, is_link_local, network_namespaces},
         sock_diag::DiagSocket,
     },
-    kernel::events::{Event, EventReader, StateChange, TcpState},
+    kernel::events::{Event, EventReader, TcpState},
     kernel::hooks::HookState,
     kernel::loader::{self, LoadOptions, Probes, RingCounters},
     record::{Listed, OwnerChange, RetransmitRecord, StreamRecord, TransitionRecord, WallClock},
     serve::metrics::Health,
     state::clones::Clones,
     state::loss::{LossCounts, LossTracker},
-    state::table::{Table, Transition, may_leave_timewait},
+    state::table::{Table, Transition},
 };
 
 /// How often the kernel's loss counter is read; a loss is reported at most this late.
@@ -337,10 +337,7 @@ impl Tracer {
                 ))));
                 continue;
             }
-            let mut transition = match event {
-                Event::State(change) if may_leave_timewait(&change) => self.close(change),
-                event => self.table.apply(event),
-            };
+            let mut transition = self.table.apply(event);
             if let Some(new) = transition.as_mut().filter(|t| needs_diag_facts(t)) {
                 new.v6only |= self.learn_from_diag(new);
             }
@@ -355,25 +352,6 @@ impl Tracer {
         for pid in execs {
             // A targeted look at one process's fds: exec closed its close-on-exec ones.
             self.table.keep_open_fds(pid, &socket_fds(pid));
-        }
-    }
-
-    /// A full socket closed from FIN_WAIT1/FIN_WAIT2/CLOSING: the kernel may have made a
-    /// timewait socket for its 4-tuple, which no tracepoint reports. One exact sock_diag
-    /// lookup, before any later event is applied, says whether it did: a timewait socket
-    /// carries the full socket's cookie.
-    fn close(&mut self, change: StateChange) -> Option<Transition> {
-        let timewait = change
-            .cookie
-            .and_then(|cookie| {
-                self.look_up_tcp(change.netns, change.family, change.local, change.remote)
-                    .flatten()
-                    .filter(|row| row.cookie == cookie)
-            })
-            .filter(|row| matches!(row.state, TcpState::TimeWait | TcpState::FinWait2));
-        match timewait {
-            Some(row) => self.table.enter_timewait(change, &row, WallClock::monotonic_now_ns()),
-            None => self.table.apply(Event::State(change)),
         }
     }
 

@@ -127,12 +127,6 @@ fn runs_in_owner_syscall(old: TcpState, new: TcpState) -> bool {
     )
 }
 
-/// Closing transitions after which the kernel may keep a timewait socket for the 4-tuple.
-pub fn may_leave_timewait(change: &StateChange) -> bool {
-    use TcpState::*;
-    change.new == Close && matches!(change.old, FinWait1 | FinWait2 | Closing)
-}
-
 impl Table {
     pub(super) fn apply_state(&mut self, change: StateChange) -> Transition {
         self.claim_unclaimed(change.key, change.inode);

@@ -29,7 +29,7 @@ mod socket;
 mod tests;
 mod timewait;
 
-pub use close::{Direction, Ending, Failure, Transition, may_leave_timewait};
+pub use close::{Direction, Ending, Failure, Transition};
 pub use listeners::{AcceptQueue, Listener, RetransmitSeen};
 pub use socket::{Owner, Row};
 
@@ -237,6 +237,9 @@ impl Table {
                 if let Some(socket) = self.sockets.get_mut(&SockKey::Cookie(cookie)) {
                     socket.reset_in = socket.state;
                 }
+            }
+            Event::State(change) if change.timewait.is_some() => {
+                return self.enter_timewait(change);
             }
             Event::State(change) => return Some(self.apply_state(change)),
             Event::Retransmit(retransmit) => {

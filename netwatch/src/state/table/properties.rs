@@ -40,6 +40,7 @@ fn state(cookie: u64, old: TcpState, new: TcpState, lport: u16, by: Task) -> Eve
         new,
         task: by,
         deferred_connect: false,
+        timewait: None,
         listener: None,
         totals: None,
     })

@@ -27,6 +27,7 @@ fn change(cookie: u64, ts_ns: u64, old: TcpState, new: TcpState, on_cpu: Task) -
         new,
         task: on_cpu,
         deferred_connect: false,
+        timewait: None,
         listener: None,
         totals: None,
     })
@@ -201,7 +202,8 @@ fn closed_into_timewait(table: &mut Table, tw_state: TcpState) -> Option<Transit
     };
     close.totals =
         Some(Totals { bytes_sent: 100, bytes_received: 2000, retransmits: 1, unread: 0 });
-    table.enter_timewait(close, &timewait_row(1, tw_state, 60_000), 50_000)
+    close.timewait = Some(tw_state);
+    table.apply(Event::State(close))
 }
 
 #[test]
@@ -295,11 +297,12 @@ fn a_timewait_socket_replaced_on_its_four_tuple_ended_reused() {
     }
     table.apply(no_port);
     assert!(table.take_ended().is_empty(), "not known to be the same 4-tuple yet");
-    let Event::State(close) = change(2, 3_000_000_000, FinWait2, Close, task(0, "swapper/0"))
+    let Event::State(mut close) = change(2, 3_000_000_000, FinWait2, Close, task(0, "swapper/0"))
     else {
         unreachable!()
     };
-    table.enter_timewait(close, &timewait_row(2, TimeWait, 60_000), 3_000_000_000);
+    close.timewait = Some(TimeWait);
+    table.apply(Event::State(close));
     let ended = table.take_ended();
     assert_eq!(ended.len(), 1);
     assert_eq!((ended[0].change.key, ended[0].ending), (SockKey::Cookie(1), Some(Ending::Reused)));

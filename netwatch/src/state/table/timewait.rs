@@ -3,9 +3,10 @@
 //! After an active close the kernel's full socket goes FIN_WAIT2 (or CLOSING) -> CLOSE, and
 //! a timewait mini-socket, carrying the same cookie, takes over the 4-tuple for 60 s. No
 //! tracepoint reports that socket's birth, its turn from the FIN_WAIT2 substate to
-//! TIME_WAIT, or its end. So the tracer looks the 4-tuple up with sock_diag when a full
-//! socket closes from FIN_WAIT1/FIN_WAIT2/CLOSING, and hands what it found to
-//! [`Table::enter_timewait`]; the connection then lives on in TIME_WAIT (or FIN_WAIT2). Its
+//! TIME_WAIT, or its end. The state program tells the birth: at the CLOSE it sees whether
+//! `tcp_time_wait()` has already taken the full socket out of the established hash, and
+//! whether the peer's FIN came (the substate); see [`Table::enter_timewait`]. The
+//! connection then lives on in TIME_WAIT (or FIN_WAIT2). Its
 //! end is learned from a new connection on the same 4-tuple (reused), from a periodic
 //! sock_diag dump of the namespace ([`Table::reconcile_timewait`]: expired, or vanished before
 //! its time), or from the namespace's deletion ([`Table::forget_namespace`]).
@@ -26,40 +27,36 @@ use super::{
 /// expiry is computed from a millisecond count read a moment after the kernel wrote it.
 const EXPIRY_SLACK_NS: u64 = 1_000_000_000;
 
+/// How long a timewait socket lives in TIME_WAIT (the kernel's TCP_TIMEWAIT_LEN).
+const TIMEWAIT_LEN_NS: u64 = 60_000_000_000;
+
 impl Table {
-    /// A full socket's close (`change`, X -> CLOSE) that left the timewait socket `row`
-    /// (same cookie, found by sock_diag at `now_ns`). The connection goes on in the timewait
-    /// socket's state: the transition into TIME_WAIT comes back, or None when the socket
-    /// was already in the state the timewait socket has (FIN_WAIT2). The close's totals are
-    /// kept for the summary at the timewait socket's end.
-    pub fn enter_timewait(
-        &mut self,
-        mut change: StateChange,
-        row: &SocketRow,
-        now_ns: u64,
-    ) -> Option<Transition> {
+    /// A full socket's close (`change`, X -> CLOSE) that the kernel says left a timewait
+    /// socket (same cookie) in the substate `change.timewait`. The connection goes on in that
+    /// state: the transition into TIME_WAIT comes back, or None when the socket was already
+    /// in the state the timewait socket has (FIN_WAIT2). The close's totals are kept for the
+    /// summary at the timewait socket's end.
+    pub(super) fn enter_timewait(&mut self, mut change: StateChange) -> Option<Transition> {
+        let substate = change.timewait?;
+        let cookie = change.cookie?;
+        let now_ns = change.ts_ns;
         let totals = change.totals.take();
         let key = change.key;
-        let unchanged = self.sockets.get(&key).and_then(|s| s.state) == Some(row.state);
-        change.new = row.state;
+        let unchanged = self.sockets.get(&key).and_then(|s| s.state) == Some(substate);
+        change.new = substate;
         let transition = (!unchanged).then(|| self.apply_state(change));
         let socket = self.sockets.entry(key).or_default();
         socket.close_totals = totals;
-        socket.state = Some(row.state);
-        let facts = Facts::from_row(row, now_ns);
+        socket.state = Some(substate);
+        // A first guess, which the next sock_diag dump of the namespace replaces with the
+        // kernel's timer (a FIN_WAIT2 timewait socket lives tcp_fin_timeout, at most this).
+        let facts = socket.facts.as_mut()?;
+        facts.expires_ns = Some(now_ns + TIMEWAIT_LEN_NS);
         let tuple = facts.four_tuple();
-        match &mut socket.facts {
-            // The row's uid is the timewait socket's 0; keep the full socket's.
-            Some(known) => {
-                known.local = facts.local;
-                known.expires_ns = facts.expires_ns;
-            }
-            None => socket.facts = Some(facts),
-        }
         // An older timewait socket on the same 4-tuple that no event said was taken over
         // (its new connection's SYN_SENT came without a port) ended when this one was made.
-        if let Some(older) = self.timewaits.insert(tuple, row.cookie)
-            && older != row.cookie
+        if let Some(older) = self.timewaits.insert(tuple, cookie)
+            && older != cookie
             && let Some(ended) = self.end_quietly(SockKey::Cookie(older), now_ns, Ending::Reused)
         {
             self.ended.push(ended);
@@ -283,6 +280,7 @@ fn quiet_change(
         new,
         task: Task { pid: 0, tid: 0, comm: String::new() },
         deferred_connect: false,
+        timewait: None,
         listener: None,
         totals,
     }
