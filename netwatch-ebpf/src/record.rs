@@ -3,7 +3,7 @@
 
 use crate::globals::*;
 use aya_ebpf::{
-    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, BPF_RB_RING_SIZE},
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_RING_SIZE},
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid,
         generated::{bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel},
@@ -35,12 +35,13 @@ pub(crate) static PENDING_CONNECT: LruHashMap<u64, SockEvent> =
 
 #[inline(always)]
 pub(crate) fn submit(event: &SockEvent) {
-    // Waking the reader for every event costs both sides a context switch per event; the
-    // agent also drains on a short timer (netwatch tracer.rs), so wake it only once an
-    // eighth of the buffer is waiting.
+    // With no flag the kernel wakes the reader only when it had read everything before this
+    // event: the first event after a quiet spell. A busy reader drains on its own short
+    // timer meanwhile (netwatch tracer.rs), so events in a burst cost no wakeups; an eighth
+    // of the buffer waiting wakes it regardless.
     let unread = EVENTS.query(BPF_RB_AVAIL_DATA as u64);
     let size = EVENTS.query(BPF_RB_RING_SIZE as u64);
-    let wakeup = if unread >= size / 8 { BPF_RB_FORCE_WAKEUP } else { BPF_RB_NO_WAKEUP };
+    let wakeup = if unread >= size / 8 { BPF_RB_FORCE_WAKEUP } else { 0 };
     if EVENTS.output::<SockEvent>(event, wakeup as u64).is_err() {
         if let Some(lost) = LOST.get_ptr_mut(0) {
             // SAFETY: per-CPU slot, only this CPU writes it while the program runs.

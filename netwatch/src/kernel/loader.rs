@@ -102,17 +102,45 @@ impl RingCounters {
 
 /// Runs of this process's BPF programs the kernel skipped because the same program was
 /// already running on that CPU (`recursion_misses` in each program fd's fdinfo; tracing
-/// programs only). Each one is an event that was never made.
-pub fn skipped_runs() -> u64 {
-    let Ok(fds) = std::fs::read_dir("/proc/self/fdinfo") else { return 0 };
-    fds.filter_map(|fd| std::fs::read_to_string(fd.ok()?.path()).ok())
-        .filter(|info| info.contains("prog_type:"))
-        .filter_map(|info| {
+/// programs only). Each one is an event that was never made. The program fds are found once
+/// (a scan of every fd's fdinfo) and then read alone, since this is asked every second.
+#[derive(Default)]
+pub struct SkippedRuns {
+    programs: Vec<std::path::PathBuf>,
+}
+
+impl SkippedRuns {
+    pub fn read(&mut self) -> u64 {
+        let misses = |info: &str| {
             info.lines()
                 .find_map(|line| line.strip_prefix("recursion_misses:"))
                 .and_then(|n| n.trim().parse::<u64>().ok())
-        })
-        .sum()
+        };
+        let mut total = 0;
+        for path in &self.programs {
+            match std::fs::read_to_string(path) {
+                Ok(info) if info.contains("prog_type:") => total += misses(&info).unwrap_or(0),
+                // An fd closed or reused: look again.
+                _ => {
+                    self.programs.clear();
+                    break;
+                }
+            }
+        }
+        if !self.programs.is_empty() {
+            return total;
+        }
+        let Ok(fds) = std::fs::read_dir("/proc/self/fdinfo") else { return 0 };
+        total = 0;
+        for path in fds.filter_map(|fd| Some(fd.ok()?.path())) {
+            let Ok(info) = std::fs::read_to_string(&path) else { continue };
+            if info.contains("prog_type:") {
+                total += misses(&info).unwrap_or(0);
+                self.programs.push(path);
+            }
+        }
+        total
+    }
 }
 
 pub fn load(options: &LoadOptions) -> Result<Probes> {

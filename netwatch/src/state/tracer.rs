@@ -24,9 +24,12 @@ use crate::{
 /// How often the kernel's loss counter is read; a loss is reported at most this late.
 const LOSS_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
-/// How often the ring buffer is drained without a wakeup: the kernel side wakes the agent
-/// only when an eighth of the buffer is waiting, so this bounds a quiet host's latency.
-const DRAIN_INTERVAL: Duration = Duration::from_millis(5);
+/// After a wakeup, how long the reader lets events gather before it drains again. The
+/// kernel side wakes the reader only for the first event after it has caught up (and for an
+/// eighth of the buffer waiting), so while events keep coming the reader drains at this
+/// pace with no wakeups, and once a drain finds none it sleeps until the next event: an idle
+/// host costs no wakeups, and a busy one one per window.
+const BATCH_WINDOW: Duration = Duration::from_millis(2);
 
 /// How often every namespace's timewait sockets are compared with the kernel's, to learn of
 /// those a RST ended early; those past their expiry or in FIN_WAIT2 are looked at every
@@ -48,8 +51,11 @@ pub struct Tracer {
     table: Table,
     clock: WallClock,
     loss_timer: tokio::time::Interval,
-    drain_timer: tokio::time::Interval,
+    /// Events came at the last look: drain again after BATCH_WINDOW rather than wait for a
+    /// wakeup.
+    busy: bool,
     losses: LossTracker,
+    skipped: loader::SkippedRuns,
     /// sock_diag sockets for timewait lookups, one per namespace; opening one costs a thread,
     /// so they are kept, but only until the next loss check, since each pins its namespace.
     diag: DiagSockets,
@@ -130,12 +136,9 @@ impl Tracer {
             table,
             clock: WallClock::now(),
             loss_timer: tokio::time::interval(LOSS_CHECK_INTERVAL),
-            drain_timer: {
-                let mut timer = tokio::time::interval(DRAIN_INTERVAL);
-                timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                timer
-            },
+            busy: false,
             losses: LossTracker::default(),
+            skipped: loader::SkippedRuns::default(),
             diag: DiagSockets::default(),
             batch: Vec::new(),
             sorted: Vec::new(),
@@ -293,22 +296,26 @@ impl Tracer {
                 self.check_timewait(out, false);
                 self.check_losses(out, false)
             }
-            _ = self.drain_timer.tick() => {
-                self.catch_up(out);
+            _ = tokio::time::sleep(BATCH_WINDOW), if self.busy => {
+                self.busy = self.catch_up(out) > 0;
                 Ok(())
             }
-            read = self.reader.read_batch(&mut self.batch) => {
+            read = self.reader.read_batch(&mut self.batch), if !self.busy => {
                 read.context("reading the ring buffer")?;
+                self.busy = !self.batch.is_empty();
                 self.apply_batch(out);
                 Ok(())
             }
         }
     }
 
-    /// Turns whatever the kernel has queued into records now, without waiting for a wakeup.
-    pub fn catch_up(&mut self, out: &mut Vec<StreamRecord>) {
+    /// Turns whatever the kernel has queued into records now, without waiting for a wakeup;
+    /// returns how many events there were.
+    pub fn catch_up(&mut self, out: &mut Vec<StreamRecord>) -> usize {
         self.reader.read_available(&mut self.batch);
+        let events = self.batch.len();
         self.apply_batch(out);
+        events
     }
 
     /// Detaches the programs, then turns what the kernel had already delivered into records.
@@ -473,7 +480,7 @@ impl Tracer {
         let counts = LossCounts {
             ring_buffer_full: self.ring.lost().context("reading the lost-event counter")?,
             malformed: self.reader.malformed,
-            skipped: loader::skipped_runs(),
+            skipped: self.skipped.read(),
         };
         let time = self.clock.wall(WallClock::monotonic_now_ns());
         let verdict = self.losses.check(counts, now, time);
