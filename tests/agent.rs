@@ -178,10 +178,15 @@ fn agent_table_equals_ss_for_sockets_from_before_and_after_it_started() {
         assert!(held >= 10, "pid {} holds its sockets: {held}", holder.pid);
     }
     // Sockets made after the agent started have a time in state; snapshot ones do not.
+    // (A port of `after`'s may be a UDP one that `before` uses for TCP: the owner decides.)
     let new_ports: Vec<u64> = after.ports.iter().map(|p| u64::from(*p)).collect();
     let new_listener = records
         .iter()
-        .find(|r| r["state"] == "LISTEN" && new_ports.contains(&r["lport"].as_u64().unwrap()))
+        .find(|r| {
+            r["state"] == "LISTEN"
+                && new_ports.contains(&r["lport"].as_u64().unwrap())
+                && r["owners"].as_array().unwrap().iter().any(|o| o["pid"] == after.pid)
+        })
         .unwrap();
     assert!(new_listener["in_state_ms"].is_u64(), "{new_listener}");
     assert!(new_listener["recv_q"].is_null(), "queues are not kept from events: {new_listener}");
