@@ -30,7 +30,14 @@ fn netwatch_programs() -> BTreeSet<u32> {
         .filter(|p| {
             p.name_as_str().is_some_and(|name| {
                 !name.is_empty()
-                    && program::ALL.iter().any(|ours| ours.get(..15).unwrap_or(ours) == name)
+                    && program::ALL
+                        .into_iter()
+                        .chain(
+                            program::TRAMPOLINES
+                                .iter()
+                                .flat_map(|(_, _, variants)| variants.iter().map(|v| v.program)),
+                        )
+                        .any(|ours| ours.get(..15).unwrap_or(ours) == name)
             })
         })
         .map(|p| p.id())

@@ -41,6 +41,10 @@ pub mod kind {
     /// fexit/inet_csk_clone_lock: a new connection's child socket (`skaddr`) was cloned from
     /// the listener whose cookie is `cookie` (SO_REUSEPORT listeners share an address).
     pub const CHILD_OF: u8 = 15;
+    /// fentry/security_sock_graft: the current task is accepting the TCP connection
+    /// `cookie`, whose fd it has not got yet (`arg` is -1). It also reaches a task that was
+    /// blocked in accept(2) before the fexit programs attached, which fexit never sees.
+    pub const GRAFT: u8 = 16;
 }
 
 /// The kernel programs' names: the functions in `netwatch-ebpf`, which the loader looks up
@@ -90,6 +94,58 @@ pub mod program {
         UDP_SENDMSG6,
         CONNECT_PORT,
         CHILD_OF,
+    ];
+
+    /// A program on a BPF trampoline, standing in for a `syscalls:*` tracepoint program.
+    pub struct Trampoline {
+        pub program: &'static str,
+        /// The x86-64 system-call entry point it attaches to.
+        pub function: &'static str,
+        /// fentry (before the call) rather than fexit (after it, with its return value).
+        pub entry: bool,
+    }
+
+    const fn exit(program: &'static str, function: &'static str) -> Trampoline {
+        Trampoline { program, function, entry: false }
+    }
+
+    /// The system-call programs' trampoline variants (`netwatch-ebpf`'s `syscalls`): the
+    /// tracepoint program each group stands in for, how a user names the group's hooks, and
+    /// the programs. ADDR_SYSCALL_EXIT's and RECVMSG_EXIT's also do their enter programs'
+    /// work.
+    pub const TRAMPOLINES: [(&str, &str, &[Trampoline]); 5] = [
+        (
+            ACCEPT_EXIT,
+            "fexit/__x64_sys_{accept,accept4}, fentry/security_sock_graft",
+            &[
+                exit("fx_accept", "__x64_sys_accept"),
+                exit("fx_accept4", "__x64_sys_accept4"),
+                Trampoline { program: "fx_graft", function: "security_sock_graft", entry: true },
+            ],
+        ),
+        (
+            FD_OPEN_EXIT,
+            "fexit/__x64_sys_{socket,dup,dup2,dup3,fcntl,pidfd_getfd}",
+            &[
+                exit("fx_socket", "__x64_sys_socket"),
+                exit("fx_dup", "__x64_sys_dup"),
+                exit("fx_dup2", "__x64_sys_dup2"),
+                exit("fx_dup3", "__x64_sys_dup3"),
+                exit("fx_fcntl", "__x64_sys_fcntl"),
+                exit("fx_pidfd_getfd", "__x64_sys_pidfd_getfd"),
+            ],
+        ),
+        (
+            CLOSE_ENTER,
+            "fentry/__x64_sys_close",
+            &[Trampoline { program: "fx_close", function: "__x64_sys_close", entry: true }],
+        ),
+        (
+            ADDR_SYSCALL_EXIT,
+            "fexit/__x64_sys_{bind,connect}",
+            &[exit("fx_bind", "__x64_sys_bind"), exit("fx_connect", "__x64_sys_connect")],
+        ),
+        (RECVMSG_EXIT, "fexit/__x64_sys_recvmsg", &[exit("fx_recvmsg", "__x64_sys_recvmsg")]),
     ];
 }
 

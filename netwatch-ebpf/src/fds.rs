@@ -189,9 +189,16 @@ pub fn recvmsg_exit(ctx: TracePointContext) -> u32 {
         return 0;
     };
     let _ = RECVMSG_MSGHDR.remove(key);
-    if syscall_ret(&ctx).is_none() {
-        return 0;
+    if syscall_ret(&ctx).is_some() {
+        received_fds(msghdr);
     }
+    0
+}
+
+/// The fds a recvmsg that returned delivered with SCM_RIGHTS, from its user `msghdr`: each
+/// is a new holder of its socket.
+#[inline(always)]
+pub(crate) fn received_fds(msghdr: u64) {
     // The kernel wrote back how much control data it delivered.
     let control: u64 = read_user(msghdr, constant(&OFF_MSGHDR_CONTROL));
     let control_len: u64 = read_user(msghdr, constant(&OFF_MSGHDR_CONTROLLEN));
@@ -201,8 +208,13 @@ pub fn recvmsg_exit(ctx: TracePointContext) -> u32 {
     let cmsg_type: i32 = read_user(control, 12);
     const SOL_SOCKET: i32 = 1;
     const SCM_RIGHTS: i32 = 1;
-    if control_len < 20 || level != SOL_SOCKET || cmsg_type != SCM_RIGHTS || cmsg_len < 20 {
-        return 0;
+    if control == 0
+        || control_len < 20
+        || level != SOL_SOCKET
+        || cmsg_type != SCM_RIGHTS
+        || cmsg_len < 20
+    {
+        return;
     }
     let count = ((cmsg_len.min(control_len) - 16) / 4) as usize;
     for i in 0..MAX_PASSED_FDS {
@@ -214,7 +226,6 @@ pub fn recvmsg_exit(ctx: TracePointContext) -> u32 {
             fd_event(kind::FD_OPEN, fd as u32);
         }
     }
-    0
 }
 
 /// Reads a `T` at `base + offset` in the current process's memory; zero if the read faults

@@ -7,7 +7,8 @@
 //! The cgroup programs always return 1 (allow): returning 0 would refuse sockets host-wide.
 //!
 //! One module per concern: [`state`] (TCP transitions), [`lifecycle`] (socket creation,
-//! release, UDP first send), [`fds`] (ownership through fds), [`tcp`] (resets and
+//! release, UDP first send), [`fds`] (ownership through fds; [`syscalls`], the same on BPF
+//! trampolines where the kernel allows them), [`tcp`] (resets and
 //! retransmits), [`process`] (fork, exec, exit); [`record`] builds and submits records and
 //! [`globals`] holds the offsets the loader patches. The names userspace looks up are in
 //! `netwatch_common::{program, map, global}`.
@@ -22,6 +23,7 @@ mod lifecycle;
 mod process;
 mod record;
 mod state;
+mod syscalls;
 mod tcp;
 
 #[cfg(all(target_arch = "bpf", not(test)))]

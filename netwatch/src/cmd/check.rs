@@ -25,7 +25,8 @@ pub async fn run(args: &CheckArgs) -> anyhow::Result<()> {
     let hooks = &probes.hooks;
     // The classic fallback is not needed on the full path.
     let full_path = hooks.iter().all(|h| {
-        h.state == HookState::Attached || h.program == netwatch_common::program::STATE_CLASSIC
+        matches!(h.state, HookState::Attached | HookState::Replaced)
+            || h.program == netwatch_common::program::STATE_CLASSIC
     });
     let report =
         Report { kernel: procfs_release(), source: probes.source.to_string(), full_path, hooks };
@@ -57,6 +58,7 @@ fn text(report: &Report<'_>) -> String {
             HookState::Attached => "attached",
             HookState::Failed => "FAILED",
             HookState::NotUsed => "not used",
+            HookState::Replaced => "replaced",
         };
         let why = match (&hook.reason, hook.loses) {
             (Some(reason), Some(loses)) if hook.costs() => format!("{reason}: {loses}"),

@@ -128,11 +128,53 @@ impl Attacher<'_> {
         ];
         match (btf, why_not) {
             (Some(btf), None) => {
+                // Trampolines first: where they attach, no syscalls tracepoint taxes every
+                // system call on the host.
+                let mut refusals = Vec::new();
+                let on_trampolines: Vec<(&str, &str, Option<u32>)> = program::TRAMPOLINES
+                    .iter()
+                    .filter(|(name, ..)| !refused(name))
+                    .filter_map(|(name, attach, variants)| {
+                        match self.trampoline_group(variants, btf) {
+                            Ok(insns) => Some((*name, *attach, insns)),
+                            Err(why) => {
+                                tracing::debug!("{attach} not attached: {why}");
+                                refusals.push(why);
+                                None
+                            }
+                        }
+                    })
+                    .collect();
+                if let Some(why) = refusals.first() {
+                    tracing::info!(
+                        "system-call hooks on tracepoints, which slow every system call on the \
+                         host: BPF trampolines not attached ({why})"
+                    );
+                }
+                let done_by = |name: &str| on_trampolines.iter().find(|(n, ..)| *n == name);
                 for (name, tracepoints) in syscalls {
-                    self.attach::<TracePoint>(name, |p| {
-                        p.load()?;
-                        tracepoints.iter().try_for_each(|t| p.attach("syscalls", t).map(drop))
-                    });
+                    let exit = match name {
+                        program::ADDR_SYSCALL_ENTER => program::ADDR_SYSCALL_EXIT,
+                        program::RECVMSG_ENTER => program::RECVMSG_EXIT,
+                        _ => name,
+                    };
+                    match done_by(exit) {
+                        Some(&(_, attach, insns)) if exit == name => {
+                            self.statuses.push(HookStatus::attached_at(name, attach, insns));
+                        }
+                        Some(&(_, attach, _)) => self.statuses.push(HookStatus::new(
+                            name,
+                            Err((HookState::Replaced, format!("{attach} does its work"))),
+                        )),
+                        None => {
+                            self.attach::<TracePoint>(name, |p| {
+                                p.load()?;
+                                tracepoints
+                                    .iter()
+                                    .try_for_each(|t| p.attach("syscalls", t).map(drop))
+                            });
+                        }
+                    }
                 }
                 for (name, tracepoint) in processes {
                     self.attach::<TracePoint>(name, |p| {
@@ -182,6 +224,59 @@ impl Attacher<'_> {
                 None => self.not_used(name, "no kernel BTF"),
             }
         }
+    }
+
+    /// Loads and attaches a group of trampoline programs, all or none: the instructions the
+    /// verifier processed for them, or why not (the first failure; those already attached
+    /// are unloaded). Only x86-64 has the entry points they name.
+    fn trampoline_group(
+        &mut self,
+        variants: &[program::Trampoline],
+        btf: &Btf,
+    ) -> std::result::Result<Option<u32>, String> {
+        if !cfg!(target_arch = "x86_64") {
+            return Err("x86-64 only".into());
+        }
+        let mut attached: Vec<&str> = Vec::new();
+        let mut insns = Some(0u32);
+        for variant in variants {
+            let outcome = if refused(variant.program) {
+                Err(REFUSED.to_string())
+            } else {
+                let program = self.ebpf.program_mut(variant.program);
+                let loaded = match (program, variant.entry) {
+                    (Some(Program::FEntry(p)), true) => {
+                        p.load(variant.function, btf).and_then(|()| p.attach().map(drop))
+                    }
+                    (Some(Program::FExit(p)), false) => {
+                        p.load(variant.function, btf).and_then(|()| p.attach().map(drop))
+                    }
+                    _ => Err(ProgramError::UnexpectedProgramType),
+                };
+                loaded.map_err(|e| one_line(&e))
+            };
+            match outcome {
+                Ok(()) => {
+                    attached.push(variant.program);
+                    let verified = self
+                        .ebpf
+                        .program(variant.program)
+                        .and_then(|p| p.info().ok()?.verified_instruction_count());
+                    insns = insns.zip(verified).map(|(sum, n)| sum + n);
+                }
+                Err(why) => {
+                    for name in attached {
+                        let _ = match self.ebpf.program_mut(name) {
+                            Some(Program::FEntry(p)) => p.unload(),
+                            Some(Program::FExit(p)) => p.unload(),
+                            _ => Ok(()),
+                        };
+                    }
+                    return Err(format!("{}: {why}", variant.function));
+                }
+            }
+        }
+        Ok(insns)
     }
 
     /// The cgroup hooks on the cgroup v2 root, and the deferred-connect path once `sock_ops`

@@ -376,7 +376,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
                 Event::Released(life)
             })
         }
-        kind::ACCEPT | kind::FD_OPEN | kind::FD_CLOSE | kind::ADDRS => {
+        kind::ACCEPT | kind::GRAFT | kind::FD_OPEN | kind::FD_CLOSE | kind::ADDRS => {
             let family = family(raw.family)?;
             let protocol = match raw.protocol {
                 IPPROTO_TCP => Protocol::Tcp,
@@ -397,7 +397,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
                 remote: (address(family, &raw.daddr), raw.dport),
             };
             Ok(match raw.kind {
-                kind::ACCEPT => Event::Accepted(fd),
+                kind::ACCEPT | kind::GRAFT => Event::Accepted(fd),
                 kind::FD_OPEN => Event::FdOpened(fd),
                 kind::FD_CLOSE => Event::FdClosed(fd),
                 _ => Event::Addresses(fd),

@@ -148,6 +148,9 @@ pub enum HookState {
     /// Not needed (the classic tracepoint when tp_btf works) or not possible here (no BTF,
     /// no cgroup v2), which `reason` says.
     NotUsed,
+    /// Not needed: another program does its work (a tracepoint program whose trampoline
+    /// variant is attached), which `reason` says.
+    Replaced,
 }
 
 impl HookStatus {
@@ -174,10 +177,15 @@ impl HookStatus {
         }
     }
 
+    /// Attached at another hook than its catalog entry's (a trampoline variant).
+    pub fn attached_at(program: &'static str, attach: &'static str, insns: Option<u32>) -> Self {
+        HookStatus { attach, ..HookStatus::new(program, Ok(insns)) }
+    }
+
     /// The one warning line for a program that is not attached, if it costs anything.
     fn warning_line(&self) -> Option<String> {
         match (self.state, &self.reason, self.loses) {
-            (HookState::Attached, ..) => None,
+            (HookState::Attached | HookState::Replaced, ..) => None,
             // The classic fallback not used because tp_btf works costs nothing.
             (HookState::NotUsed, _, _) if self.program == p::STATE_CLASSIC => None,
             (_, Some(reason), Some(loses)) => {

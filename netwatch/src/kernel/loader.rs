@@ -431,7 +431,11 @@ mod tests {
             .filter_map(|s| s.name().ok())
             .collect();
         programs.sort_unstable();
-        let mut named = netwatch_common::program::ALL.to_vec();
+        let trampolines = netwatch_common::program::TRAMPOLINES.iter();
+        let mut named: Vec<&str> = netwatch_common::program::ALL
+            .into_iter()
+            .chain(trampolines.flat_map(|(_, _, variants)| variants.iter().map(|v| v.program)))
+            .collect();
         named.sort_unstable();
         assert_eq!(programs, named, "programs in the object vs netwatch_common::program::ALL");
         for name in global::ALL.iter().chain(&[map::EVENTS, map::LOST, map::CONFIG]) {

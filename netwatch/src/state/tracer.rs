@@ -11,7 +11,7 @@ use crate::{
         snapshot::{NetNamespace, Snapshot, is_link_local, network_namespaces},
         sock_diag::DiagSocket,
     },
-    kernel::events::{Event, EventReader, TcpState},
+    kernel::events::{Event, EventReader, FdSocket, TcpState},
     kernel::hooks::HookState,
     kernel::loader::{self, LoadOptions, Probes, RingCounters},
     record::{Listed, OwnerChange, RetransmitRecord, StreamRecord, TransitionRecord, WallClock},
@@ -30,6 +30,10 @@ const LOSS_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// pace with no wakeups, and once a drain finds none it sleeps until the next event: an idle
 /// host costs no wakeups, and a busy one one per window.
 const BATCH_WINDOW: Duration = Duration::from_millis(2);
+
+/// How long an accept seen at its graft waits for its fd from the system call's return
+/// before the process's fds are looked at.
+const GRAFT_PATIENCE: Duration = Duration::from_millis(200);
 
 /// How often every namespace's timewait sockets are compared with the kernel's, to learn of
 /// those a RST ended early; those past their expiry or in FIN_WAIT2 are looked at every
@@ -63,6 +67,8 @@ pub struct Tracer {
     /// The batch in the order it is applied (see [`Clones`]).
     sorted: Vec<Event>,
     clones: Clones,
+    /// Accepts seen at their graft without their fd (see [`Tracer::settle_grafts`]).
+    grafts: Vec<FdSocket>,
     ring_size: u32,
     /// When the table was last seeded from a snapshot (Unix time, seconds).
     snapshot_at: f64,
@@ -143,6 +149,7 @@ impl Tracer {
             batch: Vec::new(),
             sorted: Vec::new(),
             clones: Clones::new(listener_told),
+            grafts: Vec::new(),
             ring_size: options.ring_size.unwrap_or(loader::DEFAULT_RING_SIZE),
             snapshot_at: unix_now(),
             timewait_checked: HashMap::new(),
@@ -294,6 +301,7 @@ impl Tracer {
                 self.catch_up(out);
                 self.forget_gone_namespaces(out);
                 self.check_timewait(out, false);
+                self.settle_grafts();
                 self.check_losses(out, false)
             }
             _ = tokio::time::sleep(BATCH_WINDOW), if self.busy => {
@@ -334,6 +342,11 @@ impl Tracer {
         for event in sorted.drain(..) {
             if let (true, Event::Exec(task)) = (self.keep_rows, &event) {
                 execs.push(task.pid);
+            }
+            if let (true, Event::Accepted(graft)) = (self.keep_rows, &event)
+                && graft.fd < 0
+            {
+                self.grafts.push(graft.clone());
             }
             if let Event::Retransmit(retransmit) = &event {
                 let seen = self.table.retransmit(retransmit);
@@ -381,6 +394,28 @@ impl Tracer {
             Err(error) => {
                 tracing::debug!("timewait lookup in netns {netns}: {error}");
                 None
+            }
+        }
+    }
+
+    /// An accept is seen at its graft, then with its fd when the system call returns. A task
+    /// that was already blocked in accept(2) when the fexit programs attached returns past
+    /// them: its fd comes from one look at the process's fds, for each graft older than
+    /// GRAFT_PATIENCE whose process holds the socket by no fd yet.
+    fn settle_grafts(&mut self) {
+        let now = WallClock::monotonic_now_ns();
+        let patience = GRAFT_PATIENCE.as_nanos() as u64;
+        let (due, waiting) = std::mem::take(&mut self.grafts)
+            .into_iter()
+            .partition(|g| now.saturating_sub(g.ts_ns) >= patience);
+        self.grafts = waiting;
+        for graft in due {
+            if graft.inode == 0 || self.table.holds(graft.cookie, graft.task.pid) {
+                continue;
+            }
+            let fds = socket_fds(graft.task.pid);
+            if let Some((&fd, _)) = fds.iter().find(|&(_, inode)| *inode == graft.inode) {
+                self.table.apply(Event::FdOpened(FdSocket { fd, ..graft }));
             }
         }
     }

@@ -175,8 +175,13 @@ impl Table {
             }
             Event::Accepted(fd) => {
                 // accept(2) runs in the receiving process: from now on it owns the socket.
+                // Its fd comes with the system call's return (a graft comes before: -1).
                 let owner = Owner::from(&fd.task);
-                self.hold(&fd);
+                if fd.fd >= 0 {
+                    self.hold(&fd);
+                } else {
+                    self.learn(&fd);
+                }
                 if let Some(socket) = self.sockets.get_mut(&SockKey::Cookie(fd.cookie)) {
                     socket.set_owner(Some(owner), Some(fd.ts_ns));
                     if let Some(queue) =
@@ -320,6 +325,13 @@ impl Table {
                 self.forget_holders(key, [pid]);
             }
         }
+    }
+
+    /// Whether process `pid` holds the socket `cookie` through some fd.
+    pub fn holds(&self, cookie: u64, pid: u32) -> bool {
+        self.sockets
+            .get(&SockKey::Cookie(cookie))
+            .is_some_and(|s| s.holders.keys().any(|(holder, _)| *holder == pid))
     }
 
     /// Records what sock_diag says of a socket and no event carries: whether an IPv6 socket

@@ -1,0 +1,134 @@
+//! Ownership through BPF trampolines on the x86-64 system-call entry points
+//! (`__x64_sys_*`), where the kernel allows them: the same work as the `syscalls:*`
+//! tracepoint programs in [`crate::fds`], at a cost only to the system calls hooked. Any
+//! enabled `syscalls:*` tracepoint sends every system call of every task through the slow
+//! path; these do not. Each entry point takes the caller's `struct pt_regs *`; an fexit
+//! program also gets the return value, as the argument after it.
+use core::ffi::c_void;
+
+use crate::{
+    fds::*,
+    globals::*,
+    record::{new_event, read_kernel, submit},
+    state::{fill_from_sock, inode_of_sock},
+};
+use aya_ebpf::{
+    helpers::generated::bpf_get_socket_cookie,
+    macros::{fentry, fexit},
+    programs::{FEntryContext, FExitContext},
+};
+use netwatch_common::{IPPROTO_TCP, kind};
+
+/// `struct pt_regs` offsets of the first two system-call arguments (`di`, `si`) on x86-64:
+/// part of the kernel's user ABI, unlike the structs whose offsets come from BTF.
+const REGS_DI: usize = 112;
+const REGS_SI: usize = 104;
+
+/// The system call's argument in `offset` of its registers.
+#[inline(always)]
+fn argument(regs: *const u8, offset: usize) -> u64 {
+    read_kernel(regs, offset)
+}
+
+/// A new fd for a socket, from the return value of an fexit on an entry point.
+#[inline(always)]
+fn returned_fd(ctx: &FExitContext, event_kind: u8) {
+    let ret: i64 = ctx.arg(1);
+    if ret >= 0 {
+        fd_event(event_kind, ret as u32);
+    }
+}
+
+macro_rules! returns_fd {
+    ($($name:ident => $function:literal, $kind:expr;)*) => {$(
+        #[doc = concat!("fexit/", $function, ": the fd it returned.")]
+        #[fexit(function = $function)]
+        pub fn $name(ctx: FExitContext) -> i32 {
+            returned_fd(&ctx, $kind);
+            0
+        }
+    )*};
+}
+
+returns_fd! {
+    fx_accept => "__x64_sys_accept", kind::ACCEPT;
+    fx_accept4 => "__x64_sys_accept4", kind::ACCEPT;
+    fx_socket => "__x64_sys_socket", kind::FD_OPEN;
+    fx_dup => "__x64_sys_dup", kind::FD_OPEN;
+    fx_dup2 => "__x64_sys_dup2", kind::FD_OPEN;
+    fx_dup3 => "__x64_sys_dup3", kind::FD_OPEN;
+    // As with the tracepoint: fcntl returns an fd only for F_DUPFD(_CLOEXEC), and a socket at
+    // any other number it returns is one the process does hold.
+    fx_fcntl => "__x64_sys_fcntl", kind::FD_OPEN;
+    fx_pidfd_getfd => "__x64_sys_pidfd_getfd", kind::FD_OPEN;
+}
+
+/// fentry/__x64_sys_close: looked up before the fd goes away.
+#[fentry(function = "__x64_sys_close")]
+pub fn fx_close(ctx: FEntryContext) -> i32 {
+    let regs: *const u8 = ctx.arg(0);
+    fd_event(kind::FD_CLOSE, argument(regs, REGS_DI) as u32);
+    0
+}
+
+/// fexit on bind and connect: the addresses the kernel settled on (the fd is the first
+/// argument, still in the registers; no map from enter to exit is needed).
+#[inline(always)]
+fn addresses(ctx: &FExitContext) {
+    let regs: *const u8 = ctx.arg(0);
+    let ret: i64 = ctx.arg(1);
+    const EINPROGRESS: i64 = 115;
+    if ret == 0 || ret == -EINPROGRESS {
+        fd_event(kind::ADDRS, argument(regs, REGS_DI) as u32);
+    }
+}
+
+/// fexit/__x64_sys_bind.
+#[fexit(function = "__x64_sys_bind")]
+pub fn fx_bind(ctx: FExitContext) -> i32 {
+    addresses(&ctx);
+    0
+}
+
+/// fexit/__x64_sys_connect.
+#[fexit(function = "__x64_sys_connect")]
+pub fn fx_connect(ctx: FExitContext) -> i32 {
+    addresses(&ctx);
+    0
+}
+
+/// fexit/__x64_sys_recvmsg: fds received with SCM_RIGHTS (the user `msghdr` is the second
+/// argument).
+#[fexit(function = "__x64_sys_recvmsg")]
+pub fn fx_recvmsg(ctx: FExitContext) -> i32 {
+    let regs: *const u8 = ctx.arg(0);
+    let ret: i64 = ctx.arg(1);
+    if ret >= 0 {
+        received_fds(argument(regs, REGS_SI));
+    }
+    0
+}
+
+/// fentry/security_sock_graft(sk, parent): `accept()` gives the current task a connection,
+/// in its own system call, before the fd is installed. An fexit sees only calls that began
+/// after it attached; a task already blocked in accept(2) when netwatch started returns
+/// past it, but calls this afresh once a connection comes.
+#[fentry(function = "security_sock_graft")]
+pub fn fx_graft(ctx: FEntryContext) -> i32 {
+    let sk: *const u8 = ctx.arg(0);
+    let protocol: u16 = read_kernel(sk, constant(&OFF_SK_PROTOCOL));
+    if sk.is_null() || protocol != IPPROTO_TCP as u16 {
+        return 0;
+    }
+    let mut event = new_event(kind::GRAFT);
+    // SAFETY: `sk` is the traced function's socket argument.
+    event.cookie = unsafe { bpf_get_socket_cookie(sk as *mut c_void) };
+    event.skaddr = sk as u64;
+    event.arg = -1;
+    event.protocol = IPPROTO_TCP;
+    event.newstate = read_kernel(sk, constant(&OFF_SKC_STATE));
+    event.inode = inode_of_sock(sk);
+    fill_from_sock(&mut event, sk);
+    submit(&event);
+    0
+}
