@@ -28,6 +28,8 @@
 //! - `sockpeer connect-fail ADDR:PORT timeout|abort` connects somewhere that never answers:
 //!   `timeout` waits for the kernel to give up (one SYN retry, about 3 s), `abort` closes the
 //!   socket 200 ms into the attempt;
+//! - `sockpeer refused SECONDS` connects to 127.0.0.1:1, where nothing listens, again and
+//!   again (each refusal is a RST the kernel handles in softirq), and prints how many;
 //! - `sockpeer syscalls getppid|file|unix SECONDS` loops over system calls with no TCP in
 //!   them and prints ns per iteration (for benchmarks; see [`syscalls`]);
 //! - `sockpeer hold` makes a mix of sockets in every state and shape `ss` lists, in two
@@ -70,6 +72,7 @@ fn main() -> ExitCode {
         ["churn", addr, count, "server-first"] => churn(addr, count, true),
         ["udp-sends", addr, count] => udp_sends(addr, count),
         ["rate", seconds] => rate(seconds),
+        ["refused", seconds] => refused(seconds),
         ["syscalls", what, seconds] => syscalls::run(what, seconds).map(|ns| println!("{ns:.1}")),
         ["listen-shared", addr] => hold::listen_shared(addr),
         ["listen", addr] => TcpListener::bind(addr).and_then(|listener| {
@@ -358,6 +361,22 @@ fn rate(seconds: &str) -> std::io::Result<()> {
         round_trips += 1;
     }
     println!("{round_trips}");
+    Ok(())
+}
+
+fn refused(seconds: &str) -> std::io::Result<()> {
+    let seconds: f64 =
+        seconds.parse().map_err(|e| std::io::Error::other(format!("{seconds}: {e}")))?;
+    let until = std::time::Instant::now() + Duration::from_secs_f64(seconds);
+    let mut refusals = 0u64;
+    while std::time::Instant::now() < until {
+        match TcpStream::connect((Ipv4Addr::LOCALHOST, 1)) {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => refusals += 1,
+            Err(e) => return Err(e),
+            Ok(_) => return Err(std::io::Error::other("something listens on 127.0.0.1:1")),
+        }
+    }
+    println!("{refusals}");
     Ok(())
 }
 

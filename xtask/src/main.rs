@@ -57,7 +57,8 @@ enum Task {
         /// `--history-keep` values for the retention scenario.
         #[arg(long, value_delimiter = ',', default_value = "10000,40000")]
         retention: Vec<usize>,
-        /// Only these scenarios (retention, snapshot, overhead, latency, tax, idle).
+        /// Only these scenarios (retention, snapshot, overhead, latency, tax, tax-vm, idle,
+        /// soak).
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
     },
@@ -109,8 +110,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let bench = bench::Bench::new(&root);
             // Retention first: the snapshot scenario leaves thousands of TIME_WAIT sockets
             // behind, which a new agent would take in.
-            const SCENARIOS: [&str; 6] =
-                ["retention", "snapshot", "overhead", "latency", "tax", "idle"];
+            const SCENARIOS: [&str; 8] =
+                ["retention", "snapshot", "overhead", "latency", "tax", "tax-vm", "idle", "soak"];
             if let Some(unknown) = only.iter().find(|o| !SCENARIOS.contains(&o.as_str())) {
                 bail!("no scenario '{unknown}': choose from {}", SCENARIOS.join(", "));
             }
@@ -130,8 +131,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if wanted("tax") {
                 bench.tax()?;
             }
+            if wanted("tax-vm") {
+                let kernels: Vec<&str> = vm::MATRIX.iter().map(|k| k.package).collect();
+                setup::ensure_packages(&[vm::PACKAGES, &kernels].concat())?;
+                bench.tax_in_vm()?;
+            }
             if wanted("idle") {
                 bench.idle()?;
+            }
+            if wanted("soak") {
+                bench.soak()?;
             }
             eprintln!("==> benchmarks done in {:.0?}", started.elapsed());
             Ok(())

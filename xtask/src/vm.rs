@@ -247,26 +247,12 @@ pub fn run(
     let mut outcomes = Vec::new();
     for kernel in MATRIX.iter().filter(|k| only.is_none_or(|o| k.label.contains(o))) {
         let release = kernel_release(kernel.package)?;
-        let dir = root.join("target/vm").join(&release);
-        std::fs::create_dir_all(&dir)?;
         let per_binary = Duration::from_secs(600);
         let guest = guest_script(root, netwatch, tests, per_binary);
-        let project_root = dir.join("project-root");
-        std::fs::write(&project_root, root.display().to_string())?;
-        let files = [(project_root.as_path(), "project-root")];
-        let image = Image {
-            release: &release,
-            modules: BOOT_MODULES,
-            init: INIT,
-            guest: &guest,
-            files: &files,
-        };
-        let image = initramfs(&dir, &image)?;
         eprintln!("==> {}: kernel {release}, {} test binaries", kernel.label, tests.len());
         let started = Instant::now();
-        let console = boot(&release, &image, per_binary * tests.len() as u32, Some(root))?;
-        let console_path = dir.join("console.log");
-        std::fs::write(&console_path, &console)?;
+        let (console, console_path) =
+            run_guest(root, &release, &guest, per_binary * tests.len() as u32)?;
         outcomes.push(Outcome {
             label: kernel.label,
             expected: tests.len(),
@@ -277,6 +263,28 @@ pub fn run(
         });
     }
     Ok(outcomes)
+}
+
+/// Boots `release` with the project's initramfs running `guest` (a bash script, run with the
+/// host root and the project shared), for at most `limit`; returns what the console printed
+/// and where it was saved.
+pub fn run_guest(
+    root: &Path,
+    release: &str,
+    guest: &str,
+    limit: Duration,
+) -> anyhow::Result<(String, PathBuf)> {
+    let dir = root.join("target/vm").join(release);
+    std::fs::create_dir_all(&dir)?;
+    let project_root = dir.join("project-root");
+    std::fs::write(&project_root, root.display().to_string())?;
+    let files = [(project_root.as_path(), "project-root")];
+    let image = Image { release, modules: BOOT_MODULES, init: INIT, guest, files: &files };
+    let image = initramfs(&dir, &image)?;
+    let console = boot(release, &image, limit, Some(root))?;
+    let console_path = dir.join("console.log");
+    std::fs::write(&console_path, &console)?;
+    Ok((console, console_path))
 }
 
 /// Boots `release` with `image`, returning everything the console printed; with `project`,

@@ -2,6 +2,14 @@
 //! (getppid; open, dup and two closes; a unix socket and its close) with nothing attached,
 //! with the agent and with `tcpstates`, interleaved over rounds.
 //!
+//! Scenario `tax-vm`: the same loops inside each kernel of the matrix under qemu, where the
+//! kernel may take the trampoline path this machine refuses.
+//!
+//! Scenario `soak`: a mixed load for SOAK_SECONDS (connections made and closed as fast as
+//! they go, and refused connects, whose RSTs the kernel handles in softirq, interrupting
+//! whatever program runs on that CPU): the program runs the kernel skipped
+//! (`netwatch_lost_events_total{reason="skipped"}`), each one an event never made.
+//!
 //! Scenario `idle`: the agent on a host with no traffic: its CPU share and how often its
 //! threads wake (context switches of all its threads, from /proc).
 use std::{
@@ -166,4 +174,169 @@ fn threads(pid: u32) -> anyhow::Result<(u64, u64)> {
             .sum::<u64>();
     }
     Ok((cpu_ns, switches))
+}
+
+/// Rounds of the `tax` loops inside each kernel of the matrix.
+const VM_TAX_ROUNDS: usize = 3;
+
+impl Bench {
+    /// Scenario `tax-vm`: the `tax` loops inside each kernel of the matrix under qemu, with
+    /// nothing attached and with the agent. There the kernel may allow the BPF trampolines
+    /// this machine refuses, so this is the figure for the trampoline path. qemu emulates the
+    /// CPU (TCG), so only the ratios mean anything, not the nanoseconds.
+    pub fn tax_in_vm(&self) -> anyhow::Result<()> {
+        let mut markdown = String::from(
+            "## Tax inside the kernel matrix (qemu TCG): system-call loops\n\n\
+             | kernel | system-call hooks | loop | nothing attached | netwatch agent | speed |\n\
+             |---|---|---|---:|---:|---:|\n",
+        );
+        let mut json = Vec::new();
+        for kernel in crate::vm::MATRIX {
+            let release = crate::vm::kernel_release(kernel.package)?;
+            eprintln!("==> bench tax-vm: {} ({release})", kernel.label);
+            let guest = self.tax_guest();
+            let (console, path) =
+                crate::vm::run_guest(&self.root, &release, &guest, Duration::from_secs(900))?;
+            // `=== tax LOOP nothing|agent NS` lines, and the hook `netwatch check` reported.
+            let samples: Vec<(&str, &str, f64)> = console
+                .lines()
+                .filter_map(|l| {
+                    let mut words = l.strip_prefix("=== tax ")?.split_whitespace();
+                    Some((words.next()?, words.next()?, words.next()?.parse().ok()?))
+                })
+                .collect();
+            let hooks = console
+                .lines()
+                .find(|l| l.trim_start().starts_with("close_enter"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .unwrap_or("?")
+                .to_string();
+            for what in LOOPS {
+                let of = |setup: &str| {
+                    let list: Vec<f64> = samples
+                        .iter()
+                        .filter(|(w, s, _)| *w == what && *s == setup)
+                        .map(|(_, _, ns)| *ns)
+                        .collect();
+                    (!list.is_empty()).then(|| timing(list))
+                };
+                let (Some(base), Some(ours)) = (of("nothing"), of("agent")) else {
+                    bail!("no {what} figures in {}", path.display());
+                };
+                markdown.push_str(&format!(
+                    "| {} ({release}) | close: `{hooks}` | {what} | {:.0} | {:.0} | {:.3} |\n",
+                    kernel.label,
+                    base.median,
+                    ours.median,
+                    base.median / ours.median
+                ));
+                json.push(format!(
+                    r#"{{"scenario":"tax_vm","kernel":"{release}","loop":"{what}","untraced_ns":{:.1},"agent_ns":{:.1},"agent_speed":{:.4}}}"#,
+                    base.median,
+                    ours.median,
+                    base.median / ours.median
+                ));
+            }
+        }
+        markdown.push_str(&format!(
+            "\nMedian of {VM_TAX_ROUNDS} rounds, ns per iteration as the emulated CPU ran them. \
+             The hook column is where `netwatch check` inside the guest put `close_enter`.\n"
+        ));
+        self.write_report("tax-vm", &markdown, &json)
+    }
+
+    /// The guest script: `netwatch check`, then rounds of the loops without and with an agent.
+    fn tax_guest(&self) -> String {
+        let sockpeer = self.bin("sockpeer").display().to_string();
+        let netwatch = self.bin("netwatch").display().to_string();
+        let mut script = String::from(
+            "#!/bin/bash\nexport PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n",
+        );
+        script.push_str(&format!("'{netwatch}' check\n"));
+        script.push_str(&format!("for round in $(seq {VM_TAX_ROUNDS}); do\n"));
+        let loops = |setup: &str| {
+            LOOPS
+                .iter()
+                .map(|what| {
+                    format!(
+                        "  echo \"=== tax {what} {setup} $('{sockpeer}' syscalls {what} {LOOP_SECONDS})\"\n"
+                    )
+                })
+                .collect::<String>()
+        };
+        script.push_str(&loops("nothing"));
+        script.push_str(&format!(
+            "  '{netwatch}' agent --socket /tmp/bench.sock 2>/tmp/agent.err & agent=$!\n  \
+             for i in $(seq 300); do grep -q serving /tmp/agent.err && break; sleep 0.2; done\n"
+        ));
+        script.push_str(&loops("agent"));
+        script.push_str("  kill $agent; wait $agent\ndone\n");
+        script
+    }
+}
+
+const SOAK_SECONDS: u64 = 30;
+
+impl Bench {
+    pub fn soak(&self) -> anyhow::Result<()> {
+        eprintln!("==> bench soak: {SOAK_SECONDS} s of connections and refused connects");
+        let address = format!("127.0.0.1:{}", free_port()?);
+        let agent = Agent::start(self, &["--metrics", &address])?;
+        let before = scrape(&address)?;
+        let namespace = Namespace::new()?;
+        let seconds = SOAK_SECONDS.to_string();
+        let mut children = Vec::new();
+        for _ in 0..2 {
+            let mut child = namespace
+                .command(&self.bin("sockpeer"))
+                .args(["rate", &seconds])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::null())
+                .spawn()
+                .context("starting sockpeer rate")?;
+            use std::io::Write as _;
+            child.stdin.take().context("stdin")?.write_all(b"go\n")?;
+            children.push(child);
+        }
+        children.push(
+            namespace
+                .command(&self.bin("sockpeer"))
+                .args(["refused", &seconds])
+                .stdout(Stdio::null())
+                .spawn()
+                .context("starting sockpeer refused")?,
+        );
+        for mut child in children {
+            if !child.wait()?.success() {
+                bail!("a soak process failed");
+            }
+        }
+        std::thread::sleep(Duration::from_millis(1500));
+        let after = scrape(&address)?;
+        let count = |name: &str| metric_sum(&after, name) - metric_sum(&before, name);
+        let skipped = {
+            let line = |scrape: &str| {
+                scrape
+                    .lines()
+                    .find(|l| l.starts_with("netwatch_lost_events_total{reason=\"skipped\"}"))
+                    .and_then(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+                    .unwrap_or(0.0)
+            };
+            line(&after) - line(&before)
+        };
+        let transitions = count("netwatch_transitions_total");
+        let lost = count("netwatch_lost_events_total");
+        drop(agent);
+        let markdown = format!(
+            "## Soak: runs the kernel skipped under a mixed load\n\n\
+             | seconds | transitions | skipped runs | all lost events |\n|---:|---:|---:|---:|\n\
+             | {SOAK_SECONDS} | {transitions:.0} | {skipped:.0} | {lost:.0} |\n\n\
+             Two `sockpeer rate` processes and one `sockpeer refused` in a namespace made for \
+             the run, against one agent; from its metrics.\n"
+        );
+        let json = vec![format!(
+            r#"{{"scenario":"soak","seconds":{SOAK_SECONDS},"transitions":{transitions},"skipped":{skipped},"lost":{lost}}}"#
+        )];
+        self.write_report("soak", &markdown, &json)
+    }
 }

@@ -17,8 +17,9 @@
 //! Scenario `latency`: kernel timestamp to the line `netwatch watch` prints (through the
 //! agent), and connect() to the row in the agent's table, at a low rate and under load.
 //!
-//! Scenarios `tax` and `idle` (see [`cost`]): what the agent costs system calls with no TCP
-//! in them, and a host with no traffic.
+//! Scenarios `tax`, `tax-vm`, `idle` and `soak` (see [`cost`]): what the agent costs system
+//! calls with no TCP in them, on this kernel and inside each kernel of the matrix; a host
+//! with no traffic; and the program runs the kernel skips under a mixed load.
 //!
 //! Each scenario's report (Markdown and JSON) goes to target/bench/.
 use std::{
@@ -118,11 +119,14 @@ impl Bench {
         Ok(timing(samples))
     }
 
-    /// Resident memory (KiB) of an agent started now, once it serves.
-    pub(super) fn agent_rss(&self) -> anyhow::Result<u64> {
-        let agent = Agent::start(self, &[])?;
+    /// Resident memory (KiB) and heap bytes allocated (the agent's
+    /// `netwatch_heap_allocated_bytes`) of an agent started now, once it serves.
+    pub(super) fn agent_memory(&self) -> anyhow::Result<(u64, u64)> {
+        let address = format!("127.0.0.1:{}", free_port()?);
+        let agent = Agent::start(self, &["--metrics", &address])?;
         std::thread::sleep(Duration::from_millis(500));
-        agent.rss_kib()
+        let allocated = metric_sum(&scrape(&address)?, "netwatch_heap_allocated_bytes");
+        Ok((agent.rss_kib()?, allocated as u64))
     }
 
     /// For each N in `sizes`: the agent's memory with its closed-connection retention full.
@@ -213,11 +217,11 @@ impl Bench {
         let netstat = which("netstat");
         let mut markdown = String::from(
             "## Snapshot: time to a complete table, and agent memory\n\n\
-             | sockets | netwatch table | ss -tanp | netstat -tanp | netwatch / ss | agent RSS | per socket |\n\
-             |---:|---:|---:|---:|---:|---:|---:|\n",
+             | sockets | netwatch table | ss -tanp | netstat -tanp | netwatch / ss | agent RSS | per socket (RSS) | per socket (allocated) |\n\
+             |---:|---:|---:|---:|---:|---:|---:|---:|\n",
         );
         let mut json = Vec::new();
-        let baseline_rss = self.agent_rss()?;
+        let (baseline_rss, baseline_heap) = self.agent_memory()?;
         for &size in sizes {
             eprintln!("==> bench snapshot: {size} sockets");
             let _holders = self.hold(size)?;
@@ -227,23 +231,33 @@ impl Bench {
                 Some(path) => Some(self.time(path, &["-tanp"])?),
                 None => None,
             };
-            let rss = self.agent_rss()?;
+            let (rss, heap) = self.agent_memory()?;
             let per_socket = (rss.saturating_sub(baseline_rss) * 1024) as f64 / size as f64;
+            let heap_per_socket = heap.saturating_sub(baseline_heap) as f64 / size as f64;
             let cell = |t: &Timing| format!("{:.0} ms ({:.0}-{:.0})", t.median, t.min, t.max);
             markdown.push_str(&format!(
-                "| {size} | {} | {} | {} | {:.2} | {} KiB (idle {baseline_rss}) | {per_socket:.0} B |\n",
+                "| {size} | {} | {} | {} | {:.2} | {} KiB (idle {baseline_rss}) | {per_socket:.0} B | {heap_per_socket:.0} B |\n",
                 cell(&ours),
                 cell(&ss),
                 net.as_ref().map_or("n/a".into(), cell),
                 ours.median / ss.median,
                 rss,
             ));
-            json.push(serde_like(size, &ours, &ss, net.as_ref(), rss, baseline_rss));
+            json.push(serde_like(
+                size,
+                &ours,
+                &ss,
+                net.as_ref(),
+                (rss, baseline_rss),
+                (heap, baseline_heap),
+            ));
         }
         markdown.push_str(&format!(
             "\nMedian of {ROUNDS} runs (min-max); sockets held by `sockpeer pairs` processes of \
              {SOCKETS_PER_PROCESS} sockets each. Per socket: (agent RSS with them seeded - idle \
-             agent RSS) / sockets.\n"
+             agent RSS) / sockets, and the same for the heap bytes the agent has allocated \
+             (`netwatch_heap_allocated_bytes`, glibc's count), which does not depend on what \
+             the allocator keeps free.\n"
         ));
         self.write_report("snapshot", &markdown, &json)
     }

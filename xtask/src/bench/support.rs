@@ -131,14 +131,14 @@ pub(super) fn serde_like(
     ours: &Timing,
     ss: &Timing,
     net: Option<&Timing>,
-    rss: u64,
-    idle: u64,
+    (rss, idle): (u64, u64),
+    (heap, idle_heap): (u64, u64),
 ) -> String {
     let t = |t: &Timing| {
         format!(r#"{{"median_ms":{:.3},"min_ms":{:.3},"max_ms":{:.3}}}"#, t.median, t.min, t.max)
     };
     format!(
-        r#"{{"sockets":{size},"netwatch_table":{},"ss_tanp":{},"netstat_tanp":{},"agent_rss_kib":{rss},"idle_agent_rss_kib":{idle}}}"#,
+        r#"{{"sockets":{size},"netwatch_table":{},"ss_tanp":{},"netstat_tanp":{},"agent_rss_kib":{rss},"idle_agent_rss_kib":{idle},"agent_heap_bytes":{heap},"idle_agent_heap_bytes":{idle_heap}}}"#,
         t(ours),
         t(ss),
         net.map_or("null".into(), t)
