@@ -95,6 +95,22 @@ pub struct Health {
     pub ring_size_bytes: u64,
 }
 
+/// Bytes allocated and not freed, as glibc counts them (its arenas and mmapped chunks); 0
+/// with another allocator (the static musl build). RSS also holds what the allocator keeps
+/// free, which depends on the history of allocations; this does not.
+fn heap_allocated_bytes() -> u64 {
+    #[cfg(target_env = "gnu")]
+    {
+        // SAFETY: mallinfo2 only reads the allocator's counters.
+        let info = unsafe { libc::mallinfo2() };
+        (info.uordblks + info.hblkhd) as u64
+    }
+    #[cfg(not(target_env = "gnu"))]
+    {
+        0
+    }
+}
+
 pub struct Metrics {
     registry: Registry,
     sockets: Family<SocketLabels, Gauge>,
@@ -109,6 +125,7 @@ pub struct Metrics {
     snapshot_time: Gauge<f64, std::sync::atomic::AtomicU64>,
     ring_peak: Gauge,
     ring_size: Gauge,
+    heap: Gauge,
     per_remote: Option<PerRemote>,
 }
 
@@ -198,6 +215,13 @@ impl Metrics {
         );
         let ring_size = Gauge::default();
         registry.register("ring_buffer_size_bytes", "The ring buffer's size", ring_size.clone());
+        let heap = Gauge::default();
+        registry.register(
+            "heap_allocated_bytes",
+            "Bytes the agent has allocated and not freed (glibc's mallinfo2; 0 where the \
+             allocator cannot say): its memory without what the allocator holds free",
+            heap.clone(),
+        );
         let per_remote = (remotes > 0).then(|| {
             let remote = PerRemote {
                 cap: remotes,
@@ -237,6 +261,7 @@ impl Metrics {
             snapshot_time,
             ring_peak,
             ring_size,
+            heap,
             per_remote,
         }
     }
@@ -295,6 +320,7 @@ impl Metrics {
         self.snapshot_time.set(health.last_snapshot);
         self.ring_peak.set(i64::try_from(health.ring_peak_bytes).unwrap_or(i64::MAX));
         self.ring_size.set(i64::try_from(health.ring_size_bytes).unwrap_or(i64::MAX));
+        self.heap.set(i64::try_from(heap_allocated_bytes()).unwrap_or(i64::MAX));
         self.sockets.clear();
         for listed in rows {
             let labels = SocketLabels {
