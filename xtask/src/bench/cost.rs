@@ -187,8 +187,8 @@ impl Bench {
     pub fn tax_in_vm(&self) -> anyhow::Result<()> {
         let mut markdown = String::from(
             "## Tax inside the kernel matrix (qemu TCG): system-call loops\n\n\
-             | kernel | system-call hooks | loop | nothing attached | netwatch agent | speed |\n\
-             |---|---|---|---:|---:|---:|\n",
+             | kernel | loop | nothing attached | agent (trampolines) | speed | agent (syscalls tracepoints) | speed |\n\
+             |---|---|---:|---:|---:|---:|---:|\n",
         );
         let mut json = Vec::new();
         for kernel in crate::vm::MATRIX {
@@ -220,27 +220,35 @@ impl Bench {
                         .collect();
                     (!list.is_empty()).then(|| timing(list))
                 };
-                let (Some(base), Some(ours)) = (of("nothing"), of("agent")) else {
+                let (Some(base), Some(ours), Some(old)) =
+                    (of("nothing"), of("agent"), of("tracepoints"))
+                else {
                     bail!("no {what} figures in {}", path.display());
                 };
                 markdown.push_str(&format!(
-                    "| {} ({release}) | close: `{hooks}` | {what} | {:.0} | {:.0} | {:.3} |\n",
+                    "| {} ({release}) | {what} | {:.0} | {:.0} | {:.3} | {:.0} | {:.3} |\n",
                     kernel.label,
                     base.median,
                     ours.median,
-                    base.median / ours.median
+                    base.median / ours.median,
+                    old.median,
+                    base.median / old.median,
                 ));
                 json.push(format!(
-                    r#"{{"scenario":"tax_vm","kernel":"{release}","loop":"{what}","untraced_ns":{:.1},"agent_ns":{:.1},"agent_speed":{:.4}}}"#,
+                    r#"{{"scenario":"tax_vm","kernel":"{release}","loop":"{what}","untraced_ns":{:.1},"agent_ns":{:.1},"agent_speed":{:.4},"tracepoints_ns":{:.1},"tracepoints_speed":{:.4},"close_hook":"{hooks}"}}"#,
                     base.median,
                     ours.median,
-                    base.median / ours.median
+                    base.median / ours.median,
+                    old.median,
+                    base.median / old.median,
                 ));
             }
         }
         markdown.push_str(&format!(
-            "\nMedian of {VM_TAX_ROUNDS} rounds, ns per iteration as the emulated CPU ran them. \
-             The hook column is where `netwatch check` inside the guest put `close_enter`.\n"
+            "\nMedian of {VM_TAX_ROUNDS} rounds, ns per iteration as the emulated CPU ran them; \
+             the three set-ups interleaved in each round. The second agent is the same binary \
+             with its trampoline programs refused (NETWATCH_REFUSE_PROGRAMS), as on a kernel \
+             without BPF trampolines.\n"
         ));
         self.write_report("tax-vm", &markdown, &json)
     }
@@ -270,6 +278,19 @@ impl Bench {
              for i in $(seq 300); do grep -q serving /tmp/agent.err && break; sleep 0.2; done\n"
         ));
         script.push_str(&loops("agent"));
+        script.push_str("  kill $agent; wait $agent\n");
+        // The same agent made to fall back to the syscalls tracepoints.
+        let trampolines: Vec<&str> = netwatch_common::program::TRAMPOLINES
+            .iter()
+            .flat_map(|(_, _, variants)| variants.iter().map(|v| v.program))
+            .collect();
+        script.push_str(&format!(
+            "  NETWATCH_REFUSE_PROGRAMS={} '{netwatch}' agent --socket /tmp/bench.sock \
+             2>/tmp/agent.err & agent=$!\n  \
+             for i in $(seq 300); do grep -q serving /tmp/agent.err && break; sleep 0.2; done\n",
+            trampolines.join(",")
+        ));
+        script.push_str(&loops("tracepoints"));
         script.push_str("  kill $agent; wait $agent\ndone\n");
         script
     }
