@@ -32,11 +32,7 @@ fn netwatch_programs() -> BTreeSet<u32> {
                 !name.is_empty()
                     && program::ALL
                         .into_iter()
-                        .chain(
-                            program::TRAMPOLINES
-                                .iter()
-                                .flat_map(|(_, _, variants)| variants.iter().map(|v| v.program)),
-                        )
+                        .chain(program::trampoline_programs())
                         .any(|ours| ours.get(..15).unwrap_or(ours) == name)
             })
         })

@@ -96,37 +96,61 @@ pub mod program {
         CHILD_OF,
     ];
 
-    /// A program on a BPF trampoline, standing in for a `syscalls:*` tracepoint program.
+    /// A program on a BPF trampoline.
     pub struct Trampoline {
         pub program: &'static str,
-        /// The x86-64 system-call entry point it attaches to.
+        /// The kernel function it attaches to.
         pub function: &'static str,
-        /// fentry (before the call) rather than fexit (after it, with its return value).
-        pub entry: bool,
+        pub hook: TrampolineHook,
+    }
+
+    #[derive(Clone, Copy, PartialEq, Eq)]
+    pub enum TrampolineHook {
+        /// Before the call, with its arguments.
+        Entry,
+        /// After it, with its arguments and its return value.
+        Exit,
+    }
+
+    /// Trampoline programs standing in for a `syscalls:*` tracepoint program, attached all or
+    /// none.
+    pub struct TrampolineGroup {
+        /// The tracepoint program whose work they do.
+        pub stands_for: &'static str,
+        /// Another tracepoint program they make unnecessary (an enter program whose exit
+        /// program they replace: an fexit has the call's arguments).
+        pub replaces: Option<&'static str>,
+        /// How a user names the group's hooks.
+        pub attach: &'static str,
+        pub programs: &'static [Trampoline],
     }
 
     const fn exit(program: &'static str, function: &'static str) -> Trampoline {
-        Trampoline { program, function, entry: false }
+        Trampoline { program, function, hook: TrampolineHook::Exit }
     }
 
-    /// The system-call programs' trampoline variants (`netwatch-ebpf`'s `syscalls`): the
-    /// tracepoint program each group stands in for, how a user names the group's hooks, and
-    /// the programs. ADDR_SYSCALL_EXIT's and RECVMSG_EXIT's also do their enter programs'
-    /// work.
-    pub const TRAMPOLINES: [(&str, &str, &[Trampoline]); 5] = [
-        (
-            ACCEPT_EXIT,
-            "fexit/__x64_sys_{accept,accept4}, fentry/security_sock_graft",
-            &[
+    const fn entry(program: &'static str, function: &'static str) -> Trampoline {
+        Trampoline { program, function, hook: TrampolineHook::Entry }
+    }
+
+    /// The system-call programs' trampoline variants (`netwatch-ebpf`'s `syscalls`), on the
+    /// x86-64 system-call entry points.
+    pub const TRAMPOLINES: [TrampolineGroup; 5] = [
+        TrampolineGroup {
+            stands_for: ACCEPT_EXIT,
+            replaces: None,
+            attach: "fexit/__x64_sys_{accept,accept4}, fentry/security_sock_graft",
+            programs: &[
                 exit("fx_accept", "__x64_sys_accept"),
                 exit("fx_accept4", "__x64_sys_accept4"),
-                Trampoline { program: "fx_graft", function: "security_sock_graft", entry: true },
+                entry("fx_graft", "security_sock_graft"),
             ],
-        ),
-        (
-            FD_OPEN_EXIT,
-            "fexit/__x64_sys_{socket,dup,dup2,dup3,fcntl,pidfd_getfd}",
-            &[
+        },
+        TrampolineGroup {
+            stands_for: FD_OPEN_EXIT,
+            replaces: None,
+            attach: "fexit/__x64_sys_{socket,dup,dup2,dup3,fcntl,pidfd_getfd}",
+            programs: &[
                 exit("fx_socket", "__x64_sys_socket"),
                 exit("fx_dup", "__x64_sys_dup"),
                 exit("fx_dup2", "__x64_sys_dup2"),
@@ -134,19 +158,31 @@ pub mod program {
                 exit("fx_fcntl", "__x64_sys_fcntl"),
                 exit("fx_pidfd_getfd", "__x64_sys_pidfd_getfd"),
             ],
-        ),
-        (
-            CLOSE_ENTER,
-            "fentry/__x64_sys_close",
-            &[Trampoline { program: "fx_close", function: "__x64_sys_close", entry: true }],
-        ),
-        (
-            ADDR_SYSCALL_EXIT,
-            "fexit/__x64_sys_{bind,connect}",
-            &[exit("fx_bind", "__x64_sys_bind"), exit("fx_connect", "__x64_sys_connect")],
-        ),
-        (RECVMSG_EXIT, "fexit/__x64_sys_recvmsg", &[exit("fx_recvmsg", "__x64_sys_recvmsg")]),
+        },
+        TrampolineGroup {
+            stands_for: CLOSE_ENTER,
+            replaces: None,
+            attach: "fentry/__x64_sys_close",
+            programs: &[entry("fx_close", "__x64_sys_close")],
+        },
+        TrampolineGroup {
+            stands_for: ADDR_SYSCALL_EXIT,
+            replaces: Some(ADDR_SYSCALL_ENTER),
+            attach: "fexit/__x64_sys_{bind,connect}",
+            programs: &[exit("fx_bind", "__x64_sys_bind"), exit("fx_connect", "__x64_sys_connect")],
+        },
+        TrampolineGroup {
+            stands_for: RECVMSG_EXIT,
+            replaces: Some(RECVMSG_ENTER),
+            attach: "fexit/__x64_sys_recvmsg",
+            programs: &[exit("fx_recvmsg", "__x64_sys_recvmsg")],
+        },
     ];
+
+    /// Every trampoline program's name.
+    pub fn trampoline_programs() -> impl Iterator<Item = &'static str> {
+        TRAMPOLINES.iter().flat_map(|group| group.programs.iter().map(|t| t.program))
+    }
 }
 
 /// The maps of `netwatch-ebpf` that userspace opens.
@@ -197,6 +233,7 @@ pub mod global {
     pub const OFF_SKC_NULLS_NODE: &str = "OFF_SKC_NULLS_NODE";
     pub const OFF_SKC_HASH: &str = "OFF_SKC_HASH";
     pub const OFF_NET_TW_HASHINFO: &str = "OFF_NET_TW_HASHINFO";
+    pub const OFF_DEATH_ROW_HASHINFO: &str = "OFF_DEATH_ROW_HASHINFO";
     pub const OFF_HASHINFO_EHASH: &str = "OFF_HASHINFO_EHASH";
     pub const OFF_HASHINFO_EHASH_MASK: &str = "OFF_HASHINFO_EHASH_MASK";
     pub const OFF_TASK_NSPROXY: &str = "OFF_TASK_NSPROXY";
@@ -222,7 +259,7 @@ pub mod global {
     pub const TP_SADDR_V6: &str = "TP_SADDR_V6";
     pub const TP_DADDR_V6: &str = "TP_DADDR_V6";
 
-    pub const ALL: [&str; 59] = [
+    pub const ALL: [&str; 60] = [
         OFF_SKC_DADDR,
         OFF_SKC_RCV_SADDR,
         OFF_SKC_DPORT,
@@ -258,6 +295,7 @@ pub mod global {
         OFF_SKC_NULLS_NODE,
         OFF_SKC_HASH,
         OFF_NET_TW_HASHINFO,
+        OFF_DEATH_ROW_HASHINFO,
         OFF_HASHINFO_EHASH,
         OFF_HASHINFO_EHASH_MASK,
         OFF_TASK_NSPROXY,

@@ -52,10 +52,13 @@ load_time_constants!(
     OFF_TP_COPIED_SEQ,
     /// The established hash, where a timewait socket takes a closing socket's place:
     /// `sock_common.skc_nulls_node` (the chain link) and `.skc_hash`, the namespace's
-    /// `net.ipv4.tcp_death_row.hashinfo`, and that table's `ehash` and `ehash_mask`.
+    /// `net.ipv4.tcp_death_row.hashinfo` (0: not found; with OFF_DEATH_ROW_HASHINFO set, the
+    /// row is a pointer and `hashinfo` is at that offset in it), and that table's `ehash`
+    /// and `ehash_mask`.
     OFF_SKC_NULLS_NODE,
     OFF_SKC_HASH,
     OFF_NET_TW_HASHINFO,
+    OFF_DEATH_ROW_HASHINFO,
     OFF_HASHINFO_EHASH,
     OFF_HASHINFO_EHASH_MASK,
     /// `task_struct.nsproxy`, `nsproxy.net_ns`: the current task's network namespace.

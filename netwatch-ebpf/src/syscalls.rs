@@ -4,20 +4,18 @@
 //! enabled `syscalls:*` tracepoint sends every system call of every task through the slow
 //! path; these do not. Each entry point takes the caller's `struct pt_regs *`; an fexit
 //! program also gets the return value, as the argument after it.
-use core::ffi::c_void;
 
 use crate::{
     fds::*,
     globals::*,
     record::{new_event, read_kernel, submit},
-    state::{fill_from_sock, inode_of_sock},
+    state::{fill_tcp_event, is_tcp},
 };
 use aya_ebpf::{
-    helpers::generated::bpf_get_socket_cookie,
     macros::{fentry, fexit},
     programs::{FEntryContext, FExitContext},
 };
-use netwatch_common::{IPPROTO_TCP, kind};
+use netwatch_common::kind;
 
 /// `struct pt_regs` offsets of the first two system-call arguments (`di`, `si`) on x86-64:
 /// part of the kernel's user ABI, unlike the structs whose offsets come from BTF.
@@ -57,8 +55,7 @@ returns_fd! {
     fx_dup => "__x64_sys_dup", kind::FD_OPEN;
     fx_dup2 => "__x64_sys_dup2", kind::FD_OPEN;
     fx_dup3 => "__x64_sys_dup3", kind::FD_OPEN;
-    // As with the tracepoint: fcntl returns an fd only for F_DUPFD(_CLOEXEC), and a socket at
-    // any other number it returns is one the process does hold.
+    // As with the tracepoint (see `Attacher::ownership`), fcntl's other returns are harmless.
     fx_fcntl => "__x64_sys_fcntl", kind::FD_OPEN;
     fx_pidfd_getfd => "__x64_sys_pidfd_getfd", kind::FD_OPEN;
 }
@@ -116,19 +113,13 @@ pub fn fx_recvmsg(ctx: FExitContext) -> i32 {
 #[fentry(function = "security_sock_graft")]
 pub fn fx_graft(ctx: FEntryContext) -> i32 {
     let sk: *const u8 = ctx.arg(0);
-    let protocol: u16 = read_kernel(sk, constant(&OFF_SK_PROTOCOL));
-    if sk.is_null() || protocol != IPPROTO_TCP as u16 {
+    if !is_tcp(sk) {
         return 0;
     }
     let mut event = new_event(kind::GRAFT);
-    // SAFETY: `sk` is the traced function's socket argument.
-    event.cookie = unsafe { bpf_get_socket_cookie(sk as *mut c_void) };
-    event.skaddr = sk as u64;
+    fill_tcp_event(&mut event, sk);
     event.arg = -1;
-    event.protocol = IPPROTO_TCP;
     event.newstate = read_kernel(sk, constant(&OFF_SKC_STATE));
-    event.inode = inode_of_sock(sk);
-    fill_from_sock(&mut event, sk);
     submit(&event);
     0
 }

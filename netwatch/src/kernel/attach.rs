@@ -97,8 +97,14 @@ impl Attacher<'_> {
     }
 
     /// The programs that follow sockets through fd tables and processes, and the TCP ones.
-    /// `why_not`: why the fd-table programs cannot run here (no BTF, no syscall formats).
-    pub(super) fn ownership(&mut self, btf: Option<&Btf>, why_not: Option<&str>) {
+    /// `no_cookies`: why none of the ownership programs can be used (the classic state
+    /// source); `why_not`: why the tracepoint ones cannot (no syscall formats).
+    pub(super) fn ownership(
+        &mut self,
+        btf: Option<&Btf>,
+        no_cookies: Option<&str>,
+        why_not: Option<&str>,
+    ) {
         let syscalls: [(&'static str, &[&str]); 7] = [
             (program::ACCEPT_EXIT, &["sys_exit_accept4", "sys_exit_accept"]),
             // fcntl's return is an fd only for F_DUPFD(_CLOEXEC); for other commands a socket
@@ -126,90 +132,74 @@ impl Attacher<'_> {
             (program::PROCESS_EXEC, "sched_process_exec"),
             (program::PROCESS_EXIT, "sched_process_exit"),
         ];
-        match (btf, why_not) {
-            (Some(btf), None) => {
-                // Trampolines first: where they attach, no syscalls tracepoint taxes every
-                // system call on the host.
-                let mut refusals = Vec::new();
-                let on_trampolines: Vec<(&str, &str, Option<u32>)> = program::TRAMPOLINES
-                    .iter()
-                    .filter(|(name, ..)| !refused(name))
-                    .filter_map(|(name, attach, variants)| {
-                        match self.trampoline_group(variants, btf) {
-                            Ok(insns) => Some((*name, *attach, insns)),
-                            Err(why) => {
-                                tracing::debug!("{attach} not attached: {why}");
-                                refusals.push(why);
-                                None
-                            }
-                        }
-                    })
-                    .collect();
-                if let Some(why) = refusals.first() {
-                    tracing::info!(
-                        "system-call hooks on tracepoints, which slow every system call on the \
-                         host: BPF trampolines not attached ({why})"
-                    );
+        let Some(ownership_btf) = btf.filter(|_| no_cookies.is_none()) else {
+            let why = no_cookies.unwrap_or("no kernel BTF");
+            let names = syscalls.iter().map(|(n, _)| *n).chain(processes.iter().map(|(n, _)| *n));
+            for name in names.chain([program::PROCESS_FORK, program::CHILD_OF]) {
+                self.not_used(name, why);
+            }
+            let reset_why = no_cookies.unwrap_or("no socket cookies without kernel BTF");
+            self.not_used(program::RESET_RECEIVED, reset_why);
+            return self.retransmits(btf);
+        };
+        let btf = ownership_btf;
+        // Trampolines first: where they attach, no syscalls tracepoint taxes every system call
+        // on the host. They need no tracepoint format, so `why_not` does not stop them.
+        let on_trampolines = self.trampolines(btf);
+        for (name, tracepoints) in syscalls {
+            let by_group = on_trampolines
+                .iter()
+                .find(|(group, _)| group.stands_for == name || group.replaces == Some(name));
+            match (by_group, why_not) {
+                (Some((group, insns)), _) if group.stands_for == name => {
+                    self.statuses.push(HookStatus::attached_at(name, group.attach, *insns));
                 }
-                let done_by = |name: &str| on_trampolines.iter().find(|(n, ..)| *n == name);
-                for (name, tracepoints) in syscalls {
-                    let exit = match name {
-                        program::ADDR_SYSCALL_ENTER => program::ADDR_SYSCALL_EXIT,
-                        program::RECVMSG_ENTER => program::RECVMSG_EXIT,
-                        _ => name,
-                    };
-                    match done_by(exit) {
-                        Some(&(_, attach, insns)) if exit == name => {
-                            self.statuses.push(HookStatus::attached_at(name, attach, insns));
-                        }
-                        Some(&(_, attach, _)) => self.statuses.push(HookStatus::new(
-                            name,
-                            Err((HookState::Replaced, format!("{attach} does its work"))),
-                        )),
-                        None => {
-                            self.attach::<TracePoint>(name, |p| {
-                                p.load()?;
-                                tracepoints
-                                    .iter()
-                                    .try_for_each(|t| p.attach("syscalls", t).map(drop))
-                            });
-                        }
-                    }
+                (Some((group, _)), _) => self.statuses.push(HookStatus::new(
+                    name,
+                    Err((HookState::Replaced, format!("{} does its work", group.attach))),
+                )),
+                (None, Some(why)) => self.not_used(name, why),
+                (None, None) => {
+                    self.attach::<TracePoint>(name, |p| {
+                        p.load()?;
+                        tracepoints.iter().try_for_each(|t| p.attach("syscalls", t).map(drop))
+                    });
                 }
-                for (name, tracepoint) in processes {
+            }
+        }
+        for (name, tracepoint) in processes {
+            match why_not {
+                Some(why) => self.not_used(name, why),
+                None => {
                     self.attach::<TracePoint>(name, |p| {
                         p.load()?;
                         p.attach("sched", tracepoint).map(drop)
                     });
                 }
-                self.attach::<BtfTracePoint>(program::PROCESS_FORK, |p| {
-                    p.load("sched_process_fork", btf)?;
-                    p.attach().map(drop)
-                });
-                self.attach::<FExit>(program::CHILD_OF, |p| {
-                    p.load("inet_csk_clone_lock", btf)?;
-                    p.attach().map(drop)
-                });
-            }
-            (_, why_not) => {
-                let why = why_not.unwrap_or("no kernel BTF");
-                let names =
-                    syscalls.iter().map(|(n, _)| *n).chain(processes.iter().map(|(n, _)| *n));
-                for name in names.chain([program::PROCESS_FORK, program::CHILD_OF]) {
-                    self.not_used(name, why);
-                }
             }
         }
-        if btf.is_none() {
-            self.not_used(program::RESET_RECEIVED, "no socket cookies without kernel BTF");
-        } else if let Some(why) = why_not {
-            self.not_used(program::RESET_RECEIVED, why);
-        } else {
-            self.attach::<TracePoint>(program::RESET_RECEIVED, |p| {
-                p.load()?;
-                p.attach("tcp", "tcp_receive_reset").map(drop)
-            });
+        self.attach::<BtfTracePoint>(program::PROCESS_FORK, |p| {
+            p.load("sched_process_fork", btf)?;
+            p.attach().map(drop)
+        });
+        self.attach::<FExit>(program::CHILD_OF, |p| {
+            p.load("inet_csk_clone_lock", btf)?;
+            p.attach().map(drop)
+        });
+        match why_not {
+            Some(why) => self.not_used(program::RESET_RECEIVED, why),
+            None => {
+                self.attach::<TracePoint>(program::RESET_RECEIVED, |p| {
+                    p.load()?;
+                    p.attach("tcp", "tcp_receive_reset").map(drop)
+                });
+            }
         }
+        self.retransmits(Some(btf));
+    }
+
+    /// The retransmit programs (tp_btf).
+    fn retransmits(&mut self, btf: Option<&Btf>) {
         for (name, function) in [
             (program::RETRANSMIT, "tcp_retransmit_skb"),
             (program::SYNACK_RETRANSMIT, "tcp_retransmit_synack"),
@@ -224,6 +214,29 @@ impl Attacher<'_> {
                 None => self.not_used(name, "no kernel BTF"),
             }
         }
+    }
+
+    /// Every trampoline group that attaches here (not refused), with the instructions the
+    /// verifier processed for it; one info line for those that do not.
+    fn trampolines(&mut self, btf: &Btf) -> Vec<(&'static program::TrampolineGroup, Option<u32>)> {
+        let mut refusals = Vec::new();
+        let mut attached = Vec::new();
+        for group in program::TRAMPOLINES.iter().filter(|g| !refused(g.stands_for)) {
+            match self.trampoline_group(group.programs, btf) {
+                Ok(insns) => attached.push((group, insns)),
+                Err(why) => {
+                    tracing::debug!("{} not attached: {why}", group.attach);
+                    refusals.push(why);
+                }
+            }
+        }
+        if let Some(why) = refusals.first() {
+            tracing::info!(
+                "system-call hooks on tracepoints, which slow every system call on the host: \
+                 BPF trampolines not attached ({why})"
+            );
+        }
+        attached
     }
 
     /// Loads and attaches a group of trampoline programs, all or none: the instructions the
@@ -244,11 +257,11 @@ impl Attacher<'_> {
                 Err(REFUSED.to_string())
             } else {
                 let program = self.ebpf.program_mut(variant.program);
-                let loaded = match (program, variant.entry) {
-                    (Some(Program::FEntry(p)), true) => {
+                let loaded = match (program, variant.hook) {
+                    (Some(Program::FEntry(p)), program::TrampolineHook::Entry) => {
                         p.load(variant.function, btf).and_then(|()| p.attach().map(drop))
                     }
-                    (Some(Program::FExit(p)), false) => {
+                    (Some(Program::FExit(p)), program::TrampolineHook::Exit) => {
                         p.load(variant.function, btf).and_then(|()| p.attach().map(drop))
                     }
                     _ => Err(ProgramError::UnexpectedProgramType),

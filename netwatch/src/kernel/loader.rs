@@ -107,10 +107,18 @@ impl RingCounters {
 #[derive(Default)]
 pub struct SkippedRuns {
     programs: Vec<std::path::PathBuf>,
+    /// The highest total read: a count never goes back, even if a rescan missed an fd.
+    most: u64,
 }
 
 impl SkippedRuns {
     pub fn read(&mut self) -> u64 {
+        let total = self.sum();
+        self.most = self.most.max(total);
+        self.most
+    }
+
+    fn sum(&mut self) -> u64 {
         let misses = |info: &str| {
             info.lines()
                 .find_map(|line| line.strip_prefix("recursion_misses:"))
@@ -167,6 +175,15 @@ pub fn load(options: &LoadOptions) -> Result<Probes> {
         Some(btf) => kernel_offsets(btf)?,
         None => Vec::new(),
     };
+    if kernel_btf.is_some()
+        && offsets.iter().any(|&(name, offset)| name == global::OFF_NET_TW_HASHINFO && offset == 0)
+    {
+        warnings.push(
+            "this kernel's net.ipv4.tcp_death_row has neither known layout: connections closed \
+             into TIME_WAIT are shown closed, and ss lists TIME-WAIT rows netwatch does not"
+                .into(),
+        );
+    }
     // Read even with BTF: the classic tracepoint is the fallback if tp_btf fails to load.
     let classic_fields = classic_tracepoint_fields();
     if kernel_btf.is_none() {
@@ -210,14 +227,10 @@ pub fn load(options: &LoadOptions) -> Result<Probes> {
         return Err(Error::NoTpBtf { reason });
     }
     // The fd-table programs name sockets by cookie, which classic state events do not carry.
-    let why_not = match (&syscall_fields, source) {
-        (_, StateSource::Tracepoint) => {
-            Some("the classic state tracepoint has no socket cookies to join them to".into())
-        }
-        (Err(error), _) => Some(error.to_string()),
-        (Ok(_), _) => None,
-    };
-    attacher.ownership(aya_btf.as_ref(), why_not.as_deref());
+    let no_cookies = (source == StateSource::Tracepoint)
+        .then_some("the classic state tracepoint has no socket cookies to join them to");
+    let no_formats = syscall_fields.as_ref().err().map(ToString::to_string);
+    attacher.ownership(aya_btf.as_ref(), no_cookies, no_formats.as_deref());
     attacher.cgroup(cgroup2_root().as_deref(), source)?;
     let hooks = attacher.statuses;
     warnings.extend(hooks::warnings(&hooks));
@@ -226,7 +239,7 @@ pub fn load(options: &LoadOptions) -> Result<Probes> {
 
 /// Kernel struct offsets the programs read, named as the programs' globals.
 fn kernel_offsets(btf: &KernelBtf) -> Result<Vec<(&'static str, u32)>> {
-    const FIELDS: [(&str, &str, &str); 43] = [
+    const FIELDS: [(&str, &str, &str); 42] = [
         (global::OFF_SKC_DADDR, "sock", "__sk_common.skc_daddr"),
         (global::OFF_SKC_RCV_SADDR, "sock", "__sk_common.skc_rcv_saddr"),
         (global::OFF_SKC_DPORT, "sock", "__sk_common.skc_dport"),
@@ -262,7 +275,6 @@ fn kernel_offsets(btf: &KernelBtf) -> Result<Vec<(&'static str, u32)>> {
         (global::OFF_TP_COPIED_SEQ, "tcp_sock", "copied_seq"),
         (global::OFF_SKC_NULLS_NODE, "sock", "__sk_common.skc_nulls_node"),
         (global::OFF_SKC_HASH, "sock", "__sk_common.skc_hash"),
-        (global::OFF_NET_TW_HASHINFO, "net", "ipv4.tcp_death_row.hashinfo"),
         (global::OFF_HASHINFO_EHASH, "inet_hashinfo", "ehash"),
         (global::OFF_HASHINFO_EHASH_MASK, "inet_hashinfo", "ehash_mask"),
         (global::OFF_TASK_NSPROXY, "task_struct", "nsproxy"),
@@ -293,7 +305,27 @@ fn kernel_offsets(btf: &KernelBtf) -> Result<Vec<(&'static str, u32)>> {
             // A kernel without the tracepoint fails at attach, with its own warning.
             u32::from(btf.tracepoint_args("tcp_retransmit_skb").is_ok_and(|n| n >= 3)),
         ))))
+        .chain(timewait_hash_offsets(btf).map(Ok))
         .collect()
+}
+
+/// Where a namespace's established hash is, for the state program's timewait check:
+/// `net.ipv4.tcp_death_row` is a struct with a `hashinfo` pointer up to 5.17 and from 6.1,
+/// and a pointer to one in 5.18-6.0 (then OFF_DEATH_ROW_HASHINFO, never 0 there, says where
+/// `hashinfo` is in it). Both 0 where neither layout is found: the check is then skipped.
+fn timewait_hash_offsets(btf: &KernelBtf) -> [(&'static str, u32); 2] {
+    let embedded = btf.offset_of("net", "ipv4.tcp_death_row.hashinfo");
+    let pointed = || {
+        Ok::<_, crate::error::Error>((
+            btf.offset_of("net", "ipv4.tcp_death_row")?,
+            btf.offset_of("inet_timewait_death_row", "hashinfo")?,
+        ))
+    };
+    let (net, row) = match embedded {
+        Ok(offset) => (offset, 0),
+        Err(_) => pointed().unwrap_or((0, 0)),
+    };
+    [(global::OFF_NET_TW_HASHINFO, net), (global::OFF_DEATH_ROW_HASHINFO, row)]
 }
 
 const TRACEFS_PATHS: [&str; 2] = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"];
@@ -431,10 +463,9 @@ mod tests {
             .filter_map(|s| s.name().ok())
             .collect();
         programs.sort_unstable();
-        let trampolines = netwatch_common::program::TRAMPOLINES.iter();
         let mut named: Vec<&str> = netwatch_common::program::ALL
             .into_iter()
-            .chain(trampolines.flat_map(|(_, _, variants)| variants.iter().map(|v| v.program)))
+            .chain(netwatch_common::program::trampoline_programs())
             .collect();
         named.sort_unstable();
         assert_eq!(programs, named, "programs in the object vs netwatch_common::program::ALL");

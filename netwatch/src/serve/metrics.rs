@@ -95,19 +95,20 @@ pub struct Health {
     pub ring_size_bytes: u64,
 }
 
-/// Bytes allocated and not freed, as glibc counts them (its arenas and mmapped chunks); 0
-/// with another allocator (the static musl build). RSS also holds what the allocator keeps
-/// free, which depends on the history of allocations; this does not.
-fn heap_allocated_bytes() -> u64 {
+/// Bytes allocated and not freed, as glibc counts them (its arenas and mmapped chunks); None
+/// with another allocator (the static musl build), which then has no such metric. RSS also
+/// holds what the allocator keeps free, which depends on the history of allocations; this
+/// does not.
+fn heap_allocated_bytes() -> Option<u64> {
     #[cfg(target_env = "gnu")]
     {
-        // SAFETY: mallinfo2 only reads the allocator's counters.
+        // SAFETY: mallinfo2 has no preconditions (it locks each arena while it counts).
         let info = unsafe { libc::mallinfo2() };
-        (info.uordblks + info.hblkhd) as u64
+        Some((info.uordblks + info.hblkhd) as u64)
     }
     #[cfg(not(target_env = "gnu"))]
     {
-        0
+        None
     }
 }
 
@@ -216,12 +217,14 @@ impl Metrics {
         let ring_size = Gauge::default();
         registry.register("ring_buffer_size_bytes", "The ring buffer's size", ring_size.clone());
         let heap = Gauge::default();
-        registry.register(
-            "heap_allocated_bytes",
-            "Bytes the agent has allocated and not freed (glibc's mallinfo2; 0 where the \
-             allocator cannot say): its memory without what the allocator holds free",
-            heap.clone(),
-        );
+        if heap_allocated_bytes().is_some() {
+            registry.register(
+                "heap_allocated_bytes",
+                "Bytes the agent has allocated and not freed (glibc's mallinfo2): its memory \
+                 without what the allocator holds free",
+                heap.clone(),
+            );
+        }
         let per_remote = (remotes > 0).then(|| {
             let remote = PerRemote {
                 cap: remotes,
@@ -320,7 +323,9 @@ impl Metrics {
         self.snapshot_time.set(health.last_snapshot);
         self.ring_peak.set(i64::try_from(health.ring_peak_bytes).unwrap_or(i64::MAX));
         self.ring_size.set(i64::try_from(health.ring_size_bytes).unwrap_or(i64::MAX));
-        self.heap.set(i64::try_from(heap_allocated_bytes()).unwrap_or(i64::MAX));
+        if let Some(bytes) = heap_allocated_bytes() {
+            self.heap.set(i64::try_from(bytes).unwrap_or(i64::MAX));
+        }
         self.sockets.clear();
         for listed in rows {
             let labels = SocketLabels {

@@ -32,7 +32,7 @@ const LOSS_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 const BATCH_WINDOW: Duration = Duration::from_millis(2);
 
 /// How long an accept seen at its graft waits for its fd from the system call's return
-/// before the process's fds are looked at.
+/// before the process's fds are looked at (at the next loss check: up to a second more).
 const GRAFT_PATIENCE: Duration = Duration::from_millis(200);
 
 /// How often every namespace's timewait sockets are compared with the kernel's, to learn of
@@ -60,15 +60,17 @@ pub struct Tracer {
     busy: bool,
     losses: LossTracker,
     skipped: loader::SkippedRuns,
-    /// sock_diag sockets for timewait lookups, one per namespace; opening one costs a thread,
+    /// sock_diag sockets for lookups and timewait dumps, one per namespace; opening one costs
+    /// a thread,
     /// so they are kept, but only until the next loss check, since each pins its namespace.
     diag: DiagSockets,
     batch: Vec<Event>,
     /// The batch in the order it is applied (see [`Clones`]).
     sorted: Vec<Event>,
     clones: Clones,
-    /// Accepts seen at their graft without their fd (see [`Tracer::settle_grafts`]).
-    grafts: Vec<FdSocket>,
+    /// Accepts seen at their graft and not yet with their fd, by cookie (see
+    /// [`Tracer::settle_grafts`]).
+    grafts: HashMap<u64, FdSocket>,
     ring_size: u32,
     /// When the table was last seeded from a snapshot (Unix time, seconds).
     snapshot_at: f64,
@@ -149,7 +151,7 @@ impl Tracer {
             batch: Vec::new(),
             sorted: Vec::new(),
             clones: Clones::new(listener_told),
-            grafts: Vec::new(),
+            grafts: HashMap::new(),
             ring_size: options.ring_size.unwrap_or(loader::DEFAULT_RING_SIZE),
             snapshot_at: unix_now(),
             timewait_checked: HashMap::new(),
@@ -343,10 +345,8 @@ impl Tracer {
             if let (true, Event::Exec(task)) = (self.keep_rows, &event) {
                 execs.push(task.pid);
             }
-            if let (true, Event::Accepted(graft)) = (self.keep_rows, &event)
-                && graft.fd < 0
-            {
-                self.grafts.push(graft.clone());
+            if self.keep_rows {
+                self.follow_grafts(&event);
             }
             if let Event::Retransmit(retransmit) = &event {
                 let seen = self.table.retransmit(retransmit);
@@ -392,28 +392,54 @@ impl Tracer {
         match self.diag.get(namespace).and_then(|d| d.lookup_tcp(family, local, remote)) {
             Ok(found) => Some(found),
             Err(error) => {
-                tracing::debug!("timewait lookup in netns {netns}: {error}");
+                tracing::debug!("sock_diag lookup in netns {netns}: {error}");
                 None
             }
         }
     }
 
-    /// An accept is seen at its graft, then with its fd when the system call returns. A task
-    /// that was already blocked in accept(2) when the fexit programs attached returns past
-    /// them: its fd comes from one look at the process's fds, for each graft older than
-    /// GRAFT_PATIENCE whose process holds the socket by no fd yet.
+    /// An accept is seen at its graft, then with its fd when the system call returns; a
+    /// graft is kept until its fd comes or its socket goes.
+    fn follow_grafts(&mut self, event: &Event) {
+        match event {
+            Event::Accepted(accept) if accept.fd < 0 => {
+                self.grafts.insert(accept.cookie, accept.clone());
+            }
+            Event::Accepted(fd) | Event::FdClosed(fd) => {
+                self.grafts.remove(&fd.cookie);
+            }
+            Event::Released(life) => {
+                self.grafts.remove(&life.cookie);
+            }
+            Event::State(change) if change.new == TcpState::Close => {
+                if let Some(cookie) = change.cookie {
+                    self.grafts.remove(&cookie);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// A task that was already blocked in accept(2) when the fexit programs attached returns
+    /// past them, so its fd never comes in an event: for each graft older than
+    /// GRAFT_PATIENCE, the fd is found with one look at the process's fds (one per process,
+    /// however many of its grafts are due).
     fn settle_grafts(&mut self) {
         let now = WallClock::monotonic_now_ns();
         let patience = GRAFT_PATIENCE.as_nanos() as u64;
-        let (due, waiting) = std::mem::take(&mut self.grafts)
-            .into_iter()
-            .partition(|g| now.saturating_sub(g.ts_ns) >= patience);
-        self.grafts = waiting;
-        for graft in due {
+        let due: Vec<u64> = self
+            .grafts
+            .values()
+            .filter(|g| now.saturating_sub(g.ts_ns) >= patience)
+            .map(|g| g.cookie)
+            .collect();
+        let mut looked: HashMap<u32, HashMap<i32, u64>> = HashMap::new();
+        for cookie in due {
+            let Some(graft) = self.grafts.remove(&cookie) else { continue };
             if graft.inode == 0 || self.table.holds(graft.cookie, graft.task.pid) {
                 continue;
             }
-            let fds = socket_fds(graft.task.pid);
+            let fds = looked.entry(graft.task.pid).or_insert_with(|| socket_fds(graft.task.pid));
             if let Some((&fd, _)) = fds.iter().find(|&(_, inode)| *inode == graft.inode) {
                 self.table.apply(Event::FdOpened(FdSocket { fd, ..graft }));
             }

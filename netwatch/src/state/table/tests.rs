@@ -96,6 +96,24 @@ fn the_accepting_process_takes_over_from_the_listener() {
     assert_eq!(t.owner, Some(Owner { pid: 70, comm: "worker".into() }));
 }
 
+/// An accept seen at its graft (no fd yet) makes the acceptor the owner at once but lists no
+/// holder; the fd, when it comes, does, and the accept queue counts the accept once.
+#[test]
+fn a_graft_takes_the_owner_and_the_fd_comes_after() {
+    let mut table = Table::new();
+    table.apply(change(5, 100, Close, Listen, task(7, "master")));
+    table.apply(change(6, 200, Listen, SynRecv, task(8, "client")));
+    table.apply(change(6, 250, SynRecv, Established, task(8, "client")));
+    table.apply(Event::Accepted(fd_event(6, -1, task(70, "worker"), Protocol::Tcp)));
+    assert!(!table.holds(6, 70), "no fd yet");
+    let t = table.apply(change(6, 300, Established, CloseWait, task(8, "client"))).unwrap();
+    assert_eq!(t.owner, Some(Owner { pid: 70, comm: "worker".into() }));
+    table.apply(Event::Accepted(fd_event(6, 9, task(70, "worker"), Protocol::Tcp)));
+    assert_eq!(holders(&table, 6), [(70, 9, "worker".to_string())]);
+    let queue = table.listeners().into_iter().find(|l| l.cookie == 5).unwrap();
+    assert_eq!(queue.queue.accepted, 1, "{:?}", queue.queue);
+}
+
 fn fd_event(cookie: u64, fd: i32, by: Task, protocol: Protocol) -> FdSocket {
     FdSocket {
         ts_ns: 1,

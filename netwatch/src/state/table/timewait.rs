@@ -37,8 +37,9 @@ impl Table {
     /// in the state the timewait socket has (FIN_WAIT2). The close's totals are kept for the
     /// summary at the timewait socket's end.
     pub(super) fn enter_timewait(&mut self, mut change: StateChange) -> Option<Transition> {
-        let substate = change.timewait?;
-        let cookie = change.cookie?;
+        let (Some(substate), Some(cookie)) = (change.timewait, change.cookie) else {
+            return Some(self.apply_state(change));
+        };
         let now_ns = change.ts_ns;
         let totals = change.totals.take();
         let key = change.key;
@@ -50,7 +51,7 @@ impl Table {
         socket.state = Some(substate);
         // A first guess, which the next sock_diag dump of the namespace replaces with the
         // kernel's timer (a FIN_WAIT2 timewait socket lives tcp_fin_timeout, at most this).
-        let facts = socket.facts.as_mut()?;
+        let Some(facts) = socket.facts.as_mut() else { return transition };
         facts.expires_ns = Some(now_ns + TIMEWAIT_LEN_NS);
         let tuple = facts.four_tuple();
         // An older timewait socket on the same 4-tuple that no event said was taken over
