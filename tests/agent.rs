@@ -5,9 +5,9 @@
 
 use std::{
     io::{BufRead as _, BufReader, Write as _},
-    net::{Ipv4Addr, TcpListener},
+    net::{Ipv4Addr, TcpListener, TcpStream},
     os::unix::{fs::PermissionsExt as _, net::UnixStream},
-    process::Command,
+    process::{Command, Stdio},
     thread,
     time::{Duration, Instant},
 };
@@ -441,5 +441,41 @@ fn half_open_connections_are_listed_as_ss_lists_them() {
     drop(client.stdin.take());
     let _ = (client.kill(), server.kill());
     let _ = (client.wait(), server.wait());
+    assert!(agent.stop().success());
+}
+
+/// A pre-forked server whose child was already blocked in accept(2) when the agent started:
+/// where the ownership hooks are trampolines, the child's accept returns past the fexit, so
+/// the agent learns it from the graft and finds the fd in /proc. Its table equals ss, the
+/// child holding the accepted connection.
+#[test]
+fn an_accept_already_waiting_at_start_is_held_by_the_acceptor() {
+    let ns = NetNs::new("inflight");
+    let mut server = ns
+        .command(env!("CARGO_BIN_EXE_sockpeer"))
+        .args(["serve-forked", "127.0.0.1:0", "hold"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut ready = String::new();
+    BufReader::new(server.stdout.take().unwrap()).read_line(&mut ready).unwrap();
+    let words: Vec<&str> = ready.split_whitespace().collect();
+    let ["listening", port, "parent", _, "child", child] = words[..] else { panic!("{ready}") };
+    let (port, child): (u16, u64) = (port.parse().unwrap(), child.parse().unwrap());
+    // The child is in accept(2) well before the agent attaches anything.
+    thread::sleep(Duration::from_millis(300));
+    let agent = Agent::start(&Agent::test_socket("inflight"));
+    let client = ns.run(move || TcpStream::connect((Ipv4Addr::LOCALHOST, port)).unwrap());
+    let (_, records, _) = settled_rows(&agent, &ns);
+    let accepted = records
+        .iter()
+        .find(|r| r["state"] == "ESTABLISHED" && r["lport"] == port)
+        .unwrap_or_else(|| panic!("no accepted connection: {records:#?}"));
+    let owners = accepted["owners"].as_array().unwrap();
+    assert!(owners.iter().any(|o| o["pid"] == child), "{accepted}");
+    drop(client);
+    drop(server.stdin.take());
+    assert!(server.wait().unwrap().success());
     assert!(agent.stop().success());
 }

@@ -3,7 +3,8 @@
 //!
 //! - `sockpeer serve ADDR:PORT` prints `listening PORT`, serves one connection and exits;
 //! - `sockpeer connect ADDR:PORT` prints `local ADDR:PORT` after its round trip and exits;
-//! - `sockpeer serve-forked ADDR:PORT` listens, forks, and lets the child serve one connection;
+//! - `sockpeer serve-forked ADDR:PORT [hold]` listens, forks, and lets the child serve one
+//!   connection (with `hold`: accept one and keep it until stdin closes);
 //! - `sockpeer fork-exec` holds a TCP listener (close-on-exec) and a UDP socket (inherited
 //!   across exec), forks a child that execs `sleep`, prints `ready PARENT CHILD`, and keeps
 //!   them until its stdin closes;
@@ -59,7 +60,8 @@ fn main() -> ExitCode {
             Ok(server) => client_roundtrip(server).map(|local| println!("local {local}")),
             Err(error) => Err(std::io::Error::other(format!("bad address {addr}: {error}"))),
         },
-        ["serve-forked", addr] => serve_forked(addr),
+        ["serve-forked", addr] => serve_forked(addr, false),
+        ["serve-forked", addr, "hold"] => serve_forked(addr, true),
         ["hold"] => hold::hold(),
         ["connect-hold", addr] => connect_hold(addr),
         ["connect-fail", addr, how] => connect_fail(addr, how),
@@ -93,7 +95,7 @@ fn main() -> ExitCode {
 
 /// A pre-forking server: the parent listens and forks; the child accepts one connection.
 /// Prints `listening PORT parent PID child PID`.
-fn serve_forked(addr: &str) -> std::io::Result<()> {
+fn serve_forked(addr: &str, hold: bool) -> std::io::Result<()> {
     let listener = TcpListener::bind(addr)?;
     let port = listener.local_addr()?.port();
     std::io::stdout().flush()?;
@@ -101,7 +103,14 @@ fn serve_forked(addr: &str) -> std::io::Result<()> {
     match unsafe { libc::fork() } {
         -1 => Err(std::io::Error::last_os_error()),
         0 => {
-            let code = i32::from(serve_one(&listener).is_err());
+            let served = if hold {
+                listener
+                    .accept()
+                    .and_then(|(_kept, _)| std::io::stdin().read_to_end(&mut Vec::new()).map(drop))
+            } else {
+                serve_one(&listener).map(drop)
+            };
+            let code = i32::from(served.is_err());
             // SAFETY: leaves the child without running the parent's atexit handlers twice.
             unsafe { libc::_exit(code) }
         }
