@@ -48,18 +48,7 @@ impl Bench {
         Ok(match tracing {
             Tracing::Nothing => Tracer::Nothing,
             Tracing::Netwatch => Tracer::Agent(Agent::start(self, &[])?),
-            Tracing::Tcpstates => {
-                let mut child = Command::new("tcpstates")
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .spawn()
-                    .context("starting tcpstates (Debian's libbpf-tools)")?;
-                std::thread::sleep(Duration::from_secs(2));
-                if child.try_wait()?.is_some() {
-                    bail!("tcpstates exited at start");
-                }
-                Tracer::Tcpstates(child)
-            }
+            Tracing::Tcpstates => Tracer::Tcpstates(start_tcpstates()?),
         })
     }
 
@@ -179,6 +168,12 @@ fn threads(pid: u32) -> anyhow::Result<(u64, u64)> {
 /// Rounds of the `tax` loops inside each kernel of the matrix.
 const VM_TAX_ROUNDS: usize = 3;
 
+/// Guest shell: wait for the agent started just before to serve, or say it did not (the
+/// host then refuses the figures rather than take loops without an agent for loops with).
+const WAIT_FOR_AGENT: &str = "  for i in $(seq 300); do grep -q serving /tmp/agent.err && break; \
+     sleep 0.2; done\n  grep -q serving /tmp/agent.err || { echo '=== tax-failed'; \
+     cat /tmp/agent.err; }\n";
+
 impl Bench {
     /// Scenario `tax-vm`: the `tax` loops inside each kernel of the matrix under qemu, with
     /// nothing attached and with the agent. There the kernel may allow the BPF trampolines
@@ -187,8 +182,8 @@ impl Bench {
     pub fn tax_in_vm(&self) -> anyhow::Result<()> {
         let mut markdown = String::from(
             "## Tax inside the kernel matrix (qemu TCG): system-call loops\n\n\
-             | kernel | loop | nothing attached | agent (trampolines) | speed | agent (syscalls tracepoints) | speed |\n\
-             |---|---|---:|---:|---:|---:|---:|\n",
+             | kernel | close hooked by | loop | nothing attached | agent | speed | agent, trampolines refused | speed |\n\
+             |---|---|---|---:|---:|---:|---:|---:|\n",
         );
         let mut json = Vec::new();
         for kernel in crate::vm::MATRIX {
@@ -197,6 +192,9 @@ impl Bench {
             let guest = self.tax_guest();
             let (console, path) =
                 crate::vm::run_guest(&self.root, &release, &guest, Duration::from_secs(900))?;
+            if console.contains("=== tax-failed") {
+                bail!("the agent did not start in the guest: see {}", path.display());
+            }
             // `=== tax LOOP nothing|agent NS` lines, and the hook `netwatch check` reported.
             let samples: Vec<(&str, &str, f64)> = console
                 .lines()
@@ -226,7 +224,7 @@ impl Bench {
                     bail!("no {what} figures in {}", path.display());
                 };
                 markdown.push_str(&format!(
-                    "| {} ({release}) | {what} | {:.0} | {:.0} | {:.3} | {:.0} | {:.3} |\n",
+                    "| {} ({release}) | `{hooks}` | {what} | {:.0} | {:.0} | {:.3} | {:.0} | {:.3} |\n",
                     kernel.label,
                     base.median,
                     ours.median,
@@ -274,20 +272,15 @@ impl Bench {
         };
         script.push_str(&loops("nothing"));
         script.push_str(&format!(
-            "  '{netwatch}' agent --socket /tmp/bench.sock 2>/tmp/agent.err & agent=$!\n  \
-             for i in $(seq 300); do grep -q serving /tmp/agent.err && break; sleep 0.2; done\n"
+            "  '{netwatch}' agent --socket /tmp/bench.sock 2>/tmp/agent.err & agent=$!\n{WAIT_FOR_AGENT}"
         ));
         script.push_str(&loops("agent"));
         script.push_str("  kill $agent; wait $agent\n");
         // The same agent made to fall back to the syscalls tracepoints.
-        let trampolines: Vec<&str> = netwatch_common::program::TRAMPOLINES
-            .iter()
-            .flat_map(|(_, _, variants)| variants.iter().map(|v| v.program))
-            .collect();
+        let trampolines: Vec<&str> = netwatch_common::program::trampoline_programs().collect();
         script.push_str(&format!(
             "  NETWATCH_REFUSE_PROGRAMS={} '{netwatch}' agent --socket /tmp/bench.sock \
-             2>/tmp/agent.err & agent=$!\n  \
-             for i in $(seq 300); do grep -q serving /tmp/agent.err && break; sleep 0.2; done\n",
+             2>/tmp/agent.err & agent=$!\n{WAIT_FOR_AGENT}",
             trampolines.join(",")
         ));
         script.push_str(&loops("tracepoints"));

@@ -2,7 +2,7 @@
 //! `tcpstates`, and the rate at which the agent first loses events.
 use std::{
     io::{BufRead as _, BufReader},
-    process::{Command, Stdio},
+    process::Stdio,
     time::Duration,
 };
 
@@ -110,16 +110,7 @@ impl Bench {
                 })
             }
             Tracing::Tcpstates => {
-                let mut peer = Command::new("tcpstates")
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .spawn()
-                    .context("starting tcpstates (Debian's libbpf-tools)")?;
-                // It prints nothing we can see once attached; libbpf loads in well under this.
-                std::thread::sleep(Duration::from_secs(2));
-                if peer.try_wait()?.is_some() {
-                    bail!("tcpstates exited at start");
-                }
+                let mut peer = start_tcpstates()?;
                 let cpu = cpu_seconds(peer.id())?;
                 let rate = self.load(processes, LOAD_SECONDS);
                 let spent = cpu_seconds(peer.id()).map(|now| now - cpu);
@@ -237,7 +228,7 @@ impl Bench {
                         .iter()
                         .find(|(n, ..)| *n == name)
                         .map_or((0, 0), |(_, ns, runs)| (*ns, *runs));
-                    (name, ns - ns0, runs - runs0)
+                    (name, ns.saturating_sub(ns0), runs.saturating_sub(runs0))
                 })
                 .filter(|(_, _, runs)| *runs > 0)
                 .collect();

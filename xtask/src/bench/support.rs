@@ -125,7 +125,7 @@ impl Drop for Agent {
     }
 }
 
-/// One JSON object; written by hand to keep xtask free of a JSON dependency for five fields.
+/// One JSON object of the snapshot report.
 pub(super) fn serde_like(
     size: usize,
     ours: &Timing,
@@ -239,7 +239,7 @@ pub(super) fn bpf_run_time(pid: u32) -> anyhow::Result<(u64, u64)> {
     Ok((ns, runs))
 }
 
-/// Per program of process `pid` (by name, from bpftool): (run time ns, runs), counted while
+/// Per program of process `pid`, by name (from bpftool): (run time ns, runs), counted while
 /// `kernel.bpf_stats_enabled` is 1.
 pub(super) fn bpf_programs(pid: u32) -> anyhow::Result<Vec<(String, u64, u64)>> {
     let mine: std::collections::HashSet<u64> = std::fs::read_dir(format!("/proc/{pid}/fdinfo"))?
@@ -252,25 +252,35 @@ pub(super) fn bpf_programs(pid: u32) -> anyhow::Result<Vec<(String, u64, u64)>> 
         .args(["prog", "show", "-j"])
         .output()
         .context("running bpftool (Debian's bpftool)")?;
-    // One JSON array of objects; the three fields wanted are plain numbers and a name.
-    let text = String::from_utf8_lossy(&output.stdout);
-    let mut programs = Vec::new();
-    for object in text.split("},{") {
-        let Some(id) = json_number(object, "id") else { continue };
-        if !mine.contains(&id) {
-            continue;
-        }
-        let name = object
-            .split("\"name\":\"")
-            .nth(1)
-            .and_then(|rest| rest.split('"').next())
-            .unwrap_or("?")
-            .to_string();
-        let ns = json_number(object, "run_time_ns").unwrap_or(0);
-        let runs = json_number(object, "run_cnt").unwrap_or(0);
-        programs.push((name, ns, runs));
+    if !output.status.success() {
+        bail!("bpftool prog show: {}", String::from_utf8_lossy(&output.stderr));
     }
-    Ok(programs)
+    let all: Vec<serde_json::Value> =
+        serde_json::from_slice(&output.stdout).context("reading bpftool's JSON")?;
+    Ok(all
+        .iter()
+        .filter(|p| p["id"].as_u64().is_some_and(|id| mine.contains(&id)))
+        .map(|p| {
+            let name = p["name"].as_str().unwrap_or("?").to_string();
+            (name, p["run_time_ns"].as_u64().unwrap_or(0), p["run_cnt"].as_u64().unwrap_or(0))
+        })
+        .collect())
+}
+
+/// `tcpstates` (Debian's libbpf-tools) started with its output discarded, once it has had
+/// time to attach (it prints nothing we could wait for).
+pub(super) fn start_tcpstates() -> anyhow::Result<Child> {
+    let mut child = Command::new("tcpstates")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting tcpstates (Debian's libbpf-tools)")?;
+    // libbpf loads in well under this.
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    if child.try_wait()?.is_some() {
+        bail!("tcpstates exited at start");
+    }
+    Ok(child)
 }
 
 /// A loopback port nobody uses right now.
