@@ -132,8 +132,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 bench.tax()?;
             }
             if wanted("tax-vm") {
-                let kernels: Vec<&str> = vm::MATRIX.iter().map(|k| k.package).collect();
-                setup::ensure_packages(&[vm::PACKAGES, &kernels].concat())?;
+                ensure_matrix_packages()?;
                 bench.tax_in_vm()?;
             }
             if wanted("idle") {
@@ -211,10 +210,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// qemu, busybox and every kernel of the matrix.
+fn ensure_matrix_packages() -> anyhow::Result<()> {
+    let kernels: Vec<&str> = vm::MATRIX.iter().map(|k| k.package).collect();
+    setup::ensure_packages(&[vm::PACKAGES, &kernels].concat())
+}
+
 /// Installs what the matrix needs, builds the test binaries, boots each kernel and runs them.
 fn kernel_matrix(root: &Path, only: Option<&str>, names: &[String]) -> anyhow::Result<()> {
-    let kernels: Vec<&str> = vm::MATRIX.iter().map(|k| k.package).collect();
-    setup::ensure_packages(&[vm::PACKAGES, &kernels].concat())?;
+    ensure_matrix_packages()?;
     let mut tests = step("build the test binaries (release)", || test_binaries(root))?;
     if !names.is_empty() {
         tests.retain(|t| names.iter().any(|n| vm::test_name(t) == *n));
