@@ -61,8 +61,8 @@ pub struct Tracer {
     losses: LossTracker,
     skipped: loader::SkippedRuns,
     /// sock_diag sockets for lookups and timewait dumps, one per namespace; opening one costs
-    /// a thread,
-    /// so they are kept, but only until the next loss check, since each pins its namespace.
+    /// a thread, so they are kept, but only until the next loss check, since each pins its
+    /// namespace.
     diag: DiagSockets,
     batch: Vec<Event>,
     /// The batch in the order it is applied (see [`Clones`]).

@@ -3,11 +3,11 @@
 //! After an active close the kernel's full socket goes FIN_WAIT2 (or CLOSING) -> CLOSE, and
 //! a timewait mini-socket, carrying the same cookie, takes over the 4-tuple for 60 s. No
 //! tracepoint reports that socket's birth, its turn from the FIN_WAIT2 substate to
-//! TIME_WAIT, or its end. The state program tells the birth: at the CLOSE it sees whether
-//! `tcp_time_wait()` has already taken the full socket out of the established hash, and
-//! whether the peer's FIN came (the substate); see [`Table::enter_timewait`]. The
-//! connection then lives on in TIME_WAIT (or FIN_WAIT2). Its
-//! end is learned from a new connection on the same 4-tuple (reused), from a periodic
+//! TIME_WAIT, or its end. The state program tells the birth: at the CLOSE it finds a
+//! timewait socket with the closing socket's cookie at the head of the 4-tuple's
+//! established-hash chain, where `tcp_time_wait()` has just put it, and whether the peer's
+//! FIN came (the substate); see [`Table::enter_timewait`]. The connection then lives on in
+//! TIME_WAIT (or FIN_WAIT2). Its end is learned from a new connection on the same 4-tuple (reused), from a periodic
 //! sock_diag dump of the namespace ([`Table::reconcile_timewait`]: expired, or vanished before
 //! its time), or from the namespace's deletion ([`Table::forget_namespace`]).
 use std::collections::{HashMap, HashSet};
