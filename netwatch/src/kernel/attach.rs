@@ -39,6 +39,11 @@ fn one_line(error: &ProgramError) -> String {
     }
 }
 
+/// The instructions the verifier processed for the loaded program `name`, if it says.
+fn verified_insns(ebpf: &Ebpf, name: &str) -> Option<u32> {
+    ebpf.program(name)?.info().ok()?.verified_instruction_count()
+}
+
 impl Attacher<'_> {
     /// Loads and attaches `name` with `attach`, unless refused; true if attached.
     fn attach<T>(
@@ -58,8 +63,7 @@ impl Attacher<'_> {
             }
         };
         let attached = outcome.is_ok();
-        let verified = |ebpf: &Ebpf| ebpf.program(name)?.info().ok()?.verified_instruction_count();
-        let outcome = outcome.map(|()| verified(self.ebpf));
+        let outcome = outcome.map(|()| verified_insns(self.ebpf, name));
         self.statuses.push(HookStatus::new(name, outcome));
         attached
     }
@@ -271,10 +275,7 @@ impl Attacher<'_> {
             match outcome {
                 Ok(()) => {
                     attached.push(variant.program);
-                    let verified = self
-                        .ebpf
-                        .program(variant.program)
-                        .and_then(|p| p.info().ok()?.verified_instruction_count());
+                    let verified = verified_insns(self.ebpf, variant.program);
                     insns = insns.zip(verified).map(|(sum, n)| sum + n);
                 }
                 Err(why) => {

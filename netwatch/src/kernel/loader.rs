@@ -118,37 +118,35 @@ impl SkippedRuns {
         self.most
     }
 
+    /// The sum over the known program fds, found again if one of them is no longer one.
     fn sum(&mut self) -> u64 {
-        let misses = |info: &str| {
-            info.lines()
-                .find_map(|line| line.strip_prefix("recursion_misses:"))
-                .and_then(|n| n.trim().parse::<u64>().ok())
-        };
-        let mut total = 0;
-        for path in &self.programs {
-            match std::fs::read_to_string(path) {
-                Ok(info) if info.contains("prog_type:") => total += misses(&info).unwrap_or(0),
-                // An fd closed or reused: look again.
-                _ => {
-                    self.programs.clear();
-                    break;
-                }
-            }
-        }
-        if !self.programs.is_empty() {
+        if let Some(total) = misses_of(&self.programs).filter(|_| !self.programs.is_empty()) {
             return total;
         }
         let Ok(fds) = std::fs::read_dir("/proc/self/fdinfo") else { return 0 };
-        total = 0;
-        for path in fds.filter_map(|fd| Some(fd.ok()?.path())) {
-            let Ok(info) = std::fs::read_to_string(&path) else { continue };
-            if info.contains("prog_type:") {
-                total += misses(&info).unwrap_or(0);
-                self.programs.push(path);
-            }
-        }
-        total
+        self.programs = fds
+            .filter_map(|fd| Some(fd.ok()?.path()))
+            .filter(|path| misses_of(std::slice::from_ref(path)).is_some())
+            .collect();
+        misses_of(&self.programs).unwrap_or(0)
     }
+}
+
+/// `recursion_misses` summed over the fdinfo files `paths`; None if one cannot be read or is
+/// not a BPF program's.
+fn misses_of(paths: &[std::path::PathBuf]) -> Option<u64> {
+    paths
+        .iter()
+        .map(|path| {
+            let info = std::fs::read_to_string(path).ok()?;
+            info.contains("prog_type:").then(|| {
+                info.lines()
+                    .find_map(|line| line.strip_prefix("recursion_misses:"))
+                    .and_then(|n| n.trim().parse::<u64>().ok())
+                    .unwrap_or(0)
+            })
+        })
+        .sum()
 }
 
 pub fn load(options: &LoadOptions) -> Result<Probes> {

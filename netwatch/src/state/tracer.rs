@@ -427,15 +427,13 @@ impl Tracer {
     fn settle_grafts(&mut self) {
         let now = WallClock::monotonic_now_ns();
         let patience = GRAFT_PATIENCE.as_nanos() as u64;
-        let due: Vec<u64> = self
+        let due: Vec<FdSocket> = self
             .grafts
-            .values()
-            .filter(|g| now.saturating_sub(g.ts_ns) >= patience)
-            .map(|g| g.cookie)
+            .extract_if(|_, g| now.saturating_sub(g.ts_ns) >= patience)
+            .map(|(_, graft)| graft)
             .collect();
         let mut looked: HashMap<u32, HashMap<i32, u64>> = HashMap::new();
-        for cookie in due {
-            let Some(graft) = self.grafts.remove(&cookie) else { continue };
+        for graft in due {
             if graft.inode == 0 || self.table.holds(graft.cookie, graft.task.pid) {
                 continue;
             }
