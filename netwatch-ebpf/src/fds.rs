@@ -152,11 +152,18 @@ pub fn addr_syscall_exit(ctx: TracePointContext) -> u32 {
     let _ = ADDR_SYSCALL_FD.remove(key);
     // SAFETY: as in syscall_ret.
     let ret: i64 = unsafe { ctx.read_at(constant(&TP_SYSCALL_RET)) }.unwrap_or(-1);
+    addresses_settled(ret, fd);
+    0
+}
+
+/// A bind or connect on `fd` returned `ret`: on success (or a connect under way) the kernel
+/// has settled the socket's addresses.
+#[inline(always)]
+pub(crate) fn addresses_settled(ret: i64, fd: u32) {
     const EINPROGRESS: i64 = 115;
     if ret == 0 || ret == -EINPROGRESS {
         fd_event(kind::ADDRS, fd);
     }
-    0
 }
 
 /// The user `msghdr` of a recvmsg in progress that asked for control data, by thread.

@@ -73,11 +73,7 @@ pub fn fx_close(ctx: FEntryContext) -> i32 {
 #[inline(always)]
 fn addresses(ctx: &FExitContext) {
     let regs: *const u8 = ctx.arg(0);
-    let ret: i64 = ctx.arg(1);
-    const EINPROGRESS: i64 = 115;
-    if ret == 0 || ret == -EINPROGRESS {
-        fd_event(kind::ADDRS, argument(regs, REGS_DI) as u32);
-    }
+    addresses_settled(ctx.arg(1), argument(regs, REGS_DI) as u32);
 }
 
 /// fexit/__x64_sys_bind.
