@@ -186,6 +186,40 @@ impl AgentArgs {
     `sport >= 1024 and dst 10.0.0.0/8`. EXPR combines `sport|dport OP PORT` and \
     `src|dst ADDR[/LEN]` with and, or, not and parentheses; OP is = != < > <= >=.")]
 pub struct TableArgs {
+    #[command(flatten)]
+    pub select: TableSelect,
+    /// Numeric ports (no service names from /etc/services).
+    #[arg(short = 'n', long = "numeric")]
+    pub numeric: bool,
+    /// Accepted for `ss -tanp` habits: owners are always shown.
+    #[arg(short = 'p', long = "processes")]
+    pub processes: bool,
+    /// Show each socket's kernel timer (TIME_WAIT remaining time, retransmit, keepalive).
+    #[arg(short = 'o', long = "options")]
+    pub timers: bool,
+    /// Take a snapshot of our own even when an agent is running.
+    #[arg(long)]
+    pub no_agent: bool,
+    /// Read /proc/net/* (as netstat does) instead of netlink sock_diag; implies --no-agent.
+    /// No socket cookies, timers or IPV6_V6ONLY then.
+    #[arg(long)]
+    pub from_proc: bool,
+    /// Where to look for a running agent.
+    #[arg(long, value_name = "PATH", default_value = api::DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+    /// One JSON array.
+    #[arg(long, conflicts_with = "ndjson")]
+    pub json: bool,
+    /// One JSON object per line.
+    #[arg(long)]
+    pub ndjson: bool,
+}
+
+/// Which sockets `netwatch table` shows: sent to the agent with the request, so that the
+/// agent sends only those rows.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Args, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TableSelect {
     /// TCP sockets (with -u: both; neither: both).
     #[arg(short = 't', long = "tcp")]
     pub tcp: bool,
@@ -204,15 +238,6 @@ pub struct TableArgs {
     /// Only IPv6.
     #[arg(short = '6', long = "ipv6")]
     pub ipv6: bool,
-    /// Numeric ports (no service names from /etc/services).
-    #[arg(short = 'n', long = "numeric")]
-    pub numeric: bool,
-    /// Accepted for `ss -tanp` habits: owners are always shown.
-    #[arg(short = 'p', long = "processes")]
-    pub processes: bool,
-    /// Show each socket's kernel timer (TIME_WAIT remaining time, retransmit, keepalive).
-    #[arg(short = 'o', long = "options")]
-    pub timers: bool,
     /// Only sockets held by this process id.
     #[arg(long)]
     pub pid: Option<u32>,
@@ -222,22 +247,6 @@ pub struct TableArgs {
     /// Only this network namespace: an inode number or an `ip netns` name.
     #[arg(long, value_name = "INODE|NAME")]
     pub netns: Option<String>,
-    /// Take a snapshot of our own even when an agent is running.
-    #[arg(long)]
-    pub no_agent: bool,
-    /// Read /proc/net/* (as netstat does) instead of netlink sock_diag; implies --no-agent.
-    /// No socket cookies, timers or IPV6_V6ONLY then.
-    #[arg(long)]
-    pub from_proc: bool,
-    /// Where to look for a running agent.
-    #[arg(long, value_name = "PATH", default_value = api::DEFAULT_SOCKET)]
-    pub socket: PathBuf,
-    /// One JSON array.
-    #[arg(long, conflicts_with = "ndjson")]
-    pub json: bool,
-    /// One JSON object per line.
-    #[arg(long)]
-    pub ndjson: bool,
     /// ss-style filter (see below).
     #[arg(value_name = "FILTER")]
     pub filter: Vec<String>,
@@ -379,8 +388,8 @@ mod tests {
     fn table_takes_ss_style_flags_and_a_filter() {
         let cli = parse(&["ls", "-tanp", "state", "established", "sport", ">=", ":1024"]).unwrap();
         let Some(Command::Table(args)) = cli.command else { panic!("not table") };
-        assert!(args.tcp && args.all && args.numeric && !args.udp);
-        assert_eq!(args.filter, ["state", "established", "sport", ">=", ":1024"]);
+        assert!(args.select.tcp && args.select.all && args.numeric && !args.select.udp);
+        assert_eq!(args.select.filter, ["state", "established", "sport", ">=", ":1024"]);
         assert_eq!(parse(&["table", "-l", "-a"]).unwrap_err().kind(), ErrorKind::ArgumentConflict);
     }
 
@@ -388,8 +397,8 @@ mod tests {
     fn options_may_follow_the_filter_and_unknown_ones_are_named() {
         let cli = parse(&["table", "-tl", "sport", "=", ":7200", "--json", "-n"]).unwrap();
         let Some(Command::Table(args)) = cli.command else { panic!("not table") };
-        assert!(args.json && args.numeric && args.listening);
-        assert_eq!(args.filter, ["sport", "=", ":7200"]);
+        assert!(args.json && args.numeric && args.select.listening);
+        assert_eq!(args.select.filter, ["sport", "=", ":7200"]);
         for args in
             [&["table", "-H"][..], &["table", "-tanpZ"], &["table", "sport", "=", ":1", "-H"]]
         {

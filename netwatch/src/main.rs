@@ -21,7 +21,11 @@ fn main() -> ExitCode {
         )
         .init();
 
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    // One thread runs everything but the serializing of large API answers (the agent's
+    // `spawn_blocking`), which a few more share.
+    let runtime =
+        tokio::runtime::Builder::new_current_thread().max_blocking_threads(4).enable_all().build();
+    let runtime = match runtime {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("netwatch: cannot start the async runtime: {error}");

@@ -15,8 +15,9 @@ use tokio::{
 };
 
 use crate::{
-    cli::AgentArgs,
-    cmd::watch::Signals,
+    cli::{AgentArgs, TableSelect},
+    cmd::{table::Selection, watch::Signals},
+    host::{services::Services, snapshot::SocketRow},
     record::{Listed, LossReason, LossRecord, StreamRecord, WallClock},
     serve::api::{self, Command, Request, SocketFile},
     serve::eventlog::Logging,
@@ -91,7 +92,11 @@ pub async fn run(args: &AgentArgs) -> anyhow::Result<()> {
                 reconcile(&mut tracer, &mut histories);
                 // The client may have gone; nothing to do then.
                 match query {
-                    Query::Table(reply) => { let _ = reply.send(tracer.listed_with_half_open()); }
+                    Query::Table(reply, selection) => {
+                        let keep_row = |row: &SocketRow| selection.as_ref().is_none_or(|s| s.keeps_row(row));
+                        let keep = |listed: &Listed| selection.as_ref().is_none_or(|s| s.keeps(listed));
+                        let _ = reply.send(tracer.listed_with_half_open(keep_row, keep));
+                    }
                     Query::Stats(reply) => {
                         let mut report = stats.report();
                         let listeners = tracer.listeners();
@@ -132,7 +137,8 @@ async fn accept_scrape(
 
 /// A question for the main loop, which owns the table and the statistics.
 enum Query {
-    Table(oneshot::Sender<Vec<Listed>>),
+    /// The rows the selection keeps, or all of them.
+    Table(oneshot::Sender<Vec<Listed>>, Option<Selection>),
     Stats(oneshot::Sender<Report>),
     Metrics(oneshot::Sender<String>),
     History(oneshot::Sender<Vec<History>>),
@@ -151,12 +157,24 @@ async fn ask_main_loop<T: Default>(
     }
 }
 
+/// What a client's table request selects; the error line's text when its filter is bad.
+fn selection(select: TableSelect) -> Result<Selection, String> {
+    // Port names need /etc/services, read only for a filter that may name one.
+    let services = if select.filter.is_empty() { Services::default() } else { Services::load() };
+    Selection::new(&select, &services).map_err(|e| format!("bad filter: {e}"))
+}
+
+/// Writes `value` as one JSON line. A table or history of 100k rows takes tens of
+/// milliseconds to serialize: that is done on a blocking thread, so that the event loop (this
+/// runtime's one thread) goes on draining the kernel meanwhile.
 async fn write_json_line(
     write: &mut BufWriter<tokio::net::unix::OwnedWriteHalf>,
-    value: &impl serde::Serialize,
+    value: impl serde::Serialize + Send + 'static,
 ) -> std::io::Result<()> {
-    let json = serde_json::to_string(value);
-    let line = json.unwrap_or_else(|e| api::error_line(&e.to_string())) + "\n";
+    let json = tokio::task::spawn_blocking(move || {
+        serde_json::to_string(&value).unwrap_or_else(|e| api::error_line(&e.to_string()))
+    });
+    let line = json.await.unwrap_or_else(|e| api::error_line(&e.to_string())) + "\n";
     write.write_all(line.as_bytes()).await?;
     write.flush().await
 }
@@ -194,17 +212,24 @@ async fn serve(
     };
     let result = match request {
         Ok(Request { command: Command::Watch, .. }) => stream_records(&mut write, records).await,
-        Ok(Request { command: Command::Table, .. }) => {
-            let rows = ask_main_loop(&table_requests, Query::Table).await;
-            write_json_line(&mut write, &rows).await
-        }
+        Ok(Request { command: Command::Table { select }, .. }) => match select.map(selection) {
+            Some(Err(message)) => {
+                let reply = api::error_line(&message) + "\n";
+                write.write_all(reply.as_bytes()).await.and(write.flush().await)
+            }
+            selected => {
+                let selected = selected.and_then(Result::ok);
+                let rows = ask_main_loop(&table_requests, |r| Query::Table(r, selected)).await;
+                write_json_line(&mut write, rows).await
+            }
+        },
         Ok(Request { command: Command::Stats, .. }) => {
             let report = ask_main_loop(&table_requests, Query::Stats).await;
-            write_json_line(&mut write, &report).await
+            write_json_line(&mut write, report).await
         }
         Ok(Request { command: Command::History, .. }) => {
             let histories = ask_main_loop(&table_requests, Query::History).await;
-            write_json_line(&mut write, &histories).await
+            write_json_line(&mut write, histories).await
         }
         Err(message) => {
             let reply = api::error_line(&message) + "\n";

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use anyhow::Context as _;
 
 use crate::{
-    cli::TableArgs,
+    cli::{TableArgs, TableSelect},
     error::Error,
     host::services::Services,
     host::snapshot::{Protocol, Snapshot, SocketRow, Source, network_namespaces},
@@ -30,7 +30,7 @@ pub struct Selection {
 }
 
 impl Selection {
-    pub fn new(args: &TableArgs, services: &Services) -> Result<Selection, query::QueryError> {
+    pub fn new(args: &TableSelect, services: &Services) -> Result<Selection, query::QueryError> {
         let query = query::parse(&args.filter, services)?;
         let (tcp_states, udp_states) = match query.states {
             Some(states) => (states, states),
@@ -75,8 +75,8 @@ impl Selection {
         })
     }
 
-    pub fn keeps(&self, listed: &Listed) -> bool {
-        let row = &listed.row;
+    /// What can be told from the socket alone: protocol, family, state and the filter.
+    pub fn keeps_row(&self, row: &SocketRow) -> bool {
         let states = match row.protocol {
             Protocol::Tcp => self.tcp_states,
             Protocol::Udp => self.udp_states,
@@ -88,6 +88,11 @@ impl Selection {
                 let ends = Endpoints { local: row.local, remote: row.remote };
                 e.matches_scoped(&ends, row.scope.as_deref())
             })
+    }
+
+    pub fn keeps(&self, listed: &Listed) -> bool {
+        let row = &listed.row;
+        self.keeps_row(row)
             && self.pid.is_none_or(|pid| listed.owners.iter().any(|o| o.pid == pid))
             && self.comm.as_ref().is_none_or(|c| listed.owners.iter().any(|o| &o.comm == c))
             && self.netns.as_ref().is_none_or(|ns| {
@@ -127,11 +132,21 @@ fn sort(rows: &mut [Listed]) {
     });
 }
 
-/// The table kept by a running agent; None when no agent listens at `socket`.
-async fn from_agent(socket: &std::path::Path) -> anyhow::Result<Option<Vec<Listed>>> {
-    let Some(line) = api::ask(socket, Command::Table).await.context("asking the agent")? else {
-        return Ok(None);
+/// The rows of the table kept by a running agent that `select` keeps; None when no agent
+/// listens at `socket`.
+async fn from_agent(
+    socket: &std::path::Path,
+    select: &TableSelect,
+) -> anyhow::Result<Option<Vec<Listed>>> {
+    let ask = |select| async move {
+        api::ask(socket, Command::Table { select }).await.context("asking the agent")
     };
+    let Some(mut line) = ask(Some(select.clone())).await? else { return Ok(None) };
+    // An agent older than the selection sends every row, when asked without it.
+    if line.contains(r#""type":"error""#) && line.contains("unknown field `select`") {
+        let Some(again) = ask(None).await? else { return Ok(None) };
+        line = again;
+    }
     let rows = serde_json::from_str(&line)
         .with_context(|| format!("the agent at {} answered: {}", socket.display(), line.trim()))?;
     Ok(Some(rows))
@@ -139,12 +154,12 @@ async fn from_agent(socket: &std::path::Path) -> anyhow::Result<Option<Vec<Liste
 
 pub async fn run(args: &TableArgs) -> anyhow::Result<()> {
     let services = Services::load();
-    let selection = Selection::new(args, &services)?;
+    let selection = Selection::new(&args.select, &services)?;
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         return Err(Error::TableNotRoot.into());
     }
-    if let Some(wanted) = &args.netns {
+    if let Some(wanted) = &args.select.netns {
         let known = network_namespaces();
         if !known
             .iter()
@@ -153,8 +168,11 @@ pub async fn run(args: &TableArgs) -> anyhow::Result<()> {
             return Err(Error::NoSuchNetns(wanted.clone()).into());
         }
     }
-    let agent =
-        if args.no_agent || args.from_proc { None } else { from_agent(&args.socket).await? };
+    let agent = if args.no_agent || args.from_proc {
+        None
+    } else {
+        from_agent(&args.socket, &args.select).await?
+    };
     let all = match agent {
         Some(rows) => rows,
         None => {

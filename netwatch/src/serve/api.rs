@@ -9,7 +9,10 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, Result};
+use crate::{
+    cli::TableSelect,
+    error::{Error, Result},
+};
 
 pub const DEFAULT_SOCKET: &str = "/run/netwatch/agent.sock";
 
@@ -25,8 +28,12 @@ pub enum Command {
     /// Stream every transition and loss report, as NDJSON `StreamRecord`s, until either side
     /// closes.
     Watch,
-    /// The socket table now: one line, a JSON array of `Listed` rows.
-    Table,
+    /// The socket table now: one line, a JSON array of `Listed` rows; only those `select`
+    /// keeps when it is given (agents before it was added reject it as an unknown field).
+    Table {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        select: Option<TableSelect>,
+    },
     /// Handshake latency and failure statistics: one line, a JSON `stats::Report`.
     Stats,
     /// Connection histories, open then retained closed ones: one line, a JSON array of
@@ -180,6 +187,24 @@ mod tests {
         assert!(Request::parse(b"\xff\xfe").unwrap_err().contains("malformed"));
         let long = vec![b' '; MAX_REQUEST_BYTES + 1];
         assert!(Request::parse(&long).unwrap_err().contains("longer"));
+    }
+
+    #[test]
+    fn a_table_request_carries_its_selection_or_none() {
+        let plain = Request::new(Command::Table { select: None });
+        assert_eq!(serde_json::to_string(&plain).unwrap(), r#"{"v":1,"cmd":"table"}"#);
+        assert_eq!(Request::parse(br#"{"v":1,"cmd":"table"}"#), Ok(plain));
+        let select = TableSelect {
+            tcp: true,
+            listening: true,
+            filter: vec!["sport".into(), "=".into(), ":80".into()],
+            ..TableSelect::default()
+        };
+        let asked = Request::new(Command::Table { select: Some(select) });
+        let line = serde_json::to_string(&asked).unwrap();
+        assert_eq!(Request::parse(line.as_bytes()), Ok(asked));
+        let unknown = br#"{"v":1,"cmd":"table","select":{"bogus":1}}"#;
+        assert!(Request::parse(unknown).unwrap_err().contains("unknown field"));
     }
 
     #[test]

@@ -8,7 +8,7 @@ use anyhow::Context as _;
 use crate::{
     host::{
         procfs::socket_fds,
-        snapshot::{NetNamespace, Snapshot, is_link_local, network_namespaces},
+        snapshot::{NetNamespace, Snapshot, SocketRow, is_link_local, network_namespaces},
         sock_diag::DiagSocket,
     },
     kernel::events::{Event, EventReader, FdSocket, TcpState},
@@ -203,9 +203,18 @@ impl Tracer {
 
     /// The socket table as of the last [`Tracer::settle`], as `ss -tuanp` would list it.
     pub fn listed(&self) -> Vec<Listed> {
+        self.listed_where(|_| true, |_| true)
+    }
+
+    /// The rows `listed` gives whose socket `keep_row` keeps, then that `keep` keeps.
+    fn listed_where(
+        &self,
+        keep_row: impl Fn(&SocketRow) -> bool,
+        keep: impl Fn(&Listed) -> bool,
+    ) -> Vec<Listed> {
         let now = WallClock::monotonic_now_ns();
         self.table
-            .rows(now)
+            .rows_where(now, keep_row)
             .into_iter()
             .map(|row| Listed {
                 netns_name: self.namespaces.get(&row.row.netns).and_then(|ns| ns.name.clone()),
@@ -219,6 +228,7 @@ impl Tracer {
                     .map(|(ago, owner)| OwnerChange { owner, ago: ago.map(Duration::from_nanos) })
                     .collect(),
             })
+            .filter(keep)
             .collect()
     }
 
@@ -226,24 +236,31 @@ impl Tracer {
     /// listeners' SYN queues: request sockets, which are not full sockets and pass no
     /// tracepoint (the state change comes with the handshake's last ACK). They are read from
     /// sock_diag at the moment of asking, as `ss` reads them, one dump per namespace with a
-    /// listener; they have no process, as in `ss`.
-    pub fn listed_with_half_open(&mut self) -> Vec<Listed> {
-        let mut rows = self.listed();
+    /// listener; they have no process, as in `ss`. Only the rows whose socket `keep_row`
+    /// keeps (a cheap first look, before owners are gathered) and that `keep` keeps.
+    pub fn listed_with_half_open(
+        &mut self,
+        keep_row: impl Fn(&SocketRow) -> bool,
+        keep: impl Fn(&Listed) -> bool,
+    ) -> Vec<Listed> {
+        let mut rows = self.listed_where(&keep_row, &keep);
         let listeners = self.listeners();
         let known: std::collections::HashSet<u64> = rows.iter().map(|l| l.row.cookie).collect();
         let half_open = self
             .passive_sockets(&listeners)
             .unwrap_or_default()
             .into_iter()
-            .filter(|row| row.state == TcpState::SynRecv && !known.contains(&row.cookie));
-        rows.extend(half_open.map(|row| Listed {
+            .filter(|row| row.state == TcpState::SynRecv && !known.contains(&row.cookie))
+            .filter(|row| keep_row(row));
+        let half_open = half_open.map(|row| Listed {
             netns_name: self.namespaces.get(&row.netns).and_then(|ns| ns.name.clone()),
             in_state: None,
             owners: Vec::new(),
             row,
             queues_known: false,
             owner_history: Vec::new(),
-        }));
+        });
+        rows.extend(half_open.filter(keep));
         rows
     }
 
@@ -257,7 +274,7 @@ impl Tracer {
     pub fn passive_sockets(
         &mut self,
         listeners: &[crate::state::table::Listener],
-    ) -> Option<Vec<crate::host::snapshot::SocketRow>> {
+    ) -> Option<Vec<SocketRow>> {
         if listeners.iter().any(|l| !self.namespaces.contains_key(&l.netns)) {
             self.learn_namespaces();
         }
@@ -384,7 +401,7 @@ impl Tracer {
         family: crate::kernel::events::Family,
         local: (std::net::IpAddr, u16),
         remote: (std::net::IpAddr, u16),
-    ) -> Option<Option<crate::host::snapshot::SocketRow>> {
+    ) -> Option<Option<SocketRow>> {
         if !self.namespaces.contains_key(&netns) {
             self.learn_namespaces();
         }

@@ -361,6 +361,11 @@ impl Table {
     /// The sockets `ss -tuanp` would list, as of `now_ns`: TCP sockets in any state but CLOSE,
     /// bound UDP sockets, each with its holders and time in state.
     pub fn rows(&self, now_ns: u64) -> Vec<Row> {
+        self.rows_where(now_ns, |_| true)
+    }
+
+    /// The `rows` whose socket `keep` keeps, asked before the row's owners are gathered.
+    pub fn rows_where(&self, now_ns: u64, keep: impl Fn(&SocketRow) -> bool) -> Vec<Row> {
         let mut rows = Vec::new();
         for (key, socket) in &self.sockets {
             let (SockKey::Cookie(cookie), Some(facts), Some(state)) =
@@ -375,26 +380,30 @@ impl Table {
             if !listed {
                 continue;
             }
+            let row = SocketRow {
+                netns: facts.netns,
+                protocol: facts.protocol,
+                family: facts.family,
+                state,
+                local: facts.local,
+                remote: facts.remote,
+                cookie: *cookie,
+                inode: facts.inode,
+                uid: facts.uid.unwrap_or(0),
+                recv_q: 0,
+                send_q: 0,
+                timer: facts.expires_ns.map(|end| Timer {
+                    kind: TimerKind::Timewait,
+                    remaining_ms: (end.saturating_sub(now_ns) / 1_000_000) as u32,
+                }),
+                v6only: facts.v6only(),
+                scope: facts.scope.clone(),
+            };
+            if !keep(&row) {
+                continue;
+            }
             rows.push(Row {
-                row: SocketRow {
-                    netns: facts.netns,
-                    protocol: facts.protocol,
-                    family: facts.family,
-                    state,
-                    local: facts.local,
-                    remote: facts.remote,
-                    cookie: *cookie,
-                    inode: facts.inode,
-                    uid: facts.uid.unwrap_or(0),
-                    recv_q: 0,
-                    send_q: 0,
-                    timer: facts.expires_ns.map(|end| Timer {
-                        kind: TimerKind::Timewait,
-                        remaining_ms: (end.saturating_sub(now_ns) / 1_000_000) as u32,
-                    }),
-                    v6only: facts.v6only(),
-                    scope: facts.scope.clone(),
-                },
+                row,
                 // A timewait socket has no file: ss lists no process for it, even while the
                 // full socket it replaced is still held (shut down, not yet closed).
                 owners: if facts.expires_ns.is_some() {
