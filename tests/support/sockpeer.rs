@@ -73,7 +73,8 @@ fn main() -> ExitCode {
         ["churn", addr, count] => churn(addr, count, false),
         ["churn", addr, count, "server-first"] => churn(addr, count, true),
         ["udp-sends", addr, count] => udp_sends(addr, count),
-        ["rate", seconds] => rate(seconds),
+        ["rate", seconds] => rate(seconds, None),
+        ["rate", seconds, per_second] => rate(seconds, Some(per_second)),
         ["refused", seconds] => refused(seconds),
         ["syscalls", what, seconds] => syscalls::run(what, seconds).map(|ns| println!("{ns:.1}")),
         ["listen-shared", addr] => hold::listen_shared(addr),
@@ -354,18 +355,33 @@ fn churn(addr: &str, count: &str, server_first: bool) -> std::io::Result<()> {
     Ok(())
 }
 
-fn rate(seconds: &str) -> std::io::Result<()> {
+/// Round trips to a server of its own for `seconds`, as fast as it can or, with `per_second`,
+/// paced to that rate (the pace is kept on average: a late round trip is made up at once).
+fn rate(seconds: &str, per_second: Option<&str>) -> std::io::Result<()> {
     let seconds: f64 =
         seconds.parse().map_err(|e| std::io::Error::other(format!("{seconds}: {e}")))?;
+    let interval = match per_second {
+        Some(rate) => {
+            let rate: f64 =
+                rate.parse().map_err(|e| std::io::Error::other(format!("{rate}: {e}")))?;
+            Some(Duration::from_secs_f64(1.0 / rate))
+        }
+        None => None,
+    };
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
     let server = listener.local_addr()?;
     thread::spawn(move || while serve_one(&listener).is_ok() {});
     println!("ready");
     std::io::stdout().flush()?;
     std::io::stdin().read_line(&mut String::new())?;
-    let until = std::time::Instant::now() + Duration::from_secs_f64(seconds);
+    let started = std::time::Instant::now();
+    let until = started + Duration::from_secs_f64(seconds);
     let mut round_trips = 0u64;
     while std::time::Instant::now() < until {
+        if let Some(interval) = interval {
+            let due = started + interval.mul_f64(round_trips as f64);
+            thread::sleep(due.saturating_duration_since(std::time::Instant::now()));
+        }
         client_roundtrip(server)?;
         round_trips += 1;
     }

@@ -46,13 +46,25 @@ impl Bench {
     /// `processes` sockpeer `rate` processes in a namespace made for the run (so that their
     /// TIME_WAIT sockets go with it), started together; round trips per second in total.
     pub(super) fn load(&self, processes: usize, seconds: f64) -> anyhow::Result<f64> {
+        self.paced_load(processes, seconds, None)
+    }
+
+    /// `load`, at most `per_second` round trips per second in total when given.
+    pub(super) fn paced_load(
+        &self,
+        processes: usize,
+        seconds: f64,
+        per_second: Option<f64>,
+    ) -> anyhow::Result<f64> {
         use std::io::Write as _;
         let namespace = Namespace::new()?;
         let mut children = Vec::new();
+        let pace = per_second.map(|total| (total / processes as f64).to_string());
         for _ in 0..processes {
             let mut child = namespace
                 .command(&self.bin("sockpeer"))
                 .args(["rate", &seconds.to_string()])
+                .args(pace.as_slice())
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
                 .spawn()
