@@ -260,6 +260,60 @@ fn the_fin_wait2_substate_turns_into_time_wait_or_expires() {
     assert!(agent.stop().success());
 }
 
+/// A question that shows FIN_WAIT2 but not TIME_WAIT (`netwatch table`'s default, as ss's)
+/// only has the kernel's FIN_WAIT2 sockets dumped: a timewait socket that turned to
+/// TIME_WAIT a moment ago is left out at once, and `-a` shows it in TIME_WAIT.
+#[test]
+fn right_after_the_peers_fin_the_default_table_no_longer_shows_fin_wait2() {
+    require_root();
+    let agent = Agent::start(&Agent::test_socket("tw-fin2-table"));
+    let ns = NetNs::new("twfin2tbl");
+    let listener = ns.run(|| TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap());
+    let server = listener.local_addr().unwrap();
+    let (client, accepted) = ns.run(move || {
+        let client = TcpStream::connect(server).unwrap();
+        let accepted = listener.accept().unwrap().0;
+        (client.local_addr().unwrap(), accepted)
+    });
+    let in_fin_wait2 =
+        |h: &[Value]| h.len() == 1 && steps(&h[0]).last() == Some(&step("FIN_WAIT1", "FIN_WAIT2"));
+    wait_for_history(&agent, client, server, Duration::from_secs(5), in_fin_wait2);
+    let rows = |args: &[&str], ours: bool| -> Vec<(String, String, String)> {
+        let output = if ours {
+            Command::new(netwatch_bin())
+                .args(["table", "--netns", &ns.name, "--socket", agent.socket_arg()])
+                .args(args)
+                .output()
+                .unwrap()
+        } else {
+            ns.command("ss").arg("-H").args(args).output().unwrap()
+        };
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        let mut rows: Vec<_> = String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .skip(usize::from(ours))
+            .map(|line| {
+                let f: Vec<&str> = line.split_whitespace().collect();
+                (f[0].to_string(), f[3].to_string(), f[4].to_string())
+            })
+            .collect();
+        rows.sort();
+        rows
+    };
+    let fin_wait2 = ("FIN-WAIT-2".to_string(), client.to_string(), server.to_string());
+    assert!(rows(&["-tn"], true).contains(&fin_wait2), "the client's end in FIN_WAIT2");
+
+    drop(accepted);
+    let (ours, theirs) = (rows(&["-tn"], true), rows(&["-tn"], false));
+    assert!(!theirs.contains(&fin_wait2), "the kernel's turn is done when close() returns");
+    assert_eq!(ours, theirs, "the default table right after the peer's FIN");
+    let time_wait = ("TIME-WAIT".to_string(), client.to_string(), server.to_string());
+    let (ours, theirs) = (rows(&["-tan"], true), rows(&["-tan"], false));
+    assert!(ours.contains(&time_wait), "{ours:?}");
+    assert_eq!(ours, theirs, "-a right after the peer's FIN");
+    assert!(agent.stop().success());
+}
+
 /// TIME_WAIT lasts the kernel's 60 s; then TIME_WAIT -> CLOSE (`expired`) closes the history,
 /// and neither `ss` nor netwatch lists the socket any more.
 #[test]

@@ -24,7 +24,7 @@ use crate::{
     serve::metrics::{self, Metrics},
     state::history::{Histories, History, Retention},
     state::stats::{Report, Stats, listener_summaries},
-    state::tracer::Tracer,
+    state::tracer::{Scope, Tracer},
 };
 
 /// Records a client may fall behind by before it starts missing some.
@@ -87,15 +87,22 @@ pub async fn run(args: &AgentArgs) -> anyhow::Result<()> {
             Some(query) = table_queue.recv() => {
                 // Answer with every event the kernel has queued so far applied: what the user
                 // did just before asking must be in the answer.
-                tracer.settle(&mut records)?;
+                let scope = match &query {
+                    Query::Table(_, Some(selection)) => selection.scope(),
+                    _ => Scope::ALL,
+                };
+                let left_out = tracer.settle(&mut records, scope)?;
                 absorb(&mut records, &mut log, &metrics, &mut stats, &mut histories, &sender);
                 reconcile(&mut tracer, &mut histories);
                 // The client may have gone; nothing to do then.
                 match query {
                     Query::Table(reply, selection) => {
-                        let keep_row = |row: &SocketRow| selection.as_ref().is_none_or(|s| s.keeps_row(row));
+                        let keep_row = |row: &SocketRow| {
+                            !left_out.contains(&row.cookie)
+                                && selection.as_ref().is_none_or(|s| s.keeps_row(row))
+                        };
                         let keep = |listed: &Listed| selection.as_ref().is_none_or(|s| s.keeps(listed));
-                        let _ = reply.send(tracer.listed_with_half_open(keep_row, keep));
+                        let _ = reply.send(tracer.listed_with_half_open(scope, keep_row, keep));
                     }
                     Query::Stats(reply) => {
                         let mut report = stats.report();

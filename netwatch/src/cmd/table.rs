@@ -14,6 +14,7 @@ use crate::{
     query::ss::{self as query, Endpoints, Query, StateSet},
     record::Listed,
     serve::api::{self, Command},
+    state::tracer::Scope,
 };
 
 /// Everything `netwatch table` was asked for, resolved before any socket is read.
@@ -73,6 +74,17 @@ impl Selection {
                 }
             })
         })
+    }
+
+    /// What the selected rows can include that only the kernel can confirm.
+    pub fn scope(&self) -> Scope {
+        let shows = |wanted| self.shown_states().any(|state| state == wanted);
+        let tcp = self.protocols.contains(&Protocol::Tcp);
+        Scope {
+            timewait: tcp && shows(TcpState::TimeWait),
+            fin_wait2: tcp && shows(TcpState::FinWait2),
+            half_open: tcp && shows(TcpState::SynRecv),
+        }
     }
 
     /// What can be told from the socket alone: protocol, family, state and the filter.

@@ -74,7 +74,7 @@ impl DiagSocket {
         let mut rows = Vec::new();
         for family in [Family::Ipv4, Family::Ipv6] {
             let states = StateFlags::LISTEN | StateFlags::SYN_RECV;
-            self.query(Protocol::Tcp, family, None, states, &mut rows)?;
+            self.query(Protocol::Tcp, family, None, states.clone(), &mut rows)?;
         }
         Ok(rows)
     }
@@ -82,10 +82,18 @@ impl DiagSocket {
     /// The namespace's TCP sockets in TIME_WAIT or FIN_WAIT2, timewait sockets among them
     /// (a timewait socket's state is its substate).
     pub fn timewait_sockets(&mut self) -> io::Result<Vec<SocketRow>> {
+        self.tcp_sockets_in(StateFlags::TIME_WAIT | StateFlags::FIN_WAIT2)
+    }
+
+    /// Every TCP socket in FIN_WAIT2, full or timewait (the substate).
+    pub fn fin_wait2_sockets(&mut self) -> io::Result<Vec<SocketRow>> {
+        self.tcp_sockets_in(StateFlags::FIN_WAIT2)
+    }
+
+    fn tcp_sockets_in(&mut self, states: StateFlags) -> io::Result<Vec<SocketRow>> {
         let mut rows = Vec::new();
         for family in [Family::Ipv4, Family::Ipv6] {
-            let states = StateFlags::TIME_WAIT | StateFlags::FIN_WAIT2;
-            self.query(Protocol::Tcp, family, None, states, &mut rows)?;
+            self.query(Protocol::Tcp, family, None, states.clone(), &mut rows)?;
         }
         Ok(rows)
     }

@@ -118,6 +118,18 @@ impl Table {
         std::mem::take(&mut self.ended)
     }
 
+    /// The timewait sockets in the FIN_WAIT2 substate, by network namespace.
+    pub fn fin_wait2_timewaits(&self) -> HashMap<u32, Vec<u64>> {
+        let mut namespaces: HashMap<u32, Vec<u64>> = HashMap::new();
+        for (&(netns, _, _), &cookie) in &self.timewaits {
+            let socket = self.sockets.get(&SockKey::Cookie(cookie));
+            if socket.is_some_and(|s| s.state == Some(TcpState::FinWait2)) {
+                namespaces.entry(netns).or_default().push(cookie);
+            }
+        }
+        namespaces
+    }
+
     /// Network namespaces with timewait sockets, each with whether it is due for a look at
     /// `now_ns`: one of its timewait sockets is past its expiry, or in the FIN_WAIT2 substate
     /// (whose turn to TIME_WAIT, when the peer's FIN arrives, no event reports).
