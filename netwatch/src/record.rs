@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     host::snapshot::{Holder, SocketRow},
-    kernel::events::{Family, Retransmit, StateSource, TcpState},
+    kernel::events::{Comm, Family, Retransmit, StateSource, TcpState},
     state::table::{Direction, Ending, Failure, RetransmitSeen, Transition},
 };
 
@@ -91,7 +91,7 @@ pub struct Endpoints {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Owner {
     pub pid: u32,
-    pub comm: String,
+    pub comm: Comm,
 }
 
 /// One line of the stream.
@@ -140,7 +140,7 @@ pub struct TransitionRecord {
     pub duration_ms: Option<f64>,
     /// The socket's owner; null when not known yet.
     pub pid: Option<u32>,
-    pub comm: Option<String>,
+    pub comm: Option<Comm>,
     pub family: Family,
     pub laddr: IpAddr,
     pub lport: u16,
@@ -152,7 +152,7 @@ pub struct TransitionRecord {
     /// The task that was on the CPU when the kernel made the change.
     pub task_pid: u32,
     pub task_tid: u32,
-    pub task_comm: String,
+    pub task_comm: Comm,
     pub source: StateSource,
     /// On a CLOSE transition only: how long the socket lived (when netwatch saw it born),
     /// and what it carried.
@@ -257,7 +257,7 @@ pub struct RetransmitRecord {
     pub state: Option<TcpState>,
     /// The socket's owner (the listener's for a SYN-ACK); null when not known.
     pub pid: Option<u32>,
-    pub comm: Option<String>,
+    pub comm: Option<Comm>,
     pub family: Family,
     pub laddr: IpAddr,
     pub lport: u16,

@@ -316,8 +316,11 @@ fn absorb(
             StreamRecord::LogFailed(_) => {}
         }
     }
+    if sender.receiver_count() == 0 {
+        // Nobody is watching: no shared copy to make.
+        records.clear();
+    }
     for record in records.drain(..) {
-        // No subscriber is fine: nobody is watching.
         let _ = sender.send(Arc::new(record));
     }
 }

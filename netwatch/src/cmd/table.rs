@@ -106,7 +106,7 @@ impl Selection {
         let row = &listed.row;
         self.keeps_row(row)
             && self.pid.is_none_or(|pid| listed.owners.iter().any(|o| o.pid == pid))
-            && self.comm.as_ref().is_none_or(|c| listed.owners.iter().any(|o| &o.comm == c))
+            && self.comm.as_ref().is_none_or(|c| listed.owners.iter().any(|o| o.comm == *c))
             && self.netns.as_ref().is_none_or(|ns| {
                 row.netns.to_string() == *ns || listed.netns_name.as_deref() == Some(ns.as_str())
             })

@@ -129,7 +129,7 @@ pub fn socket_owners(problems: &mut Vec<String>) -> HashMap<u64, Vec<Holder>> {
             let Some(stat) = stat else { break };
             owners.entry(inode).or_default().push(Holder {
                 pid,
-                comm: stat.comm.clone(),
+                comm: stat.comm.as_str().into(),
                 fd: fd_number,
                 start_time: Some(stat.starttime),
             });

@@ -23,7 +23,7 @@ use super::{
 };
 
 pub use crate::kernel::events::Protocol;
-use crate::kernel::events::{Family, TcpState};
+use crate::kernel::events::{Comm, Family, TcpState};
 
 /// The kernel timer running on a socket, as `ss -o` shows it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -83,7 +83,7 @@ pub fn is_link_local(addr: IpAddr) -> bool {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Holder {
     pub pid: u32,
-    pub comm: String,
+    pub comm: Comm,
     pub fd: i32,
     /// Process start time in clock ticks since boot: (pid, start) names a process uniquely.
     /// None where an event, not /proc, named the holder.

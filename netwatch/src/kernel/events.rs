@@ -149,12 +149,16 @@ pub enum SockKey {
     },
 }
 
+/// A task's command name. At most 15 bytes, it is kept inline: no allocation per event,
+/// per clone into a record, or per owner kept in the table.
+pub type Comm = compact_str::CompactString;
+
 /// The task that was on the CPU when a hook ran: evidence of ownership, never proof.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Task {
     pub pid: u32,
     pub tid: u32,
-    pub comm: String,
+    pub comm: Comm,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -295,9 +299,9 @@ pub enum DecodeError {
     UnknownProtocol(u8),
 }
 
-fn comm(raw: &[u8; 16]) -> String {
+fn comm(raw: &[u8; 16]) -> Comm {
     let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
-    String::from_utf8_lossy(&raw[..end]).into_owned()
+    Comm::from_utf8_lossy(&raw[..end])
 }
 
 fn task(raw: &SockEvent) -> Task {

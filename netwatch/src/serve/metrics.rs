@@ -18,6 +18,7 @@ use prometheus_client::{
 };
 
 use crate::{
+    kernel::events::TcpState,
     record::{Listed, LossReason, Resent, StreamRecord},
     state::table::{Ending, Failure},
 };
@@ -116,6 +117,9 @@ pub struct Metrics {
     registry: Registry,
     sockets: Family<SocketLabels, Gauge>,
     transitions: Family<TransitionLabels, Counter>,
+    /// `transitions`' counters by (old, new), looked up once each: the family's lookup hashes
+    /// its labels under a lock, once per transition otherwise.
+    transition_counters: Box<[std::sync::OnceLock<Counter>]>,
     connect_latency: Histogram,
     connect_failures: Family<ReasonLabels, Counter>,
     lost: Family<ReasonLabels, Counter>,
@@ -254,6 +258,9 @@ impl Metrics {
             registry,
             sockets,
             transitions,
+            transition_counters: (0..TcpState::ALL.len().pow(2))
+                .map(|_| std::sync::OnceLock::new())
+                .collect(),
             connect_latency,
             connect_failures,
             lost,
@@ -269,14 +276,21 @@ impl Metrics {
         }
     }
 
+    fn transition_counter(&self, old: TcpState, new: TcpState) -> &Counter {
+        let index = |state| TcpState::ALL.iter().position(|s| *s == state).unwrap_or(0);
+        let at = index(old) * TcpState::ALL.len() + index(new);
+        self.transition_counters[at].get_or_init(|| {
+            let labels = TransitionLabels { old: old.name(), new: new.name() };
+            self.transitions.get_or_create(&labels).clone()
+        })
+    }
+
     pub fn observe(&self, record: &StreamRecord) {
         self.records.inc();
         match record {
             StreamRecord::Transition(t) => {
-                let labels = TransitionLabels { old: t.old.name(), new: t.new.name() };
-                self.transitions.get_or_create(&labels).inc();
-                let connected = t.old == crate::kernel::events::TcpState::SynSent
-                    && t.new == crate::kernel::events::TcpState::Established;
+                self.transition_counter(t.old, t.new).inc();
+                let connected = t.old == TcpState::SynSent && t.new == TcpState::Established;
                 if connected && let Some(ns) = t.duration_ns {
                     self.connect_latency.observe(ns as f64 / 1e9);
                 }

@@ -10,7 +10,9 @@
 //!
 //! So a LISTEN -> SYN_RECV is held by the child's kernel address until its listener is known
 //! and it is named (the child's next transition names it, and releases it in any case).
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+use rustc_hash::FxHashMap;
 
 use crate::kernel::events::{Event, StateChange, TcpState};
 
@@ -21,7 +23,7 @@ const MAX_HELD: usize = 4096;
 
 #[derive(Default)]
 pub struct Clones {
-    held: HashMap<u64, StateChange>,
+    held: FxHashMap<u64, StateChange>,
     /// Held children's addresses, oldest first; released ones are skipped when evicting.
     order: VecDeque<u64>,
     /// Whether `fexit/inet_csk_clone_lock` is attached: only then is a named child held

@@ -9,13 +9,17 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     host::snapshot::{Protocol, Snapshot},
-    kernel::events::TcpState,
+    kernel::events::{Comm, TcpState},
     record::{Owner, Resent, RetransmitRecord, TransitionRecord},
     state::table::{Ending, Failure},
 };
 
 /// Transitions kept per connection (a connection has about a dozen in its life).
 const STEPS: usize = 64;
+
+/// Room made for a new connection's steps at once: a client's whole life (CLOSE -> SYN_SENT
+/// -> ... -> TIME_WAIT -> CLOSE) is six, a server's five, so one allocation, not three.
+const FIRST_STEPS: usize = 8;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -36,7 +40,7 @@ pub struct Step {
     pub duration_ns: Option<u64>,
     /// The socket's owner at this transition.
     pub pid: Option<u32>,
-    pub comm: Option<String>,
+    pub comm: Option<Comm>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -188,7 +192,15 @@ impl Histories {
     pub fn record(&mut self, t: &TransitionRecord) {
         let Some(cookie) = t.cookie else { return };
         let history = self.open.entry(cookie).or_insert_with(|| {
-            History::new(cookie, t.netns, (t.laddr, t.lport), (t.raddr, t.rport), FirstSeen::Event)
+            let mut history = History::new(
+                cookie,
+                t.netns,
+                (t.laddr, t.lport),
+                (t.raddr, t.rport),
+                FirstSeen::Event,
+            );
+            history.steps.reserve_exact(FIRST_STEPS);
+            history
         });
         if t.lport != 0 {
             history.lport = t.lport;

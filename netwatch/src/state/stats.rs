@@ -14,7 +14,7 @@ use std::net::IpAddr;
 
 use crate::{
     host::snapshot::SocketRow,
-    kernel::events::TcpState,
+    kernel::events::{Comm, TcpState},
     record::{Endpoints, Resent, RetransmitRecord, TransitionRecord},
     state::table::{Direction, Failure, Listener},
 };
@@ -66,7 +66,7 @@ pub struct ListenerSummary {
     pub laddr: IpAddr,
     pub lport: u16,
     pub pid: Option<u32>,
-    pub comm: Option<String>,
+    pub comm: Option<Comm>,
     /// Handshakes completed, and of those taken by accept(2).
     pub handshakes: u64,
     pub accepted: u64,
@@ -377,7 +377,7 @@ mod tests {
         let mut stats = Stats::new();
         for pid in 0..(KEYS as u32 + 10) {
             let mut connect = record(TcpState::SynSent, TcpState::Established, Some(1), None, pid);
-            connect.comm = Some(format!("cmd{pid}"));
+            connect.comm = Some(compact_str::format_compact!("cmd{pid}"));
             stats.record(&connect);
         }
         assert_eq!(stats.by_process.len(), KEYS);

@@ -17,7 +17,7 @@ use rustc_hash::{FxHashMap, FxHashSet};
 
 use crate::{
     host::snapshot::{Holder, Protocol, SocketRow, Timer, TimerKind},
-    kernel::events::{Event, FdSocket, SockKey, TcpState},
+    kernel::events::{Comm, Event, FdSocket, SockKey, TcpState},
 };
 
 mod close;
@@ -43,7 +43,7 @@ pub struct Table {
     sockets: FxHashMap<SockKey, Socket>,
     /// Each listening socket's key and owner, to find the listener of a new passive socket;
     /// several share an address with SO_REUSEPORT.
-    listeners: HashMap<ListenerKey, Vec<(SockKey, Option<Owner>)>>,
+    listeners: FxHashMap<ListenerKey, Vec<(SockKey, Option<Owner>)>>,
     /// Accept-queue counts, by listening socket.
     accept_queues: FxHashMap<SockKey, AcceptQueue>,
     closed: VecDeque<SockKey>,
@@ -210,7 +210,7 @@ impl Table {
                     self.by_pid.get(&parent.pid).into_iter().flatten().copied().collect();
                 for key in &keys {
                     if let Some(socket) = self.sockets.get_mut(key) {
-                        let inherited: Vec<((u32, i32), String)> = socket
+                        let inherited: Vec<((u32, i32), Comm)> = socket
                             .holders
                             .of_pid(parent.pid)
                             .map(|((_, fd), comm)| ((child_tgid, *fd), comm.clone()))

@@ -12,7 +12,7 @@ use crate::kernel::events::{Family, SockLife, StateSource};
 use crate::kernel::events::{StateChange, Task};
 
 fn task(pid: u32) -> Task {
-    Task { pid, tid: pid, comm: format!("p{pid}") }
+    Task { pid, tid: pid, comm: compact_str::format_compact!("p{pid}") }
 }
 
 fn on_cpu() -> Task {
@@ -128,7 +128,7 @@ fn comparable(table: &Table) -> Vec<Comparable> {
         .rows(1_000_000)
         .into_iter()
         .map(|r| {
-            let owners = r.owners.iter().map(|o| (o.pid, o.fd, o.comm.clone())).collect();
+            let owners = r.owners.iter().map(|o| (o.pid, o.fd, o.comm.to_string())).collect();
             (r.row.cookie, r.row.state, r.row.local, r.row.remote, owners)
         })
         .collect();

@@ -6,7 +6,7 @@ use super::close::Direction;
 pub use crate::record::Owner;
 use crate::{
     host::snapshot::{Holder, Protocol, SocketRow, TimerKind},
-    kernel::events::{Family, SockKey, Task, TcpState, Totals},
+    kernel::events::{Comm, Family, SockKey, Task, TcpState, Totals},
 };
 
 impl From<&Task> for Owner {
@@ -98,10 +98,10 @@ pub(super) struct Socket {
 /// since a socket has one or two holders and a map's node would cost ten times the memory
 /// (the table keeps one per socket on the host).
 #[derive(Debug, Default)]
-pub(super) struct Holders(pub(super) Vec<((u32, i32), String)>);
+pub(super) struct Holders(pub(super) Vec<((u32, i32), Comm)>);
 
 impl Holders {
-    pub(super) fn insert(&mut self, key: (u32, i32), comm: String) {
+    pub(super) fn insert(&mut self, key: (u32, i32), comm: Comm) {
         match self.0.binary_search_by_key(&key, |(k, _)| *k) {
             Ok(at) => self.0[at].1 = comm,
             Err(at) => {
@@ -117,17 +117,17 @@ impl Holders {
         }
     }
 
-    pub(super) fn extend(&mut self, holders: impl IntoIterator<Item = ((u32, i32), String)>) {
+    pub(super) fn extend(&mut self, holders: impl IntoIterator<Item = ((u32, i32), Comm)>) {
         for (key, comm) in holders {
             self.insert(key, comm);
         }
     }
 
-    pub(super) fn retain(&mut self, mut keep: impl FnMut(&(u32, i32), &String) -> bool) {
+    pub(super) fn retain(&mut self, mut keep: impl FnMut(&(u32, i32), &Comm) -> bool) {
         self.0.retain(|(key, comm)| keep(key, comm));
     }
 
-    pub(super) fn iter(&self) -> impl Iterator<Item = (&(u32, i32), &String)> {
+    pub(super) fn iter(&self) -> impl Iterator<Item = (&(u32, i32), &Comm)> {
         self.0.iter().map(|(key, comm)| (key, comm))
     }
 
@@ -135,7 +135,7 @@ impl Holders {
         self.0.iter().map(|(key, _)| key)
     }
 
-    pub(super) fn of_pid(&self, pid: u32) -> impl Iterator<Item = (&(u32, i32), &String)> {
+    pub(super) fn of_pid(&self, pid: u32) -> impl Iterator<Item = (&(u32, i32), &Comm)> {
         self.iter().filter(move |((holder, _), _)| *holder == pid)
     }
 
@@ -151,7 +151,7 @@ impl Holders {
             .collect()
     }
 
-    pub(super) fn comms_of_pid_mut(&mut self, pid: u32) -> impl Iterator<Item = &mut String> {
+    pub(super) fn comms_of_pid_mut(&mut self, pid: u32) -> impl Iterator<Item = &mut Comm> {
         self.0.iter_mut().filter(move |((holder, _), _)| *holder == pid).map(|(_, comm)| comm)
     }
 }

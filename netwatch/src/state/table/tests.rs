@@ -133,7 +133,7 @@ fn fd_event(cookie: u64, fd: i32, by: Task, protocol: Protocol) -> FdSocket {
 fn holders(table: &Table, cookie: u64) -> Vec<(u32, i32, String)> {
     let rows = table.rows(0);
     let row = rows.iter().find(|r| r.row.cookie == cookie).expect("listed");
-    row.owners.iter().map(|o| (o.pid, o.fd, o.comm.clone())).collect()
+    row.owners.iter().map(|o| (o.pid, o.fd, o.comm.to_string())).collect()
 }
 
 #[test]

@@ -14,7 +14,7 @@ use std::collections::{HashMap, HashSet};
 
 use crate::{
     host::snapshot::SocketRow,
-    kernel::events::{SockKey, StateChange, StateSource, Task, TcpState, Totals},
+    kernel::events::{Comm, SockKey, StateChange, StateSource, Task, TcpState, Totals},
 };
 
 use super::{
@@ -291,7 +291,7 @@ fn quiet_change(
         remote: facts.remote,
         old,
         new,
-        task: Task { pid: 0, tid: 0, comm: String::new() },
+        task: Task { pid: 0, tid: 0, comm: Comm::default() },
         deferred_connect: false,
         timewait: None,
         listener: None,
