@@ -50,8 +50,12 @@ pub(super) struct Holders(Vec<Child>);
 
 impl Drop for Holders {
     fn drop(&mut self) {
+        // Closing their stdin lets them reset their sockets (no TIME_WAIT left for the next
+        // measurement); a kill would close them gracefully.
         for child in &mut self.0 {
-            let _ = child.kill();
+            drop(child.stdin.take());
+        }
+        for child in &mut self.0 {
             let _ = child.wait();
         }
     }
