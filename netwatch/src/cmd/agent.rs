@@ -111,7 +111,7 @@ pub async fn run(args: &AgentArgs) -> anyhow::Result<()> {
                         report.listeners = listener_summaries(listeners, kernel.as_deref());
                         let _ = reply.send(report);
                     }
-                    Query::Metrics(reply) => { let _ = reply.send(metrics.render(&tracer.listed(), tracer.health())); }
+                    Query::Metrics(reply) => { let _ = reply.send(metrics.render(&tracer.counts(), tracer.health())); }
                     Query::History(reply) => {
                         histories.expire(chrono::Utc::now());
                         let _ = reply.send(histories.all());

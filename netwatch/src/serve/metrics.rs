@@ -6,7 +6,7 @@
 //! only when asked for (`--metrics-remotes N`), for at most N endpoints, the rest counted as
 //! `remote="other"`.
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     net::{IpAddr, SocketAddr},
     sync::Mutex,
 };
@@ -18,8 +18,8 @@ use prometheus_client::{
 };
 
 use crate::{
-    kernel::events::TcpState,
-    record::{Listed, LossReason, Resent, StreamRecord},
+    kernel::events::{Protocol, TcpState},
+    record::{LossReason, Resent, StreamRecord},
     state::table::{Ending, Failure},
 };
 
@@ -333,7 +333,8 @@ impl Metrics {
 
     /// The text exposition, with the socket gauges set from `rows` and the agent's own from
     /// `health` first.
-    pub fn render(&self, rows: &[Listed], health: Health) -> String {
+    /// The exposition, with the socket gauges from `counts` (sockets by protocol and state).
+    pub fn render(&self, counts: &HashMap<(Protocol, TcpState), u64>, health: Health) -> String {
         self.snapshot_time.set(health.last_snapshot);
         self.ring_peak.set(i64::try_from(health.ring_peak_bytes).unwrap_or(i64::MAX));
         self.ring_size.set(i64::try_from(health.ring_size_bytes).unwrap_or(i64::MAX));
@@ -341,12 +342,9 @@ impl Metrics {
             self.heap.set(i64::try_from(bytes).unwrap_or(i64::MAX));
         }
         self.sockets.clear();
-        for listed in rows {
-            let labels = SocketLabels {
-                protocol: listed.row.protocol.name(),
-                state: listed.row.state.name(),
-            };
-            self.sockets.get_or_create(&labels).inc();
+        for (&(protocol, state), &count) in counts {
+            let labels = SocketLabels { protocol: protocol.name(), state: state.name() };
+            self.sockets.get_or_create(&labels).set(i64::try_from(count).unwrap_or(i64::MAX));
         }
         let mut text = String::new();
         if prometheus_client::encoding::text::encode(&mut text, &self.registry).is_err() {
@@ -400,7 +398,7 @@ mod tests {
             total: 7,
         };
         metrics.observe(&StreamRecord::Lost(lost));
-        let text = metrics.render(&[], Health::default());
+        let text = metrics.render(&HashMap::new(), Health::default());
         assert!(
             text.contains("netwatch_lost_events_total{reason=\"ring_buffer_full\"} 7"),
             "{text}"

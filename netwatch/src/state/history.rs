@@ -17,10 +17,6 @@ use crate::{
 /// Transitions kept per connection (a connection has about a dozen in its life).
 const STEPS: usize = 64;
 
-/// Room made for a new connection's steps at once: a client's whole life (CLOSE -> SYN_SENT
-/// -> ... -> TIME_WAIT -> CLOSE) is six, a server's five, so one allocation, not three.
-const FIRST_STEPS: usize = 8;
-
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum FirstSeen {
@@ -126,10 +122,36 @@ impl Default for Retention {
     }
 }
 
+/// What the snapshot found of a socket that has had no transition since: kept apart from the
+/// open histories, at half a history's size, since most of a long-running host's sockets are
+/// such (the agent keeps one per socket).
+#[derive(Debug)]
+struct Seed {
+    netns: u32,
+    local: (std::net::IpAddr, u16),
+    remote: (std::net::IpAddr, u16),
+    state: TcpState,
+    owner: Option<Owner>,
+    lost_events: bool,
+}
+
+impl Seed {
+    fn history(&self, cookie: u64) -> History {
+        let mut history =
+            History::new(cookie, self.netns, self.local, self.remote, FirstSeen::Snapshot);
+        history.snapshot_state = Some(self.state);
+        history.snapshot_owner = self.owner.clone();
+        history.lost_events = self.lost_events;
+        history
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct Histories {
     /// By cookie (Fx hashing: cookies are the kernel's counter, chosen by no one outside).
     open: FxHashMap<u64, History>,
+    /// Open connections from the snapshot with no step yet, by cookie.
+    seeded: FxHashMap<u64, Seed>,
     closed: VecDeque<(DateTime<Utc>, History)>,
     retention: Option<Retention>,
 }
@@ -143,18 +165,19 @@ impl Histories {
     /// the owner the table gives it: the first process holding it.
     pub fn seed(&mut self, snapshot: &Snapshot) {
         let tcp = snapshot.rows.iter().filter(|r| r.protocol == Protocol::Tcp && r.cookie != 0);
-        for row in tcp {
-            self.open.entry(row.cookie).or_insert_with(|| {
-                let mut history =
-                    History::new(row.cookie, row.netns, row.local, row.remote, FirstSeen::Snapshot);
-                history.snapshot_state = Some(row.state);
-                history.snapshot_owner = snapshot
+        for row in tcp.filter(|row| !self.open.contains_key(&row.cookie)) {
+            self.seeded.entry(row.cookie).or_insert_with(|| Seed {
+                netns: row.netns,
+                local: row.local,
+                remote: row.remote,
+                state: row.state,
+                owner: snapshot
                     .owners
                     .get(&row.inode)
                     .filter(|_| row.inode != 0)
                     .and_then(|holders| holders.first())
-                    .map(|h| Owner { pid: h.pid, comm: h.comm.clone() });
-                history
+                    .map(|h| Owner { pid: h.pid, comm: h.comm.clone() }),
+                lost_events: false,
             });
         }
     }
@@ -169,10 +192,12 @@ impl Histories {
             .filter(|r| r.protocol == Protocol::Tcp)
             .map(|r| r.cookie)
             .collect();
-        let gone: Vec<u64> =
-            self.open.keys().filter(|cookie| !present.contains(cookie)).copied().collect();
+        let gone: Vec<u64> = (self.open.keys().chain(self.seeded.keys()))
+            .filter(|cookie| !present.contains(cookie))
+            .copied()
+            .collect();
         for cookie in gone {
-            if let Some(mut history) = self.open.remove(&cookie) {
+            if let Some(mut history) = self.take_open(cookie) {
                 history.closed = true;
                 history.lost_events = true;
                 self.closed.push_back((now, history));
@@ -187,20 +212,15 @@ impl Histories {
         for history in self.open.values_mut() {
             history.lost_events = true;
         }
+        for seed in self.seeded.values_mut() {
+            seed.lost_events = true;
+        }
     }
 
     pub fn record(&mut self, t: &TransitionRecord) {
         let Some(cookie) = t.cookie else { return };
-        let history = self.open.entry(cookie).or_insert_with(|| {
-            let mut history = History::new(
-                cookie,
-                t.netns,
-                (t.laddr, t.lport),
-                (t.raddr, t.rport),
-                FirstSeen::Event,
-            );
-            history.steps.reserve_exact(FIRST_STEPS);
-            history
+        let history = self.open_entry(cookie, || {
+            History::new(cookie, t.netns, (t.laddr, t.lport), (t.raddr, t.rport), FirstSeen::Event)
         });
         if t.lport != 0 {
             history.lport = t.lport;
@@ -234,11 +254,30 @@ impl Histories {
 
     /// Counts a retransmitted segment in its connection's history.
     pub fn record_retransmit(&mut self, r: &RetransmitRecord) {
-        if r.resent == Resent::Segment
-            && let Some(history) = self.open.get_mut(&r.cookie)
-        {
+        if r.resent != Resent::Segment {
+            return;
+        }
+        if let Some(seed) = self.seeded.remove(&r.cookie) {
+            self.open.insert(r.cookie, seed.history(r.cookie));
+        }
+        if let Some(history) = self.open.get_mut(&r.cookie) {
             history.retransmits_seen += 1;
         }
+    }
+
+    /// The open history of `cookie`: its own, the one its seed becomes, or `new`'s.
+    fn open_entry(&mut self, cookie: u64, new: impl FnOnce() -> History) -> &mut History {
+        let seeded = &mut self.seeded;
+        self.open.entry(cookie).or_insert_with(|| match seeded.remove(&cookie) {
+            Some(seed) => seed.history(cookie),
+            None => new(),
+        })
+    }
+
+    /// Takes the open history of `cookie` out (a seed's made into one).
+    fn take_open(&mut self, cookie: u64) -> Option<History> {
+        let seed = |seeded: &mut FxHashMap<u64, Seed>| seeded.remove(&cookie);
+        self.open.remove(&cookie).or_else(|| seed(&mut self.seeded).map(|s| s.history(cookie)))
     }
 
     /// Drops closed connections beyond the retention.
@@ -254,7 +293,8 @@ impl Histories {
 
     /// Open connections, then closed ones, each oldest first.
     pub fn all(&self) -> Vec<History> {
-        let mut open: Vec<History> = self.open.values().cloned().collect();
+        let seeded = self.seeded.iter().map(|(cookie, seed)| seed.history(*cookie));
+        let mut open: Vec<History> = self.open.values().cloned().chain(seeded).collect();
         open.sort_by_key(|h| (h.steps.first().map(|s| s.time), h.cookie));
         open.into_iter().chain(self.closed.iter().map(|(_, h)| h.clone())).collect()
     }
@@ -366,5 +406,20 @@ mod tests {
         let history = &histories.all()[0];
         assert_eq!(history.first_seen, FirstSeen::Snapshot);
         assert_eq!(path(history), "ESTABLISHED -> FIN_WAIT1");
+        assert_eq!(history.snapshot_owner, Some(Owner { pid: 77, comm: "sshd".into() }));
+
+        // A second socket from the snapshot, with no step: marked when events are lost, and
+        // closed as such when a new snapshot no longer has it.
+        let other = SocketRow { cookie: 10, inode: 2, ..snapshot.rows[0].clone() };
+        histories.seed(&Snapshot { rows: vec![other], ..Snapshot::default() });
+        histories.mark_lost();
+        let listed = histories.all();
+        let seeded = listed.iter().find(|h| h.cookie == 10).unwrap();
+        assert!(seeded.lost_events && !seeded.closed && seeded.steps.is_empty());
+        histories.reconcile(&snapshot, DateTime::from_timestamp_nanos(60_000_000));
+        let listed = histories.all();
+        let gone = listed.iter().find(|h| h.cookie == 10).unwrap();
+        assert!(gone.closed && gone.lost_events);
+        assert_eq!(gone.snapshot_state, Some(TcpState::Established));
     }
 }

@@ -358,6 +358,20 @@ impl Table {
             .collect()
     }
 
+    /// How many sockets [`Table::rows`] lists, by protocol and state, without making the rows.
+    pub fn counts(&self) -> HashMap<(Protocol, TcpState), u64> {
+        let mut counts = HashMap::new();
+        for (key, socket) in &self.sockets {
+            if let (SockKey::Cookie(_), Some(facts), Some(state)) =
+                (key, &socket.facts, socket.state)
+                && is_listed(facts, state)
+            {
+                *counts.entry((facts.protocol, state)).or_default() += 1;
+            }
+        }
+        counts
+    }
+
     /// The sockets `ss -tuanp` would list, as of `now_ns`: TCP sockets in any state but CLOSE,
     /// bound UDP sockets, each with its holders and time in state.
     pub fn rows(&self, now_ns: u64) -> Vec<Row> {
@@ -373,11 +387,7 @@ impl Table {
             else {
                 continue;
             };
-            let listed = match facts.protocol {
-                Protocol::Tcp => state != TcpState::Close,
-                Protocol::Udp => facts.local.1 != 0,
-            };
-            if !listed {
+            if !is_listed(facts, state) {
                 continue;
             }
             let row = SocketRow {
@@ -413,12 +423,19 @@ impl Table {
                 },
                 in_state_ns: socket.since_ns.map(|since| now_ns.saturating_sub(since)),
                 owner_history: socket
-                    .owner_history
-                    .iter()
+                    .owner_history()
                     .map(|(at, owner)| (at.map(|at| now_ns.saturating_sub(at)), owner.clone()))
                     .collect(),
             });
         }
         rows
+    }
+}
+
+/// Whether `ss -tuan` lists a socket: TCP in any state but CLOSE, UDP once bound.
+fn is_listed(facts: &socket::Facts, state: TcpState) -> bool {
+    match facts.protocol {
+        Protocol::Tcp => state != TcpState::Close,
+        Protocol::Udp => facts.local.1 != 0,
     }
 }

@@ -80,9 +80,11 @@ pub(super) struct Socket {
     pub(super) holders: Holders,
     /// The state the socket was in when it received a RST.
     pub(super) reset_in: Option<TcpState>,
-    /// The owners the socket had, oldest first, with when each took over (None: found in the
-    /// snapshot); at most OWNER_HISTORY entries.
-    pub(super) owner_history: VecDeque<(Option<u64>, Owner)>,
+    /// When `owner` took over (None: found in the snapshot).
+    pub(super) owner_since_ns: Option<u64>,
+    /// The owners before `owner`, oldest first, with when each took over: empty, with nothing
+    /// allocated, for the many sockets that only ever have one owner.
+    pub(super) previous_owners: VecDeque<(Option<u64>, Owner)>,
     /// A passively opened socket not accepted yet: the listener whose accept queue holds it.
     pub(super) queued_on: Option<SockKey>,
     /// Segments retransmitted (`tcp_retransmit_skb`); for a listener, SYN-ACKs.
@@ -161,17 +163,25 @@ pub(super) const OWNER_HISTORY: usize = 8;
 
 impl Socket {
     pub(super) fn set_owner(&mut self, owner: Option<Owner>, at_ns: Option<u64>) {
-        if let Some(new) = &owner
-            && self.owner.as_ref() != Some(new)
-        {
-            if self.owner_history.len() == OWNER_HISTORY {
-                self.owner_history.pop_front();
-            }
-            // Most sockets only ever have one owner: grow one entry at a time.
-            self.owner_history.reserve_exact(1);
-            self.owner_history.push_back((at_ns, new.clone()));
+        if self.owner == owner {
+            return;
         }
+        if let Some(old) = self.owner.take() {
+            if self.previous_owners.len() == OWNER_HISTORY - 1 {
+                self.previous_owners.pop_front();
+            }
+            // Few sockets change owners more than once: grow one entry at a time.
+            self.previous_owners.reserve_exact(1);
+            self.previous_owners.push_back((self.owner_since_ns, old));
+        }
+        self.owner_since_ns = at_ns.filter(|_| owner.is_some());
         self.owner = owner;
+    }
+
+    /// The owners the socket had, the current one last, with when each took over.
+    pub(super) fn owner_history(&self) -> impl Iterator<Item = (Option<u64>, &Owner)> {
+        let current = self.owner.as_ref().map(|owner| (self.owner_since_ns, owner));
+        self.previous_owners.iter().map(|(at, owner)| (*at, owner)).chain(current)
     }
 }
 

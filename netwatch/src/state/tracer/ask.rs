@@ -4,6 +4,7 @@
 use std::collections::HashSet;
 
 use super::*;
+use crate::kernel::events::Protocol;
 
 /// What a question can show, for [`Tracer::settle`] to ask the kernel no more than it needs.
 #[derive(Clone, Copy, Debug)]
@@ -92,6 +93,11 @@ impl Tracer {
             })
             .filter(keep)
             .collect()
+    }
+
+    /// How many sockets `listed` lists, by protocol and state.
+    pub fn counts(&self) -> HashMap<(Protocol, TcpState), u64> {
+        self.table.counts()
     }
 
     /// The table as `listed` gives it, and the half-open connections waiting in the
