@@ -138,6 +138,18 @@ fn table_equals_ss_for_every_state_and_filter() {
         let theirs = ss(&ns, &[&["-p"], &filter[..]].concat());
         assert_eq!(without_queues(ours), without_queues(theirs), "through the agent: {filter:?}");
     }
+    // A selection longer than a request may be: the agent refuses it, and the client asks
+    // for every row and filters them itself.
+    let mut long = vec!["-tan", "sport", "=", &v4_port];
+    for _ in 0..400 {
+        long.extend(["or", "sport", "=", ":1"]);
+    }
+    let (ours, stderr) =
+        netwatch_table(&ns, &[&["--socket", agent.socket_arg()], &long[..]].concat());
+    assert!(!stderr.contains("one-shot"), "asked the agent: {stderr}");
+    let theirs = ss(&ns, &["-p", "-tan", "sport", "=", &v4_port]);
+    assert_eq!(without_queues(ours), without_queues(theirs), "a selection too long to send");
+
     // The agent itself leaves out what the selection does not keep.
     let ask = |request: &str| {
         use std::io::{Read as _, Write as _};

@@ -16,8 +16,9 @@ use tokio::{
 
 use crate::{
     cli::{AgentArgs, TableSelect},
-    cmd::{table::Selection, watch::Signals},
+    cmd::watch::Signals,
     host::{services::Services, snapshot::SocketRow},
+    query::select::Selection,
     record::{Listed, LossReason, LossRecord, StreamRecord, WallClock},
     serve::api::{self, Command, Request, SocketFile},
     serve::eventlog::Logging,
@@ -47,6 +48,8 @@ pub async fn run(args: &AgentArgs) -> anyhow::Result<()> {
     let listener = UnixListener::from_std(listener).context("registering the agent socket")?;
     set_priority(args.nice);
     let (sender, _) = broadcast::channel::<Arc<StreamRecord>>(CLIENT_QUEUE);
+    // Port names in table filters; a changed /etc/services is read at the next start.
+    let services = Arc::new(Services::load());
     let (table_requests, mut table_queue) = mpsc::channel::<Query>(64);
     let mut stats = Stats::new();
     let mut histories =
@@ -80,7 +83,8 @@ pub async fn run(args: &AgentArgs) -> anyhow::Result<()> {
             }
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
-                    tokio::spawn(serve(stream, sender.subscribe(), table_requests.clone()));
+                    let client = serve(stream, sender.subscribe(), table_requests.clone(), services.clone());
+                    tokio::spawn(client);
                 }
                 Err(error) => tracing::warn!("accepting an API client: {error}"),
             },
@@ -165,10 +169,8 @@ async fn ask_main_loop<T: Default>(
 }
 
 /// What a client's table request selects; the error line's text when its filter is bad.
-fn selection(select: TableSelect) -> Result<Selection, String> {
-    // Port names need /etc/services, read only for a filter that may name one.
-    let services = if select.filter.is_empty() { Services::default() } else { Services::load() };
-    Selection::new(&select, &services).map_err(|e| format!("bad filter: {e}"))
+fn parse_selection(select: &TableSelect, services: &Services) -> Result<Selection, String> {
+    Selection::new(select, services).map_err(|e| format!("bad filter: {e}"))
 }
 
 /// Writes `value` as one JSON line. A table or history of 100k rows takes tens of
@@ -202,6 +204,7 @@ async fn serve(
     stream: UnixStream,
     records: broadcast::Receiver<Arc<StreamRecord>>,
     table_requests: mpsc::Sender<Query>,
+    services: Arc<Services>,
 ) {
     let (read, write) = stream.into_split();
     let mut write = BufWriter::new(write);
@@ -217,19 +220,27 @@ async fn serve(
         Ok(Err(error)) => Err(format!("reading the request: {error}")),
         Ok(Ok(_)) => Request::parse(line.strip_suffix(b"\n").unwrap_or(&line)),
     };
+    // Subscribed at accept, so that a watch misses nothing from its connect on; anyone else's
+    // receiver would only hold records until its answer is written.
+    let records = matches!(request, Ok(Request { command: Command::Watch, .. })).then_some(records);
     let result = match request {
-        Ok(Request { command: Command::Watch, .. }) => stream_records(&mut write, records).await,
-        Ok(Request { command: Command::Table { select }, .. }) => match select.map(selection) {
-            Some(Err(message)) => {
-                let reply = api::error_line(&message) + "\n";
-                write.write_all(reply.as_bytes()).await.and(write.flush().await)
-            }
-            selected => {
-                let selected = selected.and_then(Result::ok);
-                let rows = ask_main_loop(&table_requests, |r| Query::Table(r, selected)).await;
-                write_json_line(&mut write, rows).await
-            }
+        Ok(Request { command: Command::Watch, .. }) => match records {
+            Some(records) => stream_records(&mut write, records).await,
+            None => Ok(()),
         },
+        Ok(Request { command: Command::Table { select }, .. }) => {
+            match select.map(|select| parse_selection(&select, &services)) {
+                Some(Err(message)) => {
+                    let reply = api::error_line(&message) + "\n";
+                    write.write_all(reply.as_bytes()).await.and(write.flush().await)
+                }
+                selected => {
+                    let selected = selected.and_then(Result::ok);
+                    let rows = ask_main_loop(&table_requests, |r| Query::Table(r, selected)).await;
+                    write_json_line(&mut write, rows).await
+                }
+            }
+        }
         Ok(Request { command: Command::Stats, .. }) => {
             let report = ask_main_loop(&table_requests, Query::Stats).await;
             write_json_line(&mut write, report).await

@@ -8,110 +8,12 @@ use crate::{
     cli::{TableArgs, TableSelect},
     error::Error,
     host::services::Services,
-    host::snapshot::{Protocol, Snapshot, SocketRow, Source, network_namespaces},
-    kernel::events::{Family, TcpState},
+    host::snapshot::{Snapshot, SocketRow, Source, network_namespaces},
     output::table::{self, TextOptions},
-    query::ss::{self as query, Endpoints, Query, StateSet},
+    query::select::Selection,
     record::Listed,
     serve::api::{self, Command},
-    state::tracer::Scope,
 };
-
-/// Everything `netwatch table` was asked for, resolved before any socket is read.
-pub struct Selection {
-    protocols: Vec<Protocol>,
-    family: Option<Family>,
-    /// States per protocol when the filter names none.
-    tcp_states: StateSet,
-    udp_states: StateSet,
-    query: Query,
-    pid: Option<u32>,
-    comm: Option<String>,
-    netns: Option<String>,
-}
-
-impl Selection {
-    pub fn new(args: &TableSelect, services: &Services) -> Result<Selection, query::QueryError> {
-        let query = query::parse(&args.filter, services)?;
-        let (tcp_states, udp_states) = match query.states {
-            Some(states) => (states, states),
-            None if args.all => (StateSet::ALL, StateSet::ALL),
-            None if args.listening => {
-                (StateSet::of(&[TcpState::Listen]), StateSet::of(&[TcpState::Close]))
-            }
-            None => (StateSet::connected_default(), StateSet::of(&[TcpState::Established])),
-        };
-        let protocols = match (args.tcp, args.udp) {
-            (true, false) => vec![Protocol::Tcp],
-            (false, true) => vec![Protocol::Udp],
-            _ => vec![Protocol::Tcp, Protocol::Udp],
-        };
-        let family = match (args.ipv4, args.ipv6) {
-            (true, _) => Some(Family::Ipv4),
-            (_, true) => Some(Family::Ipv6),
-            _ => None,
-        };
-        Ok(Selection {
-            protocols,
-            family,
-            tcp_states,
-            udp_states,
-            query,
-            pid: args.pid,
-            comm: args.comm.clone(),
-            netns: args.netns.clone(),
-        })
-    }
-
-    /// The states a row can be shown in (UDP sockets are only ever CLOSE or ESTABLISHED).
-    pub fn shown_states(&self) -> impl Iterator<Item = TcpState> + '_ {
-        TcpState::ALL.into_iter().filter(|state| {
-            self.protocols.iter().any(|protocol| match protocol {
-                Protocol::Tcp => self.tcp_states.contains(*state),
-                Protocol::Udp => {
-                    matches!(state, TcpState::Close | TcpState::Established)
-                        && self.udp_states.contains(*state)
-                }
-            })
-        })
-    }
-
-    /// What the selected rows can include that only the kernel can confirm.
-    pub fn scope(&self) -> Scope {
-        let shows = |wanted| self.shown_states().any(|state| state == wanted);
-        let tcp = self.protocols.contains(&Protocol::Tcp);
-        Scope {
-            timewait: tcp && shows(TcpState::TimeWait),
-            fin_wait2: tcp && shows(TcpState::FinWait2),
-            half_open: tcp && shows(TcpState::SynRecv),
-        }
-    }
-
-    /// What can be told from the socket alone: protocol, family, state and the filter.
-    pub fn keeps_row(&self, row: &SocketRow) -> bool {
-        let states = match row.protocol {
-            Protocol::Tcp => self.tcp_states,
-            Protocol::Udp => self.udp_states,
-        };
-        self.protocols.contains(&row.protocol)
-            && self.family.is_none_or(|f| f == row.family)
-            && states.contains(row.state)
-            && self.query.expr.as_ref().is_none_or(|e| {
-                let ends = Endpoints { local: row.local, remote: row.remote };
-                e.matches_scoped(&ends, row.scope.as_deref())
-            })
-    }
-
-    pub fn keeps(&self, listed: &Listed) -> bool {
-        let row = &listed.row;
-        self.keeps_row(row)
-            && self.pid.is_none_or(|pid| listed.owners.iter().any(|o| o.pid == pid))
-            && self.comm.as_ref().is_none_or(|c| listed.owners.iter().any(|o| o.comm == *c))
-            && self.netns.as_ref().is_none_or(|ns| {
-                row.netns.to_string() == *ns || listed.netns_name.as_deref() == Some(ns.as_str())
-            })
-    }
-}
 
 /// Rows of a snapshot with their owners and namespace names, in a stable order.
 pub fn listed_from(snapshot: Snapshot) -> Vec<Listed> {
@@ -154,8 +56,10 @@ async fn from_agent(
         api::ask(socket, Command::Table { select }).await.context("asking the agent")
     };
     let Some(mut line) = ask(Some(select.clone())).await? else { return Ok(None) };
-    // An agent older than the selection sends every row, when asked without it.
-    if line.contains(r#""type":"error""#) && line.contains("unknown field `select`") {
+    // An agent that cannot apply the selection (a filter longer than a request may be, a
+    // service name its /etc/services lacks, a field newer than it) answers an error line, not
+    // rows, and sends every row when asked without one; they are filtered here in any case.
+    if !line.starts_with('[') {
         let Some(again) = ask(None).await? else { return Ok(None) };
         line = again;
     }
@@ -211,7 +115,7 @@ pub async fn run(args: &TableArgs) -> anyhow::Result<()> {
         table::ndjson(&rows)
     } else {
         let services = (!args.numeric).then_some(&services);
-        let netid = selection.protocols.len() > 1;
+        let netid = selection.both_protocols();
         let state = selection.shown_states().count() > 1;
         table::text(&rows, &TextOptions { services, timers: args.timers, netid, state })
     };

@@ -29,7 +29,7 @@ pub enum Command {
     /// closes.
     Watch,
     /// The socket table now: one line, a JSON array of `Listed` rows; only those `select`
-    /// keeps when it is given (agents before it was added reject it as an unknown field).
+    /// keeps when it is given (agents before it was added ignore it and send every row).
     Table {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         select: Option<TableSelect>,

@@ -277,7 +277,8 @@ impl Metrics {
     }
 
     fn transition_counter(&self, old: TcpState, new: TcpState) -> &Counter {
-        let index = |state| TcpState::ALL.iter().position(|s| *s == state).unwrap_or(0);
+        // TcpState's discriminants are the kernel's, 1 to 12, as TcpState::ALL lists them.
+        let index = |state: TcpState| state as usize - 1;
         let at = index(old) * TcpState::ALL.len() + index(new);
         self.transition_counters[at].get_or_init(|| {
             let labels = TransitionLabels { old: old.name(), new: new.name() };
@@ -331,9 +332,8 @@ impl Metrics {
         }
     }
 
-    /// The text exposition, with the socket gauges set from `rows` and the agent's own from
-    /// `health` first.
-    /// The exposition, with the socket gauges from `counts` (sockets by protocol and state).
+    /// The text exposition, with the socket gauges set from `counts` (sockets by protocol and
+    /// state) and the agent's own from `health` first.
     pub fn render(&self, counts: &HashMap<(Protocol, TcpState), u64>, health: Health) -> String {
         self.snapshot_time.set(health.last_snapshot);
         self.ring_peak.set(i64::try_from(health.ring_peak_bytes).unwrap_or(i64::MAX));

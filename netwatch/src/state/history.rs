@@ -254,30 +254,31 @@ impl Histories {
 
     /// Counts a retransmitted segment in its connection's history.
     pub fn record_retransmit(&mut self, r: &RetransmitRecord) {
-        if r.resent != Resent::Segment {
-            return;
+        if r.resent == Resent::Segment {
+            self.promote(r.cookie);
+            if let Some(history) = self.open.get_mut(&r.cookie) {
+                history.retransmits_seen += 1;
+            }
         }
-        if let Some(seed) = self.seeded.remove(&r.cookie) {
-            self.open.insert(r.cookie, seed.history(r.cookie));
-        }
-        if let Some(history) = self.open.get_mut(&r.cookie) {
-            history.retransmits_seen += 1;
+    }
+
+    /// Makes `cookie`'s seed, if it has one, an open history.
+    fn promote(&mut self, cookie: u64) {
+        if let Some(seed) = self.seeded.remove(&cookie) {
+            self.open.insert(cookie, seed.history(cookie));
         }
     }
 
     /// The open history of `cookie`: its own, the one its seed becomes, or `new`'s.
     fn open_entry(&mut self, cookie: u64, new: impl FnOnce() -> History) -> &mut History {
-        let seeded = &mut self.seeded;
-        self.open.entry(cookie).or_insert_with(|| match seeded.remove(&cookie) {
-            Some(seed) => seed.history(cookie),
-            None => new(),
-        })
+        self.promote(cookie);
+        self.open.entry(cookie).or_insert_with(new)
     }
 
     /// Takes the open history of `cookie` out (a seed's made into one).
     fn take_open(&mut self, cookie: u64) -> Option<History> {
-        let seed = |seeded: &mut FxHashMap<u64, Seed>| seeded.remove(&cookie);
-        self.open.remove(&cookie).or_else(|| seed(&mut self.seeded).map(|s| s.history(cookie)))
+        self.promote(cookie);
+        self.open.remove(&cookie)
     }
 
     /// Drops closed connections beyond the retention.

@@ -167,12 +167,16 @@ impl Socket {
             return;
         }
         if let Some(old) = self.owner.take() {
-            if self.previous_owners.len() == OWNER_HISTORY - 1 {
+            if self.previous_owners.len() == OWNER_HISTORY {
                 self.previous_owners.pop_front();
             }
             // Few sockets change owners more than once: grow one entry at a time.
             self.previous_owners.reserve_exact(1);
             self.previous_owners.push_back((self.owner_since_ns, old));
+        }
+        // At most OWNER_HISTORY in all, the current owner included.
+        if owner.is_some() && self.previous_owners.len() == OWNER_HISTORY {
+            self.previous_owners.pop_front();
         }
         self.owner_since_ns = at_ns.filter(|_| owner.is_some());
         self.owner = owner;

@@ -589,3 +589,22 @@ fn unreleased_closed_sockets_are_bounded() {
     }
     assert_eq!(table.len(), CLOSED_KEPT);
 }
+
+#[test]
+fn a_socket_remembers_its_last_eight_owners_the_current_one_included() {
+    let mut socket = super::socket::Socket::default();
+    let owner = |pid| Owner { pid, comm: "p".into() };
+    for pid in 1..=10 {
+        socket.set_owner(Some(owner(pid)), Some(u64::from(pid)));
+    }
+    let pids =
+        |s: &super::socket::Socket| -> Vec<u32> { s.owner_history().map(|(_, o)| o.pid).collect() };
+    assert_eq!(pids(&socket), (3..=10).collect::<Vec<u32>>());
+    assert!(socket.previous_owners.capacity() < 16, "grown one entry at a time");
+    socket.set_owner(None, Some(11));
+    assert_eq!(pids(&socket), (3..=10).collect::<Vec<u32>>(), "clearing the owner keeps them");
+    let times: Vec<Option<u64>> = socket.owner_history().map(|(at, _)| at).collect();
+    assert_eq!(times.last(), Some(&Some(10)));
+    socket.set_owner(Some(owner(3)), None);
+    assert_eq!(pids(&socket), (4..=10).chain([3]).collect::<Vec<u32>>());
+}

@@ -64,12 +64,8 @@ impl Tracer {
         left
     }
 
-    /// The socket table as of the last [`Tracer::settle`], as `ss -tuanp` would list it.
-    pub fn listed(&self) -> Vec<Listed> {
-        self.listed_where(|_| true, |_| true)
-    }
-
-    /// The rows `listed` gives whose socket `keep_row` keeps, then that `keep` keeps.
+    /// The table's rows as of the last [`Tracer::settle`], as `ss -tuanp` would list them:
+    /// those whose socket `keep_row` keeps, then that `keep` keeps.
     fn listed_where(
         &self,
         keep_row: impl Fn(&SocketRow) -> bool,
@@ -95,12 +91,12 @@ impl Tracer {
             .collect()
     }
 
-    /// How many sockets `listed` lists, by protocol and state.
+    /// How many sockets the table lists, by protocol and state.
     pub fn counts(&self) -> HashMap<(Protocol, TcpState), u64> {
         self.table.counts()
     }
 
-    /// The table as `listed` gives it, and the half-open connections waiting in the
+    /// The table's rows, and the half-open connections waiting in the
     /// listeners' SYN queues: request sockets, which are not full sockets and pass no
     /// tracepoint (the state change comes with the handshake's last ACK). They are read from
     /// sock_diag at the moment of asking, as `ss` reads them, one dump per namespace with a
@@ -201,7 +197,7 @@ impl Tracer {
     /// Compares the table's timewait sockets with sock_diag's, one dump per namespace that
     /// has some: those in the FIN_WAIT2 substate or past their expiry every second, the rest
     /// every TIMEWAIT_CHECK_INTERVAL (a RST ends a timewait socket with no event), and all
-    /// of them when `now` is set (a question is being answered).
+    /// of them when `all` is set (a question is being answered).
     pub(super) fn check_timewait(&mut self, out: &mut Vec<StreamRecord>, all: bool) {
         let now = WallClock::monotonic_now_ns();
         let interval = TIMEWAIT_CHECK_INTERVAL.as_nanos() as u64;
