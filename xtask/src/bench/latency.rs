@@ -224,8 +224,8 @@ impl Bench {
         let client = std::net::TcpStream::connect(listener.local_addr()?)?;
         let (server, _) = listener.accept()?;
         // Reset at the end rather than closed: the host keeps no TIME_WAIT from the bench.
-        reset_on_close(&client);
-        reset_on_close(&server);
+        reset_on_close(&client)?;
+        reset_on_close(&server)?;
         let port = client.local_addr()?.port();
         let request =
             format!(r#"{{"v":1,"cmd":"table","select":{{"filter":["sport","=",":{port}"]}}}}"#);
@@ -242,19 +242,8 @@ impl Bench {
 }
 
 /// SO_LINGER with a zero timeout: close(2) sends a RST and leaves no TIME_WAIT.
-fn reset_on_close(stream: &std::net::TcpStream) {
-    use std::os::fd::AsRawFd as _;
-    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
-    // SAFETY: setsockopt on a socket we own, with a pointer to a local of the size given.
-    unsafe {
-        libc::setsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&raw const linger).cast(),
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        );
-    }
+fn reset_on_close(stream: &std::net::TcpStream) -> std::io::Result<()> {
+    socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO))
 }
 
 /// The agent's one-line answer to `request`.

@@ -358,7 +358,8 @@ impl Table {
             .collect()
     }
 
-    /// How many sockets [`Table::rows`] lists, by protocol and state, without making the rows.
+    /// How many sockets [`Table::rows_where`] lists, by protocol and state, without making the
+    /// rows.
     pub fn counts(&self) -> HashMap<(Protocol, TcpState), u64> {
         let mut counts = HashMap::new();
         for (key, socket) in &self.sockets {
@@ -372,13 +373,15 @@ impl Table {
         counts
     }
 
-    /// The sockets `ss -tuanp` would list, as of `now_ns`: TCP sockets in any state but CLOSE,
-    /// bound UDP sockets, each with its holders and time in state.
+    /// Every row [`Table::rows_where`] gives.
+    #[cfg(test)]
     pub fn rows(&self, now_ns: u64) -> Vec<Row> {
         self.rows_where(now_ns, |_| true)
     }
 
-    /// The `rows` whose socket `keep` keeps, asked before the row's owners are gathered.
+    /// The sockets `ss -tuanp` would list, as of `now_ns` (TCP sockets in any state but
+    /// CLOSE, bound UDP sockets), each with its holders and time in state: those whose socket
+    /// `keep` keeps, asked before the row's owners are gathered.
     pub fn rows_where(&self, now_ns: u64, keep: impl Fn(&SocketRow) -> bool) -> Vec<Row> {
         let mut rows = Vec::new();
         for (key, socket) in &self.sockets {
