@@ -196,17 +196,19 @@ fn short_lived_processes_are_attributed_in_table_history_and_log() {
     let target = format!("127.0.0.1:{port}");
     let holding: Vec<(std::process::Child, String)> =
         (0..40).map(|_| sockpeer_in(&ns, sockpeer, &["connect-hold", &target])).collect();
-    let mut expected: BTreeMap<u16, u32> = BTreeMap::new();
+    // By (local port, server port): the kernel may give two clients the same ephemeral port
+    // when they connect to different servers, as the two groups here do.
+    let mut expected: BTreeMap<(u16, u16), u32> = BTreeMap::new();
     for (child, line) in &holding {
         let lport: u16 = line.trim().strip_prefix("ready ").unwrap().parse().unwrap();
         // `ip netns exec` execs the program: the child's pid is sockpeer's.
-        expected.insert(lport, child.id());
+        expected.insert((lport, port), child.id());
     }
     let (_, records, _) = netwatch_rows(&agent, &ns);
-    for (lport, pid) in &expected {
+    for (&(lport, _), pid) in &expected {
         let row = records
             .iter()
-            .find(|r| r["lport"] == *lport && r["rport"] == port)
+            .find(|r| r["lport"] == lport && r["rport"] == port)
             .unwrap_or_else(|| panic!("no row for :{lport}"));
         let owners: Vec<(u64, &str)> = row["owners"]
             .as_array()
@@ -240,7 +242,7 @@ fn short_lived_processes_are_attributed_in_table_history_and_log() {
         assert!(output.status.success());
         let text = String::from_utf8_lossy(&output.stdout);
         let local = text.trim().strip_prefix("local 127.0.0.1:").unwrap();
-        expected.insert(local.parse().unwrap(), pid);
+        expected.insert((local.parse().unwrap(), quick_port), pid);
     }
     assert!(server.wait().unwrap().success());
     // The clients closed first: their connections live on in TIME_WAIT until the namespace
@@ -263,7 +265,8 @@ fn short_lived_processes_are_attributed_in_table_history_and_log() {
             incomplete += 1;
             continue;
         }
-        let pid = expected[&(h["lport"].as_u64().unwrap() as u16)];
+        let key = |field: &str| h[field].as_u64().unwrap() as u16;
+        let pid = expected[&(key("lport"), key("rport"))];
         let connect = &h["steps"][0];
         assert_eq!(
             (connect["old"].as_str(), connect["new"].as_str()),
@@ -286,7 +289,8 @@ fn short_lived_processes_are_attributed_in_table_history_and_log() {
         let record: Value = serde_json::from_str(line).unwrap();
         let to_ours = record["rport"] == port || record["rport"] == quick_port;
         if record["type"] == "transition" && record["new"] == "SYN_SENT" && to_ours {
-            let pid = expected[&(record["lport"].as_u64().unwrap() as u16)];
+            let key = |field: &str| record[field].as_u64().unwrap() as u16;
+            let pid = expected[&(key("lport"), key("rport"))];
             assert_eq!(record["pid"].as_u64(), Some(u64::from(pid)), "{record}");
             assert_eq!(record["comm"], "sockpeer");
             logged += 1;
