@@ -70,6 +70,18 @@ pub struct Listed {
     pub owner_history: Vec<OwnerChange>,
 }
 
+/// What changed in the table since the previous change, for a view that mirrors it
+/// (`netwatch top`); sent at most ten times a second, between the stream's records.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RowsChange {
+    /// The table was rebuilt from a new snapshot (after lost events): `upsert` is every row.
+    pub full: bool,
+    /// Rows new or changed.
+    pub upsert: Vec<Listed>,
+    /// Cookies of the sockets the table no longer lists.
+    pub gone: Vec<u64>,
+}
+
 /// A process that became a socket's owner: connecting, listening, accepting, closing.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct OwnerChange {

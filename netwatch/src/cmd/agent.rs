@@ -4,7 +4,9 @@
 //!
 //! Each client gets its own task and a bounded queue (a tokio broadcast receiver): a slow
 //! client is told how many records it missed, in-stream, and never holds up the others; a
-//! client that connects and sends nothing is dropped after a short timeout.
+//! client that connects and sends nothing is dropped after a short timeout. A `live` client
+//! (`netwatch top`) also gets the table's changed rows, at most ten times a second, which
+//! the table notes only while such a client is connected.
 use std::{sync::Arc, time::Duration};
 
 use anyhow::Context as _;
@@ -19,8 +21,8 @@ use crate::{
     cmd::watch::Signals,
     host::{services::Services, snapshot::SocketRow},
     query::select::Selection,
-    record::{Listed, LossReason, LossRecord, StreamRecord, WallClock},
-    serve::api::{self, Command, Request, SocketFile},
+    record::{Listed, LossReason, LossRecord, RowsChange, StreamRecord, WallClock},
+    serve::api::{self, Command, Request, SocketFile, Update},
     serve::eventlog::Logging,
     serve::metrics::{self, Metrics},
     state::history::{Histories, History, Retention},
@@ -32,6 +34,39 @@ use crate::{
 const CLIENT_QUEUE: usize = 65_536;
 /// How long a new client has to send its request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often at most `live` clients are sent the table's changed rows.
+const ROWS_INTERVAL: Duration = Duration::from_millis(100);
+
+/// What the main loop hands the client tasks, in the order it happened.
+enum Outgoing {
+    Record(StreamRecord),
+    /// For `live` clients only.
+    Rows(RowsChange),
+}
+
+/// Everything the main loop answers clients from.
+struct Clients {
+    sender: broadcast::Sender<Arc<Outgoing>>,
+    /// Held by each `live` client: while some are, the table notes its changes.
+    live: Arc<()>,
+    rows_sent: tokio::time::Instant,
+}
+
+impl Clients {
+    /// Sends the rows changed since the last time to `live` clients; stops noting changes
+    /// once none is left.
+    fn send_rows(&mut self, tracer: &mut Tracer) {
+        if Arc::strong_count(&self.live) == 1 {
+            tracer.track_changes(false);
+            return;
+        }
+        let change = tracer.take_changes();
+        self.rows_sent = tokio::time::Instant::now();
+        if !change.upsert.is_empty() || !change.gone.is_empty() || change.full {
+            let _ = self.sender.send(Arc::new(Outgoing::Rows(change)));
+        }
+    }
+}
 
 pub async fn run(args: &AgentArgs) -> anyhow::Result<()> {
     let mut signals = Signals::install()?;
@@ -47,7 +82,9 @@ pub async fn run(args: &AgentArgs) -> anyhow::Result<()> {
     listener.set_nonblocking(true).context("configuring the agent socket")?;
     let listener = UnixListener::from_std(listener).context("registering the agent socket")?;
     set_priority(args.nice);
-    let (sender, _) = broadcast::channel::<Arc<StreamRecord>>(CLIENT_QUEUE);
+    let (sender, _) = broadcast::channel::<Arc<Outgoing>>(CLIENT_QUEUE);
+    let mut clients =
+        Clients { sender, live: Arc::new(()), rows_sent: tokio::time::Instant::now() };
     // Port names in table filters; a changed /etc/services is read at the next start.
     let services = Arc::new(Services::load());
     let (table_requests, mut table_queue) = mpsc::channel::<Query>(64);
@@ -83,7 +120,7 @@ pub async fn run(args: &AgentArgs) -> anyhow::Result<()> {
             }
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
-                    let client = serve(stream, sender.subscribe(), table_requests.clone(), services.clone());
+                    let client = serve(stream, clients.sender.subscribe(), clients.live.clone(), table_requests.clone(), services.clone());
                     tokio::spawn(client);
                 }
                 Err(error) => tracing::warn!("accepting an API client: {error}"),
@@ -93,10 +130,11 @@ pub async fn run(args: &AgentArgs) -> anyhow::Result<()> {
                 // did just before asking must be in the answer.
                 let scope = match &query {
                     Query::Table(_, Some(selection)) => selection.scope(),
+                    Query::Live(_) => Scope { half_open: false, ..Scope::ALL },
                     _ => Scope::ALL,
                 };
                 let left_out = tracer.settle(&mut records, scope)?;
-                absorb(&mut records, &mut log, &metrics, &mut stats, &mut histories, &sender);
+                absorb(&mut records, &mut log, &metrics, &mut stats, &mut histories, &clients.sender);
                 reconcile(&mut tracer, &mut histories);
                 // The client may have gone; nothing to do then.
                 match query {
@@ -116,22 +154,38 @@ pub async fn run(args: &AgentArgs) -> anyhow::Result<()> {
                         let _ = reply.send(report);
                     }
                     Query::Metrics(reply) => { let _ = reply.send(metrics.render(&tracer.counts(), tracer.health())); }
-                    Query::History(reply) => {
+                    Query::History(reply, cookie) => {
                         histories.expire(chrono::Utc::now());
-                        let _ = reply.send(histories.all());
+                        let _ = reply.send(match cookie {
+                            Some(cookie) => histories.of(cookie),
+                            None => histories.all(),
+                        });
+                    }
+                    Query::Live(reply) => {
+                        // Rows changed before this table go to the live clients already
+                        // there; the new one starts from the table and misses nothing after.
+                        if tracer.has_changes() {
+                            clients.send_rows(&mut tracer);
+                        }
+                        tracer.track_changes(true);
+                        let rows = tracer.listed_with_half_open(scope, |_| true, |_| true);
+                        let _ = reply.send(Some((rows, clients.sender.subscribe())));
                     }
                 }
             }
+            _ = tokio::time::sleep_until(clients.rows_sent + ROWS_INTERVAL), if tracer.has_changes() => {
+                clients.send_rows(&mut tracer);
+            }
             next = tracer.next(&mut records) => {
                 next?;
-                absorb(&mut records, &mut log, &metrics, &mut stats, &mut histories, &sender);
+                absorb(&mut records, &mut log, &metrics, &mut stats, &mut histories, &clients.sender);
                 reconcile(&mut tracer, &mut histories);
             }
         }
     }
     tracer.finish(&mut records)?;
-    absorb(&mut records, &mut log, &metrics, &mut stats, &mut histories, &sender);
-    drop(sender);
+    absorb(&mut records, &mut log, &metrics, &mut stats, &mut histories, &clients.sender);
+    drop(clients);
     drop(socket_file);
     Ok(())
 }
@@ -152,8 +206,14 @@ enum Query {
     Table(oneshot::Sender<Vec<Listed>>, Option<Selection>),
     Stats(oneshot::Sender<Report>),
     Metrics(oneshot::Sender<String>),
-    History(oneshot::Sender<Vec<History>>),
+    /// Every history, or the one with this cookie.
+    History(oneshot::Sender<Vec<History>>, Option<u64>),
+    /// The table, and a receiver of everything after it.
+    Live(oneshot::Sender<Option<LiveStart>>),
 }
+
+/// A `live` client's start: the table, and a receiver of everything after it.
+type LiveStart = (Vec<Listed>, broadcast::Receiver<Arc<Outgoing>>);
 
 /// Asks the main loop (which owns the table and the statistics) and waits for its answer;
 /// the empty answer if the agent is stopping.
@@ -202,7 +262,8 @@ async fn serve_metrics(mut stream: tokio::net::TcpStream, queries: mpsc::Sender<
 /// One client connection: read its request, then answer it.
 async fn serve(
     stream: UnixStream,
-    records: broadcast::Receiver<Arc<StreamRecord>>,
+    records: broadcast::Receiver<Arc<Outgoing>>,
+    live: Arc<()>,
     table_requests: mpsc::Sender<Query>,
     services: Arc<Services>,
 ) {
@@ -225,9 +286,20 @@ async fn serve(
     let records = matches!(request, Ok(Request { command: Command::Watch, .. })).then_some(records);
     let result = match request {
         Ok(Request { command: Command::Watch, .. }) => match records {
-            Some(records) => stream_records(&mut write, records).await,
+            Some(records) => stream_records(&mut write, records, false).await,
             None => Ok(()),
         },
+        Ok(Request { command: Command::Live, .. }) => {
+            // Held while the client is served: the main loop notes row changes meanwhile.
+            let _live = live;
+            match ask_main_loop(&table_requests, Query::Live).await {
+                Some((rows, records)) => match write_json_line(&mut write, rows).await {
+                    Ok(()) => stream_records(&mut write, records, true).await,
+                    Err(error) => Err(error),
+                },
+                None => Ok(()),
+            }
+        }
         Ok(Request { command: Command::Table { select }, .. }) => {
             match select.map(|select| parse_selection(&select, &services)) {
                 Some(Err(message)) => {
@@ -245,8 +317,8 @@ async fn serve(
             let report = ask_main_loop(&table_requests, Query::Stats).await;
             write_json_line(&mut write, report).await
         }
-        Ok(Request { command: Command::History, .. }) => {
-            let histories = ask_main_loop(&table_requests, Query::History).await;
+        Ok(Request { command: Command::History { cookie }, .. }) => {
+            let histories = ask_main_loop(&table_requests, |r| Query::History(r, cookie)).await;
             write_json_line(&mut write, histories).await
         }
         Err(message) => {
@@ -259,15 +331,24 @@ async fn serve(
     }
 }
 
+/// Writes each record (and for a `live` client each change of rows) as an NDJSON line.
 async fn stream_records(
     write: &mut BufWriter<tokio::net::unix::OwnedWriteHalf>,
-    mut records: broadcast::Receiver<Arc<StreamRecord>>,
+    mut records: broadcast::Receiver<Arc<Outgoing>>,
+    live: bool,
 ) -> std::io::Result<()> {
     let clock = WallClock::now();
     let mut missed_total = 0;
     loop {
         let line = match records.recv().await {
-            Ok(record) => record.json(),
+            Ok(outgoing) => match &*outgoing {
+                Outgoing::Record(record) => record.json(),
+                Outgoing::Rows(change) if live => {
+                    serde_json::to_string(&Update::Rows(change.clone()))
+                        .unwrap_or_else(|e| api::error_line(&e.to_string()))
+                }
+                Outgoing::Rows(_) => continue,
+            },
             Err(broadcast::error::RecvError::Lagged(count)) => {
                 missed_total += count;
                 let time = clock.wall(WallClock::monotonic_now_ns());
@@ -309,7 +390,7 @@ fn absorb(
     metrics: &Metrics,
     stats: &mut Stats,
     histories: &mut Histories,
-    sender: &broadcast::Sender<Arc<StreamRecord>>,
+    sender: &broadcast::Sender<Arc<Outgoing>>,
 ) {
     log.write(records);
     for record in records.iter() {
@@ -332,7 +413,7 @@ fn absorb(
         records.clear();
     }
     for record in records.drain(..) {
-        let _ = sender.send(Arc::new(record));
+        let _ = sender.send(Arc::new(Outgoing::Record(record)));
     }
 }
 

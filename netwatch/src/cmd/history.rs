@@ -14,7 +14,9 @@ use crate::{
 
 pub async fn run(args: &HistoryArgs) -> anyhow::Result<()> {
     let query = query::parse(&args.filter, &Services::load())?;
-    let Some(line) = api::ask(&args.socket, Command::History).await.context("asking the agent")?
+    let Some(line) = api::ask(&args.socket, Command::History { cookie: args.cookie })
+        .await
+        .context("asking the agent")?
     else {
         bail!(
             "no agent is running at {}: start `netwatch agent` (histories are kept by the agent)",

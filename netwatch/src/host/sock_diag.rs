@@ -5,10 +5,11 @@ use std::{collections::HashMap, io, net::IpAddr};
 use netlink_packet_core::{
     NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
 };
+pub use netlink_packet_sock_diag::inet::nlas::TcpInfo;
 use netlink_packet_sock_diag::{
     SockDiagMessage,
     constants::{AF_INET, AF_INET6, IPPROTO_TCP, IPPROTO_UDP},
-    inet::{ExtensionFlags, InetRequest, SocketId, StateFlags},
+    inet::{ExtensionFlags, InetRequest, InetResponse, SocketId, StateFlags, nlas::Nla},
 };
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_SOCK_DIAG};
 
@@ -90,6 +91,31 @@ impl DiagSocket {
         self.tcp_sockets_in(StateFlags::FIN_WAIT2)
     }
 
+    /// A TCP connection's `tcp_info` now (INET_DIAG_INFO), by exact 4-tuple lookup; None when
+    /// the socket with that 4-tuple is gone or is another one than `cookie`.
+    pub fn tcp_info(
+        &mut self,
+        family: Family,
+        local: (IpAddr, u16),
+        remote: (IpAddr, u16),
+        cookie: u64,
+    ) -> io::Result<Option<Box<TcpInfo>>> {
+        let exact = Some(Exact { local, remote, interface: 0 });
+        let mut found = None;
+        let (states, info) = (StateFlags::all(), ExtensionFlags::INFO);
+        self.request(Protocol::Tcp, family, exact, states, info, |sequence, datagram| {
+            read_replies(datagram, sequence, true, |response, _| {
+                if u64::from_ne_bytes(response.header.socket_id.cookie) == cookie {
+                    found = response.nlas.iter().find_map(|nla| match nla {
+                        Nla::TcpInfo(info) => Some(Box::new(info.clone())),
+                        _ => None,
+                    });
+                }
+            })
+        })?;
+        Ok(found)
+    }
+
     fn tcp_sockets_in(&mut self, states: StateFlags) -> io::Result<Vec<SocketRow>> {
         let mut rows = Vec::new();
         for family in [Family::Ipv4, Family::Ipv6] {
@@ -99,8 +125,7 @@ impl DiagSocket {
     }
 
     /// A sock_diag dump of every socket of `protocol` and `family` in `states`, or, given a
-    /// 4-tuple, the exact lookup of one; rows go to `rows`. Replies to earlier requests (left
-    /// by a failed one) are told apart by sequence number and skipped.
+    /// 4-tuple, the exact lookup of one; rows go to `rows`.
     pub(super) fn query(
         &mut self,
         protocol: Protocol,
@@ -109,10 +134,44 @@ impl DiagSocket {
         states: StateFlags,
         rows: &mut Vec<SocketRow>,
     ) -> io::Result<()> {
+        // Taken for the request's length: the replies are read against them.
+        let interfaces = std::mem::take(&mut self.interfaces);
+        let netns = self.netns;
+        let result = self.request(
+            protocol,
+            family,
+            exact,
+            states,
+            ExtensionFlags::empty(),
+            |sequence, datagram| {
+                let context = Context {
+                    sequence,
+                    netns,
+                    protocol,
+                    exact: exact.is_some(),
+                    interfaces: &interfaces,
+                };
+                parse_replies(datagram, &context, rows)
+            },
+        );
+        self.interfaces = interfaces;
+        result
+    }
+
+    /// Sends one request and hands each datagram of replies to `read` (with the request's
+    /// sequence number) until it says the answer is complete. Replies to earlier requests
+    /// (left by a failed one) are told apart by sequence number and skipped.
+    fn request(
+        &mut self,
+        protocol: Protocol,
+        family: Family,
+        exact: Option<Exact>,
+        states: StateFlags,
+        extensions: ExtensionFlags,
+        mut read: impl FnMut(u32, &[u8]) -> io::Result<bool>,
+    ) -> io::Result<()> {
         self.sequence = self.sequence.wrapping_add(1);
-        let (socket, netns, sequence) = (&mut self.socket, self.netns, self.sequence);
-        let interfaces = &self.interfaces;
-        let receive = &mut self.receive;
+        let sequence = self.sequence;
         let mut header = NetlinkHeader::default();
         header.sequence_number = sequence;
         header.flags = if exact.is_some() { NLM_F_REQUEST } else { NLM_F_REQUEST | NLM_F_DUMP };
@@ -137,7 +196,7 @@ impl DiagSocket {
                     Protocol::Tcp => IPPROTO_TCP,
                     Protocol::Udp => IPPROTO_UDP,
                 },
-                extensions: ExtensionFlags::empty(),
+                extensions,
                 states,
                 socket_id,
             })
@@ -146,13 +205,10 @@ impl DiagSocket {
         request.finalize();
         let mut buffer = vec![0; request.buffer_len()];
         request.serialize(&mut buffer);
-        socket.send(&buffer, 0)?;
-
+        self.socket.send(&buffer, 0)?;
         loop {
-            let size = socket.recv(&mut &mut receive[..], 0)?;
-            let datagram = &receive[..size];
-            let context = Context { sequence, netns, protocol, exact: exact.is_some(), interfaces };
-            if parse_replies(datagram, &context, rows)? {
+            let size = self.socket.recv(&mut &mut self.receive[..], 0)?;
+            if read(sequence, &self.receive[..size])? {
                 return Ok(());
             }
         }
@@ -217,7 +273,27 @@ pub fn parse_replies(
     context: &Context<'_>,
     rows: &mut Vec<SocketRow>,
 ) -> io::Result<bool> {
-    let Context { sequence, exact, .. } = *context;
+    read_replies(datagram, context.sequence, context.exact, |response, bytes| {
+        let expires = bytes
+            .get(EXPIRES_OFFSET..EXPIRES_OFFSET + 4)
+            .map_or(0, |b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]));
+        let v6only = response.nlas.iter().any(|nla| matches!(nla, Nla::SkV6Only(true)));
+        if let Some(row) = row_from(context, &response.header, expires, v6only) {
+            rows.push(row);
+        }
+    })
+}
+
+/// Reads one datagram of replies to request `sequence`, handing each socket to `each` with
+/// its message's bytes; true once the answer is complete (the dump's DONE, an exact lookup's
+/// one reply or ENOENT). Replies to other requests are skipped; anything malformed is an
+/// error, never a panic.
+fn read_replies(
+    datagram: &[u8],
+    sequence: u32,
+    exact: bool,
+    mut each: impl FnMut(&InetResponse, &[u8]),
+) -> io::Result<bool> {
     let malformed = |what: String| io::Error::new(io::ErrorKind::InvalidData, what);
     let mut offset = 0;
     while offset < datagram.len() {
@@ -246,15 +322,7 @@ pub fn parse_replies(
                 )));
             }
             NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(response)) => {
-                let expires = bytes
-                    .get(EXPIRES_OFFSET..EXPIRES_OFFSET + 4)
-                    .map_or(0, |b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]));
-                let v6only = response.nlas.iter().any(|nla| {
-                    matches!(nla, netlink_packet_sock_diag::inet::nlas::Nla::SkV6Only(true))
-                });
-                if let Some(row) = row_from(context, &response.header, expires, v6only) {
-                    rows.push(row);
-                }
+                each(&response, bytes);
                 if exact {
                     return Ok(true);
                 }

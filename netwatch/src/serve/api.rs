@@ -37,8 +37,30 @@ pub enum Command {
     /// Handshake latency and failure statistics: one line, a JSON `stats::Report`.
     Stats,
     /// Connection histories, open then retained closed ones: one line, a JSON array of
-    /// `history::History`.
-    History,
+    /// `history::History`; only the connection with `cookie` when it is given.
+    History {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cookie: Option<u64>,
+    },
+    /// For a view that mirrors the table (`netwatch top`): one line, a JSON array of every
+    /// `Listed` row (half-open connections aside); then, as `watch`, every record after
+    /// that table, with a [`Update::Rows`] line between them whenever rows changed (at most
+    /// ten a second). Nothing before the table is sent, nothing after it is missed.
+    Live,
+}
+
+/// A line of the `live` answer that is not a stream record.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Update {
+    Rows(crate::record::RowsChange),
+}
+
+impl Update {
+    /// Whether a `live` line is an update rather than a stream record.
+    pub fn is_update(line: &str) -> bool {
+        line.starts_with(r#"{"type":"rows""#)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

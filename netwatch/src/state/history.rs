@@ -292,6 +292,14 @@ impl Histories {
         }
     }
 
+    /// The connection with `cookie`, open or retained closed (`netwatch history --cookie`).
+    pub fn of(&self, cookie: u64) -> Vec<History> {
+        let open = self.open.get(&cookie).cloned();
+        let seeded = self.seeded.get(&cookie).map(|seed| seed.history(cookie));
+        let closed = self.closed.iter().filter(|(_, h)| h.cookie == cookie).map(|(_, h)| h.clone());
+        open.into_iter().chain(seeded).chain(closed).collect()
+    }
+
     /// Open connections, then closed ones, each oldest first.
     pub fn all(&self) -> Vec<History> {
         let seeded = self.seeded.iter().map(|(cookie, seed)| seed.history(*cookie));

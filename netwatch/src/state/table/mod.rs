@@ -20,6 +20,7 @@ use crate::{
     kernel::events::{Comm, Event, FdSocket, SockKey, TcpState},
 };
 
+mod changes;
 mod close;
 mod listeners;
 #[cfg(test)]
@@ -56,6 +57,8 @@ pub struct Table {
     timewaits: FxHashMap<FourTuple, u64>,
     /// Transitions made while applying an event, ahead of its own ([`Table::take_ended`]).
     ended: Vec<Transition>,
+    /// Sockets whose rows changed, while someone mirrors the table ([`Table::track_changes`]).
+    changed: Option<FxHashSet<u64>>,
 }
 
 impl Table {
@@ -153,6 +156,7 @@ impl Table {
 
     /// Applies one event; a state change comes back as a [`Transition`].
     pub fn apply(&mut self, event: Event) -> Option<Transition> {
+        self.note_changes(&event);
         match event {
             Event::Created(life) => {
                 let socket = self.sockets.entry(SockKey::Cookie(life.cookie)).or_default();
@@ -318,6 +322,9 @@ impl Table {
     pub fn keep_open_fds(&mut self, pid: u32, fds: &HashMap<i32, u64>) {
         let keys: Vec<SockKey> = self.by_pid.get(&pid).into_iter().flatten().copied().collect();
         for key in keys {
+            if let SockKey::Cookie(cookie) = key {
+                self.mark_changed(cookie);
+            }
             let Some(socket) = self.sockets.get_mut(&key) else { continue };
             let inode = socket.facts.as_ref().map_or(0, |f| f.inode);
             socket.holders.retain(|(holder, fd), _| *holder != pid || fds.get(fd) == Some(&inode));
@@ -385,53 +392,64 @@ impl Table {
     pub fn rows_where(&self, now_ns: u64, keep: impl Fn(&SocketRow) -> bool) -> Vec<Row> {
         let mut rows = Vec::new();
         for (key, socket) in &self.sockets {
-            let (SockKey::Cookie(cookie), Some(facts), Some(state)) =
-                (key, &socket.facts, socket.state)
-            else {
+            let Some(row) = self.socket_row(key, socket, now_ns).filter(|row| keep(row)) else {
                 continue;
             };
-            if !is_listed(facts, state) {
-                continue;
-            }
-            let row = SocketRow {
-                netns: facts.netns,
-                protocol: facts.protocol,
-                family: facts.family,
-                state,
-                local: facts.local,
-                remote: facts.remote,
-                cookie: *cookie,
-                inode: facts.inode,
-                uid: facts.uid.unwrap_or(0),
-                recv_q: 0,
-                send_q: 0,
-                timer: facts.expires_ns.map(|end| Timer {
-                    kind: TimerKind::Timewait,
-                    remaining_ms: (end.saturating_sub(now_ns) / 1_000_000) as u32,
-                }),
-                v6only: facts.v6only(),
-                scope: facts.scope.clone(),
-            };
-            if !keep(&row) {
-                continue;
-            }
-            rows.push(Row {
-                row,
-                // A timewait socket has no file: ss lists no process for it, even while the
-                // full socket it replaced is still held (shut down, not yet closed).
-                owners: if facts.expires_ns.is_some() {
-                    Vec::new()
-                } else {
-                    socket.holders.to_vec()
-                },
-                in_state_ns: socket.since_ns.map(|since| now_ns.saturating_sub(since)),
-                owner_history: socket
-                    .owner_history()
-                    .map(|(at, owner)| (at.map(|at| now_ns.saturating_sub(at)), owner.clone()))
-                    .collect(),
-            });
+            rows.push(self.with_owners(row, socket, now_ns));
         }
         rows
+    }
+
+    /// A listed socket's row, with its holders and time in state.
+    fn row_of(&self, key: &SockKey, socket: &Socket, now_ns: u64) -> Option<Row> {
+        let row = self.socket_row(key, socket, now_ns)?;
+        Some(self.with_owners(row, socket, now_ns))
+    }
+
+    /// What sock_diag would say of a socket `ss -tuan` lists; None for one it does not list.
+    fn socket_row(&self, key: &SockKey, socket: &Socket, now_ns: u64) -> Option<SocketRow> {
+        let (SockKey::Cookie(cookie), Some(facts), Some(state)) =
+            (key, &socket.facts, socket.state)
+        else {
+            return None;
+        };
+        is_listed(facts, state).then(|| SocketRow {
+            netns: facts.netns,
+            protocol: facts.protocol,
+            family: facts.family,
+            state,
+            local: facts.local,
+            remote: facts.remote,
+            cookie: *cookie,
+            inode: facts.inode,
+            uid: facts.uid.unwrap_or(0),
+            recv_q: 0,
+            send_q: 0,
+            timer: facts.expires_ns.map(|end| Timer {
+                kind: TimerKind::Timewait,
+                remaining_ms: (end.saturating_sub(now_ns) / 1_000_000) as u32,
+            }),
+            v6only: facts.v6only(),
+            scope: facts.scope.clone(),
+        })
+    }
+
+    fn with_owners(&self, row: SocketRow, socket: &Socket, now_ns: u64) -> Row {
+        Row {
+            // A timewait socket has no file: ss lists no process for it, even while the
+            // full socket it replaced is still held (shut down, not yet closed).
+            owners: if row.timer.is_some_and(|t| t.kind == TimerKind::Timewait) {
+                Vec::new()
+            } else {
+                socket.holders.to_vec()
+            },
+            in_state_ns: socket.since_ns.map(|since| now_ns.saturating_sub(since)),
+            owner_history: socket
+                .owner_history()
+                .map(|(at, owner)| (at.map(|at| now_ns.saturating_sub(at)), owner.clone()))
+                .collect(),
+            row,
+        }
     }
 }
 

@@ -7,11 +7,11 @@ use crate::kernel::events::{Retransmit, StateChange, Task, Totals};
 use TcpState::*;
 use std::collections::HashMap;
 
-fn task(pid: u32, comm: &str) -> Task {
+pub(super) fn task(pid: u32, comm: &str) -> Task {
     Task { pid, tid: pid, comm: comm.into() }
 }
 
-fn change(cookie: u64, ts_ns: u64, old: TcpState, new: TcpState, on_cpu: Task) -> Event {
+pub(super) fn change(cookie: u64, ts_ns: u64, old: TcpState, new: TcpState, on_cpu: Task) -> Event {
     Event::State(StateChange {
         ts_ns,
         source: StateSource::TpBtf,
@@ -33,11 +33,11 @@ fn change(cookie: u64, ts_ns: u64, old: TcpState, new: TcpState, on_cpu: Task) -
     })
 }
 
-fn created(cookie: u64, ts_ns: u64, by: Task) -> Event {
+pub(super) fn created(cookie: u64, ts_ns: u64, by: Task) -> Event {
     Event::Created(SockLife { ts_ns, cookie, task: by })
 }
 
-fn released(cookie: u64, ts_ns: u64) -> Event {
+pub(super) fn released(cookie: u64, ts_ns: u64) -> Event {
     Event::Released(SockLife { ts_ns, cookie, task: task(1, "x") })
 }
 
@@ -114,7 +114,7 @@ fn a_graft_takes_the_owner_and_the_fd_comes_after() {
     assert_eq!(queue.queue.accepted, 1, "{:?}", queue.queue);
 }
 
-fn fd_event(cookie: u64, fd: i32, by: Task, protocol: Protocol) -> FdSocket {
+pub(super) fn fd_event(cookie: u64, fd: i32, by: Task, protocol: Protocol) -> FdSocket {
     FdSocket {
         ts_ns: 1,
         cookie,

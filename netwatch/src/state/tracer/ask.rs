@@ -4,7 +4,7 @@
 use std::collections::HashSet;
 
 use super::*;
-use crate::kernel::events::Protocol;
+use crate::{kernel::events::Protocol, record::RowsChange, state::table::Row};
 
 /// What a question can show, for [`Tracer::settle`] to ask the kernel no more than it needs.
 #[derive(Clone, Copy, Debug)]
@@ -75,20 +75,53 @@ impl Tracer {
         self.table
             .rows_where(now, keep_row)
             .into_iter()
-            .map(|row| Listed {
-                netns_name: self.namespaces.get(&row.row.netns).and_then(|ns| ns.name.clone()),
-                in_state: row.in_state_ns.map(Duration::from_nanos),
-                owners: row.owners,
-                row: row.row,
-                queues_known: false,
-                owner_history: row
-                    .owner_history
-                    .into_iter()
-                    .map(|(ago, owner)| OwnerChange { owner, ago: ago.map(Duration::from_nanos) })
-                    .collect(),
-            })
+            .map(|row| self.listed(row))
             .filter(keep)
             .collect()
+    }
+
+    fn listed(&self, row: Row) -> Listed {
+        Listed {
+            netns_name: self.namespaces.get(&row.row.netns).and_then(|ns| ns.name.clone()),
+            in_state: row.in_state_ns.map(Duration::from_nanos),
+            owners: row.owners,
+            row: row.row,
+            queues_known: false,
+            owner_history: row
+                .owner_history
+                .into_iter()
+                .map(|(ago, owner)| OwnerChange { owner, ago: ago.map(Duration::from_nanos) })
+                .collect(),
+        }
+    }
+
+    /// Starts or stops noting which rows change, for [`Tracer::take_changes`].
+    pub fn track_changes(&mut self, on: bool) {
+        self.tracking = on;
+        self.table.track_changes(on);
+        self.replaced &= on;
+    }
+
+    pub fn has_changes(&self) -> bool {
+        self.replaced || self.table.has_changes()
+    }
+
+    /// The rows changed since the last call, or every row after the table was rebuilt.
+    pub fn take_changes(&mut self) -> RowsChange {
+        let now = WallClock::monotonic_now_ns();
+        if std::mem::take(&mut self.replaced) {
+            self.table.take_changed();
+            let upsert = self.listed_where(|_| true, |_| true);
+            return RowsChange { full: true, upsert, gone: Vec::new() };
+        }
+        let mut change = RowsChange::default();
+        for cookie in self.table.take_changed() {
+            match self.table.row(cookie, now) {
+                Some(row) => change.upsert.push(self.listed(row)),
+                None => change.gone.push(cookie),
+            }
+        }
+        change
     }
 
     /// How many sockets the table lists, by protocol and state.

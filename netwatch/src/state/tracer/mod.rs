@@ -80,6 +80,10 @@ pub struct Tracer {
     snapshot_at: f64,
     /// When each namespace's timewait sockets were last compared with sock_diag's.
     timewait_checked: HashMap<u32, u64>,
+    /// Someone mirrors the table ([`Tracer::take_changes`]), and whether it was rebuilt
+    /// since the last changes were taken.
+    tracking: bool,
+    replaced: bool,
 }
 
 /// sock_diag sockets opened on first use, one per namespace, closed when dropped (an open one
@@ -159,6 +163,8 @@ impl Tracer {
             ring_size: options.ring_size.unwrap_or(loader::DEFAULT_RING_SIZE),
             snapshot_at: unix_now(),
             timewait_checked: HashMap::new(),
+            tracking: false,
+            replaced: false,
         })
     }
 
@@ -174,6 +180,8 @@ impl Tracer {
         );
         let mut table = seeded_table(&mut snapshot);
         table.keep_counts_of(&self.table);
+        table.track_changes(self.tracking);
+        self.replaced = self.tracking;
         self.table = table;
         self.snapshot_at = unix_now();
         self.namespaces =
@@ -279,6 +287,9 @@ impl Tracer {
                 new.v6only |= self.learn_from_diag(new);
             }
             for ended in self.table.take_ended().into_iter().chain(transition) {
+                if let Some(cookie) = ended.change.cookie {
+                    self.table.mark_changed(cookie);
+                }
                 out.push(StreamRecord::Transition(Box::new(TransitionRecord::new(
                     &ended,
                     &self.clock,
@@ -381,7 +392,10 @@ impl Tracer {
         self.namespaces.extend(network_namespaces().into_iter().map(|ns| (ns.inode, ns)));
     }
 
-    fn push_transitions(&self, transitions: Vec<Transition>, out: &mut Vec<StreamRecord>) {
+    fn push_transitions(&mut self, transitions: Vec<Transition>, out: &mut Vec<StreamRecord>) {
+        for cookie in transitions.iter().filter_map(|t| t.change.cookie) {
+            self.table.mark_changed(cookie);
+        }
         out.extend(
             transitions
                 .iter()
