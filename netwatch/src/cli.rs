@@ -28,14 +28,65 @@ pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
 
-    /// With no subcommand, netwatch runs `watch` with these options.
+    /// With no subcommand: print the stream even on a terminal (as `netwatch watch`).
+    #[arg(long, conflicts_with = "top")]
+    pub stream: bool,
+
+    /// With no subcommand: the live view even if stream options are given (as `netwatch top`).
+    #[arg(long)]
+    pub top: bool,
+
+    /// With no subcommand, netwatch runs `top` when stdout is a terminal, and `watch` with
+    /// these options when it is not (a pipe, a file) or when one of them is given.
     #[command(flatten)]
     pub watch: WatchArgs,
 }
 
+impl Cli {
+    /// Whether `netwatch` with no subcommand starts the live view: on a terminal, unless
+    /// `--stream` or an option only the stream has (`--json`, `--log`, `--no-header`,
+    /// `--state`, `--transition`, a port filter) asks for the stream.
+    pub fn default_is_top(&self, stdout_is_terminal: bool) -> bool {
+        let w = &self.watch;
+        let stream_options = w.json
+            || w.log.log.is_some()
+            || w.no_header
+            || w.state.is_some()
+            || w.transition.is_some()
+            || w.port.is_some()
+            || w.sport.is_some()
+            || w.dport.is_some();
+        self.top || (stdout_is_terminal && !self.stream && !stream_options)
+    }
+
+    /// `top`'s options from the default command's (`--pid`, `--comm`, -4/-6, where the
+    /// programs come from).
+    pub fn default_top(&self) -> TopArgs {
+        let w = &self.watch;
+        TopArgs {
+            select: TableSelect {
+                pid: w.pid,
+                comm: w.comm.clone(),
+                ipv4: w.ipv4,
+                ipv6: w.ipv6,
+                ..TableSelect::default()
+            },
+            numeric: false,
+            no_agent: w.no_agent,
+            socket: w.socket.clone(),
+            source: w.source,
+            ring_size: w.ring_size,
+        }
+    }
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Stream TCP state transitions as they happen (the default view).
+    /// A live full-screen view of every socket, its owner and its state machine (the default
+    /// on a terminal).
+    Top(TopArgs),
+    /// Stream TCP state transitions as they happen (the default when stdout is not a
+    /// terminal).
     Watch(WatchArgs),
     /// Print the socket table, like `ss -tanup`.
     #[command(visible_alias = "ls")]
@@ -55,6 +106,36 @@ pub enum Command {
     /// for packaging.
     #[command(hide = true)]
     GenerateDocs { dir: PathBuf },
+}
+
+#[derive(Clone, Debug, Args)]
+#[command(after_help = "FILTER: as for `netwatch table`, e.g. `state established dport = :443`; \
+    the same language is typed into the filter bar (/). Press ? in top for the keys.")]
+pub struct TopArgs {
+    #[command(flatten)]
+    pub select: TableSelect,
+    /// Numeric ports (no service names from /etc/services).
+    #[arg(short = 'n', long = "numeric")]
+    pub numeric: bool,
+    /// Load programs of our own even when an agent is running.
+    #[arg(long)]
+    pub no_agent: bool,
+    /// Where to look for a running agent.
+    #[arg(long, value_name = "PATH", default_value = api::DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+    /// TCP state source: tp_btf (needs BTF), the classic tracepoint, or auto. Implies
+    /// --no-agent.
+    #[arg(long, value_enum, default_value_t = SourceChoice::Auto)]
+    pub source: SourceChoice,
+    /// Ring buffer size in bytes: a power of two, at least 4096. Implies --no-agent.
+    #[arg(long, value_name = "BYTES", value_parser = parse_ring_size)]
+    pub ring_size: Option<u32>,
+}
+
+impl TopArgs {
+    pub fn load_options(&self) -> LoadOptions {
+        LoadOptions { source: self.source, ring_size: self.ring_size }
+    }
 }
 
 #[derive(Clone, Debug, Args)]
@@ -409,6 +490,28 @@ mod tests {
         let cli = parse(&["history", "dport", "=", ":5432", "--json"]).unwrap();
         let Some(Command::History(args)) = cli.command else { panic!("not history") };
         assert!(args.json);
+    }
+
+    #[test]
+    fn no_subcommand_is_top_on_a_terminal_unless_the_stream_is_asked_for() {
+        let cli = parse(&[]).unwrap();
+        assert!(cli.default_is_top(true) && !cli.default_is_top(false));
+        for stream in [&["--stream"][..], &["--json"], &["--port", "80"], &["--log", "x"]] {
+            assert!(!parse(stream).unwrap().default_is_top(true), "{stream:?}");
+        }
+        assert!(parse(&["--top", "--port", "80"]).unwrap().default_is_top(false));
+        let top = parse(&["--pid", "42", "--no-agent"]).unwrap();
+        assert!(top.default_is_top(true));
+        let args = top.default_top();
+        assert_eq!((args.select.pid, args.no_agent), (Some(42), true));
+        assert_eq!(parse(&["--top", "--stream"]).unwrap_err().kind(), ErrorKind::ArgumentConflict);
+        let Some(Command::Top(args)) =
+            parse(&["top", "-tn", "dport", "=", ":443"]).unwrap().command
+        else {
+            panic!("not top")
+        };
+        assert!(args.select.tcp && args.numeric);
+        assert_eq!(args.select.filter, ["dport", "=", ":443"]);
     }
 
     #[test]

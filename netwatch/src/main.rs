@@ -1,5 +1,5 @@
 //! The `netwatch` binary: parse arguments, set up logging, dispatch, map errors to exit codes.
-use std::process::ExitCode;
+use std::{io::IsTerminal as _, process::ExitCode};
 
 use clap::Parser as _;
 use netwatch::cli::{Cli, Command};
@@ -13,7 +13,7 @@ fn main() -> ExitCode {
         _ => "debug",
     };
     tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
+        .with_writer(netwatch::top::terminal::stderr)
         .with_target(false)
         .without_time()
         .with_env_filter(
@@ -34,6 +34,7 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match &cli.command {
+            Some(Command::Top(args)) => netwatch::top::run(args).await,
             Some(Command::Watch(args)) => netwatch::cmd::watch::run(args).await,
             Some(Command::Table(args)) => netwatch::cmd::table::run(args).await,
             Some(Command::Agent(args)) => netwatch::cmd::agent::run(args).await,
@@ -41,6 +42,9 @@ fn main() -> ExitCode {
             Some(Command::History(args)) => netwatch::cmd::history::run(args).await,
             Some(Command::Check(args)) => netwatch::cmd::check::run(args).await,
             Some(Command::GenerateDocs { dir }) => netwatch::cmd::docs::run(dir),
+            None if cli.default_is_top(std::io::stdout().is_terminal()) => {
+                netwatch::top::run(&cli.default_top()).await
+            }
             None => netwatch::cmd::watch::run(&cli.watch).await,
         }
     });

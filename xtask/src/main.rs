@@ -149,6 +149,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if !setup::is_root() {
                 bail!("the integration tests load eBPF programs: run `sudo -E cargo xtask test`");
             }
+            setup::ensure_packages(TEST_PACKAGES)?;
             step("formatting (cargo fmt --check)", || {
                 cargo(&root, &["fmt", "--all", "--", "--check"])
             })?;
@@ -202,6 +203,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if !setup::is_root() {
                 bail!("the kernel matrix boots kernels with qemu: run `sudo -E cargo xtask vm`");
             }
+            setup::ensure_packages(TEST_PACKAGES)?;
             step("build netwatch (release)", || {
                 cargo(&root, &["build", "--release", "-p", "netwatch"])
             })?;
@@ -209,6 +211,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
 }
+
+/// What the privileged tests run besides netwatch: `netwatch top` in tmux's pseudo-terminal,
+/// serving python's http.server.
+const TEST_PACKAGES: &[&str] = &["tmux", "python3"];
 
 /// qemu, busybox and every kernel of the matrix.
 fn ensure_matrix_packages() -> anyhow::Result<()> {
