@@ -105,13 +105,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     &["build", "--release", "-p", "netwatch", "-p", "netwatch-tests", "--bins"],
                 )
             })?;
-            setup::ensure_packages(&["libbpf-tools", "net-tools", "bpftool"])?;
+            setup::ensure_packages(&["libbpf-tools", "net-tools", "bpftool", "tmux"])?;
             let started = std::time::Instant::now();
             let bench = bench::Bench::new(&root);
             // Retention first: the snapshot scenario leaves thousands of TIME_WAIT sockets
             // behind, which a new agent would take in.
-            const SCENARIOS: [&str; 8] =
-                ["retention", "snapshot", "overhead", "latency", "tax", "tax-vm", "idle", "soak"];
+            const SCENARIOS: [&str; 9] = [
+                "retention",
+                "snapshot",
+                "overhead",
+                "latency",
+                "tax",
+                "tax-vm",
+                "idle",
+                "soak",
+                "top",
+            ];
             if let Some(unknown) = only.iter().find(|o| !SCENARIOS.contains(&o.as_str())) {
                 bail!("no scenario '{unknown}': choose from {}", SCENARIOS.join(", "));
             }
@@ -140,6 +149,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             if wanted("soak") {
                 bench.soak()?;
+            }
+            if wanted("top") {
+                bench.top()?;
             }
             eprintln!("==> benchmarks done in {:.0?}", started.elapsed());
             Ok(())

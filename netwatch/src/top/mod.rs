@@ -46,117 +46,186 @@ pub async fn run(args: &TopArgs) -> anyhow::Result<()> {
         );
     }
     let names = if args.numeric { Services::default() } else { Services::load() };
-    let mut ui = Ui::new(args.select.clone(), Services::load(), names)?;
+    let ui = Ui::new(args.select.clone(), Services::load(), names)?;
     let own = args.no_agent
         || args.ring_size.is_some()
         || args.source != crate::kernel::loader::SourceChoice::Auto;
     if own {
         eprintln!("netwatch: loading programs of our own...");
     }
-    let (mut feed, rows, source) = Feed::open(&args.socket, own, &args.load_options()).await?;
-    let mut model = Model::new(rows, WallClock::monotonic_now_ns());
+    let (feed, rows, source) = Feed::open(&args.socket, own, &args.load_options()).await?;
+    let model = Model::new(rows, WallClock::monotonic_now_ns());
     let mut hangup = signal(SignalKind::hangup())?;
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
-    let mut screen = terminal::Screen::enter()?;
+    let screen = terminal::Screen::enter()?;
+    let mut app = App {
+        feed,
+        model,
+        ui,
+        screen,
+        source,
+        palette: Palette::from_env(),
+        detail: None,
+        traffic: traffic::Traffic::default(),
+        page: 10,
+        touched: true,
+        drawn: None,
+        drawn_at: Instant::now() - FRAME,
+        arranged: None,
+        arrange_after: Instant::now(),
+        refreshed: Instant::now() - REFRESH,
+    };
     let mut events = EventStream::new();
     let mut tick = tokio::time::interval(FRAME);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    let palette = Palette::from_env();
     let mut news = Vec::new();
-    let mut detail: Option<Detail> = None;
-    let mut traffic = traffic::Traffic::default();
-    let mut page = 10;
-    let mut drawn: Option<(u64, u64)> = None;
-    let mut touched = true;
-    let mut arranged_version = None;
-    let mut arrange_after = Instant::now();
-    let mut refreshed = Instant::now() - REFRESH;
     let result = loop {
-        tokio::select! {
+        let step = tokio::select! {
             _ = hangup.recv() => break Ok(()),
             _ = terminate.recv() => break Ok(()),
             _ = interrupt.recv() => break Ok(()),
             event = events.next() => match event {
                 Some(Ok(Event::Key(key))) if key.kind != KeyEventKind::Release => {
-                    touched = true;
-                    match ui.key(key, &mut model, page) {
+                    app.touched = true;
+                    match app.ui.key(key, &mut app.model, app.page) {
                         Action::Quit => break Ok(()),
-                        Action::OpenDetail(cookie) => {
-                            detail = Some(ask_detail(&mut feed, cookie).await);
-                            refreshed = Instant::now();
-                        }
+                        Action::OpenDetail(cookie) => app.ask_detail(cookie).await,
                         Action::None => {}
                     }
+                    // A key shows at once, unless a frame was just drawn.
+                    app.frame(false)
                 }
-                Some(Ok(Event::Resize(..))) => touched = true,
-                Some(Ok(_)) => {}
-                Some(Err(error)) => break Err(anyhow::Error::from(error).context("reading the terminal")),
+                Some(Ok(Event::Resize(..))) => {
+                    app.touched = true;
+                    Ok(())
+                }
+                Some(Ok(_)) => Ok(()),
+                Some(Err(error)) => Err(anyhow::Error::from(error).context("reading the terminal")),
                 None => break Ok(()),
             },
-            next = feed.next(&mut news) => {
-                if let Err(error) = next {
-                    break Err(error);
-                }
-                let now = WallClock::monotonic_now_ns();
-                for item in news.drain(..) {
-                    match item {
-                        News::Record(record) => model.apply(record),
-                        News::Rows(change) => model.apply_rows(change, now),
-                    }
-                }
-            }
-            _ = tick.tick() => {
-                let now = WallClock::monotonic_now_ns();
-                if refreshed.elapsed() >= REFRESH {
-                    refreshed = Instant::now();
-                    let visible: Vec<u64> = ui.order.iter().skip(ui.connections_offset).take(page).copied().collect();
-                    traffic.refresh(&mut model, &visible, now);
-                    if let Overlay::Detail(cookie) = ui.overlay {
-                        detail = Some(ask_detail(&mut feed, cookie).await);
-                        touched = true;
-                    }
-                }
-                // Sorting 100k rows takes tens of milliseconds: then it is done less often.
-                if (touched || arranged_version != Some(model.version)) && Instant::now() >= arrange_after {
-                    let started = Instant::now();
-                    ui.arrange(&model, now);
-                    arranged_version = Some(model.version);
-                    arrange_after = Instant::now() + started.elapsed() * 9;
-                    touched = true;
-                }
-                // The seconds shown (time in state, the clock) change once a second.
-                let second = now / 1_000_000_000;
-                if touched || drawn != Some((model.version, second)) {
-                    let (handshakes_per_s, failures_per_s) = model.rates(now);
-                    let status = Status {
-                        source: &source,
-                        now_ns: now,
-                        wall: chrono::Utc::now(),
-                        offset: *chrono::Local::now().offset(),
-                        handshakes_per_s,
-                        failures_per_s,
-                    };
-                    page = screen.draw(|frame| view::draw(frame, &model, &mut ui, &status, detail.as_ref(), palette))?;
-                    drawn = Some((model.version, second));
-                    touched = false;
-                }
-            }
+            next = app.feed.next(&mut news) => next.map(|()| app.absorb(&mut news)),
+            _ = tick.tick() => app.tick().await,
+        };
+        if let Err(error) = step {
+            break Err(error);
         }
     };
+    let App { mut feed, screen, .. } = app;
     drop(screen);
-    let mut rest = Vec::new();
-    let finished = feed.finish(&mut rest);
+    let finished = feed.finish(&mut Vec::new());
     result.and(finished)
 }
 
-/// The connection's history and listener queues, or why they could not be had.
-async fn ask_detail(feed: &mut Feed, cookie: u64) -> Detail {
-    match feed.detail(cookie).await {
-        Ok((history, listener)) => {
-            let problem = history.is_none().then(|| "none kept for this connection".to_string());
-            Detail { cookie, history, listener, problem }
+/// Everything the loop keeps between events.
+struct App {
+    feed: Feed,
+    model: Model,
+    ui: Ui,
+    screen: terminal::Screen,
+    source: String,
+    palette: Palette,
+    detail: Option<Detail>,
+    traffic: traffic::Traffic,
+    /// Rows the connections pane showed at the last frame, for paging.
+    page: usize,
+    /// The user did something since the last frame.
+    touched: bool,
+    /// The model's version and the second shown at the last frame, and when it was drawn.
+    drawn: Option<(u64, u64)>,
+    drawn_at: Instant,
+    /// The model's version the rows were last arranged for, and when they may be again.
+    arranged: Option<u64>,
+    arrange_after: Instant,
+    /// When the byte counts and an open detail were last asked for.
+    refreshed: Instant,
+}
+
+impl App {
+    fn absorb(&mut self, news: &mut Vec<News>) {
+        let now = WallClock::monotonic_now_ns();
+        for item in news.drain(..) {
+            match item {
+                News::Record(record) => self.model.apply(record),
+                News::Rows(change) => self.model.apply_rows(change, now),
+            }
         }
-        Err(error) => Detail { cookie, problem: Some(format!("{error:#}")), ..Detail::default() },
+    }
+
+    async fn tick(&mut self) -> anyhow::Result<()> {
+        if self.refreshed.elapsed() >= REFRESH {
+            self.refreshed = Instant::now();
+            let on_screen: Vec<u64> = self
+                .ui
+                .order
+                .iter()
+                .skip(self.ui.connections_offset)
+                .take(self.page)
+                .copied()
+                .collect();
+            self.traffic.refresh(&mut self.model, &on_screen, WallClock::monotonic_now_ns());
+            if let Overlay::Detail(cookie) = self.ui.overlay {
+                self.ask_detail(cookie).await;
+            }
+        }
+        self.frame(true)
+    }
+
+    /// The connection's history and listener queues, or why they could not be had.
+    async fn ask_detail(&mut self, cookie: u64) {
+        let detail = match self.feed.detail(cookie).await {
+            Ok((history, listener)) => {
+                let problem =
+                    history.is_none().then(|| "none kept for this connection".to_string());
+                Detail { cookie, history, listener, problem }
+            }
+            Err(error) => {
+                Detail { cookie, problem: Some(format!("{error:#}")), ..Detail::default() }
+            }
+        };
+        self.detail = Some(detail);
+        self.refreshed = Instant::now();
+        self.touched = true;
+    }
+
+    /// Draws a frame if something on it changed and the last one is at least FRAME old (or,
+    /// on the tick, whatever its age).
+    fn frame(&mut self, on_tick: bool) -> anyhow::Result<()> {
+        if !on_tick && self.drawn_at.elapsed() < FRAME {
+            return Ok(());
+        }
+        let now = WallClock::monotonic_now_ns();
+        let changed = self.arranged != Some(self.model.version);
+        // Sorting 100k rows takes tens of milliseconds: changes in the model are then taken
+        // in less often; what the user did, at once.
+        if self.touched || (changed && Instant::now() >= self.arrange_after) {
+            let started = Instant::now();
+            self.ui.arrange(&self.model, now);
+            self.arranged = Some(self.model.version);
+            self.arrange_after = Instant::now() + started.elapsed() * 9;
+            self.touched = true;
+        }
+        // The seconds shown (time in state, the clock) change once a second.
+        let second = now / 1_000_000_000;
+        if !self.touched && self.drawn == Some((self.model.version, second)) {
+            return Ok(());
+        }
+        let (handshakes_per_s, failures_per_s) = self.model.rates(now);
+        let status = Status {
+            source: &self.source,
+            now_ns: now,
+            wall: chrono::Utc::now(),
+            offset: *chrono::Local::now().offset(),
+            handshakes_per_s,
+            failures_per_s,
+        };
+        let (model, ui, detail, palette) =
+            (&self.model, &mut self.ui, self.detail.as_ref(), self.palette);
+        self.page =
+            self.screen.draw(|frame| view::draw(frame, model, ui, &status, detail, palette))?;
+        self.drawn = Some((self.model.version, second));
+        self.drawn_at = Instant::now();
+        self.touched = false;
+        Ok(())
     }
 }
