@@ -261,13 +261,20 @@ fn the_agent_sends_the_table_then_its_changes() {
     let ns = NetNs::new("live");
     let socket = Agent::test_socket("live");
     let agent = Agent::start(&socket);
+    let sockpeer = env!("CARGO_BIN_EXE_sockpeer");
+    let (mut listener, listening) = sockpeer_in(&ns, sockpeer, &["listen", "127.0.0.1:0"]);
+    let port = netwatch_tests::listening_port(&listening);
     let mut stream = std::os::unix::net::UnixStream::connect(&agent.socket).unwrap();
     stream.write_all(b"{\"v\":1,\"cmd\":\"live\"}\n").unwrap();
     stream.set_read_timeout(Some(PATIENCE)).unwrap();
     let mut lines = BufReader::new(stream).lines();
     let table: serde_json::Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
-    assert!(table.as_array().is_some_and(|rows| !rows.is_empty()), "the table comes first");
-    let sockpeer = env!("CARGO_BIN_EXE_sockpeer");
+    let listed = table.as_array().unwrap().iter().any(|l| {
+        l["row"]["local"][1].as_u64() == Some(u64::from(port)) && l["row"]["state"] == "LISTEN"
+    });
+    assert!(listed, "the table comes first, with the listener: {table}");
+    drop(listener.stdin.take());
+    let _ = listener.wait();
     let (mut holder, ready) = sockpeer_in(&ns, sockpeer, &["fork-exec"]);
     assert!(ready.starts_with("ready "), "{ready}");
     let netns = ns.inode();

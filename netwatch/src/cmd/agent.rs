@@ -94,7 +94,7 @@ pub async fn run(args: &AgentArgs) -> anyhow::Result<()> {
     if let Some(snapshot) = tracer.take_snapshot() {
         histories.seed(&snapshot);
     }
-    release_freed_memory();
+    super::release_freed_memory();
     let metrics = Metrics::new(args.metrics_remotes);
     let metrics_listener = match args.metrics {
         Some(address) => Some(metrics::bind(address).await?),
@@ -369,17 +369,6 @@ async fn stream_records(
         }
     }
     write.flush().await
-}
-
-/// Hands the heap pages start-up used and freed (BTF parsing, the snapshot's rows and fd
-/// walk) back to the kernel. glibc keeps them otherwise, and an agent that runs for months
-/// would report that start-up peak as its resident size.
-fn release_freed_memory() {
-    #[cfg(target_env = "gnu")]
-    // SAFETY: malloc_trim only releases free heap memory; it has no preconditions.
-    unsafe {
-        libc::malloc_trim(0);
-    }
 }
 
 /// Hands new records to everything the agent keeps or serves: the log, metrics, statistics,

@@ -24,3 +24,14 @@ pub(crate) fn emit(text: &str) -> anyhow::Result<()> {
 pub(crate) fn reader_gone(error: &io::Error) -> bool {
     error.kind() == io::ErrorKind::BrokenPipe
 }
+
+/// Hands the heap pages start-up used and freed (BTF parsing, the snapshot's rows and fd
+/// walk) back to the kernel. glibc keeps them otherwise, and a process that runs for months
+/// would report that start-up peak as its resident size.
+pub(crate) fn release_freed_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only releases free heap memory; it has no preconditions.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}

@@ -109,7 +109,7 @@ pub fn lines(
                 facts.push(format!("handshake {}", millis(ns)));
             }
             facts.push(format!("retransmits {}", conn.retransmits));
-            if let Some(t) = conn.traffic {
+            if let Some(t) = conn.traffic.as_deref() {
                 facts.push(format!(
                     "sent {} ({}/s)  received {} ({}/s)",
                     bytes(t.sent),

@@ -55,6 +55,8 @@ pub async fn run(args: &TopArgs) -> anyhow::Result<()> {
     }
     let (feed, rows, source) = Feed::open(&args.socket, own, &args.load_options()).await?;
     let model = Model::new(rows, WallClock::monotonic_now_ns());
+    // The first table's JSON and rows (tens of MB with 100k sockets) are freed by now.
+    crate::cmd::release_freed_memory();
     let mut hangup = signal(SignalKind::hangup())?;
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;

@@ -28,8 +28,9 @@ pub struct Conn {
     /// How long its handshake took, when netwatch saw it (either end).
     pub connect_ns: Option<u64>,
     pub retransmits: u64,
-    /// Bytes and rates from its `tcp_info`, for the rows on screen.
-    pub traffic: Option<Traffic>,
+    /// Bytes and rates from its `tcp_info`, for the rows that were on screen (boxed: most
+    /// rows never are).
+    pub traffic: Option<Box<Traffic>>,
     /// The last process known to own it: shown for a socket no process holds any more
     /// (TIME_WAIT, an orphan closing), which `ss` shows with no process.
     pub last_owner: Option<Owner>,
@@ -292,7 +293,7 @@ impl Model {
         let rate = |before: u64, after: u64, seconds: f64| {
             (seconds > 0.0).then(|| after.saturating_sub(before) as f64 / seconds)
         };
-        let traffic = match conn.traffic {
+        let traffic = match conn.traffic.as_deref() {
             Some(old) => {
                 let seconds = now_ns.saturating_sub(old.at_ns) as f64 / 1e9;
                 Traffic {
@@ -307,8 +308,8 @@ impl Model {
                 Traffic { sent, received, sent_per_s: None, received_per_s: None, at_ns: now_ns }
             }
         };
-        if conn.traffic != Some(traffic) {
-            conn.traffic = Some(traffic);
+        if conn.traffic.as_deref() != Some(&traffic) {
+            conn.traffic = Some(Box::new(traffic));
             self.version += 1;
         }
     }

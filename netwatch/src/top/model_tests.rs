@@ -102,8 +102,8 @@ fn traffic_rates_come_from_two_looks() {
     let mut model = Model::new(Vec::new(), 0);
     model.apply(transition(7, TcpState::SynSent, TcpState::Established, 0));
     model.set_traffic(7, 1000, 50, 1_000_000_000);
-    assert_eq!(model.conns[&7].traffic.and_then(|t| t.sent_per_s), None);
+    assert_eq!(model.conns[&7].traffic.as_ref().and_then(|t| t.sent_per_s), None);
     model.set_traffic(7, 3000, 50, 3_000_000_000);
-    let traffic = model.conns[&7].traffic.unwrap();
+    let traffic = model.conns[&7].traffic.as_deref().copied().unwrap();
     assert_eq!((traffic.sent_per_s, traffic.received_per_s), (Some(1000.0), Some(0.0)));
 }

@@ -100,6 +100,7 @@ fn the_default_view_fits_80_by_24() {
     let (tall, _) = screen(&model, &mut ui, now, (80, 40), None, COLOR);
     let refused = tall.lines().find(|l| l.contains("REFUSED")).unwrap_or_default();
     assert!(refused.contains("SYN-SENT>CLOSE REFUSED"), "the refused connect: {tall}");
+    assert!(refused.ends_with(" 127.0.0.1:18081"), "and where it went, in 80 columns: {refused}");
 }
 
 #[test]

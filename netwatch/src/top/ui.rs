@@ -434,13 +434,14 @@ fn sort(rows: &mut [&Conn], column: Column, descending: bool, now_ns: u64) {
         }
         Column::Sent => rows.sort_by_cached_key(|c| {
             key(
-                rate(c.traffic.and_then(|t| t.sent_per_s)).map(|r| (r, c.row().cookie)),
+                rate(c.traffic.as_ref().and_then(|t| t.sent_per_s)).map(|r| (r, c.row().cookie)),
                 !descending,
             )
         }),
         Column::Received => rows.sort_by_cached_key(|c| {
             key(
-                rate(c.traffic.and_then(|t| t.received_per_s)).map(|r| (r, c.row().cookie)),
+                rate(c.traffic.as_ref().and_then(|t| t.received_per_s))
+                    .map(|r| (r, c.row().cookie)),
                 !descending,
             )
         }),

@@ -293,11 +293,11 @@ fn cell(
             .style(style)
         }
         Column::Sent => {
-            Cell::from(conn.traffic.and_then(|t| t.sent_per_s).map_or(String::new(), rate))
+            Cell::from(conn.traffic.as_ref().and_then(|t| t.sent_per_s).map_or(String::new(), rate))
         }
-        Column::Received => {
-            Cell::from(conn.traffic.and_then(|t| t.received_per_s).map_or(String::new(), rate))
-        }
+        Column::Received => Cell::from(
+            conn.traffic.as_ref().and_then(|t| t.received_per_s).map_or(String::new(), rate),
+        ),
     }
 }
 
@@ -388,13 +388,20 @@ fn owner_text(pid: Option<u32>, comm: Option<&str>) -> String {
     }
 }
 
-fn ends(t: &TransitionRecord, ui: &Ui) -> String {
+/// Both ends; on a narrow terminal the local address is left out where it is the remote's
+/// (loopback, a host talking to itself), so that the remote end, which says where a failed
+/// connect went, still fits.
+fn ends(t: &TransitionRecord, ui: &Ui, width: u16) -> String {
     let service = |port| ui.name_of(port, Protocol::Tcp);
-    format!(
-        "{}  {}",
-        endpoint((t.laddr, t.lport), t.v6only, None, service(t.lport)),
-        endpoint((t.raddr, t.rport), t.v6only, None, service(t.rport))
-    )
+    let remote = endpoint((t.raddr, t.rport), t.v6only, None, service(t.rport));
+    let local = if width < 100 && t.laddr == t.raddr {
+        endpoint((t.laddr, t.lport), t.v6only, None, service(t.lport))
+            .rsplit_once(':')
+            .map_or(String::new(), |(_, port)| format!(":{port}"))
+    } else {
+        endpoint((t.laddr, t.lport), t.v6only, None, service(t.lport))
+    };
+    format!("{local}  {remote}")
 }
 
 /// A TCP state in `ss`'s short spelling; CLOSE as such (ss's UNCONN is for UDP).
@@ -433,7 +440,7 @@ fn stream_line(
                 " {} {} {}",
                 t.duration_ns.map_or("-".into(), millis),
                 owner_text(t.pid, t.comm.as_deref()),
-                ends(t, ui)
+                ends(t, ui, width)
             )));
             Line::from(spans)
         }
