@@ -41,9 +41,13 @@ impl Tmux {
         command
     }
 
-    fn screen(&self) -> String {
-        let output = self.command().args(["capture-pane", "-p", "-t", "top"]).output().unwrap();
+    fn output(&self, args: &[&str]) -> String {
+        let output = self.command().args(args).output().unwrap();
         String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    fn screen(&self) -> String {
+        self.output(&["capture-pane", "-p", "-t", "top"])
     }
 
     fn keys(&self, keys: &[&str]) {
@@ -228,19 +232,30 @@ fn top_shows_owners_failures_sorts_filters_and_gives_the_terminal_back() {
     let _ = client.wait();
 }
 
-/// Without an agent, top loads its own programs; SIGTERM ends it as `q` does.
+/// Without an agent, top loads its own programs; a listener's detail shows its queues;
+/// `NO_COLOR` takes the colours away; SIGTERM ends it as `q` does.
 #[test]
 fn top_without_an_agent_and_sigterm() {
     require_root();
     let ns = NetNs::new("topd");
     let _server = http_server(&ns);
-    let tmux = Tmux::start(&top_command("--no-agent", &ns), 80, 24);
+    let tmux = Tmux::start(&format!("NO_COLOR=1 {}", top_command("--no-agent", &ns)), 80, 24);
     let screen = tmux.wait_for("the listener", |s| {
         rows_with(s, "LISTEN")
             .iter()
             .any(|r| r.contains(&format!("127.0.0.1:{PORT}")) && r.contains("python3["))
     });
     assert!(screen.contains("own programs"), "{screen}");
+    let escapes = tmux.output(&["capture-pane", "-e", "-p", "-t", "top"]);
+    let coloured = (30..=37)
+        .chain(90..=97)
+        .any(|c| escapes.contains(&format!("\x1b[{c}m")) || escapes.contains(&format!(";{c}m")));
+    assert!(!coloured, "NO_COLOR: no colours: {escapes:?}");
+    // The listener (the state key's second stop) and its detail: the kernel's queues.
+    tmux.keys(&["s", "s", "Enter"]);
+    let screen = tmux.wait_for("the listener's queues", |s| s.contains("accept queue 0/"));
+    assert!(screen.contains("Listener") && screen.contains("half-open 0"), "{screen}");
+    tmux.keys(&["Escape"]);
     let pid = Command::new("pgrep")
         .args(["-f", "-n", &format!("top -n --netns {}", ns.name)])
         .output()

@@ -5,7 +5,8 @@
 //! [`state`] (the socket table, histories, statistics, and the tracer that runs the
 //! pipeline), which emits [`record`]s; [`serve`] is what the agent offers (local API,
 //! metrics, event log), [`output`] renders records and rows, [`query`] is what the user asked
-//! to see, and [`cmd`] has one module per verb; [`top`] is the live full-screen view. [`cli`] parses the command line.
+//! to see, and [`cmd`] has one module per verb; [`top`] is the live full-screen
+//! view. [`cli`] parses the command line.
 pub mod cli;
 pub mod cmd;
 pub mod error;

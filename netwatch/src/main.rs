@@ -13,7 +13,7 @@ fn main() -> ExitCode {
         _ => "debug",
     };
     tracing_subscriber::fmt()
-        .with_writer(netwatch::top::terminal::stderr)
+        .with_writer(netwatch::output::diagnostics::stderr)
         .with_target(false)
         .without_time()
         .with_env_filter(

@@ -106,6 +106,13 @@ pub struct Owner {
     pub comm: Comm,
 }
 
+impl std::fmt::Display for Owner {
+    /// `comm[pid]`, as `top` and the histories write a process.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}[{}]", self.comm, self.pid)
+    }
+}
+
 /// One line of the stream.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]

@@ -47,7 +47,8 @@ enum Outgoing {
 /// Everything the main loop answers clients from.
 struct Clients {
     sender: broadcast::Sender<Arc<Outgoing>>,
-    /// Held by each `live` client: while some are, the table notes its changes.
+    /// Each `live` client holds a strong reference (upgraded from the weak one every client
+    /// task gets): while some do, the table notes its changes.
     live: Arc<()>,
     rows_sent: tokio::time::Instant,
 }
@@ -120,7 +121,7 @@ pub async fn run(args: &AgentArgs) -> anyhow::Result<()> {
             }
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
-                    let client = serve(stream, clients.sender.subscribe(), clients.live.clone(), table_requests.clone(), services.clone());
+                    let client = serve(stream, clients.sender.subscribe(), Arc::downgrade(&clients.live), table_requests.clone(), services.clone());
                     tokio::spawn(client);
                 }
                 Err(error) => tracing::warn!("accepting an API client: {error}"),
@@ -131,6 +132,9 @@ pub async fn run(args: &AgentArgs) -> anyhow::Result<()> {
                 let scope = match &query {
                     Query::Table(_, Some(selection)) => selection.scope(),
                     Query::Live(_) => Scope { half_open: false, ..Scope::ALL },
+                    // One connection's history (top's detail, asked every second while
+                    // open): its events, not a dump of every timewait socket.
+                    Query::History(_, Some(_)) => Scope::NONE,
                     _ => Scope::ALL,
                 };
                 let left_out = tracer.settle(&mut records, scope)?;
@@ -263,7 +267,7 @@ async fn serve_metrics(mut stream: tokio::net::TcpStream, queries: mpsc::Sender<
 async fn serve(
     stream: UnixStream,
     records: broadcast::Receiver<Arc<Outgoing>>,
-    live: Arc<()>,
+    live: std::sync::Weak<()>,
     table_requests: mpsc::Sender<Query>,
     services: Arc<Services>,
 ) {
@@ -286,15 +290,15 @@ async fn serve(
     let records = matches!(request, Ok(Request { command: Command::Watch, .. })).then_some(records);
     let result = match request {
         Ok(Request { command: Command::Watch, .. }) => match records {
-            Some(records) => stream_records(&mut write, records, false).await,
+            Some(records) => stream_records(&mut write, records, None).await,
             None => Ok(()),
         },
         Ok(Request { command: Command::Live, .. }) => {
             // Held while the client is served: the main loop notes row changes meanwhile.
-            let _live = live;
+            let _live = live.upgrade();
             match ask_main_loop(&table_requests, Query::Live).await {
                 Some((rows, records)) => match write_json_line(&mut write, rows).await {
-                    Ok(()) => stream_records(&mut write, records, true).await,
+                    Ok(()) => stream_records(&mut write, records, Some(&table_requests)).await,
                     Err(error) => Err(error),
                 },
                 None => Ok(()),
@@ -331,11 +335,13 @@ async fn serve(
     }
 }
 
-/// Writes each record (and for a `live` client each change of rows) as an NDJSON line.
+/// Writes each record as an NDJSON line; for a `live` client (given the main loop's queue)
+/// each change of rows too, and after it fell behind a whole new table, since the rows it
+/// missed are not sent again.
 async fn stream_records(
     write: &mut BufWriter<tokio::net::unix::OwnedWriteHalf>,
     mut records: broadcast::Receiver<Arc<Outgoing>>,
-    live: bool,
+    live: Option<&mpsc::Sender<Query>>,
 ) -> std::io::Result<()> {
     let clock = WallClock::now();
     let mut missed_total = 0;
@@ -343,7 +349,7 @@ async fn stream_records(
         let line = match records.recv().await {
             Ok(outgoing) => match &*outgoing {
                 Outgoing::Record(record) => record.json(),
-                Outgoing::Rows(change) if live => {
+                Outgoing::Rows(change) if live.is_some() => {
                     serde_json::to_string(&Update::Rows(change.clone()))
                         .unwrap_or_else(|e| api::error_line(&e.to_string()))
                 }
@@ -358,7 +364,20 @@ async fn stream_records(
                     count,
                     total: missed_total,
                 };
-                StreamRecord::Lost(loss).json()
+                let mut line = StreamRecord::Lost(loss).json();
+                if let Some(queries) = live
+                    && let Some((rows, receiver)) = ask_main_loop(queries, Query::Live).await
+                {
+                    records = receiver;
+                    let table =
+                        Update::Rows(RowsChange { full: true, upsert: rows, gone: Vec::new() });
+                    line.push('\n');
+                    line.push_str(
+                        &serde_json::to_string(&table)
+                            .unwrap_or_else(|e| api::error_line(&e.to_string())),
+                    );
+                }
+                line
             }
             Err(broadcast::error::RecvError::Closed) => break,
         };

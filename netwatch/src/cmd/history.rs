@@ -14,15 +14,20 @@ use crate::{
 
 pub async fn run(args: &HistoryArgs) -> anyhow::Result<()> {
     let query = query::parse(&args.filter, &Services::load())?;
-    let Some(line) = api::ask(&args.socket, Command::History { cookie: args.cookie })
-        .await
-        .context("asking the agent")?
-    else {
+    let ask = |cookie| async move {
+        api::ask(&args.socket, Command::History { cookie }).await.context("asking the agent")
+    };
+    let Some(mut line) = ask(args.cookie).await? else {
         bail!(
             "no agent is running at {}: start `netwatch agent` (histories are kept by the agent)",
             args.socket.display()
         );
     };
+    // An agent older than the `cookie` field refuses it: it is asked for every history,
+    // which are filtered here in any case.
+    if args.cookie.is_some() && !line.starts_with('[') {
+        line = ask(None).await?.unwrap_or_default();
+    }
     let all: Vec<History> = serde_json::from_str(&line).with_context(|| {
         format!("the agent at {} answered: {}", args.socket.display(), line.trim())
     })?;

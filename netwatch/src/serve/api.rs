@@ -230,6 +230,21 @@ mod tests {
     }
 
     #[test]
+    fn a_rows_update_is_told_from_a_record_by_its_first_bytes() {
+        let update = Update::Rows(crate::record::RowsChange::default());
+        let line = serde_json::to_string(&update).unwrap();
+        assert!(Update::is_update(&line), "the tag comes first: {line}");
+        assert_eq!(serde_json::from_str::<Update>(&line).unwrap(), update);
+        let history = Request::new(Command::History { cookie: Some(7) });
+        let line = serde_json::to_string(&history).unwrap();
+        assert_eq!(line, r#"{"v":1,"cmd":"history","cookie":7}"#);
+        assert_eq!(
+            Request::parse(br#"{"v":1,"cmd":"history"}"#).unwrap().command,
+            Command::History { cookie: None }
+        );
+    }
+
+    #[test]
     fn bind_refuses_a_live_agent_and_replaces_a_stale_socket() {
         let dir = std::env::temp_dir().join(format!("netwatch-api-test-{}", std::process::id()));
         let path = dir.join("sub/agent.sock");

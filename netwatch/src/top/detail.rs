@@ -7,7 +7,8 @@ use ratatui::{
 
 use super::{
     model::Conn,
-    view::{Palette, Status, age, bytes, millis},
+    text::{age, bytes, millis, owner_text},
+    view::{Palette, Status},
 };
 use crate::{
     host::snapshot::Protocol,
@@ -69,11 +70,8 @@ pub fn lines(
                 .owners
                 .iter()
                 .map(|h| {
-                    if h.fd >= 0 {
-                        format!("{}[{}] fd {}", h.comm, h.pid, h.fd)
-                    } else {
-                        format!("{}[{}]", h.comm, h.pid)
-                    }
+                    let owner = owner_text(Some(h.pid), Some(&h.comm));
+                    if h.fd >= 0 { format!("{owner} fd {}", h.fd) } else { owner }
                 })
                 .collect();
             lines.push(Line::from(vec![
@@ -89,13 +87,12 @@ pub fn lines(
                 .owner_history
                 .iter()
                 .map(|c| match c.ago {
-                    Some(ago) => format!(
-                        "{}[{}] {} ago",
-                        c.owner.comm,
-                        c.owner.pid,
-                        age(ago.as_nanos() as u64)
-                    ),
-                    None => format!("{}[{}] (at netwatch's start)", c.owner.comm, c.owner.pid),
+                    // `ago` was counted when the row came: it has aged since.
+                    Some(ago) => {
+                        let since_row = now_ns.saturating_sub(conn.listed_at_ns);
+                        format!("{} {} ago", c.owner, age(ago.as_nanos() as u64 + since_row))
+                    }
+                    None => format!("{} (at netwatch's start)", c.owner),
                 })
                 .collect();
             if !owners.is_empty() {
@@ -171,18 +168,12 @@ fn history_lines(
 ) {
     lines.push(Line::from(bold("History")));
     if let Some(state) = h.snapshot_state {
-        let owner = h
-            .snapshot_owner
-            .as_ref()
-            .map_or(String::new(), |o| format!(" held by {}[{}]", o.comm, o.pid));
+        let owner = h.snapshot_owner.as_ref().map_or(String::new(), |o| format!(" held by {o}"));
         lines.push(Line::raw(format!("  {state} when netwatch started{owner}")));
     }
     for (i, step) in h.steps.iter().enumerate() {
         let spent = h.steps.get(i + 1).and_then(|next| next.duration_ns);
-        let owner = match (step.pid, &step.comm) {
-            (Some(pid), Some(comm)) => format!("{comm}[{pid}]"),
-            _ => "-".into(),
-        };
+        let owner = owner_text(step.pid, step.comm.as_ref());
         let time = step.time.with_timezone(&offset).format("%H:%M:%S%.6f");
         let entered = format!("{:<12}", step.new.to_string());
         let duration = match (spent, h.closed || i + 1 < h.steps.len()) {

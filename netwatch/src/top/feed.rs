@@ -140,22 +140,26 @@ impl Feed {
                     .context("the agent stopped")?;
                 let mut found: Vec<History> = serde_json::from_str(&line)
                     .map_err(|_| anyhow::anyhow!("the agent answered: {}", line.trim()))?;
+                let history = found.pop();
+                // The listeners' queues, only for a listener: stats dumps the kernel's.
+                let Some(h) = history.as_ref().filter(|h| is_listener(h)) else {
+                    return Ok((history, None));
+                };
                 let line = api::ask(socket, Command::Stats).await?.context("the agent stopped")?;
                 let report: crate::state::stats::Report = serde_json::from_str(&line)
                     .map_err(|_| anyhow::anyhow!("the agent answered: {}", line.trim()))?;
-                let history = found.pop();
-                let listener = history.as_ref().and_then(|h| listener_of(h, report.listeners));
+                let listener = listener_of(h, report.listeners);
                 Ok((history, listener))
             }
             Feed::Direct(direct) => {
                 let history = direct.histories.of(cookie).pop();
                 let listener = match &history {
-                    Some(h) => {
+                    Some(h) if is_listener(h) => {
                         let listeners = direct.tracer.listeners();
                         let kernel = direct.tracer.passive_sockets(&listeners);
                         listener_of(h, listener_summaries(listeners, kernel.as_deref()))
                     }
-                    None => None,
+                    _ => None,
                 };
                 Ok((history, listener))
             }
@@ -168,16 +172,14 @@ fn live_scope() -> Scope {
     Scope { half_open: false, ..Scope::ALL }
 }
 
-/// The summary of the listener `h` is, if it is one (listening, unconnected).
+/// Whether `h` is a listener's (unconnected, on a port).
+fn is_listener(h: &History) -> bool {
+    h.raddr.is_unspecified() && h.rport == 0 && h.lport != 0
+}
+
+/// The summary of the listener `h` is.
 fn listener_of(h: &History, listeners: Vec<ListenerSummary>) -> Option<ListenerSummary> {
-    let listening = h.raddr.is_unspecified() && h.rport == 0;
-    listening
-        .then(|| {
-            listeners
-                .into_iter()
-                .find(|l| l.netns == h.netns && l.lport == h.lport && l.laddr == h.laddr)
-        })
-        .flatten()
+    listeners.into_iter().find(|l| l.netns == h.netns && l.lport == h.lport && l.laddr == h.laddr)
 }
 
 impl Direct {

@@ -8,7 +8,8 @@
 mod detail;
 mod feed;
 mod model;
-pub mod terminal;
+mod terminal;
+mod text;
 mod traffic;
 mod ui;
 mod view;
@@ -93,6 +94,11 @@ pub async fn run(args: &TopArgs) -> anyhow::Result<()> {
                     match app.ui.key(key, &mut app.model, app.page) {
                         Action::Quit => break Ok(()),
                         Action::OpenDetail(cookie) => app.ask_detail(cookie).await,
+                        Action::Suspend => {
+                            if let Err(error) = app.screen.suspend() {
+                                break Err(error);
+                            }
+                        }
                         Action::None => {}
                     }
                     // A key shows at once, unless a frame was just drawn.
@@ -157,14 +163,10 @@ impl App {
     async fn tick(&mut self) -> anyhow::Result<()> {
         if self.refreshed.elapsed() >= REFRESH {
             self.refreshed = Instant::now();
-            let on_screen: Vec<u64> = self
-                .ui
-                .order
-                .iter()
-                .skip(self.ui.connections_offset)
-                .take(self.page)
-                .copied()
-                .collect();
+            // Grouped, no connection is on screen.
+            let rows = if self.ui.grouping == ui::Grouping::None { self.page } else { 0 };
+            let on_screen: Vec<u64> =
+                self.ui.order.iter().skip(self.ui.connections_offset).take(rows).copied().collect();
             self.traffic.refresh(&mut self.model, &on_screen, WallClock::monotonic_now_ns());
             if let Overlay::Detail(cookie) = self.ui.overlay {
                 self.ask_detail(cookie).await;

@@ -23,6 +23,9 @@ const RATE_WINDOW_NS: u64 = 5_000_000_000;
 #[derive(Clone, Debug, PartialEq)]
 pub struct Conn {
     pub listed: Listed,
+    /// When `listed` came (CLOCK_MONOTONIC): its times (`in_state`, owners' `ago`) were
+    /// counted then.
+    pub listed_at_ns: u64,
     /// CLOCK_MONOTONIC when the current state began, when known.
     pub since_ns: Option<u64>,
     /// How long its handshake took, when netwatch saw it (either end).
@@ -96,12 +99,13 @@ impl Conn {
             queues_known: false,
             owner_history: Vec::new(),
         };
-        Conn::new(listed, None)
+        Conn::new(listed, None, t.mono_ns)
     }
 
-    fn new(listed: Listed, since_ns: Option<u64>) -> Conn {
+    fn new(listed: Listed, since_ns: Option<u64>, listed_at_ns: u64) -> Conn {
         let mut conn = Conn {
             listed,
+            listed_at_ns,
             since_ns,
             connect_ns: None,
             retransmits: 0,
@@ -174,10 +178,11 @@ impl Model {
                 Some(mut conn) => {
                     conn.since_ns = since;
                     conn.listed = listed;
+                    conn.listed_at_ns = now_ns;
                     conn.note_owner();
                     conn
                 }
-                None => Conn::new(listed, since),
+                None => Conn::new(listed, since, now_ns),
             };
             self.conns.insert(cookie, conn);
         }
@@ -201,10 +206,11 @@ impl Model {
                         conn.since_ns = since;
                     }
                     conn.listed = listed;
+                    conn.listed_at_ns = now_ns;
                     conn.note_owner();
                 }
                 None => {
-                    self.conns.insert(listed.row.cookie, Conn::new(listed, since));
+                    self.conns.insert(listed.row.cookie, Conn::new(listed, since, now_ns));
                 }
             }
         }

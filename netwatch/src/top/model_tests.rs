@@ -1,3 +1,4 @@
+//! The model without a terminal: transitions, row changes, pause, rates and byte counts.
 use super::*;
 use crate::record::{LossReason, LossRecord};
 

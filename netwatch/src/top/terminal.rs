@@ -1,10 +1,7 @@
 //! The terminal while `netwatch top` runs: raw mode on the alternate screen, and put back as
 //! it was when top ends, returns an error, or panics. Diagnostics written meanwhile would
 //! scribble over the screen: they are held, and printed once it is put back.
-use std::{
-    io::{self, Stdout, Write as _},
-    sync::Mutex,
-};
+use std::io::{self, Stdout};
 
 use anyhow::Context as _;
 use crossterm::{
@@ -14,40 +11,10 @@ use crossterm::{
 };
 use ratatui::{Frame, Terminal, backend::CrosstermBackend};
 
+use crate::output::diagnostics;
+
 pub struct Screen {
     terminal: Terminal<CrosstermBackend<Stdout>>,
-}
-
-/// Diagnostics held while the screen is up (None: write them at once).
-static HELD: Mutex<Option<Vec<u8>>> = Mutex::new(None);
-/// At most this much is held; the rest is counted.
-const HELD_MAX: usize = 64 * 1024;
-
-/// Where netwatch's diagnostics go (`tracing_subscriber`'s writer): stderr, or held while
-/// the screen is up.
-pub struct Stderr;
-
-/// The writer for `tracing_subscriber::fmt().with_writer(..)`.
-pub fn stderr() -> Stderr {
-    Stderr
-}
-
-impl io::Write for Stderr {
-    fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
-        let mut held = HELD.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        match held.as_mut() {
-            Some(buffer) => {
-                let room = HELD_MAX.saturating_sub(buffer.len());
-                buffer.extend_from_slice(&bytes[..bytes.len().min(room)]);
-                Ok(bytes.len())
-            }
-            None => io::stderr().write(bytes),
-        }
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        io::stderr().flush()
-    }
 }
 
 /// Leaves raw mode and the alternate screen, then prints what was held; safe to call more
@@ -55,14 +22,7 @@ impl io::Write for Stderr {
 fn restore() {
     let _ = disable_raw_mode();
     let _ = execute!(io::stdout(), LeaveAlternateScreen, Show);
-    let held = HELD.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take();
-    if let Some(held) = held.filter(|h| !h.is_empty()) {
-        let mut stderr = io::stderr();
-        let _ = stderr.write_all(&held);
-        if held.len() >= HELD_MAX {
-            let _ = writeln!(stderr, "netwatch: (more diagnostics were left out)");
-        }
-    }
+    diagnostics::release();
 }
 
 impl Screen {
@@ -72,7 +32,7 @@ impl Screen {
             restore();
             previous(info);
         }));
-        *HELD.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(Vec::new());
+        diagnostics::hold();
         if let Err(error) = enable_raw_mode() {
             restore();
             return Err(error).context("putting the terminal in raw mode");
@@ -89,6 +49,21 @@ impl Screen {
                 Err(error)
             }
         }
+    }
+
+    /// Ctrl-Z: gives the terminal back, stops as a shell job does, and takes the screen
+    /// again once continued (`fg`), drawn afresh. In raw mode the terminal sends the key
+    /// rather than the signal.
+    pub fn suspend(&mut self) -> anyhow::Result<()> {
+        restore();
+        // SAFETY: raising a signal at this process has no memory-safety preconditions; its
+        // default action stops it until SIGCONT.
+        unsafe { libc::raise(libc::SIGTSTP) };
+        diagnostics::hold();
+        enable_raw_mode().context("putting the terminal in raw mode")?;
+        execute!(io::stdout(), EnterAlternateScreen, Hide)
+            .context("switching to the alternate screen")?;
+        self.terminal.clear().context("clearing the terminal")
     }
 
     /// Draws a frame; returns what `draw` returned.

@@ -233,3 +233,54 @@ fn help_pause_and_quit() {
     let ctrl_c = KeyEvent::new(KeyCode::Char('c'), KeyModifiers::CONTROL);
     assert_eq!(ui.key(ctrl_c, &mut model, 10), Action::Quit);
 }
+
+/// The recording's last transition, as a new connection's (`cookie`) at `mono_ns`.
+fn new_connection(cookie: u64, mono_ns: u64) -> crate::record::StreamRecord {
+    let last = RECORDING.lines().rev().find(|l| l.contains(r#""type":"transition""#)).unwrap();
+    let mut record: crate::record::StreamRecord = serde_json::from_str(last).unwrap();
+    if let crate::record::StreamRecord::Transition(t) = &mut record {
+        (t.cookie, t.mono_ns) = (Some(cookie), mono_ns);
+    }
+    record
+}
+
+#[test]
+fn the_selection_stays_on_its_connection_and_a_paused_pane_selects_what_it_shows() {
+    let (mut model, now) = replayed();
+    let mut ui = ui();
+    ui.arrange(&model, now);
+    key(&mut ui, &mut model, KeyCode::Down);
+    key(&mut ui, &mut model, KeyCode::Down);
+    let chosen = ui.order[ui.selected];
+    // A new connection sorts first (the newest state): the selection stays on its row.
+    model.apply(new_connection(99, now));
+    ui.arrange(&model, now);
+    assert_eq!(ui.order[0], 99);
+    assert_eq!(ui.order[ui.selected], chosen, "the selection followed its connection");
+    // Paused, the pane shows what it had: its newest line is still the one selected.
+    key(&mut ui, &mut model, KeyCode::Tab);
+    assert_eq!(ui.selected_cookie(&model), Some(99));
+    key(&mut ui, &mut model, KeyCode::Char(' '));
+    model.apply(new_connection(98, now));
+    ui.arrange(&model, now);
+    assert_eq!(ui.selected_cookie(&model), Some(99), "not the line that came while paused");
+}
+
+#[test]
+fn grouping_by_remote_takes_a_servers_peers_by_address() {
+    let (mut model, now) = replayed();
+    let mut ui = ui();
+    key(&mut ui, &mut model, KeyCode::Char('g'));
+    key(&mut ui, &mut model, KeyCode::Char('g'));
+    ui.arrange(&model, now);
+    let names: Vec<&str> = ui.groups.iter().map(|g| g.name.as_str()).collect();
+    // The server's accepted connections and timewait ends come from ephemeral ports of
+    // 127.0.0.1; its clients' ends go to 127.0.0.1:18080.
+    assert!(names.contains(&"127.0.0.1") && names.contains(&"127.0.0.1:18080"), "{names:?}");
+    let service = ui.groups.iter().position(|g| g.name == "127.0.0.1:18080").unwrap();
+    ui.selected = service;
+    key(&mut ui, &mut model, KeyCode::Enter);
+    ui.arrange(&model, now);
+    assert_eq!(ui.filter_text, "dst 127.0.0.1 dport = :18080");
+    assert!(ui.order.iter().all(|c| model.conns[c].row().remote.1 == 18080));
+}

@@ -42,6 +42,11 @@ impl Column {
         Column::Received,
     ];
 
+    /// Columns one sorts to find the most: largest first unless reversed.
+    pub fn most_first(self) -> bool {
+        matches!(self, Column::Retransmits | Column::Sent | Column::Received)
+    }
+
     pub fn title(self) -> &'static str {
         match self {
             Column::State => "STATE",
@@ -93,14 +98,17 @@ pub enum Action {
     Quit,
     /// A detail was opened: fetch its history.
     OpenDetail(u64),
+    /// Ctrl-Z: stop as a shell job, until continued.
+    Suspend,
 }
 
-/// A group's line: its name, how many sockets, and the first socket's cookie.
+/// A group's line: its name, what Enter filters on, and its sockets by state.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Group {
     pub name: String,
     pub pid: Option<u32>,
-    pub remote: Option<(std::net::IpAddr, u16)>,
+    /// The remote address, and port when the group is one remote service.
+    pub remote: Option<(std::net::IpAddr, Option<u16>)>,
     pub sockets: usize,
     pub established: usize,
     pub listening: usize,
@@ -124,6 +132,8 @@ pub struct Ui {
     /// Index of the selected row in each pane (the transitions pane counts from the newest).
     pub selected: usize,
     pub selected_line: usize,
+    /// The connection the selection stays on while rows move (re-sorted, added, removed).
+    pinned: Option<u64>,
     /// The first row each pane shows.
     pub connections_offset: usize,
     pub transitions_offset: usize,
@@ -156,6 +166,7 @@ impl Ui {
             port_filter: None,
             selected: 0,
             selected_line: 0,
+            pinned: None,
             connections_offset: 0,
             transitions_offset: 0,
             order: Vec::new(),
@@ -179,7 +190,9 @@ impl Ui {
             }
             Pane::Connections => None,
             Pane::Transitions => {
-                let index = model.stream.len().checked_sub(1 + self.selected_line)?;
+                // Counted from the newest line shown: while paused, those that came since are not.
+                let shown = model.stream.len().saturating_sub(model.unseen);
+                let index = shown.checked_sub(1 + self.selected_line)?;
                 match model.stream.get(index)? {
                     StreamRecord::Transition(t) => t.cookie,
                     StreamRecord::Retransmit(r) => Some(r.cookie),
@@ -191,8 +204,12 @@ impl Ui {
 
     /// Handles one key; `page` is how many rows the focused pane shows.
     pub fn key(&mut self, key: KeyEvent, model: &mut Model, page: usize) -> Action {
-        if key.modifiers.contains(KeyModifiers::CONTROL) && key.code == KeyCode::Char('c') {
-            return Action::Quit;
+        if key.modifiers.contains(KeyModifiers::CONTROL) {
+            match key.code {
+                KeyCode::Char('c') => return Action::Quit,
+                KeyCode::Char('z') => return Action::Suspend,
+                _ => {}
+            }
         }
         if let Overlay::Filter(text) = &mut self.overlay {
             match key.code {
@@ -212,18 +229,14 @@ impl Ui {
         }
         if self.overlay != Overlay::None {
             if matches!(key.code, KeyCode::Esc | KeyCode::Enter | KeyCode::Char('?' | 'q')) {
-                let quit = key.code == KeyCode::Char('q') && self.overlay == Overlay::Help;
                 self.overlay = Overlay::None;
-                if quit {
-                    return Action::None;
-                }
             }
             return Action::None;
         }
         let rows = match self.focus {
             Pane::Connections if self.grouping == Grouping::None => self.order.len(),
             Pane::Connections => self.groups.len(),
-            Pane::Transitions => model.stream.len(),
+            Pane::Transitions => model.stream.len().saturating_sub(model.unseen),
         };
         let at = match self.focus {
             Pane::Connections => &mut self.selected,
@@ -238,6 +251,24 @@ impl Ui {
             KeyCode::PageDown => *at = (*at + page.max(1)).min(rows.saturating_sub(1)),
             KeyCode::Home => *at = 0,
             KeyCode::End => *at = rows.saturating_sub(1),
+            _ => {}
+        }
+        if matches!(
+            key.code,
+            KeyCode::Up
+                | KeyCode::Down
+                | KeyCode::Char('j' | 'k')
+                | KeyCode::PageUp
+                | KeyCode::PageDown
+                | KeyCode::Home
+                | KeyCode::End
+        ) {
+            if self.focus == Pane::Connections && self.grouping == Grouping::None {
+                self.pinned = self.order.get(self.selected).copied();
+            }
+            return Action::None;
+        }
+        match key.code {
             KeyCode::Tab | KeyCode::BackTab => {
                 self.focus = match self.focus {
                     Pane::Connections => Pane::Transitions,
@@ -253,21 +284,21 @@ impl Ui {
             KeyCode::Char('s') => {
                 let at = STATE_CYCLE.iter().position(|s| *s == self.state_filter).unwrap_or(0);
                 self.state_filter = STATE_CYCLE[(at + 1) % STATE_CYCLE.len()];
-                self.selected = 0;
+                self.unpin();
             }
             KeyCode::Char('p') => {
                 self.pid_filter = match self.pid_filter {
                     Some(_) => None,
                     None => self.selected_conn(model).and_then(|c| c.owner().0).map(|o| o.pid),
                 };
-                self.selected = 0;
+                self.unpin();
             }
             KeyCode::Char('o') => {
                 self.port_filter = match self.port_filter {
                     Some(_) => None,
                     None => self.selected_conn(model).map(service_port),
                 };
-                self.selected = 0;
+                self.unpin();
             }
             KeyCode::Char('c') => {
                 (self.state_filter, self.pid_filter, self.port_filter) = (None, None, None);
@@ -279,11 +310,17 @@ impl Ui {
                     Grouping::Process => Grouping::Remote,
                     Grouping::Remote => Grouping::None,
                 };
-                self.selected = 0;
+                self.unpin();
             }
             _ => {}
         }
         Action::None
+    }
+
+    /// Selects the first row, for a new filter or grouping.
+    fn unpin(&mut self) {
+        self.selected = 0;
+        self.pinned = None;
     }
 
     fn selected_conn<'m>(&self, model: &'m Model) -> Option<&'m Conn> {
@@ -295,13 +332,16 @@ impl Ui {
         if self.focus == Pane::Connections && self.grouping != Grouping::None {
             if let Some(group) = self.groups.get(self.selected).cloned() {
                 self.grouping = Grouping::None;
-                self.selected = 0;
+                self.unpin();
                 if let Some(pid) = group.pid {
                     self.pid_filter = Some(pid);
                 }
-                if let Some((address, port)) = group.remote {
-                    let filter = format!("dst {} dport = :{port}", bare(address));
-                    self.set_filter(&filter);
+                match group.remote {
+                    Some((address, Some(port))) => {
+                        self.set_filter(&format!("dst {} dport = :{port}", bare(address)));
+                    }
+                    Some((address, None)) => self.set_filter(&format!("dst {}", bare(address))),
+                    None => {}
                 }
             }
             return Action::None;
@@ -325,7 +365,7 @@ impl Ui {
                 self.selection = selection;
                 self.filter_text = text.trim().to_string();
                 self.filter_error = None;
-                self.selected = 0;
+                self.unpin();
             }
             Err(error) => self.filter_error = Some(format!("bad filter: {error}")),
         }
@@ -359,8 +399,15 @@ impl Ui {
         self.order = kept.iter().map(|c| c.row().cookie).collect();
         let rows =
             if self.grouping == Grouping::None { self.order.len() } else { self.groups.len() };
+        if let Some(at) = self.pinned.and_then(|c| self.order.iter().position(|o| *o == c)) {
+            self.selected = at;
+        }
         self.selected = self.selected.min(rows.saturating_sub(1));
-        self.selected_line = self.selected_line.min(model.stream.len().saturating_sub(1));
+        if self.grouping == Grouping::None {
+            self.pinned = self.order.get(self.selected).copied();
+        }
+        let lines = model.stream.len().saturating_sub(model.unseen);
+        self.selected_line = self.selected_line.min(lines.saturating_sub(1));
     }
 }
 
@@ -407,6 +454,7 @@ fn sort(rows: &mut [&Conn], column: Column, descending: bool, now_ns: u64) {
         }
     }
     let rate = |r: Option<f64>| r.map(|r| (r * 1000.0) as u64);
+    let descending = descending != column.most_first();
     match column {
         Column::State => rows
             .sort_by_cached_key(|c| key(Some((c.row().state as u8, c.row().cookie)), descending)),
@@ -428,21 +476,20 @@ fn sort(rows: &mut [&Conn], column: Column, descending: bool, now_ns: u64) {
         Column::Connect => {
             rows.sort_by_cached_key(|c| key(c.connect_ns.map(|n| (n, c.row().cookie)), descending))
         }
-        // Most first, unless reversed: what one sorts these columns for.
         Column::Retransmits => {
-            rows.sort_by_cached_key(|c| key(Some((c.retransmits, c.row().cookie)), !descending))
+            rows.sort_by_cached_key(|c| key(Some((c.retransmits, c.row().cookie)), descending))
         }
         Column::Sent => rows.sort_by_cached_key(|c| {
             key(
                 rate(c.traffic.as_ref().and_then(|t| t.sent_per_s)).map(|r| (r, c.row().cookie)),
-                !descending,
+                descending,
             )
         }),
         Column::Received => rows.sort_by_cached_key(|c| {
             key(
                 rate(c.traffic.as_ref().and_then(|t| t.received_per_s))
                     .map(|r| (r, c.row().cookie)),
-                !descending,
+                descending,
             )
         }),
     }
@@ -455,19 +502,20 @@ fn groups(rows: &[&Conn], grouping: Grouping) -> Vec<Group> {
         let (name, pid, remote) = match grouping {
             // A socket no process holds any more counts for the process that last had it.
             Grouping::Process => match conn.owner().0.or_else(|| conn.last_owner.clone()) {
-                Some(owner) => (format!("{}[{}]", owner.comm, owner.pid), Some(owner.pid), None),
+                Some(owner) => (owner.to_string(), Some(owner.pid), None),
                 None => ("(no process)".to_string(), None, None),
             },
             _ => {
                 let remote = conn.row().remote;
+                // A server's peers connect from ephemeral ports: its peer is the address.
+                let server = service_port(conn) == conn.row().local.1;
                 if remote.1 == 0 {
                     ("(not connected)".to_string(), None, None)
+                } else if server {
+                    (bare(remote.0), None, Some((remote.0, None)))
                 } else {
-                    (
-                        crate::output::address::endpoint(remote, false, None, None),
-                        None,
-                        Some(remote),
-                    )
+                    let name = crate::output::address::endpoint(remote, false, None, None);
+                    (name, None, Some((remote.0, Some(remote.1))))
                 }
             }
         };

@@ -11,6 +11,7 @@ use ratatui::{
 use super::{
     Detail,
     model::{Conn, Model},
+    text::{age, fit_owner, keep_end, millis, owner_text, rate, short},
     ui::{Column, Grouping, Overlay, Pane, Ui},
 };
 use crate::{
@@ -159,7 +160,7 @@ fn columns(width: u16) -> Vec<(Column, u16)> {
         (Column::State, Constraint::Length(10)),
         (Column::Local, Constraint::Fill(1)),
         (Column::Remote, Constraint::Fill(1)),
-        (Column::Process, Constraint::Length(15)),
+        (Column::Process, Constraint::Length(if width >= 110 { 22 } else { 15 })),
         (Column::InState, Constraint::Length(8)),
         (Column::Connect, Constraint::Length(7)),
         (Column::Retransmits, Constraint::Length(3)),
@@ -171,17 +172,6 @@ fn columns(width: u16) -> Vec<(Column, u16)> {
     let area = Rect { x: 0, y: 0, width, height: 1 };
     let widths = Layout::horizontal(columns.iter().map(|(_, c)| *c)).spacing(1).split(area);
     columns.iter().zip(widths.iter()).map(|((column, _), rect)| (*column, rect.width)).collect()
-}
-
-/// `text` in `width` columns: its end kept (an address's port), its start cut with `…`.
-fn keep_end(text: String, width: u16) -> String {
-    let width = usize::from(width);
-    let count = text.chars().count();
-    if count <= width || width == 0 {
-        return text;
-    }
-    let tail: String = text.chars().skip(count - (width - 1)).collect();
-    format!("…{tail}")
 }
 
 fn draw_connections(
@@ -216,7 +206,11 @@ fn draw_connections(
     let offset = scroll(&mut ui.connections_offset, ui.selected, page);
     let columns = columns(inner.width);
     let header = Row::new(columns.iter().map(|(c, _)| {
-        let mark = if *c == ui.sort { if ui.descending { "v" } else { "^" } } else { "" };
+        let mark = match (*c == ui.sort, ui.descending != c.most_first()) {
+            (false, _) => "",
+            (true, true) => "v",
+            (true, false) => "^",
+        };
         Cell::from(format!("{}{mark}", c.title()))
     }))
     .style(palette.title());
@@ -270,13 +264,14 @@ fn cell(
         Column::Process => {
             let (owner, holders) = conn.owner();
             match (owner, &conn.last_owner) {
-                (Some(owner), _) if holders > 1 => {
-                    Cell::from(format!("{}[{}]+{}", owner.comm, owner.pid, holders - 1))
+                (Some(owner), _) => {
+                    let more =
+                        if holders > 1 { format!("+{}", holders - 1) } else { String::new() };
+                    Cell::from(fit_owner(&owner, "", &more, width))
                 }
-                (Some(owner), _) => Cell::from(format!("{}[{}]", owner.comm, owner.pid)),
                 // Held by no process any more: who had it, in parentheses.
                 (None, Some(last)) => {
-                    Cell::from(format!("({}[{}])", last.comm, last.pid)).style(palette.dim())
+                    Cell::from(fit_owner(last, "(", ")", width)).style(palette.dim())
                 }
                 (None, None) => Cell::from("-"),
             }
@@ -381,13 +376,6 @@ fn draw_transitions(
     frame.render_widget(Paragraph::new(lines), inner);
 }
 
-fn owner_text(pid: Option<u32>, comm: Option<&str>) -> String {
-    match (pid, comm) {
-        (Some(pid), Some(comm)) => format!("{comm}[{pid}]"),
-        _ => "-".into(),
-    }
-}
-
 /// Both ends; on a narrow terminal the local address is left out where it is the remote's
 /// (loopback, a host talking to itself), so that the remote end, which says where a failed
 /// connect went, still fits.
@@ -402,11 +390,6 @@ fn ends(t: &TransitionRecord, ui: &Ui, width: u16) -> String {
         endpoint((t.laddr, t.lport), t.v6only, None, service(t.lport))
     };
     format!("{local}  {remote}")
-}
-
-/// A TCP state in `ss`'s short spelling; CLOSE as such (ss's UNCONN is for UDP).
-fn short(state: TcpState) -> &'static str {
-    if state == TcpState::Close { "CLOSE" } else { ss_state(state) }
 }
 
 /// A stream line, most telling first so that a narrow terminal cuts the least of it: time,
@@ -439,7 +422,7 @@ fn stream_line(
             spans.push(Span::raw(format!(
                 " {} {} {}",
                 t.duration_ns.map_or("-".into(), millis),
-                owner_text(t.pid, t.comm.as_deref()),
+                owner_text(t.pid, t.comm.as_ref()),
                 ends(t, ui, width)
             )));
             Line::from(spans)
@@ -449,7 +432,7 @@ fn stream_line(
             Span::styled(format!("RETRANSMIT {} #{}", r.resent.name(), r.count), palette.failure()),
             Span::raw(format!(
                 " {} {}  {}",
-                owner_text(r.pid, r.comm.as_deref()),
+                owner_text(r.pid, r.comm.as_ref()),
                 endpoint((r.laddr, r.lport), false, None, None),
                 endpoint((r.raddr, r.rport), false, None, None)
             )),
@@ -486,14 +469,14 @@ fn draw_footer(frame: &mut Frame, area: Rect, ui: &Ui, palette: Palette) {
 
 /// The key map, as the help overlay shows it (one line each, to fit 80x24).
 pub const KEYS: &[(&str, &str)] = &[
-    ("q, Ctrl-C", "quit"),
+    ("q, Ctrl-C", "quit; Ctrl-Z stops top as a shell job (fg resumes)"),
     ("arrows j k", "move the selection; PgUp PgDn Home End by page"),
     ("Tab", "switch pane: connections / transitions"),
     ("Enter", "history, owners, bytes of the selected one; a listener's queues"),
     ("/", "filter: state NAME, sport|dport OP :PORT, src|dst ADDR[/LEN]"),
     ("s", "cycle a state: ESTAB LISTEN SYN-SENT TIME-WAIT CLOSE-WAIT ..."),
     ("p  o", "only the selected socket's process / service port (again: all)"),
-    ("c", "clear every filter"),
+    ("c", "clear the filters set here (not the command line's)"),
     ("g", "group by process, by remote endpoint, or not"),
     ("<  >  r", "sort by the previous / next column; reverse the sort"),
     ("space", "pause the transitions pane (what arrives is kept)"),
@@ -546,41 +529,4 @@ fn draw_detail(
     let lines = super::detail::lines(cookie, model.conns.get(&cookie), detail, status, ui, palette);
     let block = Block::bordered().title(format!(" Connection {cookie} (Esc closes) "));
     frame.render_widget(Paragraph::new(lines).block(block).wrap(Wrap { trim: false }), area);
-}
-
-/// `0.41ms`, `12.3ms`, `1.20s`.
-pub fn millis(ns: u64) -> String {
-    let ms = ns as f64 / 1e6;
-    if ms < 10.0 {
-        format!("{ms:.2}ms")
-    } else if ms < 1000.0 {
-        format!("{ms:.1}ms")
-    } else {
-        format!("{:.2}s", ms / 1000.0)
-    }
-}
-
-/// `12s`, `5m02s`, `3h04m`, `2d03h`.
-pub fn age(ns: u64) -> String {
-    let s = ns / 1_000_000_000;
-    match s {
-        0..60 => format!("{s}s"),
-        60..3600 => format!("{}m{:02}s", s / 60, s % 60),
-        3600..86_400 => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
-        _ => format!("{}d{:02}h", s / 86_400, s % 86_400 / 3600),
-    }
-}
-
-/// Bytes per second, `812B`, `12.3K`, `4.5M`.
-pub fn rate(per_s: f64) -> String {
-    bytes(per_s as u64)
-}
-
-pub fn bytes(n: u64) -> String {
-    match n {
-        0..1024 => format!("{n}B"),
-        1024..1_048_576 => format!("{:.1}K", n as f64 / 1024.0),
-        1_048_576..1_073_741_824 => format!("{:.1}M", n as f64 / 1_048_576.0),
-        _ => format!("{:.1}G", n as f64 / 1_073_741_824.0),
-    }
 }

@@ -203,9 +203,20 @@ impl Table {
         row: &SocketRow,
         now_ns: u64,
     ) -> Option<Transition> {
+        let expires_ns = Facts::from_row(row, now_ns).expires_ns;
+        let before = self.sockets.get(&key)?.facts.as_ref()?.expires_ns;
+        // The kernel's timer, read again, moves by the dump's rounding: only a real change
+        // (a timewait socket's timer restarted by a late FIN) changes the row.
+        let moved = match (before, expires_ns) {
+            (Some(old), Some(new)) => old.abs_diff(new) > 1_000_000_000,
+            (old, new) => old != new,
+        };
+        if moved && let SockKey::Cookie(cookie) = key {
+            self.mark_changed(cookie);
+        }
         let socket = self.sockets.get_mut(&key)?;
         let facts = socket.facts.as_mut()?;
-        facts.expires_ns = Facts::from_row(row, now_ns).expires_ns;
+        facts.expires_ns = expires_ns;
         let old = socket.state?;
         if old == row.state {
             return None;

@@ -19,6 +19,7 @@ pub struct Scope {
 
 impl Scope {
     pub const ALL: Scope = Scope { timewait: true, fin_wait2: true, half_open: true };
+    pub const NONE: Scope = Scope { timewait: false, fin_wait2: false, half_open: false };
 }
 
 impl Tracer {
