@@ -91,6 +91,11 @@ pub async fn run(args: &TopArgs) -> anyhow::Result<()> {
             event = events.next() => match event {
                 Some(Ok(Event::Key(key))) if key.kind != KeyEventKind::Release => {
                     app.touched = true;
+                    // Keys that came together (a paste, a fast typist, a slow machine) act on
+                    // the rows the keys before them chose, not on the last frame's.
+                    if app.ui.stale() {
+                        app.ui.arrange(&app.model, WallClock::monotonic_now_ns());
+                    }
                     match app.ui.key(key, &mut app.model, app.page) {
                         Action::Quit => break Ok(()),
                         Action::OpenDetail(cookie) => app.ask_detail(cookie).await,

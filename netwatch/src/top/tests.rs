@@ -266,6 +266,25 @@ fn the_selection_stays_on_its_connection_and_a_paused_pane_selects_what_it_shows
     assert_eq!(ui.selected_cookie(&model), Some(99), "not the line that came while paused");
 }
 
+/// Keys that arrive together act on what the keys before them chose: the loop arranges a
+/// stale view before the next key.
+#[test]
+fn keys_in_one_burst_act_on_the_rows_the_earlier_ones_chose() {
+    let (mut model, now) = replayed();
+    let mut ui = ui();
+    ui.arrange(&model, now);
+    for code in [KeyCode::Char('s'), KeyCode::Char('s'), KeyCode::Enter] {
+        if ui.stale() {
+            ui.arrange(&model, now);
+        }
+        if let Action::OpenDetail(cookie) = key(&mut ui, &mut model, code) {
+            assert_eq!(model.conns[&cookie].row().state, crate::kernel::events::TcpState::Listen);
+            return;
+        }
+    }
+    panic!("Enter opened no detail on the listener");
+}
+
 #[test]
 fn grouping_by_remote_takes_a_servers_peers_by_address() {
     let (mut model, now) = replayed();

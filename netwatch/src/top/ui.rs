@@ -134,6 +134,8 @@ pub struct Ui {
     pub selected_line: usize,
     /// The connection the selection stays on while rows move (re-sorted, added, removed).
     pinned: Option<u64>,
+    /// A key changed what is shown since the rows were last arranged.
+    stale: bool,
     /// The first row each pane shows.
     pub connections_offset: usize,
     pub transitions_offset: usize,
@@ -167,6 +169,7 @@ impl Ui {
             selected: 0,
             selected_line: 0,
             pinned: None,
+            stale: true,
             connections_offset: 0,
             transitions_offset: 0,
             order: Vec::new(),
@@ -217,6 +220,7 @@ impl Ui {
                     let text = std::mem::take(text);
                     self.overlay = Overlay::None;
                     self.set_filter(&text);
+                    self.stale = true;
                 }
                 KeyCode::Esc => self.overlay = Overlay::None,
                 KeyCode::Backspace => {
@@ -268,6 +272,9 @@ impl Ui {
             }
             return Action::None;
         }
+        // Any other key may change what is shown: the next key that acts on the selection
+        // must see the rows arranged again first.
+        self.stale = true;
         match key.code {
             KeyCode::Tab | KeyCode::BackTab => {
                 self.focus = match self.focus {
@@ -380,7 +387,13 @@ impl Ui {
     }
 
     /// Recomputes the rows shown and their order (and the groups, and the header's counts).
+    /// Whether a key changed what is shown since the rows were last arranged.
+    pub fn stale(&self) -> bool {
+        self.stale
+    }
+
     pub fn arrange(&mut self, model: &Model, now_ns: u64) {
+        self.stale = false;
         let mut kept: Vec<&Conn> = model.conns.values().filter(|c| self.keeps(c)).collect();
         let mut by_state = std::collections::BTreeMap::new();
         for conn in &kept {
