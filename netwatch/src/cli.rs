@@ -72,10 +72,7 @@ impl Cli {
                 ..TableSelect::default()
             },
             numeric: false,
-            no_agent: w.no_agent,
-            socket: w.socket.clone(),
-            source: w.source,
-            ring_size: w.ring_size,
+            programs: w.programs.clone(),
         }
     }
 }
@@ -117,6 +114,13 @@ pub struct TopArgs {
     /// Numeric ports (no service names from /etc/services).
     #[arg(short = 'n', long = "numeric")]
     pub numeric: bool,
+    #[command(flatten)]
+    pub programs: Programs,
+}
+
+/// Where `watch` and `top` get their events: a running agent, or programs of their own.
+#[derive(Clone, Debug, Args)]
+pub struct Programs {
     /// Load programs of our own even when an agent is running.
     #[arg(long)]
     pub no_agent: bool,
@@ -132,7 +136,12 @@ pub struct TopArgs {
     pub ring_size: Option<u32>,
 }
 
-impl TopArgs {
+impl Programs {
+    /// Whether to load programs of our own: asked, or an option shapes the kernel side.
+    pub fn own(&self) -> bool {
+        self.no_agent || self.source != SourceChoice::Auto || self.ring_size.is_some()
+    }
+
     pub fn load_options(&self) -> LoadOptions {
         LoadOptions { source: self.source, ring_size: self.ring_size }
     }
@@ -368,19 +377,8 @@ pub struct WatchArgs {
     /// Do not print the column header (text output).
     #[arg(long)]
     pub no_header: bool,
-    /// TCP state source: tp_btf (needs BTF), the classic tracepoint, or auto. Implies
-    /// --no-agent.
-    #[arg(long, value_enum, default_value_t = SourceChoice::Auto)]
-    pub source: SourceChoice,
-    /// Ring buffer size in bytes: a power of two, at least 4096. Implies --no-agent.
-    #[arg(long, value_name = "BYTES", value_parser = parse_ring_size)]
-    pub ring_size: Option<u32>,
-    /// Load programs of our own even when an agent is running.
-    #[arg(long)]
-    pub no_agent: bool,
-    /// Where to look for a running agent.
-    #[arg(long, value_name = "PATH", default_value = api::DEFAULT_SOCKET)]
-    pub socket: PathBuf,
+    #[command(flatten)]
+    pub programs: Programs,
     /// The records shown (after the filters) are also appended to --log.
     #[command(flatten)]
     pub log: LogArgs,
@@ -418,10 +416,6 @@ impl WatchArgs {
 
     pub fn format(&self) -> Format {
         if self.json { Format::Json } else { Format::Text }
-    }
-
-    pub fn load_options(&self) -> LoadOptions {
-        LoadOptions { source: self.source, ring_size: self.ring_size }
     }
 }
 
@@ -503,7 +497,7 @@ mod tests {
         let top = parse(&["--pid", "42", "--no-agent"]).unwrap();
         assert!(top.default_is_top(true));
         let args = top.default_top();
-        assert_eq!((args.select.pid, args.no_agent), (Some(42), true));
+        assert_eq!((args.select.pid, args.programs.no_agent), (Some(42), true));
         assert_eq!(parse(&["--top", "--stream"]).unwrap_err().kind(), ErrorKind::ArgumentConflict);
         let Some(Command::Top(args)) =
             parse(&["top", "-tn", "dport", "=", ":443"]).unwrap().command

@@ -12,7 +12,6 @@ use tokio::{
 
 use crate::{
     cli::WatchArgs,
-    kernel::loader::SourceChoice,
     output::{Format, TextLayout},
     query::stream::TransitionFilter,
     record::StreamRecord,
@@ -84,14 +83,13 @@ pub async fn run(args: &WatchArgs) -> anyhow::Result<()> {
         header: args.format() == Format::Text && !args.no_header,
     };
     // Options that shape the kernel side need programs of our own.
-    let own_programs =
-        args.no_agent || args.source != SourceChoice::Auto || args.ring_size.is_some();
+    let own_programs = args.programs.own();
     let agent = if own_programs {
         None
     } else {
-        api::connect(&args.socket)
-            .await
-            .with_context(|| format!("attaching to the agent at {}", args.socket.display()))?
+        api::connect(&args.programs.socket).await.with_context(|| {
+            format!("attaching to the agent at {}", args.programs.socket.display())
+        })?
     };
     let result = match agent {
         Some(stream) => attached(stream, args, &mut signals, &mut printer).await,
@@ -126,7 +124,7 @@ async fn direct(
     signals: &mut Signals,
     printer: &mut Printer,
 ) -> anyhow::Result<()> {
-    let mut tracer = Tracer::start(&args.load_options())?;
+    let mut tracer = Tracer::start(&args.programs.load_options())?;
     eprintln!("netwatch: watching TCP state changes via {}; Ctrl-C to stop", tracer.describe());
     header(printer)?;
     let mut records = Vec::new();
@@ -155,7 +153,7 @@ async fn attached(
     write.write_all(request.as_bytes()).await.context("sending the watch request")?;
     eprintln!(
         "netwatch: watching TCP state changes via the agent at {}; Ctrl-C to stop",
-        args.socket.display()
+        args.programs.socket.display()
     );
     header(printer)?;
     let mut lines = BufReader::new(read).lines();
@@ -166,7 +164,7 @@ async fn attached(
             line = lines.next_line() => line.context("reading the agent's stream")?,
         };
         let Some(line) = line else {
-            anyhow::bail!("the agent at {} stopped", args.socket.display());
+            anyhow::bail!("the agent at {} stopped", args.programs.socket.display());
         };
         match serde_json::from_str::<StreamRecord>(&line) {
             Ok(record) => records.push(record),

@@ -48,13 +48,12 @@ pub async fn run(args: &TopArgs) -> anyhow::Result<()> {
     }
     let names = if args.numeric { Services::default() } else { Services::load() };
     let ui = Ui::new(args.select.clone(), Services::load(), names)?;
-    let own = args.no_agent
-        || args.ring_size.is_some()
-        || args.source != crate::kernel::loader::SourceChoice::Auto;
+    let own = args.programs.own();
     if own {
         eprintln!("netwatch: loading programs of our own...");
     }
-    let (feed, rows, source) = Feed::open(&args.socket, own, &args.load_options()).await?;
+    let (feed, rows, source) =
+        Feed::open(&args.programs.socket, own, &args.programs.load_options()).await?;
     let model = Model::new(rows, WallClock::monotonic_now_ns());
     // The first table's JSON and rows (tens of MB with 100k sockets) are freed by now.
     crate::cmd::release_freed_memory();
