@@ -131,7 +131,7 @@ pub async fn run(args: &AgentArgs) -> anyhow::Result<()> {
                 // did just before asking must be in the answer.
                 let scope = match &query {
                     Query::Table(_, Some(selection)) => selection.scope(),
-                    Query::Live(_) => Scope { half_open: false, ..Scope::ALL },
+                    Query::Live(_) => Scope::LIVE,
                     // One connection's history (top's detail, asked every second while
                     // open): its events, not a dump of every timewait socket.
                     Query::History(_, Some(_)) => Scope::NONE,
@@ -349,10 +349,7 @@ async fn stream_records(
         let line = match records.recv().await {
             Ok(outgoing) => match &*outgoing {
                 Outgoing::Record(record) => record.json(),
-                Outgoing::Rows(change) if live.is_some() => {
-                    serde_json::to_string(&Update::Rows(change.clone()))
-                        .unwrap_or_else(|e| api::error_line(&e.to_string()))
-                }
+                Outgoing::Rows(change) if live.is_some() => Update::rows_line(change),
                 Outgoing::Rows(_) => continue,
             },
             Err(broadcast::error::RecvError::Lagged(count)) => {
@@ -369,13 +366,9 @@ async fn stream_records(
                     && let Some((rows, receiver)) = ask_main_loop(queries, Query::Live).await
                 {
                     records = receiver;
-                    let table =
-                        Update::Rows(RowsChange { full: true, upsert: rows, gone: Vec::new() });
+                    let table = RowsChange { full: true, upsert: rows, gone: Vec::new() };
                     line.push('\n');
-                    line.push_str(
-                        &serde_json::to_string(&table)
-                            .unwrap_or_else(|e| api::error_line(&e.to_string())),
-                    );
+                    line.push_str(&Update::rows_line(&table));
                 }
                 line
             }
@@ -403,17 +396,11 @@ fn absorb(
     log.write(records);
     for record in records.iter() {
         metrics.observe(record);
+        histories.observe(record);
         match record {
-            StreamRecord::Transition(t) => {
-                stats.record(t);
-                histories.record(t);
-            }
-            StreamRecord::Retransmit(r) => {
-                stats.record_retransmit(r);
-                histories.record_retransmit(r);
-            }
-            StreamRecord::Lost(_) => histories.mark_lost(),
-            StreamRecord::LogFailed(_) => {}
+            StreamRecord::Transition(t) => stats.record(t),
+            StreamRecord::Retransmit(r) => stats.record_retransmit(r),
+            StreamRecord::Lost(_) | StreamRecord::LogFailed(_) => {}
         }
     }
     if sender.receiver_count() == 0 {

@@ -61,6 +61,19 @@ impl Update {
     pub fn is_update(line: &str) -> bool {
         line.starts_with(r#"{"type":"rows""#)
     }
+
+    /// The `rows` line for `change`, serialized where it lies: the agent writes one change
+    /// to every live client, and a whole table after a resync.
+    pub fn rows_line(change: &crate::record::RowsChange) -> String {
+        /// [`Update`]'s shape over a borrowed change.
+        #[derive(Serialize)]
+        #[serde(tag = "type", rename_all = "snake_case")]
+        enum Borrowed<'a> {
+            Rows(&'a crate::record::RowsChange),
+        }
+        serde_json::to_string(&Borrowed::Rows(change))
+            .unwrap_or_else(|e| error_line(&e.to_string()))
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -232,7 +245,7 @@ mod tests {
     #[test]
     fn a_rows_update_is_told_from_a_record_by_its_first_bytes() {
         let update = Update::Rows(crate::record::RowsChange::default());
-        let line = serde_json::to_string(&update).unwrap();
+        let line = Update::rows_line(&crate::record::RowsChange::default());
         assert!(Update::is_update(&line), "the tag comes first: {line}");
         assert_eq!(serde_json::from_str::<Update>(&line).unwrap(), update);
         let history = Request::new(Command::History { cookie: Some(7) });

@@ -281,6 +281,17 @@ impl Histories {
         self.open.remove(&cookie)
     }
 
+    /// Takes what a stream record tells of histories: a step, a retransmit, or a loss.
+    pub fn observe(&mut self, record: &crate::record::StreamRecord) {
+        use crate::record::StreamRecord;
+        match record {
+            StreamRecord::Transition(t) => self.record(t),
+            StreamRecord::Retransmit(r) => self.record_retransmit(r),
+            StreamRecord::Lost(_) => self.mark_lost(),
+            StreamRecord::LogFailed(_) => {}
+        }
+    }
+
     /// Drops closed connections beyond the retention.
     pub fn expire(&mut self, now: DateTime<Utc>) {
         let Some(retention) = self.retention else { return };

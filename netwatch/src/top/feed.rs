@@ -85,7 +85,7 @@ impl Feed {
             histories.seed(&snapshot);
         }
         tracer.track_changes(true);
-        let rows = tracer.listed_with_half_open(live_scope(), |_| true, |_| true);
+        let rows = tracer.listed_with_half_open(Scope::LIVE, |_| true, |_| true);
         let source = format!("own programs, {}", tracer.describe());
         let direct = Direct { tracer, histories, records: Vec::new() };
         Ok((Feed::Direct(Box::new(direct)), rows, source))
@@ -167,11 +167,6 @@ impl Feed {
     }
 }
 
-/// What the view shows: every socket but half-open ones, which have no events.
-fn live_scope() -> Scope {
-    Scope { half_open: false, ..Scope::ALL }
-}
-
 /// Whether `h` is a listener's (unconnected, on a port).
 fn is_listener(h: &History) -> bool {
     h.raddr.is_unspecified() && h.rport == 0 && h.lport != 0
@@ -186,12 +181,7 @@ impl Direct {
     /// Hands new records to the histories and the view, then the rows they changed.
     fn absorb(&mut self, out: &mut Vec<News>) {
         for record in self.records.drain(..) {
-            match &record {
-                StreamRecord::Transition(t) => self.histories.record(t),
-                StreamRecord::Retransmit(r) => self.histories.record_retransmit(r),
-                StreamRecord::Lost(_) => self.histories.mark_lost(),
-                StreamRecord::LogFailed(_) => {}
-            }
+            self.histories.observe(&record);
             out.push(News::Record(record));
         }
         if let Some(snapshot) = self.tracer.take_snapshot() {

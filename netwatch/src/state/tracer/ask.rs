@@ -20,6 +20,9 @@ pub struct Scope {
 impl Scope {
     pub const ALL: Scope = Scope { timewait: true, fin_wait2: true, half_open: true };
     pub const NONE: Scope = Scope { timewait: false, fin_wait2: false, half_open: false };
+    /// What a view that mirrors the table shows: every socket but the half-open ones, which
+    /// have no events to keep them current.
+    pub const LIVE: Scope = Scope { half_open: false, ..Scope::ALL };
 }
 
 impl Tracer {
