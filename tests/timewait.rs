@@ -127,13 +127,26 @@ fn poll(
     }
 }
 
-/// Polls `history FILTER` until `done` holds or PATIENCE passes.
+/// Polls `history FILTER` for the connections in `ns` until `done` holds or PATIENCE
+/// passes. Ports alone may match another namespace's socket: a CI run once failed on a
+/// host TIME_WAIT socket, left by an earlier test, whose remote port was this test's
+/// client port.
 fn wait_for_history_where(
     agent: &Agent,
+    ns: &NetNs,
     filter: &[&str],
     done: impl Fn(&[Value]) -> bool,
 ) -> Vec<Value> {
-    let ask = || agent.ask_json("history", filter).as_array().unwrap().clone();
+    let netns = ns.inode();
+    let ask = || {
+        let all = agent.ask_json("history", filter);
+        all.as_array()
+            .unwrap()
+            .iter()
+            .filter(|h| h["netns"].as_u64() == Some(netns))
+            .cloned()
+            .collect()
+    };
     poll(netwatch_tests::PATIENCE, ask, done)
 }
 
@@ -371,7 +384,7 @@ fn a_reset_connection_leaves_its_listener_alone() {
     let listener = listener.join().unwrap();
     // The server's end closed from FIN_WAIT2 with the client's data unread: it sent the reset.
     let filter = ["sport", "=", &format!(":{}", server.port())];
-    let closed = wait_for_history_where(&agent, &filter, |h| {
+    let closed = wait_for_history_where(&agent, &ns, &filter, |h| {
         h.iter().any(|h| h["closed"] == true && h["rport"] != 0)
     });
     let ended = closed.iter().find(|h| h["closed"] == true && h["rport"] != 0).unwrap();
@@ -387,7 +400,7 @@ fn a_reset_connection_leaves_its_listener_alone() {
     // The next connection is the listener's until accepted.
     let next = ns.run(move || TcpStream::connect(server).unwrap());
     let filter = ["dport", "=", &format!(":{}", next.local_addr().unwrap().port())];
-    let born = wait_for_history_where(&agent, &filter, |h| h.len() == 1);
+    let born = wait_for_history_where(&agent, &ns, &filter, |h| h.len() == 1);
     assert_eq!(steps(&born[0])[0], step("LISTEN", "SYN_RECV"));
     assert_eq!(born[0]["steps"][0]["pid"].as_u64(), Some(me), "{born:#?}");
     drop((next, listener));
