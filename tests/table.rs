@@ -245,3 +245,165 @@ fn bad_filters_fail_pointing_at_the_token() {
     let output = Command::new(netwatch_bin()).args(["table", "-l", "-a"]).output().expect("run");
     assert_eq!(output.status.code(), Some(2), "conflicting flags are a usage error");
 }
+
+/// Per socket cookie: ss -e's identity (`ino`, `uid`) and ss -i's `key:value` fields.
+type Details = std::collections::BTreeMap<u64, std::collections::BTreeMap<String, String>>;
+
+/// The tcp_info fields both ss -i and netwatch -i print that hold still on an idle socket.
+const STILL: [&str; 17] = [
+    "wscale",
+    "rto",
+    "rtt",
+    "mss",
+    "pmtu",
+    "rcvmss",
+    "advmss",
+    "cwnd",
+    "ssthresh",
+    "bytes_sent",
+    "bytes_acked",
+    "bytes_received",
+    "segs_out",
+    "segs_in",
+    "retrans",
+    "rcv_space",
+    "snd_wnd",
+];
+
+/// `ss -tanpei` in the namespace: `sk:` (the cookie, in hex) names each socket.
+fn ss_details(ns: &NetNs) -> Details {
+    let output = ns.command("ss").args(["-H", "-tanpei"]).output().expect("run ss");
+    let mut details = Details::new();
+    let mut current = None;
+    for line in String::from_utf8_lossy(&output.stdout).lines() {
+        let fields = line.split_whitespace().filter_map(|f| f.split_once(':'));
+        if !line.starts_with(char::is_whitespace) {
+            let fields: Vec<(&str, &str)> = fields.collect();
+            let cookie = fields.iter().find(|(k, _)| *k == "sk").unwrap().1;
+            let cookie = u64::from_str_radix(cookie, 16).unwrap();
+            let mut identity = std::collections::BTreeMap::new();
+            for (key, value) in fields.iter().filter(|(k, _)| ["ino", "uid"].contains(k)) {
+                identity.insert(key.to_string(), value.to_string());
+            }
+            details.insert(cookie, identity);
+            current = Some(cookie);
+        } else if let Some(cookie) = current {
+            let entry = details.get_mut(&cookie).unwrap();
+            entry.extend(fields.map(|(k, v)| (k.to_string(), v.to_string())));
+        }
+    }
+    details
+}
+
+/// `netwatch table -tanpei`: User, Inode and Cookie are its last columns, each tcp_info line
+/// under its socket's. Written as ss writes them: `ino`, and `uid` when there is one but 0.
+fn netwatch_details(ns: &NetNs, extra: &[&str]) -> Details {
+    let output = Command::new(netwatch_bin())
+        .args(["table", "-tanpei", "--netns", &ns.name])
+        .args(extra)
+        .output()
+        .expect("run netwatch table");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let mut details = Details::new();
+    let mut current = None;
+    for line in String::from_utf8_lossy(&output.stdout).lines().skip(1) {
+        if let Some(info) = line.strip_prefix('\t') {
+            let entry = details.get_mut(&current.unwrap()).unwrap();
+            let fields = info.split_whitespace().filter_map(|f| f.split_once(':'));
+            entry.extend(fields.map(|(k, v)| (k.to_string(), v.to_string())));
+            continue;
+        }
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let [user, inode, cookie] = fields[fields.len() - 3..] else { panic!("{line}") };
+        let cookie: u64 = cookie.parse().unwrap();
+        let mut identity = std::collections::BTreeMap::new();
+        identity.insert("ino".to_string(), inode.to_string());
+        if user != "-" {
+            let uid = Command::new("id").args(["-u", user]).output().unwrap();
+            let uid = String::from_utf8_lossy(&uid.stdout).trim().to_string();
+            if uid != "0" {
+                identity.insert("uid".to_string(), uid);
+            }
+        }
+        details.insert(cookie, identity);
+        current = Some(cookie);
+    }
+    details
+}
+
+/// Only what both print, of the fields that hold still.
+fn comparable(mut details: Details, other: &Details) -> Details {
+    for (cookie, fields) in &mut details {
+        let theirs = other.get(cookie);
+        fields.retain(|key, _| {
+            (["ino", "uid"].contains(&key.as_str()) || STILL.contains(&key.as_str()))
+                && theirs
+                    .is_some_and(|t| t.contains_key(key) || ["ino", "uid"].contains(&key.as_str()))
+        });
+    }
+    details
+}
+
+#[test]
+fn extended_and_tcp_info_columns_equal_ss() {
+    let ns = NetNs::new("ext");
+    let _holder = Holder::start(&ns, env!("CARGO_BIN_EXE_sockpeer"));
+    let agent = Agent::start(&Agent::test_socket("table-extended"));
+    // A listener of another user, made after the agent started (so known to it from events).
+    let mut nobody = ns
+        .command("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", "-c"])
+        .arg(
+            "import socket,sys; s=socket.socket(); s.bind(('127.0.0.1',0)); s.listen(); \
+              print('listening', s.getsockname()[1], flush=True); sys.stdin.read()",
+        )
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("run python3 as nobody (setpriv, util-linux)");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(nobody.stdout.as_mut().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert!(line.starts_with("listening"), "{line}");
+    for extra in [&["--no-agent"][..], &["--socket", agent.socket_arg()]] {
+        // A socket's counters may move between the two reads (a timer, a late ACK): the
+        // comparison is taken again then, a few times.
+        let mut last = None;
+        for _ in 0..5 {
+            let theirs = ss_details(&ns);
+            let ours = netwatch_details(&ns, extra);
+            let (ours, theirs) = (comparable(ours.clone(), &theirs), comparable(theirs, &ours));
+            if ours == theirs {
+                last = None;
+                break;
+            }
+            last = Some((ours, theirs));
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+        if let Some((ours, theirs)) = last {
+            assert_eq!(ours, theirs, "netwatch table -tanpei {extra:?} vs ss -tanpei");
+        }
+        let ours = netwatch_details(&ns, extra);
+        assert!(ours.len() >= 8, "the mix's TCP sockets: {ours:#?}");
+        assert!(ours.values().filter(|f| f.contains_key("ino")).count() >= 5, "{ours:#?}");
+        assert!(ours.values().filter(|f| f.contains_key("cwnd")).count() >= 4, "{ours:#?}");
+        assert!(ours.values().any(|f| f.get("uid").is_some_and(|u| u == "65534")), "{ours:#?}");
+    }
+    // JSON carries every tcp_info field, and the queues through the agent.
+    let output = Command::new(netwatch_bin())
+        .args(["table", "-tani", "--json", "--netns", &ns.name, "--socket", agent.socket_arg()])
+        .output()
+        .expect("run");
+    let records: Vec<serde_json::Value> = serde_json::from_slice(&output.stdout).unwrap();
+    let established = records.iter().find(|r| r["state"] == "ESTABLISHED").unwrap();
+    for field in ["rtt_us", "snd_cwnd", "bytes_acked", "delivery_rate", "last_data_recv_ms"] {
+        assert!(established["tcp_info"][field].is_u64(), "{field}: {established}");
+    }
+    assert!(established["recv_q"].is_u64() && established["user"] == "root", "{established}");
+    assert!(agent.stop().success());
+    drop(nobody.stdin.take());
+    let _ = nobody.wait();
+}

@@ -6,7 +6,7 @@ use netwatch::cli::{Cli, Command};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(netwatch::cli::habits::rewrite(std::env::args_os().collect()));
     let default_level = match cli.verbose {
         0 => "warn",
         1 => "info",
@@ -37,6 +37,7 @@ fn main() -> ExitCode {
             Some(Command::Top(args)) => netwatch::top::run(args).await,
             Some(Command::Watch(args)) => netwatch::cmd::watch::run(args).await,
             Some(Command::Table(args)) => netwatch::cmd::table::run(args).await,
+            Some(Command::Counters(args)) => netwatch::cmd::counters::run(args).await,
             Some(Command::Agent(args)) => netwatch::cmd::agent::run(args).await,
             Some(Command::Stats(args)) => netwatch::cmd::stats::run(args).await,
             Some(Command::History(args)) => netwatch::cmd::history::run(args).await,

@@ -47,6 +47,12 @@ impl WallClock {
         clock_ns(libc::CLOCK_MONOTONIC) as u64
     }
 
+    /// The CLOCK_MONOTONIC time of `wall` (0 for a time before boot).
+    pub fn monotonic(&self, wall: DateTime<Utc>) -> u64 {
+        let ns = i128::from(wall.timestamp_nanos_opt().unwrap_or(i64::MAX));
+        (ns - self.realtime_minus_monotonic_ns).clamp(0, i128::from(u64::MAX)) as u64
+    }
+
     pub fn wall(&self, monotonic_ns: u64) -> DateTime<Utc> {
         let ns = i128::from(monotonic_ns) + self.realtime_minus_monotonic_ns;
         DateTime::from_timestamp_nanos(ns.clamp(0, i128::from(i64::MAX)) as i64)

@@ -25,6 +25,7 @@ use crate::{
     serve::api::{self, Command, Request, SocketFile, Update},
     serve::eventlog::Logging,
     serve::metrics::{self, Metrics},
+    state::attribution::{self, Attribution},
     state::history::{Histories, History, Retention},
     state::stats::{Report, Stats, listener_summaries},
     state::tracer::{Scope, Tracer},
@@ -96,7 +97,14 @@ pub async fn run(args: &AgentArgs) -> anyhow::Result<()> {
         histories.seed(&snapshot);
     }
     super::release_freed_memory();
-    let metrics = Metrics::new(args.metrics_remotes);
+    let mut attribution = Attribution::default();
+    let counters_at_start = attribution::Report {
+        started: Some(chrono::Utc::now()),
+        netns: own_netns(),
+        baseline: crate::host::counters::Counters::read_here().ok().map(|c| c.by_key()),
+        ..attribution::Report::default()
+    };
+    let metrics = Metrics::new(args.metrics_remotes, args.metrics_causes);
     let metrics_listener = match args.metrics {
         Some(address) => Some(metrics::bind(address).await?),
         None => None,
@@ -134,11 +142,11 @@ pub async fn run(args: &AgentArgs) -> anyhow::Result<()> {
                     Query::Live(_) => Scope::LIVE,
                     // One connection's history (top's detail, asked every second while
                     // open): its events, not a dump of every timewait socket.
-                    Query::History(_, Some(_)) => Scope::NONE,
+                    Query::History(_, Some(_)) | Query::Counters(..) => Scope::NONE,
                     _ => Scope::ALL,
                 };
                 let left_out = tracer.settle(&mut records, scope)?;
-                absorb(&mut records, &mut log, &metrics, &mut stats, &mut histories, &clients.sender);
+                absorb(&mut records, &mut log, &metrics, (&mut stats, &mut histories, &mut attribution), &clients.sender);
                 reconcile(&mut tracer, &mut histories);
                 // The client may have gone; nothing to do then.
                 match query {
@@ -165,6 +173,13 @@ pub async fn run(args: &AgentArgs) -> anyhow::Result<()> {
                             None => histories.all(),
                         });
                     }
+                    Query::Counters(reply, since, netns) => {
+                        let clock = WallClock::now();
+                        let since_ns = since.map_or(0, |t| clock.monotonic(t));
+                        let (attributed, complete) = attribution.since(since_ns, netns);
+                        let report = attribution::Report { attributed, complete, ..counters_at_start.clone() };
+                        let _ = reply.send(report);
+                    }
                     Query::Live(reply) => {
                         // Rows changed before this table go to the live clients already
                         // there; the new one starts from the table and misses nothing after.
@@ -182,13 +197,19 @@ pub async fn run(args: &AgentArgs) -> anyhow::Result<()> {
             }
             next = tracer.next(&mut records) => {
                 next?;
-                absorb(&mut records, &mut log, &metrics, &mut stats, &mut histories, &clients.sender);
+                absorb(&mut records, &mut log, &metrics, (&mut stats, &mut histories, &mut attribution), &clients.sender);
                 reconcile(&mut tracer, &mut histories);
             }
         }
     }
     tracer.finish(&mut records)?;
-    absorb(&mut records, &mut log, &metrics, &mut stats, &mut histories, &clients.sender);
+    absorb(
+        &mut records,
+        &mut log,
+        &metrics,
+        (&mut stats, &mut histories, &mut attribution),
+        &clients.sender,
+    );
     drop(clients);
     drop(socket_file);
     Ok(())
@@ -214,6 +235,12 @@ enum Query {
     History(oneshot::Sender<Vec<History>>, Option<u64>),
     /// The table, and a receiver of everything after it.
     Live(oneshot::Sender<Option<LiveStart>>),
+    /// Who moved the counters since then (or since the start).
+    Counters(
+        oneshot::Sender<attribution::Report>,
+        Option<chrono::DateTime<chrono::Utc>>,
+        Option<u32>,
+    ),
 }
 
 /// A `live` client's start: the table, and a receiver of everything after it.
@@ -321,6 +348,10 @@ async fn serve(
             let report = ask_main_loop(&table_requests, Query::Stats).await;
             write_json_line(&mut write, report).await
         }
+        Ok(Request { command: Command::Counters { since, netns }, .. }) => {
+            let report = ask_main_loop(&table_requests, |r| Query::Counters(r, since, netns)).await;
+            write_json_line(&mut write, report).await
+        }
         Ok(Request { command: Command::History { cookie }, .. }) => {
             let histories = ask_main_loop(&table_requests, |r| Query::History(r, cookie)).await;
             write_json_line(&mut write, histories).await
@@ -384,19 +415,19 @@ async fn stream_records(
 }
 
 /// Hands new records to everything the agent keeps or serves: the log, metrics, statistics,
-/// histories and the stream's subscribers.
+/// histories, counter attribution and the stream's subscribers.
 fn absorb(
     records: &mut Vec<StreamRecord>,
     log: &mut Logging,
     metrics: &Metrics,
-    stats: &mut Stats,
-    histories: &mut Histories,
+    (stats, histories, attribution): (&mut Stats, &mut Histories, &mut Attribution),
     sender: &broadcast::Sender<Arc<Outgoing>>,
 ) {
     log.write(records);
     for record in records.iter() {
         metrics.observe(record);
         histories.observe(record);
+        attribution.observe(record);
         match record {
             StreamRecord::Transition(t) => stats.record(t),
             StreamRecord::Retransmit(r) => stats.record_retransmit(r),
@@ -417,6 +448,12 @@ fn reconcile(tracer: &mut Tracer, histories: &mut Histories) {
     if let Some(snapshot) = tracer.take_snapshot() {
         histories.reconcile(&snapshot, chrono::Utc::now());
     }
+}
+
+/// The inode of the agent's own network namespace (0 if it cannot be read).
+fn own_netns() -> u32 {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata("/proc/self/ns/net").map_or(0, |m| m.ino() as u32)
 }
 
 /// Sets the agent's nice value; a failure costs only latency under load, so it is a warning.

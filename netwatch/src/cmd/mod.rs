@@ -1,6 +1,7 @@
 //! One module per verb of the command line; each turns its resolved arguments into output.
 pub mod agent;
 pub mod check;
+pub mod counters;
 pub mod docs;
 pub mod history;
 pub mod stats;

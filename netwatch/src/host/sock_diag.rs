@@ -116,6 +116,54 @@ impl DiagSocket {
         Ok(found)
     }
 
+    /// Every TCP and UDP socket of the namespace as the kernel has it now (queues, uid,
+    /// inode, timer), each TCP one with its `tcp_info`: what `table -e -i` adds to the rows.
+    pub fn detailed(&mut self) -> io::Result<Vec<(SocketRow, Option<Box<TcpInfo>>)>> {
+        let interfaces = std::mem::take(&mut self.interfaces);
+        let netns = self.netns;
+        let mut found = Vec::new();
+        let mut result = Ok(());
+        for protocol in [Protocol::Tcp, Protocol::Udp] {
+            let extensions = match protocol {
+                Protocol::Tcp => ExtensionFlags::INFO,
+                Protocol::Udp => ExtensionFlags::empty(),
+            };
+            for family in [Family::Ipv4, Family::Ipv6] {
+                let states = StateFlags::all();
+                result = self.request(
+                    protocol,
+                    family,
+                    None,
+                    states,
+                    extensions.clone(),
+                    |sequence, datagram| {
+                        let context = Context {
+                            sequence,
+                            netns,
+                            protocol,
+                            exact: false,
+                            interfaces: &interfaces,
+                        };
+                        read_replies(datagram, sequence, false, |response, bytes| {
+                            if let Some(row) = row_of(&context, response, bytes) {
+                                let info = response.nlas.iter().find_map(|nla| match nla {
+                                    Nla::TcpInfo(info) => Some(Box::new(info.clone())),
+                                    _ => None,
+                                });
+                                found.push((row, info));
+                            }
+                        })
+                    },
+                );
+                if result.is_err() {
+                    break;
+                }
+            }
+        }
+        self.interfaces = interfaces;
+        result.map(|()| found)
+    }
+
     fn tcp_sockets_in(&mut self, states: StateFlags) -> io::Result<Vec<SocketRow>> {
         let mut rows = Vec::new();
         for family in [Family::Ipv4, Family::Ipv6] {
@@ -274,14 +322,20 @@ pub fn parse_replies(
     rows: &mut Vec<SocketRow>,
 ) -> io::Result<bool> {
     read_replies(datagram, context.sequence, context.exact, |response, bytes| {
-        let expires = bytes
-            .get(EXPIRES_OFFSET..EXPIRES_OFFSET + 4)
-            .map_or(0, |b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]));
-        let v6only = response.nlas.iter().any(|nla| matches!(nla, Nla::SkV6Only(true)));
-        if let Some(row) = row_from(context, &response.header, expires, v6only) {
+        if let Some(row) = row_of(context, response, bytes) {
             rows.push(row);
         }
     })
+}
+
+/// The row of one reply (`bytes`, its whole message); None for a family or state netwatch
+/// does not know.
+fn row_of(context: &Context<'_>, response: &InetResponse, bytes: &[u8]) -> Option<SocketRow> {
+    let expires = bytes
+        .get(EXPIRES_OFFSET..EXPIRES_OFFSET + 4)
+        .map_or(0, |b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]));
+    let v6only = response.nlas.iter().any(|nla| matches!(nla, Nla::SkV6Only(true)));
+    row_from(context, &response.header, expires, v6only)
 }
 
 /// Reads one datagram of replies to request `sequence`, handing each socket to `each` with

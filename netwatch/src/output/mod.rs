@@ -2,6 +2,7 @@
 //! lays it out ([`table`]), each endpoint written one way ([`address`]). What a record holds
 //! is [`crate::record`]'s business. Diagnostics go through [`diagnostics`].
 pub mod address;
+pub mod counters;
 pub mod diagnostics;
 pub mod history;
 pub mod stats;

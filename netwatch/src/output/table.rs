@@ -1,5 +1,5 @@
 //! The `netwatch table` view: sockets as `ss -tanup` lays them out (text), or as JSON.
-use std::time::Duration;
+use std::{collections::HashMap, time::Duration};
 
 use comfy_table::{CellAlignment, ContentArrangement, Table, presets};
 use serde::Serialize;
@@ -8,6 +8,7 @@ use super::address;
 use crate::{
     host::services::Services,
     host::snapshot::{Holder, Protocol, SocketRow, Timer},
+    host::tcp_info::TcpInfoRecord,
     kernel::events::{Family, TcpState},
     record::Listed,
 };
@@ -70,6 +71,33 @@ fn queue(listed: &Listed, length: u32) -> String {
     if listed.queues_known { length.to_string() } else { "-".to_string() }
 }
 
+/// What `-e` and `-i` add to the rows, read from the kernel at the moment of asking.
+#[derive(Debug, Default)]
+pub struct Extras {
+    /// User names by uid.
+    pub users: HashMap<u32, String>,
+    /// tcp_info by socket cookie (`-i`).
+    pub info: HashMap<u64, TcpInfoRecord>,
+}
+
+impl Extras {
+    /// The row's uid, when the kernel gave it at the moment of asking (a timewait or
+    /// request socket has none).
+    fn uid(listed: &Listed) -> Option<u32> {
+        let kept = listed.row.inode != 0
+            || !matches!(
+                listed.row.state,
+                TcpState::TimeWait | TcpState::SynRecv | TcpState::NewSynRecv
+            );
+        (listed.queues_known && kept).then_some(listed.row.uid)
+    }
+
+    fn user(&self, listed: &Listed) -> Option<String> {
+        let uid = Self::uid(listed)?;
+        Some(self.users.get(&uid).cloned().unwrap_or_else(|| uid.to_string()))
+    }
+}
+
 pub struct TextOptions<'a> {
     /// None: numeric ports (`-n`).
     pub services: Option<&'a Services>,
@@ -78,6 +106,10 @@ pub struct TextOptions<'a> {
     pub netid: bool,
     /// The State column; ss leaves it out when only one state can be shown.
     pub state: bool,
+    /// `-e`: the User, Inode and Cookie columns.
+    pub extended: bool,
+    /// `-e` user names and `-i` tcp_info (a line under each connection that has it).
+    pub extras: &'a Extras,
 }
 
 /// The aligned text table. Optional columns appear only when they carry information: the
@@ -108,6 +140,9 @@ pub fn text(rows: &[Listed], options: &TextOptions<'_>) -> String {
     }
     if options.timers {
         header.push("Timer");
+    }
+    if options.extended {
+        header.extend(["User", "Inode", "Cookie"]);
     }
     let mut table = Table::new();
     table
@@ -141,6 +176,11 @@ pub fn text(rows: &[Listed], options: &TextOptions<'_>) -> String {
         if options.timers {
             cells.push(row.timer.as_ref().map(timer_text).unwrap_or_default());
         }
+        if options.extended {
+            cells.push(options.extras.user(listed).unwrap_or_else(|| "-".into()));
+            cells.push(row.inode.to_string());
+            cells.push(row.cookie.to_string());
+        }
         table.add_row(cells);
     }
     for column in table.column_iter_mut() {
@@ -152,7 +192,16 @@ pub fn text(rows: &[Listed], options: &TextOptions<'_>) -> String {
             column.set_cell_alignment(CellAlignment::Right);
         }
     }
-    table.lines().map(|line| line.trim_end().to_string()).collect::<Vec<_>>().join("\n")
+    let mut lines = Vec::with_capacity(rows.len() + 1);
+    // One line per row, after the header: no cell wraps.
+    for (n, line) in table.lines().enumerate() {
+        lines.push(line.trim_end().to_string());
+        let info = n.checked_sub(1).and_then(|i| options.extras.info.get(&rows.get(i)?.row.cookie));
+        if let Some(info) = info {
+            lines.push(format!("\t {}", info.text()));
+        }
+    }
+    lines.join("\n")
 }
 
 #[derive(Serialize)]
@@ -186,11 +235,16 @@ struct Record<'a> {
     netns_name: Option<&'a str>,
     cookie: u64,
     inode: u64,
-    uid: u32,
+    /// Null where the kernel was not asked, or has none (timewait and request sockets).
+    uid: Option<u32>,
+    user: Option<String>,
     timer: Option<Timer>,
+    /// With `-i`, for a TCP socket the kernel still has.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tcp_info: Option<&'a TcpInfoRecord>,
 }
 
-fn record(listed: &Listed) -> Record<'_> {
+fn record<'a>(listed: &'a Listed, extras: &'a Extras) -> Record<'a> {
     let row = &listed.row;
     Record {
         netid: row.protocol,
@@ -219,22 +273,25 @@ fn record(listed: &Listed) -> Record<'_> {
         netns_name: listed.netns_name.as_deref(),
         cookie: row.cookie,
         inode: row.inode,
-        uid: row.uid,
+        uid: Extras::uid(listed),
+        user: extras.user(listed),
         timer: row.timer,
+        tcp_info: extras.info.get(&row.cookie),
     }
 }
 
 /// All rows as one JSON array.
-pub fn json_array(rows: &[Listed]) -> String {
-    let records: Vec<Record<'_>> = rows.iter().map(record).collect();
+pub fn json_array(rows: &[Listed], extras: &Extras) -> String {
+    let records: Vec<Record<'_>> = rows.iter().map(|r| record(r, extras)).collect();
     serde_json::to_string(&records).unwrap_or_else(|e| format!(r#"{{"error":"{e}"}}"#))
 }
 
 /// One JSON object per line.
-pub fn ndjson(rows: &[Listed]) -> String {
+pub fn ndjson(rows: &[Listed], extras: &Extras) -> String {
     rows.iter()
         .map(|r| {
-            serde_json::to_string(&record(r)).unwrap_or_else(|e| format!(r#"{{"error":"{e}"}}"#))
+            serde_json::to_string(&record(r, extras))
+                .unwrap_or_else(|e| format!(r#"{{"error":"{e}"}}"#))
         })
         .collect::<Vec<_>>()
         .join("\n")
@@ -296,7 +353,14 @@ mod tests {
         let services = Services::parse("http 80/tcp\n");
         let named = text(
             &rows,
-            &TextOptions { services: Some(&services), timers: false, netid: true, state: true },
+            &TextOptions {
+                services: Some(&services),
+                timers: false,
+                netid: true,
+                state: true,
+                extended: false,
+                extras: &Extras::default(),
+            },
         );
         let lines: Vec<Vec<&str>> = named.lines().map(|l| l.split_whitespace().collect()).collect();
         assert_eq!(
@@ -329,14 +393,32 @@ mod tests {
         let mut dual = rows[1].clone();
         dual.row.v6only = false;
         dual.row.local.0 = IpAddr::V6(Ipv6Addr::UNSPECIFIED);
-        let out =
-            text(&[dual], &TextOptions { services: None, timers: false, netid: true, state: true });
+        let out = text(
+            &[dual],
+            &TextOptions {
+                services: None,
+                timers: false,
+                netid: true,
+                state: true,
+                extended: false,
+                extras: &Extras::default(),
+            },
+        );
         assert_eq!(
             out.lines().nth(1).unwrap().split_whitespace().collect::<Vec<_>>()[4..6],
             ["*:53", "*:*"]
         );
-        let numeric =
-            text(&rows, &TextOptions { services: None, timers: false, netid: true, state: true });
+        let numeric = text(
+            &rows,
+            &TextOptions {
+                services: None,
+                timers: false,
+                netid: true,
+                state: true,
+                extended: false,
+                extras: &Extras::default(),
+            },
+        );
         assert!(numeric.contains("0.0.0.0:80"), "{numeric}");
     }
 
@@ -350,8 +432,17 @@ mod tests {
         b.row.netns = 1;
         b.netns_name = Some("blue".into());
         b.in_state = Some(Duration::from_secs(3725));
-        let out =
-            text(&[a, b], &TextOptions { services: None, timers: true, netid: true, state: true });
+        let out = text(
+            &[a, b],
+            &TextOptions {
+                services: None,
+                timers: true,
+                netid: true,
+                state: true,
+                extended: false,
+                extras: &Extras::default(),
+            },
+        );
         let lines: Vec<&str> = out.lines().collect();
         assert!(lines[0].ends_with("In-State  Netns       Timer"), "{out:?}");
         assert!(
@@ -364,10 +455,46 @@ mod tests {
     }
 
     #[test]
+    fn extended_columns_and_tcp_info_lines() {
+        let lo = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        let mut timewait = listed(Protocol::Tcp, TcpState::TimeWait, (lo, 3), (lo, 4));
+        (timewait.row.inode, timewait.row.cookie) = (0, 10);
+        let rows = vec![listed(Protocol::Tcp, TcpState::Established, (lo, 1), (lo, 2)), timewait];
+        let info = netlink_packet_sock_diag::inet::nlas::TcpInfo::parse(&[0; 512]).unwrap();
+        let extras = Extras {
+            users: HashMap::from([(0, "root".to_string())]),
+            info: HashMap::from([(9, TcpInfoRecord::from(&info))]),
+        };
+        let options = TextOptions {
+            services: None,
+            timers: false,
+            netid: false,
+            state: true,
+            extended: true,
+            extras: &extras,
+        };
+        let out = text(&rows[..1], &options);
+        let lines: Vec<&str> = out.lines().collect();
+        assert!(lines[0].ends_with("User  Inode  Cookie"), "{out}");
+        assert!(lines[1].ends_with("root  1234   9"), "{out}");
+        assert!(lines[2].starts_with("\t wscale:0,0 rto:0"), "{out}");
+        let out = text(&rows[1..], &TextOptions { extras: &Extras::default(), ..options });
+        assert!(
+            out.lines().nth(1).unwrap().ends_with("-     0      10"),
+            "no uid for timewait: {out}"
+        );
+        let v: serde_json::Value = serde_json::from_str(&json_array(&rows, &extras)).unwrap();
+        assert_eq!((v[0]["user"].as_str(), v[0]["uid"].as_u64()), (Some("root"), Some(0)));
+        assert_eq!(v[0]["tcp_info"]["snd_cwnd"], 0);
+        assert!(v[1]["uid"].is_null() && v[1]["tcp_info"].is_null());
+    }
+
+    #[test]
     fn json_has_every_field() {
         let lo = IpAddr::V4(Ipv4Addr::LOCALHOST);
         let rows = vec![listed(Protocol::Tcp, TcpState::Established, (lo, 1), (lo, 2))];
-        let v: serde_json::Value = serde_json::from_str(&json_array(&rows)).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(&json_array(&rows, &Extras::default())).unwrap();
         let r = &v[0];
         assert_eq!((r["netid"].as_str(), r["state"].as_str()), (Some("tcp"), Some("ESTABLISHED")));
         assert_eq!(
@@ -380,7 +507,8 @@ mod tests {
             (Some(9), Some(1234), Some(128))
         );
         assert!(r["in_state_ms"].is_null() && r["timer"].is_null());
-        let line: serde_json::Value = serde_json::from_str(&ndjson(&rows)).unwrap();
+        let line: serde_json::Value =
+            serde_json::from_str(&ndjson(&rows, &Extras::default())).unwrap();
         assert_eq!(&line, r);
     }
 }

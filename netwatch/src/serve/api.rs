@@ -47,6 +47,16 @@ pub enum Command {
     /// that table, with a [`Update::Rows`] line between them whenever rows changed (at most
     /// ten a second). Nothing before the table is sent, nothing after it is missed.
     Live,
+    /// Which processes and endpoints the kernel's protocol counters moved for since `since`
+    /// (or since the agent started), from its events; and the host's counters at its start:
+    /// one line, a JSON `attribution::Report`.
+    Counters {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        since: Option<chrono::DateTime<chrono::Utc>>,
+        /// Only what happened in this network namespace.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        netns: Option<u32>,
+    },
 }
 
 /// A line of the `live` answer that is not a stream record.

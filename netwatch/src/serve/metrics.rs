@@ -4,7 +4,8 @@
 //! Label cardinality is bounded by construction: protocol x state, old x new state, failure
 //! reason, loss reason, what was retransmitted. Nothing per connection; per remote endpoint
 //! only when asked for (`--metrics-remotes N`), for at most N endpoints, the rest counted as
-//! `remote="other"`.
+//! `remote="other"`; per process and endpoint likewise (`--metrics-causes N`). The kernel's
+//! protocol counters come unprefixed, as node_exporter names them ([`super::netstat`]).
 use std::{
     collections::{HashMap, HashSet},
     net::{IpAddr, SocketAddr},
@@ -20,7 +21,10 @@ use prometheus_client::{
 use crate::{
     kernel::events::{Protocol, TcpState},
     record::{LossReason, Resent, StreamRecord},
-    state::table::{Ending, Failure},
+    state::{
+        attribution,
+        table::{Ending, Failure},
+    },
 };
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -53,6 +57,50 @@ struct ResentLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RemoteLabels {
     remote: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CauseLabels {
+    /// node_exporter's spelling: `TcpExt_TCPSynRetrans`.
+    counter: String,
+    comm: String,
+    endpoint: String,
+}
+
+/// The opt-in counts of increments by process and endpoint, for the first `cap` pairs.
+struct PerCause {
+    cap: usize,
+    labelled: Mutex<HashSet<(String, String)>>,
+    increments: Family<CauseLabels, Counter>,
+}
+
+impl PerCause {
+    fn observe(&self, record: &StreamRecord) {
+        let ids = attribution::counters_of(record);
+        let Some(culprit) = ids.first().and_then(|_| attribution::Culprit::of(record)) else {
+            return;
+        };
+        let mut pair =
+            (culprit.comm.map(String::from).unwrap_or_default(), culprit.endpoint.to_string());
+        let mut labelled = self.labelled.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if !labelled.contains(&pair) {
+            if labelled.len() < self.cap {
+                labelled.insert(pair.clone());
+            } else {
+                pair = ("other".into(), "other".into());
+            }
+        }
+        drop(labelled);
+        for id in ids {
+            let rule = &attribution::RULES[usize::from(id)];
+            let labels = CauseLabels {
+                counter: format!("{}_{}", rule.group, rule.name),
+                comm: pair.0.clone(),
+                endpoint: pair.1.clone(),
+            };
+            self.increments.get_or_create(&labels).inc();
+        }
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -132,17 +180,21 @@ pub struct Metrics {
     ring_size: Gauge,
     heap: Gauge,
     per_remote: Option<PerRemote>,
+    per_cause: Option<PerCause>,
+    /// The kernel's counters, unprefixed.
+    netstat: Registry,
 }
 
 impl Default for Metrics {
     fn default() -> Self {
-        Self::new(0)
+        Self::new(0, 0)
     }
 }
 
 impl Metrics {
-    /// `remotes`: how many remote endpoints get labels of their own (0: none).
-    pub fn new(remotes: usize) -> Metrics {
+    /// `remotes`: how many remote endpoints get labels of their own (0: none); `causes`: how
+    /// many process and endpoint pairs.
+    pub fn new(remotes: usize, causes: usize) -> Metrics {
         let mut registry = Registry::with_prefix("netwatch");
         let sockets = Family::<SocketLabels, Gauge>::default();
         registry.register("sockets", "Sockets in the table by protocol and state", sockets.clone());
@@ -254,8 +306,27 @@ impl Metrics {
             );
             remote
         });
+        let per_cause = (causes > 0).then(|| {
+            let per_cause = PerCause {
+                cap: causes,
+                labelled: Mutex::new(HashSet::new()),
+                increments: Family::default(),
+            };
+            registry.register(
+                "counter_causes",
+                "Increments of the kernel's protocol counters (node_netstat_*) by the process and \
+                 endpoint whose event made them, as `netwatch counters` attributes them \
+                 (--metrics-causes)",
+                per_cause.increments.clone(),
+            );
+            per_cause
+        });
+        let mut netstat = Registry::default();
+        netstat.register_collector(Box::new(super::netstat::NetstatCollector));
         Metrics {
             registry,
+            per_cause,
+            netstat,
             sockets,
             transitions,
             transition_counters: (0..TcpState::ALL.len().pow(2))
@@ -288,6 +359,9 @@ impl Metrics {
 
     pub fn observe(&self, record: &StreamRecord) {
         self.records.inc();
+        if let Some(per_cause) = &self.per_cause {
+            per_cause.observe(record);
+        }
         match record {
             StreamRecord::Transition(t) => {
                 self.transition_counter(t.old, t.new).inc();
@@ -346,8 +420,12 @@ impl Metrics {
             let labels = SocketLabels { protocol: protocol.name(), state: state.name() };
             self.sockets.get_or_create(&labels).set(i64::try_from(count).unwrap_or(i64::MAX));
         }
+        use prometheus_client::encoding::text::{encode_eof, encode_registry};
         let mut text = String::new();
-        if prometheus_client::encoding::text::encode(&mut text, &self.registry).is_err() {
+        let encoded = encode_registry(&mut text, &self.registry)
+            .and_then(|()| encode_registry(&mut text, &self.netstat))
+            .and_then(|()| encode_eof(&mut text));
+        if encoded.is_err() {
             text = "# encoding failed\n".into();
         }
         text
@@ -390,7 +468,7 @@ mod tests {
 
     #[test]
     fn renders_counters_and_gauges() {
-        let metrics = Metrics::new(0);
+        let metrics = Metrics::new(0, 0);
         let lost = crate::record::LossRecord {
             time: chrono::DateTime::from_timestamp_nanos(0),
             reason: LossReason::RingBufferFull,
@@ -405,6 +483,8 @@ mod tests {
         );
         assert!(text.contains("# TYPE netwatch_connect_latency_seconds histogram"), "{text}");
         assert!(text.contains("netwatch_records_total 1"), "{text}");
+        assert!(text.contains("\nnode_netstat_Tcp_ActiveOpens "), "{text}");
+        assert!(text.ends_with("# EOF\n"), "{text}");
         for zero in [
             "netwatch_lost_events_total{reason=\"skipped\"} 0",
             "netwatch_connect_failures_total{reason=\"listener_closed\"} 0",

@@ -1,6 +1,10 @@
 //! Command-line arguments, parsed once into the configuration the rest of netwatch uses.
 //! Bad values fail here, with clap's one-line error naming the value (exit code 2).
-use std::path::PathBuf;
+//! netstat's and ss's options typed to `netwatch` itself are first made their subcommand's
+//! ([`habits`]).
+pub mod habits;
+
+use std::{path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 
@@ -85,9 +89,12 @@ pub enum Command {
     /// Stream TCP state transitions as they happen (the default when stdout is not a
     /// terminal).
     Watch(WatchArgs),
-    /// Print the socket table, like `ss -tanup`.
+    /// Print the socket table, like `ss -tanup` (`netwatch -tanp` is this too).
     #[command(visible_alias = "ls")]
     Table(TableArgs),
+    /// The kernel's protocol counters (netstat -s, nstat): what changed since the last call,
+    /// per second, and which sockets and processes caused it (`netwatch -s` is this too).
+    Counters(CountersArgs),
     /// Load the programs once and serve their stream to `netwatch watch` clients.
     Agent(AgentArgs),
     /// Connect latency (p50/p90/p99/max) and failed connects, per remote endpoint and per
@@ -263,6 +270,11 @@ pub struct AgentArgs {
     /// metrics, for the first N endpoints seen; later ones are counted as remote="other".
     #[arg(long, value_name = "N", default_value_t = 0, requires = "metrics")]
     pub metrics_remotes: usize,
+    /// Also count, for the protocol counters netwatch can attribute (`netwatch counters`),
+    /// the increments each process and endpoint caused, for the first N such pairs seen;
+    /// later ones are counted as comm="other", endpoint="other".
+    #[arg(long, value_name = "N", default_value_t = 0, requires = "metrics")]
+    pub metrics_causes: usize,
 }
 
 impl AgentArgs {
@@ -287,6 +299,18 @@ pub struct TableArgs {
     /// Show each socket's kernel timer (TIME_WAIT remaining time, retransmit, keepalive).
     #[arg(short = 'o', long = "options")]
     pub timers: bool,
+    /// Extended columns (ss -e, netstat -e): the owner's user, the socket's inode and cookie.
+    #[arg(short = 'e', long = "extended")]
+    pub extended: bool,
+    /// TCP internals at this moment (ss -i): rtt, cwnd, ssthresh, retransmits, bytes acked
+    /// and received, delivery and pacing rates, last send and receive.
+    #[arg(short = 'i', long = "info")]
+    pub info: bool,
+    /// Print the table again every SECONDS (1 if not given), like `netstat -c`; with an
+    /// agent, only when something changed. Give it last in a group of flags (`-tanc`).
+    #[arg(short = 'c', long = "continuous", value_name = "SECONDS", num_args = 0..=1,
+          default_missing_value = "1", value_parser = parse_seconds)]
+    pub continuous: Option<Duration>,
     /// Take a snapshot of our own even when an agent is running.
     #[arg(long)]
     pub no_agent: bool,
@@ -384,6 +408,57 @@ pub struct WatchArgs {
     pub log: LogArgs,
 }
 
+#[derive(Clone, Debug, Args)]
+#[command(after_help = "NAME: only counters whose nstat name (TcpExtListenOverflows) contains \
+    one of these, case-insensitively, e.g. `netwatch counters listen retrans`.")]
+pub struct CountersArgs {
+    /// Every counter, unchanged ones and gauges (settings, current levels) too.
+    #[arg(short = 'a', long = "all")]
+    pub all: bool,
+    /// Only TCP's counters (Tcp, TcpExt).
+    #[arg(short = 't', long = "tcp")]
+    pub tcp: bool,
+    /// Only UDP's counters (Udp, Udp6, UdpLite, UdpLite6).
+    #[arg(short = 'u', long = "udp")]
+    pub udp: bool,
+    /// Repeat every SECONDS (1 if not given), each time with what changed since the one
+    /// before, like `netstat -c`.
+    #[arg(short = 'c', long = "interval", visible_alias = "continuous", value_name = "SECONDS",
+          num_args = 0..=1, default_missing_value = "1", value_parser = parse_seconds)]
+    pub interval: Option<Duration>,
+    /// The values themselves (counted since boot, or since the namespace was made), not what
+    /// changed since the last call.
+    #[arg(long)]
+    pub since_boot: bool,
+    /// Do not keep this reading as the last call's (the next call counts from the one before).
+    #[arg(long)]
+    pub no_update: bool,
+    /// Only this network namespace: an inode number or an `ip netns` name; `all` for each.
+    #[arg(long, value_name = "INODE|NAME|all")]
+    pub netns: Option<String>,
+    /// One JSON object per namespace and reading, one per line.
+    #[arg(long)]
+    pub json: bool,
+    /// Do not ask a running agent which sockets caused the changes.
+    #[arg(long)]
+    pub no_agent: bool,
+    /// Where to look for a running agent.
+    #[arg(long, value_name = "PATH", default_value = api::DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+    #[arg(value_name = "NAME")]
+    pub names: Vec<String>,
+}
+
+/// `2`, `0.5`: seconds, at least a tenth of one.
+fn parse_seconds(text: &str) -> Result<Duration, String> {
+    let seconds: f64 =
+        text.parse().map_err(|_| format!("'{text}' is not a number of seconds (e.g. 2, 0.5)"))?;
+    if !(0.1..=86_400.0).contains(&seconds) {
+        return Err(format!("{text} seconds is out of range (0.1 to 86400)"));
+    }
+    Ok(Duration::from_secs_f64(seconds))
+}
+
 fn parse_state(text: &str) -> Result<TcpState, String> {
     text.parse()
 }
@@ -420,98 +495,4 @@ impl WatchArgs {
 }
 
 #[cfg(test)]
-mod tests {
-    use clap::error::ErrorKind;
-
-    use super::*;
-
-    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
-        Cli::try_parse_from(std::iter::once("netwatch").chain(args.iter().copied()))
-    }
-
-    #[test]
-    fn no_subcommand_means_watch() {
-        let cli = parse(&["--port", "80", "--json"]).unwrap();
-        assert!(cli.command.is_none());
-        assert_eq!(cli.watch.port, Some(80));
-        assert_eq!(cli.watch.format(), Format::Json);
-        let cli = parse(&["watch", "-6", "--transition", "syn_sent:established"]).unwrap();
-        let Some(Command::Watch(args)) = cli.command else { panic!("not watch") };
-        let filter = args.filter();
-        assert_eq!(filter.family, Some(Family::Ipv6));
-        assert_eq!(filter.transition, Some((TcpState::SynSent, TcpState::Established)));
-    }
-
-    #[test]
-    fn bad_values_are_usage_errors_naming_the_value() {
-        for (args, needle) in [
-            (&["--state", "SYN_SEND"][..], "'SYN_SEND'"),
-            (&["--port", "70000"][..], "70000"),
-            (&["watch", "--transition", "LISTEN"][..], "OLD:NEW"),
-            (&["--ring-size", "5000"][..], "5000"),
-        ] {
-            let error = parse(args).unwrap_err();
-            assert_eq!(error.kind(), ErrorKind::ValueValidation, "{args:?}");
-            assert!(error.to_string().contains(needle), "{args:?}: {error}");
-            assert_eq!(error.exit_code(), 2);
-        }
-        let error = parse(&["--state", "bogus"]).unwrap_err().to_string();
-        assert!(error.contains("ESTABLISHED, SYN_SENT"), "lists accepted names: {error}");
-    }
-
-    #[test]
-    fn table_takes_ss_style_flags_and_a_filter() {
-        let cli = parse(&["ls", "-tanp", "state", "established", "sport", ">=", ":1024"]).unwrap();
-        let Some(Command::Table(args)) = cli.command else { panic!("not table") };
-        assert!(args.select.tcp && args.select.all && args.numeric && !args.select.udp);
-        assert_eq!(args.select.filter, ["state", "established", "sport", ">=", ":1024"]);
-        assert_eq!(parse(&["table", "-l", "-a"]).unwrap_err().kind(), ErrorKind::ArgumentConflict);
-    }
-
-    #[test]
-    fn options_may_follow_the_filter_and_unknown_ones_are_named() {
-        let cli = parse(&["table", "-tl", "sport", "=", ":7200", "--json", "-n"]).unwrap();
-        let Some(Command::Table(args)) = cli.command else { panic!("not table") };
-        assert!(args.json && args.numeric && args.select.listening);
-        assert_eq!(args.select.filter, ["sport", "=", ":7200"]);
-        for args in
-            [&["table", "-H"][..], &["table", "-tanpZ"], &["table", "sport", "=", ":1", "-H"]]
-        {
-            let error = parse(args).unwrap_err();
-            assert_eq!(error.kind(), ErrorKind::UnknownArgument, "{args:?}");
-            assert!(error.to_string().contains("unexpected argument '-"), "{args:?}: {error}");
-        }
-        let cli = parse(&["history", "dport", "=", ":5432", "--json"]).unwrap();
-        let Some(Command::History(args)) = cli.command else { panic!("not history") };
-        assert!(args.json);
-    }
-
-    #[test]
-    fn no_subcommand_is_top_on_a_terminal_unless_the_stream_is_asked_for() {
-        let cli = parse(&[]).unwrap();
-        assert!(cli.default_is_top(true) && !cli.default_is_top(false));
-        for stream in [&["--stream"][..], &["--json"], &["--port", "80"], &["--log", "x"]] {
-            assert!(!parse(stream).unwrap().default_is_top(true), "{stream:?}");
-        }
-        assert!(parse(&["--top", "--port", "80"]).unwrap().default_is_top(false));
-        let top = parse(&["--pid", "42", "--no-agent"]).unwrap();
-        assert!(top.default_is_top(true));
-        let args = top.default_top();
-        assert_eq!((args.select.pid, args.programs.no_agent), (Some(42), true));
-        assert_eq!(parse(&["--top", "--stream"]).unwrap_err().kind(), ErrorKind::ArgumentConflict);
-        let Some(Command::Top(args)) =
-            parse(&["top", "-tn", "dport", "=", ":443"]).unwrap().command
-        else {
-            panic!("not top")
-        };
-        assert!(args.select.tcp && args.numeric);
-        assert_eq!(args.select.filter, ["dport", "=", ":443"]);
-    }
-
-    #[test]
-    fn ipv4_and_ipv6_conflict() {
-        let error = parse(&["-4", "-6"]).unwrap_err();
-        assert_eq!(error.kind(), ErrorKind::ArgumentConflict);
-        assert_eq!(error.exit_code(), 2);
-    }
-}
+mod tests;
