@@ -407,3 +407,89 @@ fn extended_and_tcp_info_columns_equal_ss() {
     drop(nobody.stdin.take());
     let _ = nobody.wait();
 }
+
+/// `netwatch table ARGS` running on: its stdout lines as they come; killed when dropped.
+struct Running {
+    child: std::process::Child,
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Running {
+    fn start(args: &[&str]) -> Running {
+        let mut child = Command::new(netwatch_bin())
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = std::sync::Arc::clone(&lines);
+        std::thread::spawn(move || {
+            for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
+                let Ok(line) = line else { break };
+                sink.lock().unwrap().push(line);
+            }
+        });
+        Running { child, lines }
+    }
+
+    /// The tables printed so far, each as its lines.
+    fn tables(&self) -> Vec<Vec<String>> {
+        let mut tables: Vec<Vec<String>> = Vec::new();
+        for line in self.lines.lock().unwrap().iter() {
+            if line.starts_with("--- ") {
+                tables.push(Vec::new());
+            } else if let Some(table) = tables.last_mut() {
+                table.push(line.clone());
+            }
+        }
+        tables
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn continuous_prints_again_when_the_table_changed() {
+    let ns = NetNs::new("cont");
+    let listener = ns.run(|| std::net::TcpListener::bind("127.0.0.1:0").unwrap());
+    let port = listener.local_addr().unwrap().port();
+    let filter = format!("sport = :{port} or dport = :{port}");
+    let agent = Agent::start(&Agent::test_socket("table-continuous"));
+    let running = Running::start(&[
+        "table",
+        "-tan",
+        "-c",
+        "0.3",
+        "--netns",
+        &ns.name,
+        "--socket",
+        agent.socket_arg(),
+        &filter,
+    ]);
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let tables = running.tables();
+    assert_eq!(tables.len(), 1, "nothing changed, nothing printed again: {tables:#?}");
+    assert!(tables[0].iter().any(|l| l.starts_with("LISTEN")), "{tables:#?}");
+    let client = ns.run(move || std::net::TcpStream::connect(("127.0.0.1", port)).unwrap());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while running.tables().len() < 2 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let tables = running.tables();
+    assert_eq!(tables.len(), 2, "the connection was printed once: {tables:#?}");
+    assert_eq!(tables[1].iter().filter(|l| l.starts_with("ESTAB")).count(), 2, "{tables:#?}");
+    drop(running);
+    // Without an agent, every interval prints.
+    let alone = Running::start(&["table", "-tan", "-c", "0.2", "--netns", &ns.name, "--no-agent"]);
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    assert!(alone.tables().len() >= 4, "{:#?}", alone.tables());
+    drop((client, listener));
+    assert!(agent.stop().success());
+}
