@@ -50,6 +50,11 @@ fn every_command_survives_a_closed_stdout() {
         vec!["table", "--socket", socket],
         vec!["table", "--socket", socket, "--json"],
         vec!["table", "--no-agent", "-a"],
+        vec!["table", "--socket", socket, "-tanpei"],
+        vec!["table", "--no-agent", "-c", "0.2"],
+        vec!["counters", "--socket", socket, "-a", "--no-update"],
+        vec!["counters", "--no-agent", "-a", "--json", "--no-update"],
+        vec!["-s", "--socket", socket, "-a", "--no-update", "-c", "0.2"],
         vec!["history", "--socket", socket],
         vec!["history", "--socket", socket, "--json"],
         vec!["stats", "--socket", socket],
@@ -73,9 +78,11 @@ fn every_command_survives_a_closed_stdout() {
 #[test]
 fn an_unknown_namespace_is_a_usage_error() {
     require_root();
-    for wanted in ["nosuch", "4026531", "-"] {
+    for (command, wanted) in
+        [("table", "nosuch"), ("table", "4026531"), ("table", "-"), ("counters", "nosuch")]
+    {
         let output =
-            Command::new(netwatch_bin()).args(["table", "--netns", wanted]).output().unwrap();
+            Command::new(netwatch_bin()).args([command, "--netns", wanted]).output().unwrap();
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert_eq!(output.status.code(), Some(2), "{wanted}: {stderr}");
         assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
@@ -98,6 +105,9 @@ fn bad_arguments_exit_2_with_one_line_naming_the_value() {
         (&["watch", "--port", "70000"][..], "70000"),
         (&["watch", "--transition", "SYN_SENT-ESTABLISHED"][..], "OLD:NEW"),
         (&["-4", "-6"][..], "cannot be used with"),
+        (&["table", "-c", "0"][..], "out of range"),
+        (&["counters", "--interval", "soon"][..], "'soon'"),
+        (&["-tx"][..], "unexpected argument"),
     ] {
         let output = Command::new(netwatch_bin()).args(args).output().expect("run netwatch");
         let stderr = String::from_utf8_lossy(&output.stderr);

@@ -131,7 +131,7 @@ pub fn netwatch_rows(agent: &Agent, ns: &NetNs) -> (Vec<Comparable>, Vec<Value>,
 }
 
 /// `netwatch table -tuanp` and `ss -tuanp` as text, row for row: netid, state, local, peer
-/// and process columns (an agent keeps no queue lengths but a listener's), sorted, with each
+/// and process columns (queue lengths move with every packet between the two reads), sorted, with each
 /// row's holders sorted (ss lists them in the order of its own hash table).
 pub fn text_rows(ns: &NetNs, netwatch_args: &[&str]) -> (Vec<Vec<String>>, Vec<Vec<String>>) {
     let columns = |line: &str| -> Vec<String> {

@@ -77,9 +77,10 @@ struct PerCause {
 impl PerCause {
     fn observe(&self, record: &StreamRecord) {
         let ids = attribution::counters_of(record);
-        let Some(culprit) = ids.first().and_then(|_| attribution::Culprit::of(record)) else {
+        if ids.is_empty() {
             return;
-        };
+        }
+        let Some(culprit) = attribution::Culprit::of(record) else { return };
         let mut pair =
             (culprit.comm.map(String::from).unwrap_or_default(), culprit.endpoint.to_string());
         let mut labelled = self.labelled.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -91,7 +92,7 @@ impl PerCause {
             }
         }
         drop(labelled);
-        for id in ids {
+        for id in ids.iter() {
             let rule = &attribution::RULES[usize::from(id)];
             let labels = CauseLabels {
                 counter: format!("{}_{}", rule.group, rule.name),
@@ -485,6 +486,39 @@ mod tests {
         assert!(text.contains("netwatch_records_total 1"), "{text}");
         assert!(text.contains("\nnode_netstat_Tcp_ActiveOpens "), "{text}");
         assert!(text.ends_with("# EOF\n"), "{text}");
+    }
+
+    #[test]
+    fn increments_by_cause_are_bounded() {
+        use std::net::{IpAddr, Ipv4Addr};
+        let metrics = Metrics::new(0, 1);
+        for port in [80, 443] {
+            let record = crate::record::RetransmitRecord {
+                time: chrono::DateTime::from_timestamp_nanos(0),
+                mono_ns: 0,
+                resent: Resent::Segment,
+                state: Some(TcpState::SynSent),
+                pid: Some(7),
+                comm: Some("curl".into()),
+                family: crate::kernel::events::Family::Ipv4,
+                laddr: IpAddr::V4(Ipv4Addr::LOCALHOST),
+                lport: 5000,
+                raddr: IpAddr::V4(Ipv4Addr::LOCALHOST),
+                rport: port,
+                cookie: 1,
+                netns: 1,
+                count: 1,
+                direction: None,
+            };
+            metrics.observe(&StreamRecord::Retransmit(Box::new(record)));
+        }
+        let text = metrics.render(&HashMap::new(), Health::default());
+        for line in [
+            "netwatch_counter_causes_total{counter=\"TcpExt_TCPSynRetrans\",comm=\"curl\",endpoint=\"127.0.0.1:80\"} 1",
+            "netwatch_counter_causes_total{counter=\"Tcp_RetransSegs\",comm=\"other\",endpoint=\"other\"} 1",
+        ] {
+            assert!(text.contains(line), "{line} in {text}");
+        }
         for zero in [
             "netwatch_lost_events_total{reason=\"skipped\"} 0",
             "netwatch_connect_failures_total{reason=\"listener_closed\"} 0",

@@ -100,9 +100,38 @@ fn id(group: &str, name: &str) -> u8 {
     RULES.iter().position(|r| r.group == group && r.name == name).unwrap_or(0) as u8
 }
 
-/// The counters `record`'s event increments, by id into [`RULES`].
-pub fn counters_of(record: &StreamRecord) -> Vec<u8> {
-    let mut ids = Vec::new();
+/// The counters one event increments, by id into [`RULES`]: at most four, kept inline (this
+/// runs for every record the agent handles).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CounterIds {
+    ids: [u8; 4],
+    len: usize,
+}
+
+impl CounterIds {
+    fn push(&mut self, id: u8) {
+        if let Some(slot) = self.ids.get_mut(self.len) {
+            *slot = id;
+            self.len += 1;
+        }
+    }
+
+    fn extend(&mut self, ids: impl IntoIterator<Item = u8>) {
+        ids.into_iter().for_each(|id| self.push(id));
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = u8> + '_ {
+        self.ids[..self.len].iter().copied()
+    }
+}
+
+/// The counters `record`'s event increments.
+pub fn counters_of(record: &StreamRecord) -> CounterIds {
+    let mut ids = CounterIds::default();
     match record {
         StreamRecord::Transition(t) => transition_counters(t, &mut ids),
         StreamRecord::Retransmit(r) => {
@@ -119,7 +148,7 @@ pub fn counters_of(record: &StreamRecord) -> Vec<u8> {
     ids
 }
 
-fn transition_counters(t: &TransitionRecord, ids: &mut Vec<u8>) {
+fn transition_counters(t: &TransitionRecord, ids: &mut CounterIds) {
     use TcpState::*;
     match (t.old, t.new) {
         (Close, SynSent) => ids.push(id("Tcp", "ActiveOpens")),
@@ -239,7 +268,10 @@ const LISTED: usize = 5;
 impl Attribution {
     pub fn observe(&mut self, record: &StreamRecord) {
         let ids = counters_of(record);
-        let Some(culprit) = ids.first().and_then(|_| Culprit::of(record)) else { return };
+        if ids.is_empty() {
+            return;
+        }
+        let Some(culprit) = Culprit::of(record) else { return };
         let mono_ns = match record {
             StreamRecord::Transition(t) => t.mono_ns,
             StreamRecord::Retransmit(r) => r.mono_ns,
@@ -254,7 +286,7 @@ impl Attribution {
         }
         // Records arrive in time order but for the odd late one: it joins the newest bucket.
         let Some(bucket) = self.buckets.back_mut() else { return };
-        for id in ids {
+        for id in ids.iter() {
             let key = (id, culprit.clone());
             if let Some(count) = bucket.counts.get_mut(&key) {
                 *count += 1;
@@ -365,7 +397,7 @@ mod tests {
     }
 
     fn names(record: &StreamRecord) -> Vec<&'static str> {
-        counters_of(record).into_iter().map(|id| RULES[usize::from(id)].name).collect()
+        counters_of(record).iter().map(|id| RULES[usize::from(id)].name).collect()
     }
 
     #[test]
