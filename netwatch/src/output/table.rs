@@ -338,8 +338,18 @@ mod tests {
         }
     }
 
+    /// ss's columns, nothing extended.
+    fn plain<'a>(
+        services: Option<&'a Services>,
+        timers: bool,
+        extras: &'a Extras,
+    ) -> TextOptions<'a> {
+        TextOptions { services, timers, netid: true, state: true, extended: false, extras }
+    }
+
     #[test]
     fn text_looks_like_ss() {
+        let extras = Extras::default();
         let any4 = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
         let rows = vec![
             listed(Protocol::Tcp, TcpState::Listen, (any4, 80), (any4, 0)),
@@ -351,17 +361,7 @@ mod tests {
             ),
         ];
         let services = Services::parse("http 80/tcp\n");
-        let named = text(
-            &rows,
-            &TextOptions {
-                services: Some(&services),
-                timers: false,
-                netid: true,
-                state: true,
-                extended: false,
-                extras: &Extras::default(),
-            },
-        );
+        let named = text(&rows, &plain(Some(&services), false, &extras));
         let lines: Vec<Vec<&str>> = named.lines().map(|l| l.split_whitespace().collect()).collect();
         assert_eq!(
             lines[0],
@@ -393,37 +393,18 @@ mod tests {
         let mut dual = rows[1].clone();
         dual.row.v6only = false;
         dual.row.local.0 = IpAddr::V6(Ipv6Addr::UNSPECIFIED);
-        let out = text(
-            &[dual],
-            &TextOptions {
-                services: None,
-                timers: false,
-                netid: true,
-                state: true,
-                extended: false,
-                extras: &Extras::default(),
-            },
-        );
+        let out = text(&[dual], &plain(None, false, &extras));
         assert_eq!(
             out.lines().nth(1).unwrap().split_whitespace().collect::<Vec<_>>()[4..6],
             ["*:53", "*:*"]
         );
-        let numeric = text(
-            &rows,
-            &TextOptions {
-                services: None,
-                timers: false,
-                netid: true,
-                state: true,
-                extended: false,
-                extras: &Extras::default(),
-            },
-        );
+        let numeric = text(&rows, &plain(None, false, &extras));
         assert!(numeric.contains("0.0.0.0:80"), "{numeric}");
     }
 
     #[test]
     fn optional_columns_appear_when_informative() {
+        let extras = Extras::default();
         let lo = IpAddr::V4(Ipv4Addr::LOCALHOST);
         let mut a = listed(Protocol::Tcp, TcpState::TimeWait, (lo, 1), (lo, 2));
         a.row.timer = Some(Timer { kind: TimerKind::Timewait, remaining_ms: 59_500 });
@@ -432,17 +413,7 @@ mod tests {
         b.row.netns = 1;
         b.netns_name = Some("blue".into());
         b.in_state = Some(Duration::from_secs(3725));
-        let out = text(
-            &[a, b],
-            &TextOptions {
-                services: None,
-                timers: true,
-                netid: true,
-                state: true,
-                extended: false,
-                extras: &Extras::default(),
-            },
-        );
+        let out = text(&[a, b], &plain(None, true, &extras));
         let lines: Vec<&str> = out.lines().collect();
         assert!(lines[0].ends_with("In-State  Netns       Timer"), "{out:?}");
         assert!(

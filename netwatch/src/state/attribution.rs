@@ -355,7 +355,6 @@ mod tests {
     use std::net::{IpAddr, Ipv4Addr};
 
     use super::*;
-    use crate::kernel::events::{Family, StateSource};
 
     fn transition(
         old: TcpState,
@@ -363,37 +362,11 @@ mod tests {
         failure: Option<Failure>,
         rport: u16,
     ) -> StreamRecord {
-        let lo = IpAddr::V4(Ipv4Addr::LOCALHOST);
-        StreamRecord::Transition(Box::new(TransitionRecord {
-            time: chrono::DateTime::from_timestamp_nanos(0),
-            mono_ns: 5_000_000_000,
-            old,
-            new,
-            duration_ns: None,
-            duration_ms: None,
-            pid: Some(42),
-            comm: Some("curl".into()),
-            family: Family::Ipv4,
-            laddr: lo,
-            lport: 40000,
-            raddr: lo,
-            rport,
-            cookie: Some(1),
-            netns: 7,
-            skaddr: "0x1".into(),
-            task_pid: 42,
-            task_tid: 42,
-            task_comm: "curl".into(),
-            source: StateSource::TpBtf,
-            lifespan_ns: None,
-            bytes_sent: None,
-            bytes_received: None,
-            retransmits: None,
-            failure,
-            ending: None,
-            direction: Some(Direction::Outbound),
-            v6only: false,
-        }))
+        let mut record = crate::state::stats::tests::record(old, new, None, failure, 42);
+        (record.mono_ns, record.netns, record.rport) = (5_000_000_000, 7, rport);
+        record.raddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        record.direction = Some(Direction::Outbound);
+        StreamRecord::Transition(Box::new(record))
     }
 
     fn names(record: &StreamRecord) -> Vec<&'static str> {

@@ -265,7 +265,7 @@ fn remote_key(direction: Option<Direction>, ends: Endpoints) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::net::{IpAddr, Ipv4Addr};
 
     use chrono::DateTime;
@@ -273,7 +273,8 @@ mod tests {
     use super::*;
     use crate::kernel::events::{Family, StateSource};
 
-    fn record(
+    /// A transition of curl's connection 127.0.0.1:40000 -> 10.0.0.5:5432, for tests.
+    pub(crate) fn record(
         old: TcpState,
         new: TcpState,
         ms: Option<u64>,
