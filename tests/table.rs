@@ -455,6 +455,15 @@ impl Drop for Running {
     }
 }
 
+/// Polls `done` for up to ten seconds.
+fn eventually(what: &str, done: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !done() {
+        assert!(std::time::Instant::now() < deadline, "{what}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
 #[test]
 fn continuous_prints_again_when_the_table_changed() {
     let ns = NetNs::new("cont");
@@ -473,23 +482,23 @@ fn continuous_prints_again_when_the_table_changed() {
         agent.socket_arg(),
         &filter,
     ]);
-    std::thread::sleep(std::time::Duration::from_millis(1500));
+    eventually("the first table", || !running.tables().is_empty());
+    // Several intervals with nothing changed in these rows print nothing more.
+    std::thread::sleep(std::time::Duration::from_millis(1200));
     let tables = running.tables();
     assert_eq!(tables.len(), 1, "nothing changed, nothing printed again: {tables:#?}");
     assert!(tables[0].iter().any(|l| l.starts_with("LISTEN")), "{tables:#?}");
     let client = ns.run(move || std::net::TcpStream::connect(("127.0.0.1", port)).unwrap());
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while running.tables().len() < 2 && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    let tables = running.tables();
-    assert_eq!(tables.len(), 2, "the connection was printed once: {tables:#?}");
-    assert_eq!(tables[1].iter().filter(|l| l.starts_with("ESTAB")).count(), 2, "{tables:#?}");
+    let both_ends =
+        |table: &Vec<String>| table.iter().filter(|l| l.starts_with("ESTAB")).count() == 2;
+    eventually("the connection printed", || running.tables().last().is_some_and(both_ends));
+    let printed = running.tables().len();
+    std::thread::sleep(std::time::Duration::from_millis(1200));
+    assert_eq!(running.tables().len(), printed, "then nothing more: {:#?}", running.tables());
     drop(running);
     // Without an agent, every interval prints.
     let alone = Running::start(&["table", "-tan", "-c", "0.2", "--netns", &ns.name, "--no-agent"]);
-    std::thread::sleep(std::time::Duration::from_millis(1500));
-    assert!(alone.tables().len() >= 4, "{:#?}", alone.tables());
+    eventually("a table each interval", || alone.tables().len() >= 3);
     drop((client, listener));
     assert!(agent.stop().success());
 }

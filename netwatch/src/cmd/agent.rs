@@ -98,11 +98,11 @@ pub async fn run(args: &AgentArgs) -> anyhow::Result<()> {
     }
     super::release_freed_memory();
     let mut attribution = Attribution::default();
-    let counters_at_start = attribution::Report {
+    let counters_at_start = attribution::Account {
         started: Some(chrono::Utc::now()),
         netns: own_netns(),
         baseline: crate::host::counters::Counters::read_here().ok().map(|c| c.by_key()),
-        ..attribution::Report::default()
+        ..attribution::Account::default()
     };
     let metrics = Metrics::new(args.metrics_remotes, args.metrics_causes);
     let metrics_listener = match args.metrics {
@@ -174,11 +174,7 @@ pub async fn run(args: &AgentArgs) -> anyhow::Result<()> {
                         });
                     }
                     Query::Counters(reply, since, netns) => {
-                        let clock = WallClock::now();
-                        let since_ns = since.map_or(0, |t| clock.monotonic(t));
-                        let (attributed, complete) = attribution.since(since_ns, netns);
-                        let report = attribution::Report { attributed, complete, ..counters_at_start.clone() };
-                        let _ = reply.send(report);
+                        let _ = reply.send(account(&attribution, &counters_at_start, since, netns));
                     }
                     Query::Live(reply) => {
                         // Rows changed before this table go to the live clients already
@@ -237,7 +233,7 @@ enum Query {
     Live(oneshot::Sender<Option<LiveStart>>),
     /// Who moved the counters since then (or since the start).
     Counters(
-        oneshot::Sender<attribution::Report>,
+        oneshot::Sender<attribution::Account>,
         Option<chrono::DateTime<chrono::Utc>>,
         Option<u32>,
     ),
@@ -447,6 +443,25 @@ fn absorb(
 fn reconcile(tracer: &mut Tracer, histories: &mut Histories) {
     if let Some(snapshot) = tracer.take_snapshot() {
         histories.reconcile(&snapshot, chrono::Utc::now());
+    }
+}
+
+/// Who moved the counters in `netns` (every namespace if None) since `since`.
+fn account(
+    attribution: &Attribution,
+    at_start: &attribution::Account,
+    since: Option<chrono::DateTime<chrono::Utc>>,
+    netns: Option<u32>,
+) -> attribution::Account {
+    let clock = WallClock::now();
+    let since_ns = since.map_or(0, |t| clock.monotonic(t));
+    let (attributed, kept) = attribution.since(since_ns, netns);
+    let after_start = since.zip(at_start.started).is_some_and(|(since, started)| since >= started);
+    attribution::Account {
+        attributed,
+        counted_from: since.map(|_| clock.wall(since_ns / 1_000_000_000 * 1_000_000_000)),
+        complete: kept && after_start,
+        ..at_start.clone()
     }
 }
 

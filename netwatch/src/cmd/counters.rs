@@ -22,7 +22,7 @@ use crate::{
         sock_diag::DiagSocket,
     },
     kernel::events::TcpState,
-    output::counters::{self as out, Cause, FullListener, Line, Report, Since},
+    output::counters::{self as out, Cause, FullListener, Line, Reading, Since},
     record::Listed,
     serve::api::{self, Command},
     state::attribution,
@@ -31,8 +31,25 @@ use crate::{
 /// A namespace whose counters are shown.
 struct Target {
     namespace: NetNamespace,
+    /// This process's own namespace: read without joining it (no privilege needed).
+    here: bool,
     /// The reading each change is counted from, once there was one in this run.
     previous: Option<(DateTime<Utc>, BTreeMap<String, i64>)>,
+}
+
+impl Target {
+    fn counters(&self) -> std::io::Result<Counters> {
+        if self.here { Counters::read_here() } else { Counters::read_in(&self.namespace.path) }
+    }
+
+    fn diag(&self) -> std::io::Result<DiagSocket> {
+        let ns = &self.namespace;
+        if self.here {
+            DiagSocket::open_here(ns.inode)
+        } else {
+            DiagSocket::open(&ns.path, ns.inode)
+        }
+    }
 }
 
 /// What `netwatch counters` keeps of a reading for the next call.
@@ -40,23 +57,24 @@ struct Target {
 struct Kept {
     time: DateTime<Utc>,
     netns: u32,
+    /// A reading from before the last boot counts for nothing (the counters restarted).
+    boot_id: String,
     counters: BTreeMap<String, i64>,
 }
 
 pub async fn run(args: &CountersArgs) -> anyhow::Result<()> {
-    let mut targets: Vec<Target> = namespaces(args.netns.as_deref())?
-        .into_iter()
-        .map(|namespace| Target { namespace, previous: None })
-        .collect();
-    let history = history_dir();
+    let mut targets = targets(args.netns.as_deref())?;
+    let history = History::open();
+    let several = targets.len() > 1;
     loop {
         for target in &mut targets {
-            let report = reading(args, target, history.as_ref()).await?;
+            let reading = reading(args, target, history.as_ref()).await?;
             let text = if args.json {
-                serde_json::to_string(&report)?
+                serde_json::to_string(&reading)?
+            } else if args.interval.is_some() || several {
+                out::text(&reading) + "\n"
             } else {
-                out::text(&report)
-                    + if args.interval.is_some() || targets_len(args) { "\n" } else { "" }
+                out::text(&reading)
             };
             let mut stdout = std::io::stdout().lock();
             match writeln!(stdout, "{text}").and_then(|()| stdout.flush()) {
@@ -69,32 +87,35 @@ pub async fn run(args: &CountersArgs) -> anyhow::Result<()> {
     }
 }
 
-fn targets_len(args: &CountersArgs) -> bool {
-    args.netns.as_deref() == Some("all")
-}
-
 /// The namespaces asked for: this process's own when none is named.
-fn namespaces(wanted: Option<&str>) -> anyhow::Result<Vec<NetNamespace>> {
+fn targets(wanted: Option<&str>) -> anyhow::Result<Vec<Target>> {
+    let target = |namespace, here| Target { namespace, here, previous: None };
     let Some(wanted) = wanted else {
         let path = PathBuf::from("/proc/self/ns/net");
         let inode = std::fs::metadata(&path).context("reading /proc/self/ns/net")?.ino() as u32;
-        let name =
-            network_namespaces().into_iter().find(|ns| ns.inode == inode).and_then(|ns| ns.name);
-        return Ok(vec![NetNamespace { inode, path, name }]);
+        let name = std::fs::read_dir("/run/netns").ok().and_then(|entries| {
+            entries.flatten().find_map(|entry| {
+                let same =
+                    std::fs::metadata(entry.path()).is_ok_and(|m| m.ino() == u64::from(inode));
+                same.then(|| entry.file_name().to_string_lossy().into_owned())
+            })
+        });
+        return Ok(vec![target(NetNamespace { inode, path, name }, true)]);
     };
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         anyhow::bail!(
-            "--netns needs root (it enters the namespace to read its counters): run it with sudo"
+            "--netns needs root (netwatch enters the namespace to read its counters): run it \
+             with sudo"
         );
     }
     let known = network_namespaces();
-    if wanted == "all" {
-        return Ok(known);
-    }
-    let found: Vec<NetNamespace> = known
+    let found: Vec<Target> = known
         .into_iter()
-        .filter(|ns| ns.inode.to_string() == wanted || ns.name.as_deref() == Some(wanted))
+        .filter(|ns| {
+            wanted == "all" || ns.inode.to_string() == wanted || ns.name.as_deref() == Some(wanted)
+        })
+        .map(|ns| target(ns, false))
         .collect();
     if found.is_empty() {
         return Err(Error::NoSuchNetns(wanted.to_string()).into());
@@ -102,83 +123,111 @@ fn namespaces(wanted: Option<&str>) -> anyhow::Result<Vec<NetNamespace>> {
     Ok(found)
 }
 
-/// Where the last call's readings are kept: `$NETWATCH_COUNTERS_HISTORY`, else
-/// /run/netwatch/counters for root, else the user's runtime directory; None if none can be
-/// made (every call then counts since boot).
-fn history_dir() -> Option<PathBuf> {
-    let dir = match std::env::var_os("NETWATCH_COUNTERS_HISTORY") {
-        Some(dir) => PathBuf::from(dir),
+/// The directory of the last call's readings, one file per namespace.
+struct History {
+    dir: PathBuf,
+    boot_id: String,
+}
+
+impl History {
+    /// `$NETWATCH_COUNTERS_HISTORY`, else /run/netwatch/counters for root, else the user's
+    /// runtime directory; None if it cannot be made or others can write to it (then every
+    /// call counts since boot, or since the agent started).
+    fn open() -> Option<History> {
         // SAFETY: geteuid has no preconditions.
-        None if unsafe { libc::geteuid() } == 0 => PathBuf::from("/run/netwatch/counters"),
-        None => match std::env::var_os("XDG_RUNTIME_DIR") {
-            Some(runtime) => PathBuf::from(runtime).join("netwatch-counters"),
-            // SAFETY: getuid has no preconditions.
-            None => PathBuf::from(format!("/tmp/netwatch-counters.{}", unsafe { libc::getuid() })),
-        },
-    };
-    use std::os::unix::fs::DirBuilderExt as _;
-    match std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir) {
-        Ok(()) => Some(dir),
-        Err(error) => {
+        let euid = unsafe { libc::geteuid() };
+        let dir = match std::env::var_os("NETWATCH_COUNTERS_HISTORY") {
+            Some(dir) => PathBuf::from(dir),
+            None if euid == 0 => PathBuf::from("/run/netwatch/counters"),
+            None => match std::env::var_os("XDG_RUNTIME_DIR") {
+                Some(runtime) => PathBuf::from(runtime).join("netwatch-counters"),
+                None => PathBuf::from(format!("/tmp/netwatch-counters.{euid}")),
+            },
+        };
+        use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
+        let made = std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir);
+        // A directory someone else made (in /tmp) could hand this user's writes elsewhere.
+        let checked = made.and_then(|()| std::fs::symlink_metadata(&dir)).and_then(|meta| {
+            if meta.is_dir() && meta.uid() == euid && meta.permissions().mode() & 0o022 == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::other("not a directory only this user can write to"))
+            }
+        });
+        if let Err(error) = checked {
             tracing::warn!("cannot keep counters between calls in {}: {error}", dir.display());
-            None
+            return None;
         }
+        let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .map(|id| id.trim().to_string())
+            .unwrap_or_default();
+        Some(History { dir, boot_id })
     }
-}
 
-fn load(dir: &std::path::Path, netns: u32) -> Option<Kept> {
-    let text = std::fs::read_to_string(dir.join(format!("{netns}.json"))).ok()?;
-    serde_json::from_str::<Kept>(&text).ok().filter(|kept| kept.netns == netns)
-}
+    fn load(&self, netns: u32) -> Option<Kept> {
+        let text = std::fs::read_to_string(self.dir.join(format!("{netns}.json"))).ok()?;
+        serde_json::from_str::<Kept>(&text)
+            .ok()
+            .filter(|kept| kept.netns == netns && kept.boot_id == self.boot_id)
+    }
 
-/// Written to a temporary file and renamed: a reader never sees half of it.
-fn keep(dir: &std::path::Path, kept: &Kept) -> std::io::Result<()> {
-    let path = dir.join(format!("{}.json", kept.netns));
-    let temporary = dir.join(format!(".{}.json.{}", kept.netns, std::process::id()));
-    std::fs::write(&temporary, serde_json::to_vec(kept)?)?;
-    std::fs::rename(&temporary, &path)
+    /// Written to a new temporary file and renamed: a reader never sees half of it.
+    fn keep(
+        &self,
+        time: DateTime<Utc>,
+        netns: u32,
+        counters: BTreeMap<String, i64>,
+    ) -> std::io::Result<()> {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let kept = Kept { time, netns, boot_id: self.boot_id.clone(), counters };
+        let path = self.dir.join(format!("{netns}.json"));
+        let temporary = self.dir.join(format!(".{netns}.json.{}", std::process::id()));
+        let _ = std::fs::remove_file(&temporary);
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&temporary)?;
+        file.write_all(&serde_json::to_vec(&kept)?)?;
+        std::fs::rename(&temporary, &path)
+    }
 }
 
 /// One reading of one namespace, compared with the one it counts from.
 async fn reading(
     args: &CountersArgs,
     target: &mut Target,
-    history: Option<&PathBuf>,
-) -> anyhow::Result<Report> {
+    history: Option<&History>,
+) -> anyhow::Result<Reading> {
     let ns = &target.namespace;
-    let counters = Counters::read_in(&ns.path)
-        .with_context(|| format!("reading the counters of netns {}", ns.inode))?;
+    let counters =
+        target.counters().with_context(|| format!("reading the counters of netns {}", ns.inode))?;
     let now = Utc::now();
-    let kept = history.filter(|_| !args.since_boot).and_then(|dir| load(dir, ns.inode));
-    // The agent's attribution answers for the same interval as the counters.
+    let kept = history.filter(|_| !args.since_boot).and_then(|h| h.load(ns.inode));
     let mut since = match (&target.previous, kept) {
         (Some((time, values)), _) => Some((Since::Previous { time: *time }, values.clone())),
         (None, Some(kept)) => Some((Since::LastCall { time: kept.time }, kept.counters)),
         (None, None) => None,
     };
+    // The agent's account is asked for the same interval as the counters'.
     let agent = if args.no_agent {
         None
     } else {
-        let asked = since.as_ref().and_then(|(since, _)| match since {
-            Since::LastCall { time } | Since::Previous { time } | Since::AgentStart { time } => {
-                Some(*time)
-            }
-            Since::Boot => None,
-        });
+        let asked = since.as_ref().and_then(|(since, _)| since.time());
         ask_agent(&args.socket, asked, ns.inode).await?
     };
     if since.is_none() && !args.since_boot {
-        since = agent.as_ref().and_then(|report| {
-            let baseline = report.baseline.clone().filter(|_| report.netns == ns.inode)?;
-            Some((Since::AgentStart { time: report.started? }, baseline))
+        since = agent.as_ref().and_then(|account| {
+            let baseline = account.baseline.clone().filter(|_| account.netns == ns.inode)?;
+            Some((Since::AgentStart { time: account.started? }, baseline))
         });
     }
     let (since, earlier) = since.unwrap_or((Since::Boot, BTreeMap::new()));
-    let interval_s = match since {
-        Since::LastCall { time } | Since::Previous { time } | Since::AgentStart { time } => {
-            Some((now - time).num_milliseconds() as f64 / 1000.0)
-        }
-        Since::Boot => None,
+    let interval_s = since.time().map(|time| (now - time).num_milliseconds() as f64 / 1000.0);
+    let no_agent = match (&agent, args.no_agent) {
+        (Some(_), _) => None,
+        (None, true) => Some("the agent was not asked (--no-agent)"),
+        (None, false) => Some("no agent runs: start `netwatch agent` to see who caused it"),
     };
     let mut queues = None;
     let mut lines = Vec::new();
@@ -194,12 +243,12 @@ async fn reading(
             && matches!(c.name.as_str(), "ListenOverflows" | "ListenDrops")
         {
             if queues.is_none() {
-                queues = Some(full_listeners(ns, &args.socket, args.no_agent).await);
+                queues = Some(full_listeners(target, &args.socket, args.no_agent).await);
             }
             queues.clone()
         } else {
             events_cause(agent.as_ref(), &c.group, &c.name).or_else(|| {
-                out::unknown_cause(&c.group, &c.name, agent.is_some())
+                out::unknown_cause(&c.group, &c.name, no_agent)
                     .filter(|_| out::meaning(&c.group, &c.name).is_some())
             })
         };
@@ -217,14 +266,17 @@ async fn reading(
             cause,
         });
     }
-    if let Some(dir) = history.filter(|_| !args.no_update)
-        && let Err(error) =
-            keep(dir, &Kept { time: now, netns: ns.inode, counters: counters.by_key() })
+    if let Some(history) = history.filter(|_| !args.no_update)
+        && let Err(error) = history.keep(now, ns.inode, counters.by_key())
     {
-        tracing::warn!("cannot keep this reading for the next call in {}: {error}", dir.display());
+        tracing::warn!(
+            "cannot keep this reading for the next call in {}: {error}",
+            history.dir.display()
+        );
     }
     target.previous = Some((now, counters.by_key()));
-    Ok(Report {
+    let ns = &target.namespace;
+    Ok(Reading {
         time: now,
         netns: ns.inode,
         netns_name: ns.name.clone(),
@@ -250,7 +302,7 @@ async fn ask_agent(
     socket: &std::path::Path,
     since: Option<DateTime<Utc>>,
     netns: u32,
-) -> anyhow::Result<Option<attribution::Report>> {
+) -> anyhow::Result<Option<attribution::Account>> {
     let Some(line) = api::ask(socket, Command::Counters { since, netns: Some(netns) })
         .await
         .context("asking the agent")?
@@ -271,7 +323,7 @@ async fn ask_agent(
     }
 }
 
-fn events_cause(agent: Option<&attribution::Report>, group: &str, name: &str) -> Option<Cause> {
+fn events_cause(agent: Option<&attribution::Account>, group: &str, name: &str) -> Option<Cause> {
     let report = agent?;
     let rule = attribution::RULES.iter().find(|r| r.group == group && r.name == name)?;
     let found = report.attributed.iter().find(|a| a.group == group && a.name == name);
@@ -280,14 +332,16 @@ fn events_cause(agent: Option<&attribution::Report>, group: &str, name: &str) ->
         events: rule.events.to_string(),
         culprits: found.map(|a| a.culprits.clone()).unwrap_or_default(),
         others: found.map_or(0, |a| a.others),
+        counted_from: report.counted_from,
         complete: report.complete,
     })
 }
 
 /// The namespace's listeners whose accept queue is at or past its backlog now, with their
 /// owners from the agent's table or, without one, from /proc.
-async fn full_listeners(ns: &NetNamespace, socket: &std::path::Path, no_agent: bool) -> Cause {
-    let rows = DiagSocket::open(&ns.path, ns.inode).and_then(|mut diag| diag.passive_sockets());
+async fn full_listeners(target: &Target, socket: &std::path::Path, no_agent: bool) -> Cause {
+    let ns = &target.namespace;
+    let rows = target.diag().and_then(|mut diag| diag.passive_sockets());
     let rows = match rows {
         Ok(rows) => rows,
         Err(error) => {

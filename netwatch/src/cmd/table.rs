@@ -88,7 +88,7 @@ pub async fn run(args: &TableArgs) -> anyhow::Result<()> {
         }
     }
     let Some(interval) = args.continuous else {
-        let (text, ..) = listing(args, &selection, &services).await?;
+        let (text, ..) = listing(args, &selection, &services, true).await?;
         return super::emit(&text);
     };
     // With an agent, a reprint waits for a change it reports (any line of its `live` stream
@@ -97,23 +97,21 @@ pub async fn run(args: &TableArgs) -> anyhow::Result<()> {
         if args.no_agent || args.from_proc { None } else { Changes::open(&args.socket).await? };
     let mut shown = None;
     loop {
-        let (text, from_agent, fingerprint) = listing(args, &selection, &services).await?;
+        let first = shown.is_none();
+        let (text, from_agent, fingerprint) = listing(args, &selection, &services, first).await?;
         // A change elsewhere on the host that left these rows as they were prints nothing.
-        if from_agent && changes.is_some() && shown == Some(fingerprint) {
-            if let Some(changes) = changes.as_mut() {
-                changes.next(args).await?;
+        if !(from_agent && changes.is_some() && shown == Some(fingerprint)) {
+            shown = Some(fingerprint);
+            let stamp = chrono::Local::now().format("%H:%M:%S");
+            let text =
+                if args.json || args.ndjson { text } else { format!("--- {stamp}\n{text}\n") };
+            let mut stdout = std::io::stdout().lock();
+            match writeln!(stdout, "{text}").and_then(|()| stdout.flush()) {
+                Err(error) if super::reader_gone(&error) => return Ok(()),
+                other => other?,
             }
-            continue;
         }
-        shown = Some(fingerprint);
-        let stamp = chrono::Local::now().format("%H:%M:%S");
-        let text = if args.json || args.ndjson { text } else { format!("--- {stamp}\n{text}\n") };
-        let mut stdout = std::io::stdout().lock();
-        match writeln!(stdout, "{text}").and_then(|()| stdout.flush()) {
-            Err(error) if super::reader_gone(&error) => return Ok(()),
-            other => other?,
-        }
-        drop(stdout);
+        // At most one listing an interval, whatever the agent reports meanwhile.
         tokio::time::sleep(interval).await;
         if let Some(changes) = changes.as_mut().filter(|_| from_agent) {
             changes.next(args).await?;
@@ -164,6 +162,7 @@ async fn listing(
     args: &TableArgs,
     selection: &Selection,
     services: &Services,
+    first: bool,
 ) -> anyhow::Result<(String, bool, u64)> {
     let agent = if args.no_agent || args.from_proc {
         None
@@ -174,8 +173,8 @@ async fn listing(
     let all = match agent {
         Some(rows) => rows,
         None => {
-            if args.continuous.is_some() {
-                // Said once, on the first listing, is enough.
+            if !first {
+                // Said on the first listing of `-c`.
             } else if args.no_agent || args.from_proc {
                 eprintln!("netwatch: a one-shot snapshot, as asked (no time-in-state)");
             } else {
@@ -247,7 +246,8 @@ fn kernel_facts(rows: &mut [Listed], info: bool) -> HashMap<u64, TcpInfoRecord> 
     let wanted: std::collections::BTreeSet<u32> = rows.iter().map(|l| l.row.netns).collect();
     let mut now: HashMap<u64, (SocketRow, Option<Box<TcpInfo>>)> = HashMap::new();
     for namespace in network_namespaces().into_iter().filter(|ns| wanted.contains(&ns.inode)) {
-        match DiagSocket::open(&namespace.path, namespace.inode).and_then(|mut d| d.detailed()) {
+        match DiagSocket::open(&namespace.path, namespace.inode).and_then(|mut d| d.detailed(info))
+        {
             Ok(found) => now.extend(found.into_iter().map(|(row, info)| (row.cookie, (row, info)))),
             Err(error) => tracing::warn!("netns {}: sock_diag failed: {error}", namespace.inode),
         }

@@ -34,13 +34,22 @@ pub struct DiagSocket {
 impl DiagSocket {
     /// Opens a socket in the namespace at `path` (inode `netns`).
     pub fn open(path: &std::path::Path, netns: u32) -> io::Result<DiagSocket> {
-        let (socket, interfaces) = in_namespace(path, || {
-            let mut socket = Socket::new(NETLINK_SOCK_DIAG)?;
-            socket.bind_auto()?;
-            socket.connect(&SocketAddr::new(0, 0))?;
-            Ok((socket, Interfaces::of_this_namespace()))
-        })?;
+        let (socket, interfaces) = in_namespace(path, Self::connected)?;
         Ok(DiagSocket { socket, netns, interfaces, sequence: 0, receive: vec![0; 1 << 16] })
+    }
+
+    /// Opens a socket in the calling thread's own namespace (inode `netns`): joining no
+    /// namespace, it needs no privilege.
+    pub fn open_here(netns: u32) -> io::Result<DiagSocket> {
+        let (socket, interfaces) = Self::connected()?;
+        Ok(DiagSocket { socket, netns, interfaces, sequence: 0, receive: vec![0; 1 << 16] })
+    }
+
+    fn connected() -> io::Result<(Socket, Interfaces)> {
+        let mut socket = Socket::new(NETLINK_SOCK_DIAG)?;
+        socket.bind_auto()?;
+        socket.connect(&SocketAddr::new(0, 0))?;
+        Ok((socket, Interfaces::of_this_namespace()))
     }
 
     /// The socket the kernel keeps for a TCP 4-tuple (after its full socket closed: the
@@ -117,16 +126,17 @@ impl DiagSocket {
     }
 
     /// Every TCP and UDP socket of the namespace as the kernel has it now (queues, uid,
-    /// inode, timer), each TCP one with its `tcp_info`: what `table -e -i` adds to the rows.
-    pub fn detailed(&mut self) -> io::Result<Vec<(SocketRow, Option<Box<TcpInfo>>)>> {
+    /// inode, timer), each TCP one with its `tcp_info` if `info` is asked for: what the
+    /// table adds to an agent's rows, and `-i`.
+    pub fn detailed(&mut self, info: bool) -> io::Result<Vec<(SocketRow, Option<Box<TcpInfo>>)>> {
         let interfaces = std::mem::take(&mut self.interfaces);
         let netns = self.netns;
         let mut found = Vec::new();
         let mut result = Ok(());
-        for protocol in [Protocol::Tcp, Protocol::Udp] {
+        'dumps: for protocol in [Protocol::Tcp, Protocol::Udp] {
             let extensions = match protocol {
-                Protocol::Tcp => ExtensionFlags::INFO,
-                Protocol::Udp => ExtensionFlags::empty(),
+                Protocol::Tcp if info => ExtensionFlags::INFO,
+                _ => ExtensionFlags::empty(),
             };
             for family in [Family::Ipv4, Family::Ipv6] {
                 let states = StateFlags::all();
@@ -156,7 +166,7 @@ impl DiagSocket {
                     },
                 );
                 if result.is_err() {
-                    break;
+                    break 'dumps;
                 }
             }
         }

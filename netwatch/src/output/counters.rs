@@ -39,7 +39,7 @@ pub const NOTABLE: [(&str, &str, &str); 21] = [
     (
         "TcpExt",
         "TCPAbortOnData",
-        "connections reset because data arrived after their owner closed them",
+        "connections reset by a close with SO_LINGER 0, or because data came after their owner closed them",
     ),
     (
         "TcpExt",
@@ -52,7 +52,11 @@ pub const NOTABLE: [(&str, &str, &str); 21] = [
         "TCPAbortOnTimeout",
         "connections killed after retransmitting or probing for too long",
     ),
-    ("TcpExt", "TCPAbortOnLinger", "connections reset by a close with SO_LINGER"),
+    (
+        "TcpExt",
+        "TCPAbortOnLinger",
+        "connections reset in FIN_WAIT2 because their owner set TCP_LINGER2 below 0",
+    ),
     (
         "TcpExt",
         "TCPBacklogDrop",
@@ -74,8 +78,11 @@ pub const NOTABLE: [(&str, &str, &str); 21] = [
 /// Why a notable counter that no event accounts for has no culprit.
 fn unattributable(group: &str, name: &str) -> Option<&'static str> {
     Some(match (group, name) {
-        ("TcpExt", "TCPBacklogDrop" | "TCPRcvQDrop" | "TCPAbortOnMemory" | "TCPAbortOnData") => {
+        ("TcpExt", "TCPBacklogDrop" | "TCPRcvQDrop" | "TCPAbortOnMemory") => {
             "the kernel increments it with no tracepoint netwatch hooks: no socket to name"
+        }
+        ("TcpExt", "TCPAbortOnLinger") => {
+            "its reset ends a FIN_WAIT2 socket like any other end of one: no event tells them apart"
         }
         ("TcpExt", "TCPMemoryPressures") => "a state of the whole namespace, not of one socket",
         ("TcpExt", "TCPTimeWaitOverflow") => {
@@ -100,6 +107,18 @@ pub enum Since {
     Boot,
 }
 
+impl Since {
+    /// When the earlier reading was taken; None for boot.
+    pub fn time(&self) -> Option<DateTime<Utc>> {
+        match self {
+            Since::LastCall { time } | Since::AgentStart { time } | Since::Previous { time } => {
+                Some(*time)
+            }
+            Since::Boot => None,
+        }
+    }
+}
+
 /// A listener whose accept queue is at its backlog, or past it (full: the kernel drops).
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct FullListener {
@@ -120,8 +139,11 @@ pub enum Cause {
         events: String,
         culprits: Vec<CulpritCount>,
         others: u64,
-        /// False when the interval reaches back before what the agent keeps (an hour) or
-        /// before it started.
+        /// The agent counts in whole seconds: from the start of the second the interval
+        /// began in.
+        counted_from: Option<DateTime<Utc>>,
+        /// False when the interval reaches back before the agent started, or before what it
+        /// keeps (a quarter of an hour).
         complete: bool,
     },
     /// The listeners whose accept queue is at or past its backlog at the moment of asking.
@@ -152,7 +174,7 @@ impl Line {
 
 /// One namespace's counters over one interval.
 #[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct Report {
+pub struct Reading {
     pub time: DateTime<Utc>,
     pub netns: u32,
     pub netns_name: Option<String>,
@@ -168,12 +190,13 @@ pub fn meaning(group: &str, name: &str) -> Option<&'static str> {
     NOTABLE.iter().find(|(g, n, _)| *g == group && *n == name).map(|(_, _, m)| *m)
 }
 
-/// Why nothing is named for a notable counter without a cause.
-pub fn unknown_cause(group: &str, name: &str, agent: bool) -> Option<Cause> {
-    let why = match unattributable(group, name) {
-        Some(why) => why.to_string(),
-        None if !agent => "no agent runs: start `netwatch agent` to see who caused it".into(),
-        None => return None,
+/// Why nothing is named for a notable counter without a cause; `no_agent` says why no agent
+/// was asked, for a counter one could account for.
+pub fn unknown_cause(group: &str, name: &str, no_agent: Option<&str>) -> Option<Cause> {
+    let why = match (unattributable(group, name), no_agent) {
+        (Some(why), _) => why.to_string(),
+        (None, Some(why)) => why.to_string(),
+        (None, None) => return None,
     };
     Some(Cause::Unknown { why })
 }
@@ -197,7 +220,7 @@ fn culprit_text(c: &CulpritCount) -> String {
 
 fn cause_lines(cause: &Cause, out: &mut String) {
     match cause {
-        Cause::Events { evidence, events, culprits, others, complete } => {
+        Cause::Events { evidence, events, culprits, others, complete, .. } => {
             let kind = match evidence {
                 Evidence::Exact => "",
                 Evidence::Candidates => "candidates, ",
@@ -245,7 +268,7 @@ fn counter_line(line: &Line, out: &mut String) {
     let _ = writeln!(out, "  {:<28} {value:>12} {:>10}", line.name, rate(line.per_second));
 }
 
-fn heading(report: &Report) -> String {
+fn heading(report: &Reading) -> String {
     let netns = match &report.netns_name {
         Some(name) => format!("netns {name} ({})", report.netns),
         None => format!("netns {}", report.netns),
@@ -258,14 +281,14 @@ fn heading(report: &Report) -> String {
             format!("{interval} since the agent started ({})", local(time))
         }
         Since::Previous { time } => format!("{interval} since {}", local(time)),
-        Since::Boot => "since boot (no earlier reading)".into(),
+        Since::Boot => "since boot (the values themselves)".into(),
     };
     format!("{} {netns}: {since}", local(&report.time))
 }
 
 /// The text: the notable counters that grew first, each with its meaning and cause, then
 /// every other shown counter under its group.
-pub fn text(report: &Report) -> String {
+pub fn text(report: &Reading) -> String {
     let mut out = heading(report);
     out.push('\n');
     let mut notable: Vec<&Line> = report
@@ -337,7 +360,7 @@ mod tests {
             endpoint: SocketAddr::from((lo, 9)),
             local: false,
         };
-        let report = Report {
+        let report = Reading {
             time: DateTime::from_timestamp_nanos(0),
             netns: 1,
             netns_name: Some("blue".into()),
@@ -355,6 +378,7 @@ mod tests {
                         events: "connects refused or timed out".into(),
                         culprits: vec![CulpritCount { culprit, count: 3 }],
                         others: 0,
+                        counted_from: None,
                         complete: true,
                     }),
                 ),

@@ -47,8 +47,10 @@ pub fn users(owners: &[Holder]) -> String {
     if owners.is_empty() {
         return String::new();
     }
+    // A comm may hold any byte but NUL: a control character would break the table's lines.
+    let comm = |o: &Holder| o.comm.replace(|c: char| c.is_control(), "?");
     let list: Vec<String> =
-        owners.iter().map(|o| format!("(\"{}\",pid={},fd={})", o.comm, o.pid, o.fd)).collect();
+        owners.iter().map(|o| format!("(\"{}\",pid={},fd={})", comm(o), o.pid, o.fd)).collect();
     format!("users:({})", list.join(","))
 }
 

@@ -49,7 +49,7 @@ pub enum Command {
     Live,
     /// Which processes and endpoints the kernel's protocol counters moved for since `since`
     /// (or since the agent started), from its events; and the host's counters at its start:
-    /// one line, a JSON `attribution::Report`.
+    /// one line, a JSON `attribution::Account`.
     Counters {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         since: Option<chrono::DateTime<chrono::Utc>>,

@@ -1,6 +1,6 @@
-//! What the agent offers while it runs: the local [`api`] socket, Prometheus [`metrics`] (the kernel's counters among them, as
-//! node_exporter names them: [`netstat`]) and
-//! the durable [`eventlog`].
+//! What the agent offers while it runs: the local [`api`] socket, Prometheus [`metrics`]
+//! (the kernel's counters among them, as node_exporter names them: [`netstat`]) and the
+//! durable [`eventlog`].
 pub mod api;
 pub mod eventlog;
 pub mod metrics;

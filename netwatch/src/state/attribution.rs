@@ -1,10 +1,11 @@
 //! Which processes and endpoints the kernel's protocol counters moved for: each stream record
 //! is matched to the counters its event increments (a CLOSE -> SYN_SENT is one `Tcp
 //! ActiveOpens`, a SYN retransmitted is one `TcpExt TCPSynRetrans`), and the agent keeps,
-//! for the last hour, how many each process and endpoint accounted for in every ten seconds.
+//! for the last [`BUCKETS`] seconds, how many each process and endpoint accounted for in
+//! each second.
 //!
-//! Memory is bounded: at most [`KEYS_PER_BUCKET`] processes x endpoints per bucket, the rest
-//! counted together as "others", and [`BUCKETS`] buckets.
+//! Memory is bounded: at most [`KEYS_PER_BUCKET`] processes x endpoints per second, the rest
+//! counted together as "others".
 use std::{collections::HashMap, collections::VecDeque, net::SocketAddr};
 
 use serde::{Deserialize, Serialize};
@@ -19,7 +20,8 @@ use crate::{
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Evidence {
-    /// Each event is one increment of the counter, made for that socket.
+    /// Each event is one increment of the counter, made for that socket (the kernel may
+    /// count increments of which no event is seen).
     Exact,
     /// The sockets that did what increments the counter, some of which the kernel may not
     /// have counted (or counted more than once): the event cannot tell.
@@ -41,16 +43,12 @@ const fn rule(group: &'static str, name: &'static str, exact: bool, events: &'st
     Rule { group, name, evidence, events }
 }
 
-/// Every counter netwatch can attribute from its events; the index is a counter's id.
+/// Every counter netwatch can attribute from its events; the index is a counter's id. Where
+/// the kernel increments each is in docs/ARCHITECTURE.md (section 1, "Protocol counters").
 pub const RULES: [Rule; 11] = [
     rule("Tcp", "ActiveOpens", true, "connects (CLOSE -> SYN_SENT)"),
-    rule(
-        "Tcp",
-        "PassiveOpens",
-        true,
-        "handshakes completed on a listener (SYN_RECV -> ESTABLISHED)",
-    ),
-    rule("Tcp", "AttemptFails", true, "connects refused or timed out"),
+    rule("Tcp", "PassiveOpens", true, "handshakes completed on a listener (LISTEN -> SYN_RECV)"),
+    rule("Tcp", "AttemptFails", true, "connects that failed (SYN_SENT or SYN_RECV -> CLOSE)"),
     rule(
         "Tcp",
         "EstabResets",
@@ -70,35 +68,55 @@ pub const RULES: [Rule; 11] = [
         "retransmissions (an offloaded one may count several segments)",
     ),
     rule("TcpExt", "TCPSynRetrans", true, "SYNs and SYN-ACKs sent again"),
-    rule(
-        "TcpExt",
-        "TCPTimeouts",
-        false,
-        "connections that retransmitted (a timeout or a fast retransmit)",
-    ),
+    rule("TcpExt", "TCPTimeouts", false, "retransmissions (by a timeout, or fast)"),
     rule(
         "TcpExt",
         "TCPAbortOnTimeout",
-        true,
-        "connections killed after their retransmissions timed out",
-    ),
-    rule(
-        "TcpExt",
-        "TCPAbortOnClose",
         false,
-        "connections reset by their owner's close (unread data, or SO_LINGER 0)",
+        "connections that timed out (an ICMP error ends a connect the same way)",
     ),
-    rule(
-        "TcpExt",
-        "TCPAbortOnLinger",
-        false,
-        "connections reset by their owner's close (unread data, or SO_LINGER 0)",
-    ),
+    rule("TcpExt", "TCPAbortOnClose", false, "resets sent by an owner's close"),
+    rule("TcpExt", "TCPAbortOnData", false, "resets sent by an owner's close"),
 ];
 
-fn id(group: &str, name: &str) -> u8 {
-    RULES.iter().position(|r| r.group == group && r.name == name).unwrap_or(0) as u8
+/// The id of a counter of [`RULES`]; a name not there fails the build where a constant is
+/// made of it.
+const fn id(group: &str, name: &str) -> u8 {
+    const fn same(a: &str, b: &str) -> bool {
+        let (a, b) = (a.as_bytes(), b.as_bytes());
+        if a.len() != b.len() {
+            return false;
+        }
+        let mut i = 0;
+        while i < a.len() {
+            if a[i] != b[i] {
+                return false;
+            }
+            i += 1;
+        }
+        true
+    }
+    let mut i = 0;
+    while i < RULES.len() {
+        if same(RULES[i].group, group) && same(RULES[i].name, name) {
+            return i as u8;
+        }
+        i += 1;
+    }
+    panic!("no such counter in RULES")
 }
+
+const ACTIVE_OPENS: u8 = id("Tcp", "ActiveOpens");
+const PASSIVE_OPENS: u8 = id("Tcp", "PassiveOpens");
+const ATTEMPT_FAILS: u8 = id("Tcp", "AttemptFails");
+const ESTAB_RESETS: u8 = id("Tcp", "EstabResets");
+const OUT_RSTS: u8 = id("Tcp", "OutRsts");
+const RETRANS_SEGS: u8 = id("Tcp", "RetransSegs");
+const SYN_RETRANS: u8 = id("TcpExt", "TCPSynRetrans");
+const TIMEOUTS: u8 = id("TcpExt", "TCPTimeouts");
+const ABORT_ON_TIMEOUT: u8 = id("TcpExt", "TCPAbortOnTimeout");
+const ABORT_ON_CLOSE: u8 = id("TcpExt", "TCPAbortOnClose");
+const ABORT_ON_DATA: u8 = id("TcpExt", "TCPAbortOnData");
 
 /// The counters one event increments, by id into [`RULES`]: at most four, kept inline (this
 /// runs for every record the agent handles).
@@ -116,10 +134,6 @@ impl CounterIds {
         }
     }
 
-    fn extend(&mut self, ids: impl IntoIterator<Item = u8>) {
-        ids.into_iter().for_each(|id| self.push(id));
-    }
-
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
@@ -135,13 +149,13 @@ pub fn counters_of(record: &StreamRecord) -> CounterIds {
     match record {
         StreamRecord::Transition(t) => transition_counters(t, &mut ids),
         StreamRecord::Retransmit(r) => {
-            ids.push(id("Tcp", "RetransSegs"));
+            ids.push(RETRANS_SEGS);
+            // tcp_retransmit_skb counts a SYN's, tcp_rtx_synack a SYN-ACK's; the SYN-ACK
+            // timer (tcp_syn_ack_timeout) counts a timeout for each.
             if r.resent == Resent::Synack || r.state == Some(TcpState::SynSent) {
-                ids.push(id("TcpExt", "TCPSynRetrans"));
+                ids.push(SYN_RETRANS);
             }
-            if r.resent == Resent::Segment {
-                ids.push(id("TcpExt", "TCPTimeouts"));
-            }
+            ids.push(TIMEOUTS);
         }
         StreamRecord::Lost(_) | StreamRecord::LogFailed(_) => {}
     }
@@ -151,27 +165,28 @@ pub fn counters_of(record: &StreamRecord) -> CounterIds {
 fn transition_counters(t: &TransitionRecord, ids: &mut CounterIds) {
     use TcpState::*;
     match (t.old, t.new) {
-        (Close, SynSent) => ids.push(id("Tcp", "ActiveOpens")),
-        (SynRecv, Established) => ids.push(id("Tcp", "PassiveOpens")),
-        (Established | CloseWait, Close) => ids.push(id("Tcp", "EstabResets")),
-        _ => {}
-    }
-    let connecting = matches!(t.old, SynSent | SynRecv);
-    match t.failure {
-        Some(Failure::Refused | Failure::Timeout) if connecting => {
-            ids.push(id("Tcp", "AttemptFails"));
+        (Close, SynSent) => ids.push(ACTIVE_OPENS),
+        // tcp_create_openreq_child, as the handshake's last ACK makes the connection.
+        (Listen, SynRecv) => ids.push(PASSIVE_OPENS),
+        (Established | CloseWait, Close) => ids.push(ESTAB_RESETS),
+        // tcp_done; an owner's close while connecting goes through tcp_set_state alone.
+        (SynSent | SynRecv, Close) if t.failure != Some(Failure::Aborted) => {
+            ids.push(ATTEMPT_FAILS);
         }
         _ => {}
     }
     match t.failure {
-        Some(Failure::Refused) if t.raddr.is_loopback() => ids.push(id("Tcp", "OutRsts")),
-        Some(Failure::Timeout) if !connecting => ids.push(id("TcpExt", "TCPAbortOnTimeout")),
-        Some(Failure::ResetSent) => ids.extend([
-            id("Tcp", "OutRsts"),
-            id("TcpExt", "TCPAbortOnClose"),
-            id("TcpExt", "TCPAbortOnLinger"),
-        ]),
-        Some(Failure::ListenerClosed) => ids.push(id("Tcp", "OutRsts")),
+        // The RST that refused it came from this host's kernel.
+        Some(Failure::Refused) if t.raddr.is_loopback() => ids.push(OUT_RSTS),
+        // tcp_write_err, from tcp_write_timeout, connects included.
+        Some(Failure::Timeout) => ids.push(ABORT_ON_TIMEOUT),
+        // __tcp_close: unread data (OnClose), or SO_LINGER 0 (OnData).
+        Some(Failure::ResetSent) => {
+            ids.push(OUT_RSTS);
+            ids.push(ABORT_ON_CLOSE);
+            ids.push(ABORT_ON_DATA);
+        }
+        Some(Failure::ListenerClosed) => ids.push(OUT_RSTS),
         _ => {}
     }
 }
@@ -208,23 +223,21 @@ impl Culprit {
     }
 }
 
-/// Seconds of events one bucket sums.
-const BUCKET_SECONDS: u64 = 10;
-/// Buckets kept: one hour.
-const BUCKETS: usize = 360;
-/// Distinct counter x culprit pairs one bucket keeps apart; more are counted as "others".
-pub const KEYS_PER_BUCKET: usize = 256;
+/// Seconds kept: a quarter of an hour, one bucket a second.
+pub const BUCKETS: usize = 900;
+/// Distinct counter x culprit pairs one second keeps apart; more are counted as "others".
+pub const KEYS_PER_BUCKET: usize = 128;
 
 #[derive(Default)]
 struct Bucket {
-    /// CLOCK_MONOTONIC seconds / BUCKET_SECONDS.
-    slot: u64,
+    /// CLOCK_MONOTONIC seconds.
+    second: u64,
     counts: HashMap<(u8, Culprit), u64>,
     /// Increments beyond KEYS_PER_BUCKET distinct culprits, per counter.
     others: [u64; RULES.len()],
 }
 
-/// The agent's record of increments by culprit, for the last hour.
+/// The agent's record of increments by culprit, second by second.
 #[derive(Default)]
 pub struct Attribution {
     buckets: VecDeque<Bucket>,
@@ -250,15 +263,20 @@ pub struct CulpritCount {
     pub count: u64,
 }
 
-/// The agent's answer to `counters`.
+/// The agent's answer to `counters`: its start, and who moved the counters since the time
+/// asked about.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct Report {
+pub struct Account {
     pub started: Option<chrono::DateTime<chrono::Utc>>,
     /// The agent's network namespace, and its counters when the agent started.
     pub netns: u32,
     pub baseline: Option<std::collections::BTreeMap<String, i64>>,
     pub attributed: Vec<Attributed>,
-    /// False when the question reaches back before what the agent keeps.
+    /// Events are counted in whole seconds: from the start of the second the question's time
+    /// falls in.
+    pub counted_from: Option<chrono::DateTime<chrono::Utc>>,
+    /// False when the question reaches back before the agent started, or before what it
+    /// keeps.
     pub complete: bool,
 }
 
@@ -277,12 +295,12 @@ impl Attribution {
             StreamRecord::Retransmit(r) => r.mono_ns,
             StreamRecord::Lost(_) | StreamRecord::LogFailed(_) => return,
         };
-        let slot = mono_ns / 1_000_000_000 / BUCKET_SECONDS;
-        if self.buckets.back().is_none_or(|b| b.slot < slot) {
+        let second = mono_ns / 1_000_000_000;
+        if self.buckets.back().is_none_or(|b| b.second < second) {
             if self.buckets.len() == BUCKETS {
                 self.buckets.pop_front();
             }
-            self.buckets.push_back(Bucket { slot, ..Bucket::default() });
+            self.buckets.push_back(Bucket { second, ..Bucket::default() });
         }
         // Records arrive in time order but for the odd late one: it joins the newest bucket.
         let Some(bucket) = self.buckets.back_mut() else { return };
@@ -298,15 +316,15 @@ impl Attribution {
         }
     }
 
-    /// The increments since `since_ns` (CLOCK_MONOTONIC), in `netns` if given, counters with
-    /// none left out; and whether the record reaches back that far (it keeps an hour).
+    /// The increments from the second `since_ns` (CLOCK_MONOTONIC) falls in, in `netns` if
+    /// given, counters with none left out; and whether the record reaches back that far.
     pub fn since(&self, since_ns: u64, netns: Option<u32>) -> (Vec<Attributed>, bool) {
-        let first = since_ns / 1_000_000_000 / BUCKET_SECONDS;
+        let first = since_ns / 1_000_000_000;
         let complete =
-            self.buckets.len() < BUCKETS || self.buckets.front().is_some_and(|b| b.slot <= first);
+            self.buckets.len() < BUCKETS || self.buckets.front().is_some_and(|b| b.second <= first);
         let mut by_counter: Vec<HashMap<&Culprit, u64>> = vec![HashMap::new(); RULES.len()];
         let mut others = [0u64; RULES.len()];
-        for bucket in self.buckets.iter().filter(|b| b.slot >= first) {
+        for bucket in self.buckets.iter().filter(|b| b.second >= first) {
             for ((id, culprit), count) in &bucket.counts {
                 if netns.is_some_and(|n| n != culprit.netns) {
                     continue;
