@@ -137,11 +137,13 @@ fn changes_equal_nstats_over_the_same_interval() {
 #[test]
 fn a_user_reads_the_counters_of_their_own_namespace() {
     let history = std::env::temp_dir().join(format!("nwt-counters-{}-user", std::process::id()));
+    // An agent whose socket only root may use: the user gets the counters without causes.
+    let agent = Agent::start(&Agent::test_socket("counters-user"));
     let run = || {
         Command::new("setpriv")
             .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
             .arg(netwatch_bin())
-            .args(["counters", "--json", "--no-agent", "-t"])
+            .args(["counters", "--json", "-a", "--socket", agent.socket_arg()])
             .env("NETWATCH_COUNTERS_HISTORY", &history)
             .output()
             .expect("run setpriv (util-linux)")
@@ -153,8 +155,10 @@ fn a_user_reads_the_counters_of_their_own_namespace() {
     assert!(second.status.success(), "{}", String::from_utf8_lossy(&second.stderr));
     let reading: Value = serde_json::from_slice(&second.stdout).unwrap();
     assert_eq!(reading["since"]["from"], "last_call", "kept between calls: {reading}");
+    assert_eq!(reading["agent"], false, "{reading}");
     let stderr = String::from_utf8_lossy(&second.stderr);
     assert!(stderr.is_empty(), "{stderr}");
+    assert!(agent.stop().success());
 }
 
 /// python3 in the namespace: a listener with a backlog of 1 that never accepts, hit by

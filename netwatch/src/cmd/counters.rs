@@ -210,11 +210,14 @@ async fn reading(
         (None, None) => None,
     };
     // The agent's account is asked for the same interval as the counters'.
-    let agent = if args.no_agent {
-        None
+    let (agent, no_agent) = if args.no_agent {
+        (None, "the agent was not asked (--no-agent)".to_string())
     } else {
         let asked = since.as_ref().and_then(|(since, _)| since.time());
-        ask_agent(&args.socket, asked, ns.inode).await?
+        match ask_agent(&args.socket, asked, ns.inode).await {
+            Ok(account) => (Some(account), String::new()),
+            Err(why) => (None, why),
+        }
     };
     if since.is_none() && !args.since_boot {
         since = agent.as_ref().and_then(|account| {
@@ -224,11 +227,7 @@ async fn reading(
     }
     let (since, earlier) = since.unwrap_or((Since::Boot, BTreeMap::new()));
     let interval_s = since.time().map(|time| (now - time).num_milliseconds() as f64 / 1000.0);
-    let no_agent = match (&agent, args.no_agent) {
-        (Some(_), _) => None,
-        (None, true) => Some("the agent was not asked (--no-agent)"),
-        (None, false) => Some("no agent runs: start `netwatch agent` to see who caused it"),
-    };
+    let no_agent = agent.is_none().then_some(no_agent.as_str());
     let mut queues = None;
     let mut lines = Vec::new();
     for change in counters.since(&earlier) {
@@ -266,15 +265,16 @@ async fn reading(
             cause,
         });
     }
+    let values = counters.by_key();
     if let Some(history) = history.filter(|_| !args.no_update)
-        && let Err(error) = history.keep(now, ns.inode, counters.by_key())
+        && let Err(error) = history.keep(now, ns.inode, values.clone())
     {
         tracing::warn!(
             "cannot keep this reading for the next call in {}: {error}",
             history.dir.display()
         );
     }
-    target.previous = Some((now, counters.by_key()));
+    target.previous = Some((now, values));
     let ns = &target.namespace;
     Ok(Reading {
         time: now,
@@ -297,43 +297,34 @@ fn shown(args: &CountersArgs, group: &str, key: &str) -> bool {
         && (args.names.is_empty() || args.names.iter().any(|n| key.contains(&n.to_lowercase())))
 }
 
-/// The agent's account of the counters since `since` in `netns`; None when no agent runs.
+/// The agent's account of the counters since `since` in `netns`, or why there is none. The
+/// counters are true without it: no agent (or one a user may not ask, or one older than
+/// `counters`) costs only the causes.
 async fn ask_agent(
     socket: &std::path::Path,
     since: Option<DateTime<Utc>>,
     netns: u32,
-) -> anyhow::Result<Option<attribution::Account>> {
-    let Some(line) = api::ask(socket, Command::Counters { since, netns: Some(netns) })
-        .await
-        .context("asking the agent")?
-    else {
-        return Ok(None);
-    };
-    match serde_json::from_str(&line) {
-        Ok(report) => Ok(Some(report)),
-        // An agent older than `counters` answers an error line: counters without causes.
-        Err(_) => {
-            tracing::warn!(
-                "the agent at {} cannot say who caused what: {}",
-                socket.display(),
-                line.trim()
-            );
-            Ok(None)
-        }
+) -> Result<attribution::Account, String> {
+    match api::ask(socket, Command::Counters { since, netns: Some(netns) }).await {
+        Ok(Some(line)) => serde_json::from_str(&line).map_err(|_| {
+            format!("the agent at {} cannot say who caused it: {}", socket.display(), line.trim())
+        }),
+        Ok(None) => Err("no agent runs: start `netwatch agent` to see who caused it".into()),
+        Err(error) => Err(format!("the agent was not asked: {error}")),
     }
 }
 
 fn events_cause(agent: Option<&attribution::Account>, group: &str, name: &str) -> Option<Cause> {
-    let report = agent?;
+    let account = agent?;
     let rule = attribution::RULES.iter().find(|r| r.group == group && r.name == name)?;
-    let found = report.attributed.iter().find(|a| a.group == group && a.name == name);
+    let found = account.attributed.iter().find(|a| a.group == group && a.name == name);
     Some(Cause::Events {
         evidence: rule.evidence,
         events: rule.events.to_string(),
         culprits: found.map(|a| a.culprits.clone()).unwrap_or_default(),
         others: found.map_or(0, |a| a.others),
-        counted_from: report.counted_from,
-        complete: report.complete,
+        counted_from: account.counted_from,
+        complete: account.complete,
     })
 }
 
