@@ -225,8 +225,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 /// What the privileged tests run besides netwatch: `netwatch top` in tmux's pseudo-terminal,
-/// serving python's http.server.
-const TEST_PACKAGES: &[&str] = &["tmux", "python3"];
+/// serving python's http.server; Prometheus and promtool for the metrics and alert rules.
+const TEST_PACKAGES: &[&str] = &["tmux", "python3", "prometheus"];
 
 /// qemu, busybox and every kernel of the matrix.
 fn ensure_matrix_packages() -> anyhow::Result<()> {
