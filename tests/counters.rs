@@ -6,12 +6,12 @@
 use std::{
     collections::BTreeMap,
     io::{BufRead as _, BufReader},
-    net::{TcpListener, TcpStream, UdpSocket},
+    net::UdpSocket,
     process::{Command, Stdio},
     time::Duration,
 };
 
-use netwatch_tests::{Agent, NetNs, client_roundtrip, netwatch_bin, serve_one};
+use netwatch_tests::{Agent, NetNs, netwatch_bin, round_trips_and_refusals};
 use serde_json::Value;
 
 /// Each test keeps netwatch's and nstat's last readings in files of its own.
@@ -86,22 +86,7 @@ fn changes_equal_nstats_over_the_same_interval() {
     assert_eq!(first["netns"].as_u64(), Some(ns.inode()));
     histories.nstat(&ns, &["-n"]);
     ns.run(|| {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let address = listener.local_addr().unwrap();
-        let server = std::thread::spawn(move || {
-            for _ in 0..N {
-                serve_one(&listener).unwrap();
-            }
-        });
-        for _ in 0..N {
-            client_roundtrip(address).unwrap();
-        }
-        server.join().unwrap();
-        // Nothing listens on the port of a listener bound and closed.
-        let closed = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-        for _ in 0..N {
-            assert!(TcpStream::connect(closed).is_err(), "refused");
-        }
+        round_trips_and_refusals(N);
         let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
         for _ in 0..N {
             udp.send_to(b"x", udp.local_addr().unwrap()).unwrap();

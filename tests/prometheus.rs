@@ -7,13 +7,13 @@
 
 use std::{
     io::{Read as _, Write as _},
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::{SocketAddr, TcpStream},
     path::PathBuf,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
-use netwatch_tests::{Agent, NetNs, client_roundtrip, serve_one};
+use netwatch_tests::{Agent, NetNs, round_trips_and_refusals};
 use serde_json::Value;
 
 fn deploy() -> PathBuf {
@@ -141,24 +141,7 @@ fn a_real_prometheus_scrapes_the_agent_and_loads_the_rules() {
     let prometheus = Prometheus::start(agent.metrics_address());
     prometheus.wait_for("up{job=\"netwatch\"}", |up| up == 1.0);
     let ns = NetNs::new("prom");
-    let (served, refused) = ns.run(|| {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let address = listener.local_addr().unwrap();
-        let server = std::thread::spawn(move || {
-            for _ in 0..N {
-                serve_one(&listener).unwrap();
-            }
-        });
-        for _ in 0..N {
-            client_roundtrip(address).unwrap();
-        }
-        server.join().unwrap();
-        let closed = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-        for _ in 0..N {
-            assert!(TcpStream::connect(closed).is_err(), "refused");
-        }
-        (address, closed)
-    });
+    let (served, refused) = ns.run(|| round_trips_and_refusals(N));
     let connects = format!("netwatch_remote_connects_total{{remote=\"{served}\"}}");
     assert_eq!(prometheus.wait_for(&connects, |v| v >= N as f64), N as f64, "{connects}");
     let failures = format!(

@@ -351,6 +351,28 @@ pub fn serve_one(listener: &TcpListener) -> std::io::Result<SocketAddr> {
     Ok(peer)
 }
 
+/// On the calling thread's loopback: `n` round trips to a listener of its own, then `n`
+/// connects refused by a port nobody listens on (a listener's, bound and closed). Returns
+/// the listener's address and the refusing one.
+pub fn round_trips_and_refusals(n: usize) -> (SocketAddr, SocketAddr) {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let address = listener.local_addr().expect("listener address");
+    let server = thread::spawn(move || {
+        for _ in 0..n {
+            serve_one(&listener).expect("serve");
+        }
+    });
+    for _ in 0..n {
+        client_roundtrip(address).expect("round trip");
+    }
+    server.join().expect("server thread");
+    let closed = TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("address");
+    for _ in 0..n {
+        assert!(TcpStream::connect(closed).is_err(), "a connect to {closed} was refused");
+    }
+    (address, closed)
+}
+
 /// A named network namespace, deleted (with its veth end) when dropped.
 pub struct NetNs {
     pub name: String,
