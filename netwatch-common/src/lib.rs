@@ -365,7 +365,7 @@ pub mod config {
     pub const LEN: u32 = 1;
 }
 
-/// One record in the `EVENTS` ring buffer. 144 bytes, 8-byte aligned, no implicit padding.
+/// One record in the `EVENTS` ring buffer. 152 bytes, 8-byte aligned, no implicit padding.
 ///
 /// Addresses are in network byte order; an IPv4 address uses the first 4 bytes. Ports are in
 /// host byte order. Fields a hook cannot know are zero.
@@ -419,9 +419,14 @@ pub struct SockEvent {
     /// At CLOSE: 1 if the peer's FIN was received (`SOCK_DONE` in `sk_flags`), else 0.
     pub fin_received: u8,
     pub _pad2: [u8; 3],
+    /// `bpf_get_current_cgroup_id()`: the cgroup v2 id (the inode of its directory in the
+    /// cgroup2 mount) of the task on the CPU, taken with `pid_tgid` and `comm` and as much
+    /// evidence as they are. Where the task is the owner acting (a socket made, accepted,
+    /// bound, connected), this is the owner's container, kept after it exits.
+    pub cgroup: u64,
 }
 
-const _: () = assert!(core::mem::size_of::<SockEvent>() == 144);
+const _: () = assert!(core::mem::size_of::<SockEvent>() == 152);
 const _: () = assert!(core::mem::align_of::<SockEvent>() == 8);
 
 impl SockEvent {
@@ -455,6 +460,7 @@ impl SockEvent {
             total_retrans: 0,
             fin_received: 0,
             _pad2: [0; 3],
+            cgroup: 0,
         }
     }
 }

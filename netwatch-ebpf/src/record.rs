@@ -6,7 +6,10 @@ use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_RING_SIZE},
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid,
-        generated::{bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel},
+        generated::{
+            bpf_get_current_cgroup_id, bpf_get_current_task, bpf_ktime_get_ns,
+            bpf_probe_read_kernel,
+        },
     },
     macros::map,
     maps::{Array, LruHashMap, PerCpuArray, RingBuf},
@@ -66,6 +69,9 @@ pub(crate) fn new_event(kind: u8) -> SockEvent {
     event.ts_ns = unsafe { bpf_ktime_get_ns() };
     event.pid_tgid = bpf_get_current_pid_tgid();
     event.comm = process_comm();
+    // SAFETY: helper with no arguments; every program type that calls new_event (tracing,
+    // tracepoint, cgroup sock and sock_addr) may call it since 5.7.
+    event.cgroup = unsafe { bpf_get_current_cgroup_id() };
     event
 }
 

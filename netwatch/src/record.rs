@@ -5,13 +5,16 @@
 //! serialized as NDJSON, sent by the agent to `watch` clients, parsed back, filtered and
 //! printed. Text is rendered from the record ([`crate::output`]), so every mode prints the
 //! same thing.
-use std::{net::IpAddr, time::Duration};
+use std::{net::IpAddr, sync::Arc, time::Duration};
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    host::snapshot::{Holder, SocketRow},
+    host::{
+        snapshot::{Holder, SocketRow},
+        workload::Workload,
+    },
     kernel::events::{Comm, Family, Retransmit, StateSource, TcpState},
     state::table::{Direction, Ending, Failure, RetransmitSeen, Transition},
 };
@@ -74,6 +77,9 @@ pub struct Listed {
     /// The owners the socket had, oldest first (known only to an agent).
     #[serde(default)]
     pub owner_history: Vec<OwnerChange>,
+    /// The owner's (or first holder's) cgroup and the container, pod or unit it names, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload: Option<Arc<Workload>>,
 }
 
 /// What changed in the table since the previous change, for a view that mirrors it
@@ -110,6 +116,13 @@ pub struct Endpoints {
 pub struct Owner {
     pub pid: u32,
     pub comm: Comm,
+    /// The cgroup v2 id the owner was in when it acted (0: not known).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub cgroup_id: u64,
+}
+
+fn is_zero(value: &u64) -> bool {
+    *value == 0
 }
 
 impl std::fmt::Display for Owner {
@@ -203,6 +216,9 @@ pub struct TransitionRecord {
     /// An IPv6 socket that takes no IPv4 (IPV6_V6ONLY); present only when true.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub v6only: bool,
+    /// The owner's cgroup and the container, pod or unit it names, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload: Option<Arc<Workload>>,
 }
 
 pub(crate) fn millis(ns: u64) -> f64 {
@@ -245,6 +261,7 @@ impl TransitionRecord {
             ending: t.ending,
             direction: t.direction,
             v6only: t.v6only,
+            workload: None,
         }
     }
 }
@@ -296,6 +313,9 @@ pub struct RetransmitRecord {
     /// Who opened the connection (outbound, inbound), when netwatch knows.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub direction: Option<Direction>,
+    /// The owner's cgroup and the container, pod or unit it names, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload: Option<Arc<Workload>>,
 }
 
 impl RetransmitRecord {
@@ -320,6 +340,7 @@ impl RetransmitRecord {
             netns: r.netns,
             count: seen.count,
             direction: seen.direction,
+            workload: None,
         }
     }
 }
@@ -412,7 +433,7 @@ mod tests {
                 remote: (IpAddr::V6(Ipv6Addr::LOCALHOST), 8080),
                 old: TcpState::SynSent,
                 new: TcpState::Established,
-                task: Task { pid: 0, tid: 0, comm: "swapper/1".into() },
+                task: Task { pid: 0, tid: 0, comm: "swapper/1".into(), cgroup: 0 },
                 deferred_connect: false,
                 timewait: None,
                 listener: None,
@@ -429,7 +450,7 @@ mod tests {
     }
 
     fn curl() -> Option<Owner> {
-        Some(Owner { pid: 4242, comm: "curl".into() })
+        Some(Owner { pid: 4242, comm: "curl".into(), cgroup_id: 0 })
     }
 
     #[test]

@@ -179,6 +179,13 @@ pub struct HistoryArgs {
     /// Only the connection with this socket cookie, in full detail.
     #[arg(long)]
     pub cookie: Option<u64>,
+    /// Only connections whose owner runs in this container: its id, a prefix of it, or its
+    /// name.
+    #[arg(long, value_name = "ID|NAME")]
+    pub container: Option<String>,
+    /// Only connections whose owner runs in this Kubernetes pod: NAME, NAMESPACE/NAME or UID.
+    #[arg(long, value_name = "POD")]
+    pub pod: Option<String>,
     /// JSON (one array) instead of text.
     #[arg(long)]
     pub json: bool,
@@ -270,6 +277,14 @@ pub struct AgentArgs {
     /// metrics, for the first N endpoints seen; later ones are counted as remote="other".
     #[arg(long, value_name = "N", default_value_t = 0, requires = "metrics")]
     pub metrics_remotes: usize,
+    /// The cgroup2 hierarchy to attach to and name containers from: a mount of the host's
+    /// root (in a container with its own cgroup namespace, the host's /sys/fs/cgroup
+    /// mounted elsewhere). Default: the first cgroup2 mount.
+    #[arg(long, value_name = "PATH")]
+    pub cgroup_root: Option<PathBuf>,
+    /// Where the kubelet keeps pods/ and containers/ (pod and container names).
+    #[arg(long, value_name = "DIR", default_value = crate::host::workload::KUBELET_LOGS)]
+    pub kubelet_logs: PathBuf,
     /// Also count, for the protocol counters netwatch can attribute (`netwatch counters`),
     /// the increments each process and endpoint caused, for the first N such pairs seen;
     /// later ones are counted as comm="other", endpoint="other".
@@ -361,6 +376,12 @@ pub struct TableSelect {
     /// Only this network namespace: an inode number or an `ip netns` name.
     #[arg(long, value_name = "INODE|NAME")]
     pub netns: Option<String>,
+    /// Only sockets whose owner runs in this container: its id, a prefix of it, or its name.
+    #[arg(long, value_name = "ID|NAME")]
+    pub container: Option<String>,
+    /// Only sockets whose owner runs in this Kubernetes pod: NAME, NAMESPACE/NAME or UID.
+    #[arg(long, value_name = "POD")]
+    pub pod: Option<String>,
     /// ss-style filter (see below).
     #[arg(value_name = "FILTER")]
     pub filter: Vec<String>,
@@ -383,6 +404,12 @@ pub struct WatchArgs {
     /// Only sockets owned by a process with this command name.
     #[arg(long, value_name = "NAME")]
     pub comm: Option<String>,
+    /// Only sockets whose owner runs in this container: its id, a prefix of it, or its name.
+    #[arg(long, value_name = "ID|NAME")]
+    pub container: Option<String>,
+    /// Only sockets whose owner runs in this Kubernetes pod: NAME, NAMESPACE/NAME or UID.
+    #[arg(long, value_name = "POD")]
+    pub pod: Option<String>,
     /// Only IPv4.
     #[arg(short = '4', long = "ipv4", conflicts_with = "ipv6")]
     pub ipv4: bool,
@@ -479,6 +506,8 @@ impl WatchArgs {
             dport: self.dport,
             pid: self.pid,
             comm: self.comm.clone(),
+            container: self.container.clone(),
+            pod: self.pod.clone(),
             family: match (self.ipv4, self.ipv6) {
                 (true, _) => Some(Family::Ipv4),
                 (_, true) => Some(Family::Ipv6),

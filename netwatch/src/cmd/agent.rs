@@ -78,7 +78,18 @@ pub async fn run(args: &AgentArgs) -> anyhow::Result<()> {
     // A log that cannot be opened stops the agent before it touches the kernel.
     let mut log = Logging::start(args.log.options())?;
 
-    let mut tracer = Tracer::start(&args.load_options())?.keeping_rows();
+    if let Some(root) = &args.cgroup_root {
+        anyhow::ensure!(
+            root.join("cgroup.controllers").is_file(),
+            "--cgroup-root {}: not a cgroup2 mount (it has no cgroup.controllers); give the \
+             host's cgroup2 hierarchy, e.g. /sys/fs/cgroup",
+            root.display()
+        );
+        crate::host::cgroup::set_root(root.clone());
+    }
+    let mut tracer = Tracer::start(&args.load_options())?
+        .keeping_rows()
+        .with_kubelet_logs(args.kubelet_logs.clone());
     let listener = api::bind(&args.socket)?;
     let socket_file = SocketFile(args.socket.clone());
     listener.set_nonblocking(true).context("configuring the agent socket")?;
@@ -168,10 +179,15 @@ pub async fn run(args: &AgentArgs) -> anyhow::Result<()> {
                     Query::Metrics(reply) => { let _ = reply.send(metrics.render(&tracer.counts(), tracer.health())); }
                     Query::History(reply, cookie) => {
                         histories.expire(chrono::Utc::now());
-                        let _ = reply.send(match cookie {
+                        let mut list = match cookie {
                             Some(cookie) => histories.of(cookie),
                             None => histories.all(),
-                        });
+                        };
+                        for history in list.iter_mut().filter(|h| h.workload.is_none()) {
+                            let cgroup = history.snapshot_owner.as_ref().map_or(0, |o| o.cgroup_id);
+                            history.workload = tracer.workload(cgroup);
+                        }
+                        let _ = reply.send(list);
                     }
                     Query::Counters(reply, since, netns) => {
                         let _ = reply.send(account(&attribution, &counters_at_start, since, netns));

@@ -366,7 +366,7 @@ async fn full_listeners(target: &Target, socket: &std::path::Path, no_agent: boo
                 }
             }
             None => {
-                let by_inode = crate::host::procfs::socket_owners(&mut Vec::new());
+                let by_inode = crate::host::procfs::socket_owners(&mut Vec::new(), None);
                 for row in &full {
                     let holders = by_inode
                         .get(&row.inode)

@@ -47,6 +47,13 @@ pub async fn run(args: &HistoryArgs) -> anyhow::Result<()> {
         .filter(|h| !args.failed || h.failure.is_some())
         .filter(|h| since.is_none_or(|t| h.steps.last().is_some_and(|s| s.time >= t)))
         .filter(|h| {
+            let workload = h.workload.as_deref();
+            args.container
+                .as_deref()
+                .is_none_or(|c| workload.is_some_and(|w| w.matches_container(c)))
+                && args.pod.as_deref().is_none_or(|p| workload.is_some_and(|w| w.matches_pod(p)))
+        })
+        .filter(|h| {
             let states = query.states;
             states.is_none_or(|set| {
                 h.snapshot_state.is_some_and(|s| set.contains(s))
@@ -79,6 +86,9 @@ pub async fn run(args: &HistoryArgs) -> anyhow::Result<()> {
         );
         if let Some(failure) = h.failure {
             line.push_str(&format!(" [{}]", failure.name()));
+        }
+        if let Some(workload) = h.workload.as_deref().filter(|w| w.is_container()) {
+            line.push_str(&format!(" container={}", workload.label()));
         }
         if let (Some(sent), Some(received)) = (h.bytes_sent, h.bytes_received) {
             line.push_str(&format!(" sent={sent}B received={received}B"));

@@ -12,6 +12,7 @@ use crate::{
     host::snapshot::{Snapshot, SocketRow, Source, network_namespaces},
     host::sock_diag::{DiagSocket, TcpInfo},
     host::tcp_info::TcpInfoRecord,
+    host::workload::{KUBELET_LOGS, Workloads},
     output::table::{self, Extras, TextOptions},
     query::select::Selection,
     record::Listed,
@@ -23,16 +24,22 @@ pub fn listed_from(snapshot: Snapshot) -> Vec<Listed> {
     let names: HashMap<u32, String> =
         snapshot.namespaces.iter().filter_map(|ns| Some((ns.inode, ns.name.clone()?))).collect();
     let mut owners = snapshot.owners;
+    let workloads = Workloads::new(KUBELET_LOGS.into());
     let mut rows: Vec<Listed> = snapshot
         .rows
         .into_iter()
-        .map(|row: SocketRow| Listed {
-            owners: owners.get(&row.inode).filter(|_| row.inode != 0).cloned().unwrap_or_default(),
-            netns_name: names.get(&row.netns).cloned(),
-            in_state: None,
-            queues_known: true,
-            owner_history: Vec::new(),
-            row,
+        .map(|row: SocketRow| {
+            let owners =
+                owners.get(&row.inode).filter(|_| row.inode != 0).cloned().unwrap_or_default();
+            Listed {
+                workload: owners.first().and_then(|holder| workloads.of(holder.cgroup_id)),
+                owners,
+                netns_name: names.get(&row.netns).cloned(),
+                in_state: None,
+                queues_known: true,
+                owner_history: Vec::new(),
+                row,
+            }
         })
         .collect();
     owners.clear();

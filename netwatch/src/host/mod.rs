@@ -3,7 +3,9 @@
 //! [`procfs`] `/proc/net` tables) joined to the processes holding each socket through
 //! `/proc/PID/fd`, with the [`unlisted`] sockets no dump shows made known by cookie; and
 //! service names from `/etc/services`; the kernel's protocol [`counters`];
-//! and a connection's [`tcp_info`] as `table -i` shows it.
+//! and a connection's [`tcp_info`] as `table -i` shows it; the [`cgroup`] a process is in
+//! and the [`workload`] (container, pod, unit) it names.
+pub mod cgroup;
 pub mod counters;
 pub mod procfs;
 pub mod services;
@@ -11,3 +13,4 @@ pub mod snapshot;
 pub mod sock_diag;
 pub mod tcp_info;
 pub mod unlisted;
+pub mod workload;

@@ -95,7 +95,10 @@ fn v6only_guess(local: IpAddr) -> bool {
 /// system calls each): one `readlink` per fd is what `ss -p` costs too, and at 10k sockets
 /// that halves the snapshot. `/proc/PID/stat` is read (with procfs's parser) only for
 /// processes that hold a socket.
-pub fn socket_owners(problems: &mut Vec<String>) -> HashMap<u64, Vec<Holder>> {
+pub fn socket_owners(
+    problems: &mut Vec<String>,
+    cgroup_root: Option<&std::path::Path>,
+) -> HashMap<u64, Vec<Holder>> {
     use procfs::FromRead as _;
     let mut owners: HashMap<u64, Vec<Holder>> = HashMap::new();
     let entries = match std::fs::read_dir("/proc") {
@@ -113,7 +116,7 @@ pub fn socket_owners(problems: &mut Vec<String>) -> HashMap<u64, Vec<Holder>> {
         let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else {
             continue;
         };
-        let mut process: Option<Option<procfs::process::Stat>> = None;
+        let mut process: Option<Option<(procfs::process::Stat, u64)>> = None;
         for fd in fds.flatten() {
             let Some(inode) = std::fs::read_link(fd.path()).ok().and_then(|t| socket_inode(&t))
             else {
@@ -123,15 +126,18 @@ pub fn socket_owners(problems: &mut Vec<String>) -> HashMap<u64, Vec<Holder>> {
             else {
                 continue;
             };
-            let stat = process.get_or_insert_with(|| {
-                procfs::process::Stat::from_file(entry.path().join("stat")).ok()
+            let process = process.get_or_insert_with(|| {
+                let stat = procfs::process::Stat::from_file(entry.path().join("stat")).ok()?;
+                let cgroup = cgroup_root.and_then(|root| super::cgroup::id_of_pid(root, pid));
+                Some((stat, cgroup.unwrap_or(0)))
             });
-            let Some(stat) = stat else { break };
+            let Some((stat, cgroup_id)) = process else { break };
             owners.entry(inode).or_default().push(Holder {
                 pid,
                 comm: stat.comm.as_str().into(),
                 fd: fd_number,
                 start_time: Some(stat.starttime),
+                cgroup_id: *cgroup_id,
             });
         }
     }
@@ -173,7 +179,7 @@ mod tests {
     fn finds_this_process_socket() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let mut problems = Vec::new();
-        let owners = socket_owners(&mut problems);
+        let owners = socket_owners(&mut problems, crate::host::cgroup::root());
         let me = std::process::id();
         let fd = std::os::fd::AsRawFd::as_raw_fd(&listener);
         assert!(

@@ -88,6 +88,9 @@ pub struct Holder {
     /// Process start time in clock ticks since boot: (pid, start) names a process uniquely.
     /// None where an event, not /proc, named the holder.
     pub start_time: Option<u64>,
+    /// The process's cgroup v2 id when it was found (0: not known).
+    #[serde(default, skip_serializing)]
+    pub cgroup_id: u64,
 }
 
 /// A network namespace and a path through which it can be entered.
@@ -145,7 +148,7 @@ impl Snapshot {
                 )),
             }
         }
-        snapshot.owners = socket_owners(&mut snapshot.problems);
+        snapshot.owners = socket_owners(&mut snapshot.problems, super::cgroup::root());
         snapshot.took = started.elapsed();
         snapshot
     }

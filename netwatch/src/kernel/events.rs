@@ -159,6 +159,8 @@ pub struct Task {
     pub pid: u32,
     pub tid: u32,
     pub comm: Comm,
+    /// Its cgroup v2 id (0 where not recorded).
+    pub cgroup: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -305,7 +307,12 @@ fn comm(raw: &[u8; 16]) -> Comm {
 }
 
 fn task(raw: &SockEvent) -> Task {
-    Task { pid: (raw.pid_tgid >> 32) as u32, tid: raw.pid_tgid as u32, comm: comm(&raw.comm) }
+    Task {
+        pid: (raw.pid_tgid >> 32) as u32,
+        tid: raw.pid_tgid as u32,
+        comm: comm(&raw.comm),
+        cgroup: raw.cgroup,
+    }
 }
 
 fn family(code: u8) -> Result<Family, DecodeError> {

@@ -37,7 +37,7 @@ fn decodes_a_btf_transition() {
     assert_eq!(change.local, ("127.0.0.1".parse().unwrap(), 40000));
     assert_eq!(change.remote, ("127.0.0.2".parse().unwrap(), 80));
     assert_eq!((change.old, change.new), (TcpState::SynSent, TcpState::Established));
-    assert_eq!(change.task, Task { pid: 1000, tid: 1001, comm: "curl".into() });
+    assert_eq!(change.task, Task { pid: 1000, tid: 1001, comm: "curl".into(), cgroup: 0 });
     assert!(!change.deferred_connect);
 }
 

@@ -229,7 +229,7 @@ pub fn load(options: &LoadOptions) -> Result<Probes> {
         .then_some("the classic state tracepoint has no socket cookies to join them to");
     let no_formats = syscall_fields.as_ref().err().map(ToString::to_string);
     attacher.ownership(aya_btf.as_ref(), no_cookies, no_formats.as_deref());
-    attacher.cgroup(cgroup2_root().as_deref(), source)?;
+    attacher.cgroup(crate::host::cgroup::root(), source)?;
     let hooks = attacher.statuses;
     warnings.extend(hooks::warnings(&hooks));
     Ok(Probes { ebpf, source, warnings, hooks, load_time: started.elapsed() })
@@ -422,11 +422,6 @@ pub fn tracefs() -> Result<PathBuf> {
 
 /// The first cgroup v2 mount point (`/sys/fs/cgroup` on pure v2 hosts, often
 /// `/sys/fs/cgroup/unified` on hybrid ones).
-fn cgroup2_root() -> Option<PathBuf> {
-    let mounts = procfs::process::Process::myself().ok()?.mountinfo().ok()?;
-    mounts.into_iter().find(|m| m.fs_type == "cgroup2").map(|m| m.mount_point)
-}
-
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; harmless on newer ones.
 fn raise_memlock_limit() {
     let unlimited = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };

@@ -7,6 +7,7 @@ use chrono::{DateTime, Local, Utc};
 
 use super::address::endpoint;
 use crate::{
+    host::workload::Workload,
     record::{
         LossReason, LossRecord, Resent, RetransmitRecord, StreamRecord, TransitionRecord, millis,
     },
@@ -95,6 +96,7 @@ impl TransitionRecord {
             line.push(' ');
             line.push_str(why);
         }
+        push_container(&mut line, self.workload.as_deref());
         line
     }
 }
@@ -139,12 +141,23 @@ impl RetransmitRecord {
         };
         let state = self.state.map_or_else(|| "-".to_string(), |s| s.to_string());
         let (local, remote) = ((self.laddr, self.lport), (self.raddr, self.rport));
-        format!(
+        let mut line = format!(
             "{} {what:<12} in {state:<12} #{}",
             Columns { time: self.time, pid: self.pid, comm: self.comm.as_deref(), v6only: false }
                 .text((local, remote), layout),
             self.count,
-        )
+        );
+        push_container(&mut line, self.workload.as_deref());
+        line
+    }
+}
+
+/// The owner's container or pod at the end of a line, `container=LABEL`; a systemd unit
+/// only in JSON, or every line of a plain host would carry one.
+fn push_container(line: &mut String, workload: Option<&Workload>) {
+    if let Some(workload) = workload.filter(|w| w.is_container()) {
+        line.push_str(" container=");
+        line.push_str(&workload.label());
     }
 }
 

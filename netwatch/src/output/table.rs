@@ -115,10 +115,12 @@ pub struct TextOptions<'a> {
 }
 
 /// The aligned text table. Optional columns appear only when they carry information: the
-/// time in state when known, the netns when the rows span more than one namespace.
+/// time in state when known, the netns when the rows span more than one namespace, the
+/// container when an owner runs in one.
 pub fn text(rows: &[Listed], options: &TextOptions<'_>) -> String {
     let show_in_state = rows.iter().any(|r| r.in_state.is_some());
     let show_netns = rows.windows(2).any(|w| w[0].row.netns != w[1].row.netns);
+    let show_workload = rows.iter().any(|r| r.workload.as_ref().is_some_and(|w| w.is_container()));
     let mut header = vec![
         "Netid",
         "State",
@@ -139,6 +141,9 @@ pub fn text(rows: &[Listed], options: &TextOptions<'_>) -> String {
     }
     if show_netns {
         header.push("Netns");
+    }
+    if show_workload {
+        header.push("Container");
     }
     if options.timers {
         header.push("Timer");
@@ -174,6 +179,9 @@ pub fn text(rows: &[Listed], options: &TextOptions<'_>) -> String {
         }
         if show_netns {
             cells.push(listed.netns_name.clone().unwrap_or_else(|| row.netns.to_string()));
+        }
+        if show_workload {
+            cells.push(listed.workload.as_ref().map_or_else(|| "-".into(), |w| w.label()));
         }
         if options.timers {
             cells.push(row.timer.as_ref().map(timer_text).unwrap_or_default());
@@ -244,6 +252,9 @@ struct Record<'a> {
     /// With `-i`, for a TCP socket the kernel still has.
     #[serde(skip_serializing_if = "Option::is_none")]
     tcp_info: Option<&'a TcpInfoRecord>,
+    /// The owner's container, pod or systemd unit.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    workload: Option<&'a crate::host::workload::Workload>,
 }
 
 fn record<'a>(listed: &'a Listed, extras: &'a Extras) -> Record<'a> {
@@ -279,6 +290,7 @@ fn record<'a>(listed: &'a Listed, extras: &'a Extras) -> Record<'a> {
         user: extras.user(listed),
         timer: row.timer,
         tcp_info: extras.info.get(&row.cookie),
+        workload: listed.workload.as_deref(),
     }
 }
 
@@ -330,13 +342,14 @@ mod tests {
                 scope: None,
             },
             owners: vec![
-                Holder { pid: 812, comm: "nginx".into(), fd: 6, start_time: Some(1) },
-                Holder { pid: 813, comm: "nginx".into(), fd: 6, start_time: Some(2) },
+                Holder { pid: 812, comm: "nginx".into(), fd: 6, start_time: Some(1), cgroup_id: 0 },
+                Holder { pid: 813, comm: "nginx".into(), fd: 6, start_time: Some(2), cgroup_id: 0 },
             ],
             in_state: None,
             netns_name: None,
             queues_known: true,
             owner_history: Vec::new(),
+            workload: None,
         }
     }
 

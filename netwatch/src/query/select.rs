@@ -24,6 +24,8 @@ pub struct Selection {
     pid: Option<u32>,
     comm: Option<String>,
     netns: Option<String>,
+    container: Option<String>,
+    pod: Option<String>,
 }
 
 impl Selection {
@@ -56,6 +58,8 @@ impl Selection {
             pid: args.pid,
             comm: args.comm.clone(),
             netns: args.netns.clone(),
+            container: args.container.clone(),
+            pod: args.pod.clone(),
         })
     }
 
@@ -111,5 +115,13 @@ impl Selection {
             && self.netns.as_ref().is_none_or(|ns| {
                 row.netns.to_string() == *ns || listed.netns_name.as_deref() == Some(ns.as_str())
             })
+            && self
+                .container
+                .as_deref()
+                .is_none_or(|c| listed.workload.as_deref().is_some_and(|w| w.matches_container(c)))
+            && self
+                .pod
+                .as_deref()
+                .is_none_or(|p| listed.workload.as_deref().is_some_and(|w| w.matches_pod(p)))
     }
 }

@@ -1,5 +1,6 @@
 //! Which stream records the user asked to see. All given conditions must hold.
 use crate::{
+    host::workload::Workload,
     kernel::events::{Family, TcpState},
     record::{RetransmitRecord, TransitionRecord},
 };
@@ -14,6 +15,9 @@ pub struct TransitionFilter {
     pub pid: Option<u32>,
     /// Owner's command name, exactly.
     pub comm: Option<String>,
+    /// The owner's container (id, id prefix or name) and pod (name, NAMESPACE/NAME, UID).
+    pub container: Option<String>,
+    pub pod: Option<String>,
     pub family: Option<Family>,
     /// Either side of the transition.
     pub state: Option<TcpState>,
@@ -24,6 +28,7 @@ pub struct TransitionFilter {
 impl TransitionFilter {
     pub fn matches(&self, t: &TransitionRecord) -> bool {
         self.socket_matches(t.lport, t.rport, t.pid, t.comm.as_deref(), t.family)
+            && self.workload_matches(t.workload.as_deref())
             && self.state.is_none_or(|s| s == t.old || s == t.new)
             && self.transition.is_none_or(|(old, new)| old == t.old && new == t.new)
     }
@@ -32,8 +37,15 @@ impl TransitionFilter {
     /// `--transition` filter.
     pub fn matches_retransmit(&self, r: &RetransmitRecord) -> bool {
         self.socket_matches(r.lport, r.rport, r.pid, r.comm.as_deref(), r.family)
+            && self.workload_matches(r.workload.as_deref())
             && self.state.is_none_or(|s| r.state == Some(s))
             && self.transition.is_none()
+    }
+
+    /// A record whose owner's workload is not known matches neither filter.
+    fn workload_matches(&self, workload: Option<&Workload>) -> bool {
+        self.container.as_deref().is_none_or(|c| workload.is_some_and(|w| w.matches_container(c)))
+            && self.pod.as_deref().is_none_or(|p| workload.is_some_and(|w| w.matches_pod(p)))
     }
 
     fn socket_matches(
@@ -87,13 +99,13 @@ mod tests {
                 remote: (IpAddr::V4(Ipv4Addr::LOCALHOST), rport),
                 old,
                 new,
-                task: Task { pid: 0, tid: 0, comm: "swapper/0".into() },
+                task: Task { pid: 0, tid: 0, comm: "swapper/0".into(), cgroup: 0 },
                 deferred_connect: false,
                 timewait: None,
                 listener: None,
                 totals: None,
             },
-            owner: Some(Owner { pid: 42, comm: "curl".into() }),
+            owner: Some(Owner { pid: 42, comm: "curl".into(), cgroup_id: 0 }),
             in_old_state_ns: None,
             lifespan_ns: None,
             failure: None,

@@ -509,6 +509,7 @@ mod tests {
                 netns: 1,
                 count: 1,
                 direction: None,
+                workload: None,
             };
             metrics.observe(&StreamRecord::Retransmit(Box::new(record)));
         }

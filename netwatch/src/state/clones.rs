@@ -118,7 +118,7 @@ mod tests {
             ),
             old,
             new,
-            task: Task { pid: 1, tid: 1, comm: "python3".into() },
+            task: Task { pid: 1, tid: 1, comm: "python3".into(), cgroup: 0 },
             deferred_connect: false,
             timewait: None,
             listener: None,

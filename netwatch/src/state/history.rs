@@ -72,6 +72,9 @@ pub struct History {
     /// If a new snapshot no longer had it, it is closed here without its last steps.
     #[serde(default)]
     pub lost_events: bool,
+    /// The owner's container, pod or unit: the last transition's, or the snapshot owner's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload: Option<std::sync::Arc<crate::host::workload::Workload>>,
 }
 
 impl History {
@@ -102,6 +105,7 @@ impl History {
             retransmits_seen: 0,
             ending: None,
             lost_events: false,
+            workload: None,
         }
     }
 }
@@ -176,7 +180,7 @@ impl Histories {
                     .get(&row.inode)
                     .filter(|_| row.inode != 0)
                     .and_then(|holders| holders.first())
-                    .map(|h| Owner { pid: h.pid, comm: h.comm.clone() }),
+                    .map(|h| Owner { pid: h.pid, comm: h.comm.clone(), cgroup_id: h.cgroup_id }),
                 lost_events: false,
             });
         }
@@ -227,6 +231,9 @@ impl Histories {
             history.laddr = t.laddr;
         }
         (history.raddr, history.rport) = (t.raddr, t.rport);
+        if t.workload.is_some() {
+            history.workload.clone_from(&t.workload);
+        }
         if history.steps.len() < STEPS {
             history.steps.push(Step {
                 time: t.time,
@@ -369,6 +376,7 @@ mod tests {
             ending: None,
             direction: None,
             v6only: false,
+            workload: None,
         }
     }
 
@@ -413,7 +421,8 @@ mod tests {
             v6only: false,
             scope: None,
         };
-        let holder = Holder { pid: 77, comm: "sshd".into(), fd: 4, start_time: Some(1) };
+        let holder =
+            Holder { pid: 77, comm: "sshd".into(), fd: 4, start_time: Some(1), cgroup_id: 0 };
         let snapshot = Snapshot {
             rows: vec![row],
             owners: HashMap::from([(1, vec![holder])]),
@@ -421,12 +430,18 @@ mod tests {
         };
         histories.seed(&snapshot);
         assert_eq!(path(&histories.all()[0]), "ESTABLISHED (since before netwatch)");
-        assert_eq!(histories.all()[0].snapshot_owner, Some(Owner { pid: 77, comm: "sshd".into() }));
+        assert_eq!(
+            histories.all()[0].snapshot_owner,
+            Some(Owner { pid: 77, comm: "sshd".into(), cgroup_id: 0 })
+        );
         histories.record(&record(9, 50, TcpState::Established, TcpState::FinWait1, None));
         let history = &histories.all()[0];
         assert_eq!(history.first_seen, FirstSeen::Snapshot);
         assert_eq!(path(history), "ESTABLISHED -> FIN_WAIT1");
-        assert_eq!(history.snapshot_owner, Some(Owner { pid: 77, comm: "sshd".into() }));
+        assert_eq!(
+            history.snapshot_owner,
+            Some(Owner { pid: 77, comm: "sshd".into(), cgroup_id: 0 })
+        );
 
         // A second socket from the snapshot, with no step: marked when events are lost, and
         // closed as such when a new snapshot no longer has it.

@@ -310,6 +310,7 @@ pub(crate) mod tests {
             ending: None,
             direction: None,
             v6only: false,
+            workload: None,
         }
     }
 

@@ -64,7 +64,11 @@ impl Conn {
         let latest = self.listed.owner_history.last().map(|change| &change.owner);
         let owner = match latest {
             Some(owner) if holders.iter().any(|h| h.pid == owner.pid) => Some(owner.clone()),
-            _ => holders.first().map(|h| Owner { pid: h.pid, comm: h.comm.clone() }),
+            _ => holders.first().map(|h| Owner {
+                pid: h.pid,
+                comm: h.comm.clone(),
+                cgroup_id: h.cgroup_id,
+            }),
         };
         (owner, pids.len())
     }
@@ -98,6 +102,7 @@ impl Conn {
             netns_name: None,
             queues_known: false,
             owner_history: Vec::new(),
+            workload: t.workload.clone(),
         };
         Conn::new(listed, None, t.mono_ns)
     }
@@ -258,7 +263,7 @@ impl Model {
             conn.connect_ns = t.duration_ns;
         }
         if let (Some(pid), Some(comm)) = (t.pid, &t.comm) {
-            conn.last_owner = Some(Owner { pid, comm: comm.clone() });
+            conn.last_owner = Some(Owner { pid, comm: comm.clone(), cgroup_id: 0 });
         }
     }
 

@@ -47,11 +47,12 @@ fn a_row_change_keeps_the_state_start_the_stream_gave() {
         comm: "python3".into(),
         fd: 3,
         start_time: None,
+        cgroup_id: 0,
     });
     model.apply_rows(RowsChange { upsert: vec![listed.clone()], ..RowsChange::default() }, 10_000);
     let conn = &model.conns[&7];
     assert_eq!(conn.since_ns, Some(2_000), "the same state: the exact start stays");
-    assert_eq!(conn.owner(), (Some(Owner { pid: 10151, comm: "python3".into() }), 1));
+    assert_eq!(conn.owner(), (Some(Owner { pid: 10151, comm: "python3".into(), cgroup_id: 0 }), 1));
     // A full table (after a resync) replaces every row, and what only the view knew stays.
     listed.row.cookie = 8;
     model.apply_rows(RowsChange { full: true, upsert: vec![listed], gone: Vec::new() }, 10_000);

@@ -33,7 +33,7 @@ pub fn keep_end(text: String, width: u16) -> String {
 /// `comm[pid]` of a record's or step's owner, `-` when not known.
 pub fn owner_text(pid: Option<u32>, comm: Option<&Comm>) -> String {
     match (pid, comm) {
-        (Some(pid), Some(comm)) => Owner { pid, comm: comm.clone() }.to_string(),
+        (Some(pid), Some(comm)) => Owner { pid, comm: comm.clone(), cgroup_id: 0 }.to_string(),
         _ => "-".into(),
     }
 }

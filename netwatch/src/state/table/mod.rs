@@ -116,9 +116,11 @@ impl Table {
     /// Adds a socket found by a targeted lookup (a timewait socket after its full socket
     /// closed) or by the snapshot.
     pub fn insert_row(&mut self, row: &SocketRow, holders: Option<&Vec<Holder>>, now_ns: u64) {
-        let owner = holders
-            .and_then(|list| list.first())
-            .map(|o| Owner { pid: o.pid, comm: o.comm.clone() });
+        let owner = holders.and_then(|list| list.first()).map(|o| Owner {
+            pid: o.pid,
+            comm: o.comm.clone(),
+            cgroup_id: o.cgroup_id,
+        });
         let key = SockKey::Cookie(row.cookie);
         if row.protocol == Protocol::Tcp && row.state == TcpState::Listen {
             self.add_listener((row.netns, row.local.1, row.local.0), key, owner.clone());
@@ -263,8 +265,13 @@ impl Table {
     /// Records `fd.task` holding `fd.fd`, and what the event says about the socket.
     fn hold(&mut self, fd: &FdSocket) {
         self.learn(fd);
-        let holder =
-            Holder { pid: fd.task.pid, comm: fd.task.comm.clone(), fd: fd.fd, start_time: None };
+        let holder = Holder {
+            pid: fd.task.pid,
+            comm: fd.task.comm.clone(),
+            fd: fd.fd,
+            start_time: None,
+            cgroup_id: fd.task.cgroup,
+        };
         self.add_holders(SockKey::Cookie(fd.cookie), [holder]);
     }
 

@@ -12,11 +12,11 @@ use crate::kernel::events::{Family, SockLife, StateSource};
 use crate::kernel::events::{StateChange, Task};
 
 fn task(pid: u32) -> Task {
-    Task { pid, tid: pid, comm: compact_str::format_compact!("p{pid}") }
+    Task { pid, tid: pid, comm: compact_str::format_compact!("p{pid}"), cgroup: 0 }
 }
 
 fn on_cpu() -> Task {
-    Task { pid: 0, tid: 0, comm: "swapper/0".into() }
+    Task { pid: 0, tid: 0, comm: "swapper/0".into(), cgroup: 0 }
 }
 
 const LO: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);

@@ -11,7 +11,7 @@ use crate::{
 
 impl From<&Task> for Owner {
     fn from(task: &Task) -> Self {
-        Owner { pid: task.pid, comm: task.comm.clone() }
+        Owner { pid: task.pid, comm: task.comm.clone(), cgroup_id: task.cgroup }
     }
 }
 
@@ -149,6 +149,7 @@ impl Holders {
                 comm: comm.clone(),
                 fd: *fd,
                 start_time: None,
+                cgroup_id: 0,
             })
             .collect()
     }

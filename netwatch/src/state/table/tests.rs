@@ -8,7 +8,7 @@ use TcpState::*;
 use std::collections::HashMap;
 
 pub(super) fn task(pid: u32, comm: &str) -> Task {
-    Task { pid, tid: pid, comm: comm.into() }
+    Task { pid, tid: pid, comm: comm.into(), cgroup: 0 }
 }
 
 pub(super) fn change(cookie: u64, ts_ns: u64, old: TcpState, new: TcpState, on_cpu: Task) -> Event {
@@ -49,7 +49,7 @@ fn first_transition_counts_from_creation() {
     assert_eq!(t.in_old_state_ns, Some(3_000));
     let t = table.apply(change(1, 9_000, SynSent, Established, task(0, "swapper/1"))).unwrap();
     assert_eq!(t.in_old_state_ns, Some(5_000));
-    assert_eq!(t.owner, Some(Owner { pid: 10, comm: "curl".into() }));
+    assert_eq!(t.owner, Some(Owner { pid: 10, comm: "curl".into(), cgroup_id: 0 }));
 }
 
 #[test]
@@ -61,10 +61,10 @@ fn softirq_task_never_becomes_owner() {
     assert_eq!(t.in_old_state_ns, None, "did not see ESTABLISHED begin");
     // close() by the owner names it.
     let t = table.apply(change(2, 20, CloseWait, LastAck, task(7, "server"))).unwrap();
-    assert_eq!(t.owner, Some(Owner { pid: 7, comm: "server".into() }));
+    assert_eq!(t.owner, Some(Owner { pid: 7, comm: "server".into(), cgroup_id: 0 }));
     assert_eq!(t.in_old_state_ns, Some(10));
     let t = table.apply(change(2, 30, LastAck, Close, task(0, "swapper/0"))).unwrap();
-    assert_eq!(t.owner, Some(Owner { pid: 7, comm: "server".into() }));
+    assert_eq!(t.owner, Some(Owner { pid: 7, comm: "server".into(), cgroup_id: 0 }));
 }
 
 #[test]
@@ -75,10 +75,10 @@ fn passive_socket_inherits_the_listener_owner() {
     assert_eq!(t.in_old_state_ns, Some(100));
     // The child is cloned in softirq while the client is on the CPU.
     let t = table.apply(change(6, 200, Listen, SynRecv, task(8, "client"))).unwrap();
-    assert_eq!(t.owner, Some(Owner { pid: 7, comm: "server".into() }));
+    assert_eq!(t.owner, Some(Owner { pid: 7, comm: "server".into(), cgroup_id: 0 }));
     assert_eq!(t.in_old_state_ns, None, "the child never was in LISTEN itself");
     let t = table.apply(change(6, 250, SynRecv, Established, task(8, "client"))).unwrap();
-    assert_eq!(t.owner, Some(Owner { pid: 7, comm: "server".into() }));
+    assert_eq!(t.owner, Some(Owner { pid: 7, comm: "server".into(), cgroup_id: 0 }));
     assert_eq!(t.in_old_state_ns, Some(50));
 }
 
@@ -93,7 +93,7 @@ fn the_accepting_process_takes_over_from_the_listener() {
         None
     );
     let t = table.apply(change(6, 400, Established, CloseWait, task(8, "client"))).unwrap();
-    assert_eq!(t.owner, Some(Owner { pid: 70, comm: "worker".into() }));
+    assert_eq!(t.owner, Some(Owner { pid: 70, comm: "worker".into(), cgroup_id: 0 }));
 }
 
 /// An accept seen at its graft (no fd yet) makes the acceptor the owner at once but lists no
@@ -107,7 +107,7 @@ fn a_graft_takes_the_owner_and_the_fd_comes_after() {
     table.apply(Event::Accepted(fd_event(6, -1, task(70, "worker"), Protocol::Tcp)));
     assert!(!table.holds(6, 70), "no fd yet");
     let t = table.apply(change(6, 300, Established, CloseWait, task(8, "client"))).unwrap();
-    assert_eq!(t.owner, Some(Owner { pid: 70, comm: "worker".into() }));
+    assert_eq!(t.owner, Some(Owner { pid: 70, comm: "worker".into(), cgroup_id: 0 }));
     table.apply(Event::Accepted(fd_event(6, 9, task(70, "worker"), Protocol::Tcp)));
     assert_eq!(holders(&table, 6), [(70, 9, "worker".to_string())]);
     let queue = table.listeners().into_iter().find(|l| l.cookie == 5).unwrap();
@@ -233,7 +233,7 @@ fn a_close_into_timewait_goes_on_in_time_wait_and_ends_with_the_summary() {
         (into.in_old_state_ns, into.lifespan_ns, into.change.totals),
         (Some(30_000), None, None)
     );
-    assert_eq!(into.owner, Some(Owner { pid: 10, comm: "curl".into() }));
+    assert_eq!(into.owner, Some(Owner { pid: 10, comm: "curl".into(), cgroup_id: 0 }));
     let rows = table.rows(30_000_050_000);
     assert_eq!((rows[0].row.state, rows[0].row.timer.unwrap().remaining_ms), (TimeWait, 30_000));
     // Still there at the check before its expiry: nothing changes.
@@ -252,7 +252,7 @@ fn a_close_into_timewait_goes_on_in_time_wait_and_ends_with_the_summary() {
     assert_eq!(end.in_old_state_ns, Some(60_000_100_000 - 50_000));
     assert_eq!(end.lifespan_ns, Some(60_000_100_000 - 1_000), "born to the end of TIME_WAIT");
     assert_eq!(end.change.totals.map(|t| t.bytes_received), Some(2000), "the full socket's totals");
-    assert_eq!(end.owner, Some(Owner { pid: 10, comm: "curl".into() }));
+    assert_eq!(end.owner, Some(Owner { pid: 10, comm: "curl".into(), cgroup_id: 0 }));
     assert!(table.is_empty() && table.timewait_namespaces(0).is_empty());
 }
 
@@ -372,7 +372,13 @@ fn row(cookie: u64, state: TcpState, local_port: u16, inode: u64) -> SocketRow {
 #[test]
 fn snapshot_seeds_owners_and_listeners_but_not_state_times() {
     let mut table = Table::new();
-    let holder = |pid, comm: &str| Holder { pid, comm: comm.into(), fd: 3, start_time: Some(1) };
+    let holder = |pid, comm: &str| Holder {
+        pid,
+        comm: comm.into(),
+        fd: 3,
+        start_time: Some(1),
+        cgroup_id: 0,
+    };
     let owners = HashMap::from([
         (10, vec![holder(7, "nginx"), holder(8, "nginx")]),
         (11, vec![holder(9, "app")]),
@@ -385,7 +391,7 @@ fn snapshot_seeds_owners_and_listeners_but_not_state_times() {
     assert_eq!(t.in_old_state_ns, Some(20));
     // A new connection to the seeded listener belongs to its first holder.
     let t = table.apply(change(3, 100, Listen, SynRecv, task(55, "client"))).unwrap();
-    assert_eq!(t.owner, Some(Owner { pid: 7, comm: "nginx".into() }));
+    assert_eq!(t.owner, Some(Owner { pid: 7, comm: "nginx".into(), cgroup_id: 0 }));
 }
 
 #[test]
@@ -593,7 +599,7 @@ fn unreleased_closed_sockets_are_bounded() {
 #[test]
 fn a_socket_remembers_its_last_eight_owners_the_current_one_included() {
     let mut socket = super::socket::Socket::default();
-    let owner = |pid| Owner { pid, comm: "p".into() };
+    let owner = |pid| Owner { pid, comm: "p".into(), cgroup_id: 0 };
     for pid in 1..=10 {
         socket.set_owner(Some(owner(pid)), Some(u64::from(pid)));
     }

@@ -302,7 +302,7 @@ fn quiet_change(
         remote: facts.remote,
         old,
         new,
-        task: Task { pid: 0, tid: 0, comm: Comm::default() },
+        task: Task { pid: 0, tid: 0, comm: Comm::default(), cgroup: 0 },
         deferred_connect: false,
         timewait: None,
         listener: None,

@@ -85,7 +85,12 @@ impl Tracer {
     }
 
     fn listed(&self, row: Row) -> Listed {
+        let cgroup = match row.owner_history.last() {
+            Some((_, owner)) if owner.cgroup_id != 0 => owner.cgroup_id,
+            _ => row.owners.first().map_or(0, |holder| holder.cgroup_id),
+        };
         Listed {
+            workload: self.workloads.of(cgroup),
             netns_name: self.namespaces.get(&row.row.netns).and_then(|ns| ns.name.clone()),
             in_state: row.in_state_ns.map(Duration::from_nanos),
             owners: row.owners,
@@ -165,6 +170,7 @@ impl Tracer {
             row,
             queues_known: false,
             owner_history: Vec::new(),
+            workload: None,
         });
         rows.extend(half_open.filter(keep));
         rows

@@ -14,6 +14,7 @@ use crate::{
         procfs::socket_fds,
         snapshot::{NetNamespace, Snapshot, SocketRow, is_link_local, network_namespaces},
         sock_diag::DiagSocket,
+        workload::{KUBELET_LOGS, Workloads},
     },
     kernel::events::{Event, EventReader, FdSocket, TcpState},
     kernel::hooks::HookState,
@@ -78,6 +79,8 @@ pub struct Tracer {
     ring_size: u32,
     /// When the table was last seeded from a snapshot (Unix time, seconds).
     snapshot_at: f64,
+    /// The container, pod or unit of each owner's cgroup.
+    workloads: Workloads,
     /// When each namespace's timewait sockets were last compared with sock_diag's.
     timewait_checked: HashMap<u32, u64>,
     /// Someone mirrors the table ([`Tracer::take_changes`]), and whether it was rebuilt
@@ -162,6 +165,7 @@ impl Tracer {
             grafts: HashMap::new(),
             ring_size: options.ring_size.unwrap_or(loader::DEFAULT_RING_SIZE),
             snapshot_at: unix_now(),
+            workloads: Workloads::new(KUBELET_LOGS.into()),
             timewait_checked: HashMap::new(),
             tracking: false,
             replaced: false,
@@ -193,6 +197,21 @@ impl Tracer {
     /// each one a resync took after lost events.
     pub fn take_snapshot(&mut self) -> Option<Snapshot> {
         self.seeded_from.take()
+    }
+
+    /// Takes pod and container names from the kubelet's logs under `dir` (default
+    /// `/var/log`).
+    pub fn with_kubelet_logs(mut self, dir: std::path::PathBuf) -> Self {
+        self.workloads = Workloads::new(dir);
+        self
+    }
+
+    /// The container, pod or unit of the cgroup with this id.
+    pub fn workload(
+        &self,
+        cgroup_id: u64,
+    ) -> Option<std::sync::Arc<crate::host::workload::Workload>> {
+        self.workloads.of(cgroup_id)
     }
 
     /// Keeps the table's holders exact after exec (a look at the process's fds).
@@ -275,11 +294,10 @@ impl Tracer {
             }
             if let Event::Retransmit(retransmit) = &event {
                 let seen = self.table.retransmit(retransmit);
-                out.push(StreamRecord::Retransmit(Box::new(RetransmitRecord::new(
-                    retransmit,
-                    seen,
-                    &self.clock,
-                ))));
+                let cgroup = seen.owner.as_ref().map_or(0, |owner| owner.cgroup_id);
+                let mut record = RetransmitRecord::new(retransmit, seen, &self.clock);
+                record.workload = self.workloads.of(cgroup);
+                out.push(StreamRecord::Retransmit(Box::new(record)));
                 continue;
             }
             let mut transition = self.table.apply(event);
@@ -290,10 +308,10 @@ impl Tracer {
                 if let Some(cookie) = ended.change.cookie {
                     self.table.mark_changed(cookie);
                 }
-                out.push(StreamRecord::Transition(Box::new(TransitionRecord::new(
-                    &ended,
-                    &self.clock,
-                ))));
+                let mut record = TransitionRecord::new(&ended, &self.clock);
+                record.workload =
+                    self.workloads.of(ended.owner.as_ref().map_or(0, |owner| owner.cgroup_id));
+                out.push(StreamRecord::Transition(Box::new(record)));
             }
         }
         self.sorted = sorted;
