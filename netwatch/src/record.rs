@@ -141,6 +141,7 @@ pub enum StreamRecord {
     Retransmit(Box<RetransmitRecord>),
     Lost(LossRecord),
     LogFailed(LogFailedRecord),
+    ExportDropped(ExportDroppedRecord),
 }
 
 /// RFC 3339 in UTC with exactly nine fractional digits, so that every record's `time` has
@@ -388,6 +389,18 @@ pub struct LogFailedRecord {
     pub time: DateTime<Utc>,
     pub path: std::path::PathBuf,
     pub error: String,
+}
+
+/// An `export_dropped` record: an exporter (`otlp`) dropped `count` records since the
+/// previous report, `total` since start, because its destination was slow, absent or
+/// refused them. Nothing was lost for the stream, the log or the table.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ExportDroppedRecord {
+    #[serde(with = "rfc3339_nanos")]
+    pub time: DateTime<Utc>,
+    pub destination: String,
+    pub count: u64,
+    pub total: u64,
 }
 
 /// A `lost` record: `count` new losses since the previous report, `total` since start.

@@ -16,8 +16,9 @@ use crate::{setup, step, vm};
 
 pub const TARGET: &str = "x86_64-unknown-linux-musl";
 
-/// What the packaging needs on the host.
-pub const PACKAGES: &[&str] = &["dpkg-dev", "systemd", "binutils"];
+/// What the packaging needs on the host; musl-tools for ring's C and assembly (the TLS of
+/// OTLP export), which must be built against musl.
+pub const PACKAGES: &[&str] = &["dpkg-dev", "systemd", "binutils", "musl-tools"];
 
 /// sock_diag for `netwatch table` and the agent's lookups (Debian builds them as modules).
 const BARE_MODULES: &[&str] = &["net/ipv4/inet_diag", "net/ipv4/tcp_diag", "net/ipv4/udp_diag"];
@@ -84,14 +85,10 @@ pub fn dist(root: &Path) -> anyhow::Result<PathBuf> {
     let out = root.join("target/dist");
     std::fs::create_dir_all(&out)?;
     let binary = step(&format!("build a static netwatch ({TARGET})"), || {
-        run(Command::new(crate::env_or("CARGO", "cargo")).current_dir(root).args([
-            "build",
-            "--release",
-            "-p",
-            "netwatch",
-            "--target",
-            TARGET,
-        ]))?;
+        run(Command::new(crate::env_or("CARGO", "cargo"))
+            .current_dir(root)
+            .env("CC_x86_64_unknown_linux_musl", "musl-gcc")
+            .args(["build", "--release", "-p", "netwatch", "--target", TARGET]))?;
         let built = root.join("target").join(TARGET).join("release/netwatch");
         let binary = out.join(format!("netwatch-{version}-{TARGET}"));
         std::fs::copy(&built, &binary)?;

@@ -162,6 +162,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 bail!("the integration tests load eBPF programs: run `sudo -E cargo xtask test`");
             }
             setup::ensure_packages(TEST_PACKAGES)?;
+            setup::ensure_otlp_receiver(&root)?;
             step("formatting (cargo fmt --check)", || {
                 cargo(&root, &["fmt", "--all", "--", "--check"])
             })?;
@@ -216,6 +217,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 bail!("the kernel matrix boots kernels with qemu: run `sudo -E cargo xtask vm`");
             }
             setup::ensure_packages(TEST_PACKAGES)?;
+            setup::ensure_otlp_receiver(&root)?;
             step("build netwatch (release)", || {
                 cargo(&root, &["build", "--release", "-p", "netwatch"])
             })?;
@@ -225,8 +227,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 /// What the privileged tests run besides netwatch: `netwatch top` in tmux's pseudo-terminal,
-/// serving python's http.server; Prometheus and promtool for the metrics and alert rules.
-const TEST_PACKAGES: &[&str] = &["tmux", "python3", "prometheus"];
+/// serving python's http.server; Prometheus and promtool for the metrics and alert rules;
+/// python3-venv for the OTLP receiver's packages ([`setup::ensure_otlp_receiver`]).
+const TEST_PACKAGES: &[&str] = &["tmux", "python3", "python3-venv", "prometheus"];
 
 /// qemu, busybox and every kernel of the matrix.
 fn ensure_matrix_packages() -> anyhow::Result<()> {

@@ -282,6 +282,23 @@ pub struct AgentArgs {
     /// mounted elsewhere). Default: the first cgroup2 mount.
     #[arg(long, value_name = "PATH")]
     pub cgroup_root: Option<PathBuf>,
+    /// Also send every record as an OTLP log, and the metrics as OTLP metrics, to this
+    /// collector (http://HOST:4318 for --otlp-protocol http, http://HOST:4317 for grpc;
+    /// https:// for TLS).
+    #[arg(long, value_name = "URL")]
+    pub otlp: Option<reqwest::Url>,
+    #[arg(long, value_enum, default_value_t = crate::serve::otlp::Protocol::Http, requires = "otlp")]
+    pub otlp_protocol: crate::serve::otlp::Protocol,
+    /// A header sent with every OTLP request, e.g. `authorization=Bearer TOKEN`; repeatable.
+    #[arg(long, value_name = "KEY=VALUE", value_parser = parse_header, requires = "otlp")]
+    pub otlp_header: Vec<(String, String)>,
+    /// A PEM CA certificate to trust for an https:// collector, besides the system's.
+    #[arg(long, value_name = "PATH", requires = "otlp")]
+    pub otlp_ca_certificate: Option<PathBuf>,
+    /// How often the metrics are sent over OTLP.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration,
+          requires = "otlp")]
+    pub otlp_metrics_interval: chrono::Duration,
     /// Where the kubelet keeps pods/ and containers/ (pod and container names).
     #[arg(long, value_name = "DIR", default_value = crate::host::workload::KUBELET_LOGS)]
     pub kubelet_logs: PathBuf,
@@ -295,6 +312,20 @@ pub struct AgentArgs {
 impl AgentArgs {
     pub fn load_options(&self) -> LoadOptions {
         LoadOptions { source: self.source, ring_size: self.ring_size }
+    }
+
+    pub fn otlp_options(&self) -> Option<crate::serve::otlp::Options> {
+        Some(crate::serve::otlp::Options {
+            endpoint: self.otlp.clone()?,
+            protocol: self.otlp_protocol,
+            headers: self.otlp_header.clone(),
+            ca_certificate: self.otlp_ca_certificate.clone(),
+            metrics_interval: self
+                .otlp_metrics_interval
+                .to_std()
+                .unwrap_or_default()
+                .max(std::time::Duration::from_secs(1)),
+        })
     }
 }
 
@@ -488,6 +519,14 @@ fn parse_seconds(text: &str) -> Result<Duration, String> {
 
 fn parse_state(text: &str) -> Result<TcpState, String> {
     text.parse()
+}
+
+/// `KEY=VALUE`.
+fn parse_header(text: &str) -> Result<(String, String), String> {
+    let (key, value) = text
+        .split_once('=')
+        .ok_or_else(|| format!("'{text}' is not KEY=VALUE (e.g. authorization=Bearer TOKEN)"))?;
+    Ok((key.trim().to_string(), value.trim().to_string()))
 }
 
 fn parse_ring_size(text: &str) -> Result<u32, String> {

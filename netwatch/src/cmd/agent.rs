@@ -25,6 +25,7 @@ use crate::{
     serve::api::{self, Command, Request, SocketFile, Update},
     serve::eventlog::Logging,
     serve::metrics::{self, Metrics},
+    serve::otlp,
     state::attribution::{self, Attribution},
     state::history::{Histories, History, Retention},
     state::stats::{Report, Stats, listener_summaries},
@@ -43,6 +44,15 @@ enum Outgoing {
     Record(StreamRecord),
     /// For `live` clients only.
     Rows(RowsChange),
+}
+
+impl Outgoing {
+    fn record(&self) -> Option<&StreamRecord> {
+        match self {
+            Outgoing::Record(record) => Some(record),
+            Outgoing::Rows(_) => None,
+        }
+    }
 }
 
 /// Everything the main loop answers clients from.
@@ -87,6 +97,28 @@ pub async fn run(args: &AgentArgs) -> anyhow::Result<()> {
         );
         crate::host::cgroup::set_root(root.clone());
     }
+    let (sender, _) = broadcast::channel::<Arc<Outgoing>>(CLIENT_QUEUE);
+    let (table_requests, mut table_queue) = mpsc::channel::<Query>(64);
+    let otlp_counters = otlp::Counters::default();
+    // Before loading: a bad header or CA file stops the start.
+    let mut exporter = match args.otlp_options() {
+        Some(options) => {
+            let queries = table_requests.clone();
+            let metrics_text: otlp::MetricsText = Box::new(move || {
+                let queries = queries.clone();
+                Box::pin(async move { ask_main_loop(&queries, Query::Metrics).await })
+            });
+            let records = sender.subscribe();
+            Some(otlp::Exporter::start(
+                &options,
+                otlp_counters.clone(),
+                records,
+                Outgoing::record,
+                metrics_text,
+            )?)
+        }
+        None => None,
+    };
     let mut tracer = Tracer::start(&args.load_options())?
         .keeping_rows()
         .with_kubelet_logs(args.kubelet_logs.clone());
@@ -95,12 +127,10 @@ pub async fn run(args: &AgentArgs) -> anyhow::Result<()> {
     listener.set_nonblocking(true).context("configuring the agent socket")?;
     let listener = UnixListener::from_std(listener).context("registering the agent socket")?;
     set_priority(args.nice);
-    let (sender, _) = broadcast::channel::<Arc<Outgoing>>(CLIENT_QUEUE);
     let mut clients =
         Clients { sender, live: Arc::new(()), rows_sent: tokio::time::Instant::now() };
     // Port names in table filters; a changed /etc/services is read at the next start.
     let services = Arc::new(Services::load());
-    let (table_requests, mut table_queue) = mpsc::channel::<Query>(64);
     let mut stats = Stats::new();
     let mut histories =
         Histories::new(Retention { count: args.history_keep, max_age: args.history_max_age });
@@ -115,7 +145,10 @@ pub async fn run(args: &AgentArgs) -> anyhow::Result<()> {
         baseline: crate::host::counters::Counters::read_here().ok().map(|c| c.by_key()),
         ..attribution::Account::default()
     };
-    let metrics = Metrics::new(args.metrics_remotes, args.metrics_causes);
+    let mut metrics = Metrics::new(args.metrics_remotes, args.metrics_causes);
+    if exporter.is_some() {
+        metrics.register_otlp(&otlp_counters);
+    }
     let metrics_listener = match args.metrics {
         Some(address) => Some(metrics::bind(address).await?),
         None => None,
@@ -209,6 +242,9 @@ pub async fn run(args: &AgentArgs) -> anyhow::Result<()> {
             }
             next = tracer.next(&mut records) => {
                 next?;
+                if let Some(exporter) = &mut exporter {
+                    exporter.report(&mut records);
+                }
                 absorb(&mut records, &mut log, &metrics, (&mut stats, &mut histories, &mut attribution), &clients.sender);
                 reconcile(&mut tracer, &mut histories);
             }
@@ -443,7 +479,8 @@ fn absorb(
         match record {
             StreamRecord::Transition(t) => stats.record(t),
             StreamRecord::Retransmit(r) => stats.record_retransmit(r),
-            StreamRecord::Lost(_) | StreamRecord::LogFailed(_) => {}
+            StreamRecord::Lost(_) | StreamRecord::LogFailed(_) | StreamRecord::ExportDropped(_) => {
+            }
         }
     }
     if sender.receiver_count() == 0 {

@@ -36,7 +36,9 @@ impl Printer {
         records.retain(|record| match record {
             StreamRecord::Transition(t) => self.filter.matches(t),
             StreamRecord::Retransmit(r) => self.filter.matches_retransmit(r),
-            StreamRecord::Lost(_) | StreamRecord::LogFailed(_) => true,
+            StreamRecord::Lost(_) | StreamRecord::LogFailed(_) | StreamRecord::ExportDropped(_) => {
+                true
+            }
         });
         self.log.write(records);
         let mut written = Ok(());

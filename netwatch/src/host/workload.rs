@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use super::cgroup::Hierarchy;
 
 /// The process's cgroup and what it says about who runs it.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Workload {
     /// The cgroup's path under the cgroup2 root.
     pub cgroup: String,
@@ -39,7 +39,7 @@ pub struct Workload {
     pub pod_name: Option<String>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Runtime {
     Containerd,
@@ -63,7 +63,7 @@ impl Runtime {
 }
 
 /// A pod's Kubernetes QoS class, which the kubelet's cgroup layout encodes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Qos {
     Guaranteed,

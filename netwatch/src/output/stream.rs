@@ -56,7 +56,9 @@ impl TextLayout {
         let (ends, v6only) = match record {
             StreamRecord::Transition(t) => (((t.laddr, t.lport), (t.raddr, t.rport)), t.v6only),
             StreamRecord::Retransmit(r) => (((r.laddr, r.lport), (r.raddr, r.rport)), false),
-            StreamRecord::Lost(_) | StreamRecord::LogFailed(_) => return false,
+            StreamRecord::Lost(_) | StreamRecord::LogFailed(_) | StreamRecord::ExportDropped(_) => {
+                return false;
+            }
         };
         let grown = |width: usize, end: (IpAddr, u16)| {
             let needed = endpoint(end, v6only, None, None).len();
@@ -195,6 +197,14 @@ impl StreamRecord {
                 clock(l.time),
                 l.path.display(),
                 l.error
+            ),
+            (Format::Text, StreamRecord::ExportDropped(d)) => format!(
+                "{} {} DROPPED {} records (the collector is slow, absent or refused them; {} \
+                 since start); the stream, the log and the table are complete",
+                clock(d.time),
+                d.destination.to_uppercase(),
+                d.count,
+                d.total
             ),
         }
     }

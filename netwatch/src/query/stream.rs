@@ -74,7 +74,7 @@ pub fn parse_transition(text: &str) -> Result<(TcpState, TcpState), String> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::net::{IpAddr, Ipv4Addr};
 
     use super::*;
@@ -84,7 +84,12 @@ mod tests {
         state::table::{Owner, Transition},
     };
 
-    fn transition(lport: u16, rport: u16, old: TcpState, new: TcpState) -> TransitionRecord {
+    pub(crate) fn transition(
+        lport: u16,
+        rport: u16,
+        old: TcpState,
+        new: TcpState,
+    ) -> TransitionRecord {
         let transition = Transition {
             change: StateChange {
                 ts_ns: 0,

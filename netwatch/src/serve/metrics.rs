@@ -400,11 +400,18 @@ impl Metrics {
             StreamRecord::LogFailed(_) => {
                 self.log_failures.inc();
             }
+            // Counted by the exporter itself (netwatch_otlp_dropped_records).
+            StreamRecord::ExportDropped(_) => {}
             StreamRecord::Lost(loss) => {
                 let reason = loss.reason.name();
                 self.lost.get_or_create(&ReasonLabels { reason }).inc_by(loss.count);
             }
         }
+    }
+
+    /// Adds the OTLP exporter's counts.
+    pub fn register_otlp(&mut self, counters: &super::otlp::Counters) {
+        counters.register(&mut self.registry);
     }
 
     /// The text exposition, with the socket gauges set from `counts` (sockets by protocol and

@@ -157,7 +157,7 @@ pub fn counters_of(record: &StreamRecord) -> CounterIds {
             }
             ids.push(TIMEOUTS);
         }
-        StreamRecord::Lost(_) | StreamRecord::LogFailed(_) => {}
+        StreamRecord::Lost(_) | StreamRecord::LogFailed(_) | StreamRecord::ExportDropped(_) => {}
     }
     ids
 }
@@ -216,7 +216,9 @@ impl Culprit {
                 let inbound = r.direction == Some(Direction::Inbound) || r.resent == Resent::Synack;
                 (r.netns, r.pid, r.comm.clone(), (r.laddr, r.lport), (r.raddr, r.rport), inbound)
             }
-            StreamRecord::Lost(_) | StreamRecord::LogFailed(_) => return None,
+            StreamRecord::Lost(_) | StreamRecord::LogFailed(_) | StreamRecord::ExportDropped(_) => {
+                return None;
+            }
         };
         let endpoint = SocketAddr::from(if inbound { local } else { remote });
         Some(Culprit { netns, pid, comm, endpoint, local: inbound })
@@ -293,7 +295,9 @@ impl Attribution {
         let mono_ns = match record {
             StreamRecord::Transition(t) => t.mono_ns,
             StreamRecord::Retransmit(r) => r.mono_ns,
-            StreamRecord::Lost(_) | StreamRecord::LogFailed(_) => return,
+            StreamRecord::Lost(_) | StreamRecord::LogFailed(_) | StreamRecord::ExportDropped(_) => {
+                return;
+            }
         };
         let second = mono_ns / 1_000_000_000;
         if self.buckets.back().is_none_or(|b| b.second < second) {

@@ -295,7 +295,7 @@ impl Histories {
             StreamRecord::Transition(t) => self.record(t),
             StreamRecord::Retransmit(r) => self.record_retransmit(r),
             StreamRecord::Lost(_) => self.mark_lost(),
-            StreamRecord::LogFailed(_) => {}
+            StreamRecord::LogFailed(_) | StreamRecord::ExportDropped(_) => {}
         }
     }
 

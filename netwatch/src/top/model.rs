@@ -235,7 +235,7 @@ impl Model {
                 }
             }
             StreamRecord::Lost(loss) => self.lost += loss.count,
-            StreamRecord::LogFailed(_) => {}
+            StreamRecord::LogFailed(_) | StreamRecord::ExportDropped(_) => {}
         }
         self.push_line(record);
         self.version += 1;

@@ -445,6 +445,15 @@ fn stream_line(
             format!("LOG FAILED {}: {}", failed.path.display(), failed.error),
             palette.failure(),
         )),
+        StreamRecord::ExportDropped(dropped) => Line::from(Span::styled(
+            format!(
+                "{} DROPPED {} records, {} in all",
+                dropped.destination.to_uppercase(),
+                dropped.count,
+                dropped.total
+            ),
+            palette.failure(),
+        )),
     }
 }
 
