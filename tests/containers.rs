@@ -184,7 +184,16 @@ fn connections_are_attributed_to_their_container_and_pod() {
     let ns = NetNs::new("ctr");
     let agent = Agent::start_with(
         &Agent::test_socket("containers"),
-        &["--kubelet-logs", kubelet.to_str().unwrap(), "--log", log.to_str().unwrap()],
+        &[
+            "--kubelet-logs",
+            kubelet.to_str().unwrap(),
+            "--log",
+            log.to_str().unwrap(),
+            "--metrics",
+            "127.0.0.1:0",
+            "--metrics-workloads",
+            "8",
+        ],
     );
     let socket = agent.socket_arg();
     let watch_pod = Watcher::start(&["--socket", socket, "--json", "--pod", "shop/web-0"]);
@@ -285,6 +294,15 @@ fn connections_are_attributed_to_their_container_and_pod() {
     });
     for record in parse_json(&watch_docker.stop()) {
         assert_eq!(record["workload"]["container_id"], DOCKER, "{record}");
+    }
+    // Per-workload metrics: bounded labels, named as the table names them.
+    let scrape = agent.scrape();
+    for series in [
+        r#"netwatch_workload_connects_total{namespace="",pod="",container="docker:d0c4e4000000"} 1"#,
+        r#"netwatch_workload_connects_total{namespace="batch",pod="job-7",container="cri-o:c41000000000"} 1"#,
+        r#"netwatch_workload_connect_failures_total{namespace="",pod="",container="podman:9a1b0d000000",reason="refused"} 1"#,
+    ] {
+        assert!(scrape.lines().any(|l| l == series), "{series} in\n{scrape}");
     }
     assert!(agent.stop().success());
     let logged: Vec<Value> = std::fs::read_to_string(&log)

@@ -307,6 +307,11 @@ pub struct AgentArgs {
     /// later ones are counted as comm="other", endpoint="other".
     #[arg(long, value_name = "N", default_value_t = 0, requires = "metrics")]
     pub metrics_causes: usize,
+    /// Also count connects, failures and retransmits per Kubernetes namespace, pod and
+    /// container (or container id, or systemd unit) of the owner, for the first N seen;
+    /// later ones are counted as namespace="other", pod="other", container="other".
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub metrics_workloads: usize,
 }
 
 impl AgentArgs {

@@ -149,6 +149,7 @@ pub async fn run(args: &AgentArgs) -> anyhow::Result<()> {
     if exporter.is_some() {
         metrics.register_otlp(&otlp_counters);
     }
+    metrics.count_workloads(args.metrics_workloads);
     let metrics_listener = match args.metrics {
         Some(address) => Some(metrics::bind(address).await?),
         None => None,

@@ -182,6 +182,7 @@ pub struct Metrics {
     heap: Gauge,
     per_remote: Option<PerRemote>,
     per_cause: Option<PerCause>,
+    per_workload: Option<super::per_workload::PerWorkload>,
     /// The kernel's counters, unprefixed.
     netstat: Registry,
 }
@@ -327,6 +328,7 @@ impl Metrics {
         Metrics {
             registry,
             per_cause,
+            per_workload: None,
             netstat,
             sockets,
             transitions,
@@ -362,6 +364,9 @@ impl Metrics {
         self.records.inc();
         if let Some(per_cause) = &self.per_cause {
             per_cause.observe(record);
+        }
+        if let Some(per_workload) = &self.per_workload {
+            per_workload.observe(record);
         }
         match record {
             StreamRecord::Transition(t) => {
@@ -406,6 +411,14 @@ impl Metrics {
                 let reason = loss.reason.name();
                 self.lost.get_or_create(&ReasonLabels { reason }).inc_by(loss.count);
             }
+        }
+    }
+
+    /// Also counts connects, failures and retransmits per workload, for the first `cap`.
+    pub fn count_workloads(&mut self, cap: usize) {
+        if cap > 0 {
+            self.per_workload =
+                Some(super::per_workload::PerWorkload::new(cap, &mut self.registry));
         }
     }
 
