@@ -48,6 +48,13 @@ struct Prometheus {
 
 impl Prometheus {
     fn start(scrape: SocketAddr) -> Prometheus {
+        Prometheus::with_jobs(&format!(
+            "  - job_name: netwatch\n    static_configs:\n      - targets: ['{scrape}']\n"
+        ))
+    }
+
+    /// A server with these `scrape_configs` entries.
+    fn with_jobs(jobs: &str) -> Prometheus {
         let dir = std::env::temp_dir().join(format!("nwt-prometheus-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
@@ -55,7 +62,7 @@ impl Prometheus {
         let config = format!(
             "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
              rule_files:\n  - {}\n\
-             scrape_configs:\n  - job_name: netwatch\n    static_configs:\n      - targets: ['{scrape}']\n",
+             scrape_configs:\n{jobs}",
             rules.display()
         );
         std::fs::write(dir.join("prometheus.yml"), config).unwrap();
@@ -173,4 +180,64 @@ fn a_real_prometheus_scrapes_the_agent_and_loads_the_rules() {
     );
     drop(prometheus);
     assert!(agent.stop().success());
+}
+
+/// A self-signed certificate for 127.0.0.1 and its key, made with openssl in `dir`.
+fn certificate(dir: &std::path::Path) -> (PathBuf, PathBuf) {
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let status = Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"])
+        .args(["-nodes", "-days", "2", "-subj", "/CN=netwatch-test"])
+        .args(["-addext", "subjectAltName=IP:127.0.0.1"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(Stdio::null())
+        .status()
+        .expect("run openssl");
+    assert!(status.success());
+    (cert, key)
+}
+
+/// Metrics that leave the host: Prometheus scrapes over TLS with the bearer token; a job
+/// without the token is refused.
+#[test]
+fn prometheus_scrapes_over_tls_with_a_bearer_token() {
+    let dir = std::env::temp_dir().join(format!("nwt-metrics-tls-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert, key) = certificate(&dir);
+    let token = dir.join("token");
+    std::fs::write(&token, "fleet-secret\n").unwrap();
+    let agent = Agent::start_with(
+        &Agent::test_socket("prometheus-tls"),
+        &[
+            "--metrics",
+            "127.0.0.1:0",
+            "--metrics-tls-cert",
+            cert.to_str().unwrap(),
+            "--metrics-tls-key",
+            key.to_str().unwrap(),
+            "--metrics-token-file",
+            token.to_str().unwrap(),
+        ],
+    );
+    let target = agent.metrics_address();
+    let prometheus = Prometheus::with_jobs(&format!(
+        "  - job_name: netwatch\n    scheme: https\n    tls_config:\n      ca_file: {cert}\n\
+         \x20   authorization:\n      credentials_file: {token}\n\
+         \x20   static_configs:\n      - targets: ['{target}']\n\
+         \x20 - job_name: intruder\n    scheme: https\n    tls_config:\n      ca_file: {cert}\n\
+         \x20   static_configs:\n      - targets: ['{target}']\n",
+        cert = cert.display(),
+        token = token.display(),
+    ));
+    prometheus.wait_for("up{job=\"netwatch\"}", |up| up == 1.0);
+    prometheus.wait_for("netwatch_records_total{job=\"netwatch\"}", |v| v >= 0.0);
+    prometheus.wait_for("up{job=\"intruder\"}", |up| up == 0.0);
+    assert!(prometheus.value("netwatch_records_total{job=\"intruder\"}").is_none());
+    drop(prometheus);
+    assert!(agent.stop().success());
+    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -7,6 +7,10 @@ pub enum Error {
     #[error("must run as root to load eBPF programs: try `sudo netwatch ...`")]
     NotRoot,
 
+    /// An option names a file netwatch cannot use; the text says which and why.
+    #[error("{0}")]
+    BadFile(String),
+
     #[error(
         "netwatch table must run as root: it reads the agent's socket and every process's \
          /proc/PID/fd, which only root may; try `sudo netwatch table ...`"

@@ -151,7 +151,8 @@ impl Agent {
     /// lets the kernel pick the port, so no test picks one and releases it first).
     pub fn metrics_address(&self) -> std::net::SocketAddr {
         let stderr = self.stderr.lock().expect("stderr").clone();
-        let (_, after) = stderr.split_once("metrics on http://").expect("agent with --metrics");
+        let (_, after) = stderr.split_once("metrics on http").expect("agent with --metrics");
+        let after = after.trim_start_matches('s').trim_start_matches("://");
         let (address, _) = after.split_once("/metrics").expect("metrics URL");
         address.parse().expect("metrics address")
     }

@@ -228,8 +228,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 
 /// What the privileged tests run besides netwatch: `netwatch top` in tmux's pseudo-terminal,
 /// serving python's http.server; Prometheus and promtool for the metrics and alert rules;
-/// python3-venv for the OTLP receiver's packages ([`setup::ensure_otlp_receiver`]).
-const TEST_PACKAGES: &[&str] = &["tmux", "python3", "python3-venv", "prometheus"];
+/// python3-venv for the OTLP receiver's packages ([`setup::ensure_otlp_receiver`]); openssl
+/// for the certificate of the metrics endpoint's TLS.
+const TEST_PACKAGES: &[&str] = &["tmux", "python3", "python3-venv", "prometheus", "openssl"];
 
 /// qemu, busybox and every kernel of the matrix.
 fn ensure_matrix_packages() -> anyhow::Result<()> {

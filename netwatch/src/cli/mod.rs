@@ -96,7 +96,7 @@ pub enum Command {
     /// per second, and which sockets and processes caused it (`netwatch -s` is this too).
     Counters(CountersArgs),
     /// Load the programs once and serve their stream to `netwatch watch` clients.
-    Agent(AgentArgs),
+    Agent(Box<AgentArgs>),
     /// Connect latency (p50/p90/p99/max) and failed connects, per remote endpoint and per
     /// process, from a running agent.
     Stats(StatsArgs),
@@ -267,6 +267,15 @@ pub struct AgentArgs {
     /// address only when given).
     #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = "127.0.0.1:9911")]
     pub metrics: Option<std::net::SocketAddr>,
+    /// Serve the metrics over TLS with this PEM certificate chain (and --metrics-tls-key).
+    #[arg(long, value_name = "PATH", requires_all = ["metrics", "metrics_tls_key"])]
+    pub metrics_tls_cert: Option<PathBuf>,
+    /// The PEM private key of --metrics-tls-cert.
+    #[arg(long, value_name = "PATH", requires = "metrics_tls_cert")]
+    pub metrics_tls_key: Option<PathBuf>,
+    /// Answer only scrapes with `Authorization: Bearer TOKEN`, TOKEN read from this file.
+    #[arg(long, value_name = "PATH", requires = "metrics")]
+    pub metrics_token_file: Option<PathBuf>,
     /// Scheduling priority (nice value, -20..19). The default -10 lets the agent drain the
     /// ring buffer on a host whose CPUs are busy with the very traffic it traces; at 0 it
     /// waited for a CPU long enough to lose events (cargo xtask bench).

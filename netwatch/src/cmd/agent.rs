@@ -25,7 +25,7 @@ use crate::{
     serve::api::{self, Command, Request, SocketFile, Update},
     serve::eventlog::Logging,
     serve::metrics::{self, Metrics},
-    serve::otlp,
+    serve::{self, otlp},
     state::attribution::{self, Attribution},
     state::history::{Histories, History, Retention},
     state::stats::{Report, Stats, listener_summaries},
@@ -150,6 +150,16 @@ pub async fn run(args: &AgentArgs) -> anyhow::Result<()> {
         metrics.register_otlp(&otlp_counters);
     }
     metrics.count_workloads(args.metrics_workloads);
+    let guard = serve::scrape::Guard::new(
+        args.metrics_tls_cert.as_deref().zip(args.metrics_tls_key.as_deref()),
+        args.metrics_token_file.as_deref(),
+    )?;
+    if let Some(address) = args.metrics.filter(|a| !a.ip().is_loopback() && guard.is_open()) {
+        tracing::warn!(
+            "metrics on {address} with neither TLS nor a token: whoever reaches it reads this \
+             host's connections (--metrics-tls-cert, --metrics-token-file)"
+        );
+    }
     let metrics_listener = match args.metrics {
         Some(address) => Some(metrics::bind(address).await?),
         None => None,
@@ -158,7 +168,10 @@ pub async fn run(args: &AgentArgs) -> anyhow::Result<()> {
     let metrics_at = metrics_listener
         .as_ref()
         .and_then(|l| l.local_addr().ok())
-        .map(|address| format!("; metrics on http://{address}/metrics"))
+        .map(|address| {
+            let scheme = if args.metrics_tls_cert.is_some() { "https" } else { "http" };
+            format!("; metrics on {scheme}://{address}/metrics")
+        })
         .unwrap_or_default();
     eprintln!(
         "netwatch agent: tracing via {}; serving {}{metrics_at}",
@@ -170,7 +183,7 @@ pub async fn run(args: &AgentArgs) -> anyhow::Result<()> {
         tokio::select! {
             _ = signals.stop() => break,
             Some(scrape) = accept_scrape(metrics_listener.as_ref()) => {
-                tokio::spawn(serve_metrics(scrape, table_requests.clone()));
+                tokio::spawn(serve_metrics(scrape, guard.clone(), table_requests.clone()));
             }
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
@@ -329,14 +342,12 @@ async fn write_json_line(
 }
 
 /// One scrape of the metrics endpoint.
-async fn serve_metrics(mut stream: tokio::net::TcpStream, queries: mpsc::Sender<Query>) {
-    let mut request = [0u8; 2048];
-    let read = tokio::time::timeout(REQUEST_TIMEOUT, stream.read(&mut request)).await;
-    let Ok(Ok(n)) = read else { return };
-    let head = String::from_utf8_lossy(&request[..n]).into_owned();
-    let reply = metrics::respond(&head, || ask_main_loop(&queries, Query::Metrics)).await;
-    let _ = stream.write_all(reply.as_bytes()).await;
-    let _ = stream.shutdown().await;
+async fn serve_metrics(
+    stream: tokio::net::TcpStream,
+    guard: serve::scrape::Guard,
+    queries: mpsc::Sender<Query>,
+) {
+    guard.serve(stream, || ask_main_loop(&queries, Query::Metrics)).await;
 }
 
 /// One client connection: read its request, then answer it.

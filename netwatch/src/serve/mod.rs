@@ -8,3 +8,4 @@ pub mod metrics;
 pub mod netstat;
 pub mod otlp;
 pub mod per_workload;
+pub mod scrape;
