@@ -29,7 +29,7 @@ struct Receiver {
 impl Receiver {
     fn start(protocol: &str, mode: &str) -> Receiver {
         let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-        let python = root.join("target/otlp-receiver/bin/python");
+        let python = root.join("target/test-python/bin/python");
         assert!(python.exists(), "{} missing: run `cargo xtask test`", python.display());
         let mut child = Command::new(python)
             .arg(root.join("tests/support/otlp_receiver.py"))

@@ -162,7 +162,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 bail!("the integration tests load eBPF programs: run `sudo -E cargo xtask test`");
             }
             setup::ensure_packages(TEST_PACKAGES)?;
-            setup::ensure_otlp_receiver(&root)?;
+            setup::ensure_test_python(&root)?;
             step("formatting (cargo fmt --check)", || {
                 cargo(&root, &["fmt", "--all", "--", "--check"])
             })?;
@@ -217,7 +217,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 bail!("the kernel matrix boots kernels with qemu: run `sudo -E cargo xtask vm`");
             }
             setup::ensure_packages(TEST_PACKAGES)?;
-            setup::ensure_otlp_receiver(&root)?;
+            setup::ensure_test_python(&root)?;
             step("build netwatch (release)", || {
                 cargo(&root, &["build", "--release", "-p", "netwatch"])
             })?;
@@ -228,7 +228,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 
 /// What the privileged tests run besides netwatch: `netwatch top` in tmux's pseudo-terminal,
 /// serving python's http.server; Prometheus and promtool for the metrics and alert rules;
-/// python3-venv for the OTLP receiver's packages ([`setup::ensure_otlp_receiver`]); openssl
+/// python3-venv for the tests' PyPI packages ([`setup::ensure_test_python`]); openssl
 /// for the certificate of the metrics endpoint's TLS.
 const TEST_PACKAGES: &[&str] = &["tmux", "python3", "python3-venv", "prometheus", "openssl"];
 

@@ -153,24 +153,26 @@ pub fn ensure_packages(packages: &[&str]) -> anyhow::Result<()> {
     step(&format!("install Debian packages: {}", missing.join(" ")), || install_packages(&missing))
 }
 
-/// The PyPI packages of the tests' OTLP receiver (`tests/support/otlp_receiver.py`), in a
-/// virtual environment at `target/otlp-receiver`: Debian has neither opentelemetry-proto
-/// nor a protobuf new enough for it.
-const RECEIVER_PACKAGES: [&str; 2] = ["opentelemetry-proto==1.45.2", "grpcio==1.85.3"];
+/// The PyPI packages the tests run, in a virtual environment at `target/test-python`: the
+/// OTLP receiver's (`tests/support/otlp_receiver.py`; Debian has neither opentelemetry-proto
+/// nor a protobuf new enough for it) and kubernetes-validate for the manifests.
+const TEST_PYTHON_PACKAGES: [&str; 3] =
+    ["opentelemetry-proto==1.45.2", "grpcio==1.85.3", "kubernetes-validate==1.37.0"];
 
-/// Makes the OTLP receiver's virtual environment under `root`'s target directory.
-pub fn ensure_otlp_receiver(root: &Path) -> anyhow::Result<()> {
-    let venv = root.join("target/otlp-receiver");
+/// Makes the tests' virtual environment under `root`'s target directory.
+pub fn ensure_test_python(root: &Path) -> anyhow::Result<()> {
+    let venv = root.join("target/test-python");
     let python = venv.join("bin/python");
-    let check = "import grpc, opentelemetry.proto.collector.logs.v1.logs_service_pb2_grpc";
+    let check = "import grpc, kubernetes_validate, \
+                 opentelemetry.proto.collector.logs.v1.logs_service_pb2_grpc";
     let ready = || Command::new(&python).args(["-c", check]).stderr(Stdio::null()).status();
     if ready().is_ok_and(|s| s.success()) {
         return Ok(());
     }
-    step("install the OTLP receiver's Python packages (target/otlp-receiver)", || {
+    step("install the tests' Python packages (target/test-python)", || {
         run_visible(Command::new("/usr/bin/python3").args(["-m", "venv"]).arg(&venv))?;
         run_visible(
-            Command::new(venv.join("bin/pip")).args(["install", "-q"]).args(RECEIVER_PACKAGES),
+            Command::new(venv.join("bin/pip")).args(["install", "-q"]).args(TEST_PYTHON_PACKAGES),
         )
     })
 }

@@ -1,6 +1,7 @@
 //! The metrics endpoint's connections: plain HTTP, or, for an endpoint other hosts reach,
 //! TLS (`--metrics-tls-cert`, `--metrics-tls-key`) and a bearer token
-//! (`--metrics-token-file`) that every scrape must present.
+//! (`--metrics-token-file`) that every scrape must present; and `/healthz` for probes,
+//! which says only whether the agent's main loop answers.
 use std::{path::Path, sync::Arc, time::Duration};
 
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _};
@@ -94,7 +95,16 @@ impl Guard {
         let read = tokio::time::timeout(REQUEST_TIMEOUT, stream.read(&mut request)).await;
         let Ok(Ok(n)) = read else { return };
         let head = String::from_utf8_lossy(&request[..n]).into_owned();
-        let reply = if self.token.as_deref().is_none_or(|token| presents(&head, token)) {
+        let reply = if head.starts_with("GET /healthz ") {
+            // For probes, which carry no token: whether the main loop answers, nothing more.
+            let healthy = !body().await.is_empty();
+            let (status, text) =
+                if healthy { ("200 OK", "ok\n") } else { ("503 Service Unavailable", "") };
+            format!(
+                "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}",
+                text.len()
+            )
+        } else if self.token.as_deref().is_none_or(|token| presents(&head, token)) {
             super::metrics::respond(&head, body).await
         } else {
             "HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Bearer\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
