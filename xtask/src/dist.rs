@@ -2,7 +2,8 @@
 //! object inside, stripped; a `.deb` with that binary, man pages, bash/zsh/fish completions and
 //! a sandboxed systemd unit for the agent (`systemd-analyze verify` must pass on it); SHA-256
 //! checksums; and a boot of Debian 12's kernel with a root that holds nothing but busybox,
-//! the sock_diag modules and the binary, in which it must trace.
+//! the sock_diag modules and the binary, in which it must trace; and the container image
+//! around it, run as the Kubernetes DaemonSet runs it ([`crate::image`]).
 use std::{
     fmt::Write as _,
     path::{Path, PathBuf},
@@ -68,7 +69,7 @@ grep '"rport":9' /tmp/watch.json | grep -q '"failure":"refused"' && pass refused
 const BARE_CHECKS: &[&str] = &["check", "agent", "table", "connect", "refused"];
 
 /// The workspace's version, which xtask shares (`version.workspace`).
-const VERSION: &str = env!("CARGO_PKG_VERSION");
+pub(crate) const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// The kernel the bare-root test boots: the first of the matrix.
 fn bare_kernel() -> &'static str {
@@ -79,7 +80,9 @@ use setup::run_visible as run;
 
 /// Builds everything into target/dist and runs the bare-root test; returns the binary.
 pub fn dist(root: &Path) -> anyhow::Result<PathBuf> {
-    setup::ensure_packages(&[PACKAGES, vm::PACKAGES, &[bare_kernel()]].concat())?;
+    setup::ensure_packages(
+        &[PACKAGES, vm::PACKAGES, crate::image::PACKAGES, &[bare_kernel()]].concat(),
+    )?;
     setup::ensure_target(TARGET)?;
     let version = VERSION;
     let out = root.join("target/dist");
@@ -114,6 +117,7 @@ pub fn dist(root: &Path) -> anyhow::Result<PathBuf> {
         Ok(())
     })?;
     step("the static binary in a bare root (qemu)", || bare_root(root, &binary))?;
+    crate::image::test(root, &out)?;
     Ok(binary)
 }
 

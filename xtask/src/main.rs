@@ -5,6 +5,7 @@
 //! the checks cost well under a second.
 mod bench;
 mod dist;
+mod image;
 mod setup;
 mod vm;
 
