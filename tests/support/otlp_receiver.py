@@ -2,11 +2,12 @@
 (the opentelemetry-proto package): OTLP/HTTP (protobuf bodies on /v1/logs and
 /v1/metrics) or OTLP/gRPC on 127.0.0.1, on a port the kernel picks.
 
-Usage: otlp_receiver.py http|grpc accept|stall
+Usage: otlp_receiver.py http|grpc accept|count|stall
 
 It prints `listening PORT`, then one JSON line per request it accepted:
 {"kind": "logs"|"metrics", "headers": {...}, "request": <the request as JSON>}.
-With `stall` it takes requests and never answers them, as a hung collector does.
+With `count` it parses each request and prints nothing (cargo xtask bench); with `stall` it
+takes requests and never answers them, as a hung collector does.
 """
 import json
 import sys
@@ -27,6 +28,8 @@ OUT = threading.Lock()
 
 
 def emit(kind, headers, request):
+    if MODE == "count":
+        return
     line = json.dumps({"kind": kind, "headers": headers, "request": MessageToDict(request)})
     with OUT:
         print(line, flush=True)

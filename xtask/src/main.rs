@@ -111,10 +111,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let bench = bench::Bench::new(&root);
             // Retention first: the snapshot scenario leaves thousands of TIME_WAIT sockets
             // behind, which a new agent would take in.
-            const SCENARIOS: [&str; 9] = [
+            const SCENARIOS: [&str; 10] = [
                 "retention",
                 "snapshot",
                 "overhead",
+                "otlp",
                 "latency",
                 "tax",
                 "tax-vm",
@@ -134,6 +135,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             if wanted("overhead") {
                 bench.overhead()?;
+            }
+            if wanted("otlp") {
+                setup::ensure_packages(&["python3-venv"])?;
+                setup::ensure_test_python(&root)?;
+                bench.otlp()?;
             }
             if wanted("latency") {
                 bench.latency()?;

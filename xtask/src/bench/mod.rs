@@ -36,6 +36,7 @@ use anyhow::{Context as _, bail};
 
 mod cost;
 mod latency;
+mod otlp;
 mod overhead;
 mod support;
 mod top;

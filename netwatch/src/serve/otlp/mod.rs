@@ -231,7 +231,7 @@ impl Task {
                         let request = metrics::request(&text, &self.resource, self.started, now_ns());
                         let (transport, counters) = (self.transport.clone(), self.counters.clone());
                         metrics_sending = Some(tokio::spawn(async move {
-                            let sent = retrying(&counters, || transport.metrics(request.clone())).await;
+                            let sent = retrying(&counters, || transport.metrics(&request)).await;
                             if let Err(error) = sent {
                                 warn(&format!("OTLP metrics not exported: {error}"));
                             }
@@ -255,13 +255,18 @@ impl Task {
         batch: Vec<Arc<T>>,
         record_of: fn(&T) -> Option<&StreamRecord>,
     ) -> tokio::task::JoinHandle<()> {
-        let records: Vec<&StreamRecord> = batch.iter().filter_map(|item| record_of(item)).collect();
-        let request = logs::request(&records, &self.resource, now_ns());
-        let count = records.len() as u64;
-        drop(batch);
         let (transport, counters) = (self.transport.clone(), self.counters.clone());
+        let resource = self.resource.clone();
         tokio::spawn(async move {
-            if let Err(error) = retrying(&counters, || transport.logs(request.clone())).await {
+            // Encoded off the event loop's thread, which drains the kernel's ring.
+            let encoded = tokio::task::spawn_blocking(move || {
+                let records: Vec<&StreamRecord> =
+                    batch.iter().filter_map(|item| record_of(item)).collect();
+                (logs::request(&records, &resource, now_ns()), records.len() as u64)
+            })
+            .await;
+            let Ok((request, count)) = encoded else { return };
+            if let Err(error) = retrying(&counters, || transport.logs(&request)).await {
                 let reason = match error {
                     ExportError::Transient(_) => "failed",
                     ExportError::Refused(_) => "refused",

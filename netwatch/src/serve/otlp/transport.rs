@@ -90,11 +90,11 @@ impl Transport {
         }
     }
 
-    pub async fn logs(&self, request: ExportLogsServiceRequest) -> Result<(), ExportError> {
+    pub async fn logs(&self, request: &ExportLogsServiceRequest) -> Result<(), ExportError> {
         match self {
             Transport::Grpc { channel, headers } => {
                 let mut client = LogsServiceClient::new(channel.clone());
-                let mut request = tonic::Request::new(request);
+                let mut request = tonic::Request::new(request.clone());
                 *request.metadata_mut() = headers.clone();
                 client.export(request).await.map(drop).map_err(grpc_error)
             }
@@ -104,11 +104,11 @@ impl Transport {
         }
     }
 
-    pub async fn metrics(&self, request: ExportMetricsServiceRequest) -> Result<(), ExportError> {
+    pub async fn metrics(&self, request: &ExportMetricsServiceRequest) -> Result<(), ExportError> {
         match self {
             Transport::Grpc { channel, headers } => {
                 let mut client = MetricsServiceClient::new(channel.clone());
-                let mut request = tonic::Request::new(request);
+                let mut request = tonic::Request::new(request.clone());
                 *request.metadata_mut() = headers.clone();
                 client.export(request).await.map(drop).map_err(grpc_error)
             }
