@@ -165,7 +165,8 @@ fn connections_are_attributed_to_their_container_and_pod() {
         WEB_UID.replace('-', "_")
     ));
     let docker = cgroups.make(&format!("system.slice/docker-{DOCKER}.scope"));
-    let crio = cgroups.make(&format!("kubepods/besteffort/pod{JOB_UID}/crio-{CRIO}.scope"));
+    // CRI-O with the cgroupfs driver: no `.scope`.
+    let crio = cgroups.make(&format!("kubepods/besteffort/pod{JOB_UID}/crio-{CRIO}"));
     let podman = cgroups.make(&format!("machine.slice/libpod-{PODMAN}.scope/container"));
     let kubelet =
         std::env::temp_dir().join(format!("netwatch-test-{}-kubelet", std::process::id()));
@@ -173,8 +174,6 @@ fn connections_are_attributed_to_their_container_and_pod() {
     std::fs::create_dir_all(kubelet.join(format!("pods/shop_web-0_{WEB_UID}/nginx"))).unwrap();
     std::fs::create_dir_all(kubelet.join(format!("pods/batch_job-7_{JOB_UID}/curl"))).unwrap();
     std::fs::create_dir_all(kubelet.join("containers")).unwrap();
-    std::fs::write(kubelet.join(format!("containers/web-0_shop_nginx-{CONTAINERD}.log")), "")
-        .unwrap();
     let log_dir =
         std::env::temp_dir().join(format!("netwatch-test-{}-ctr-log", std::process::id()));
     let _ = std::fs::remove_dir_all(&log_dir);
@@ -202,11 +201,22 @@ fn connections_are_attributed_to_their_container_and_pod() {
 
     let mut server = python_in(&web, &ns, SERVER);
     assert_eq!(first_line(&mut server), "ready\n");
+    // The kubelet links a container's log only once it started: after its first socket.
+    std::fs::write(kubelet.join(format!("containers/web-0_shop_nginx-{CONTAINERD}.log")), "")
+        .unwrap();
 
-    // The listener, live: the table names its pod and container, in JSON and in text.
-    let listeners = netwatch(&["table", "-tl", "--json", "--socket", socket, "--pod", "web-0"]);
-    let listeners: Vec<Value> = serde_json::from_str(&listeners).unwrap();
-    assert_eq!(listeners.len(), 1, "{listeners:?}");
+    // The listener, live: the table names its pod and, once the link is there, its container,
+    // in JSON and in text.
+    let deadline = Instant::now() + PATIENCE;
+    let listeners = loop {
+        let rows = netwatch(&["table", "-tl", "--json", "--socket", socket, "--pod", "web-0"]);
+        let rows: Vec<Value> = serde_json::from_str(&rows).unwrap();
+        if rows.len() == 1 && rows[0]["workload"]["container_name"] == "nginx" {
+            break rows;
+        }
+        assert!(Instant::now() < deadline, "the container's name never came: {rows:?}");
+        thread::sleep(Duration::from_millis(200));
+    };
     let workload = &listeners[0]["workload"];
     assert_eq!(workload["runtime"], "containerd");
     assert_eq!(workload["container_id"], CONTAINERD);

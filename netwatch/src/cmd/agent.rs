@@ -154,11 +154,18 @@ pub async fn run(args: &AgentArgs) -> anyhow::Result<()> {
         args.metrics_tls_cert.as_deref().zip(args.metrics_tls_key.as_deref()),
         args.metrics_token_file.as_deref(),
     )?;
-    if let Some(address) = args.metrics.filter(|a| !a.ip().is_loopback() && guard.is_open()) {
-        tracing::warn!(
-            "metrics on {address} with neither TLS nor a token: whoever reaches it reads this \
-             host's connections (--metrics-tls-cert, --metrics-token-file)"
-        );
+    if let Some(address) = args.metrics.filter(|a| !a.ip().is_loopback()) {
+        if guard.is_open() {
+            tracing::warn!(
+                "metrics on {address} with neither TLS nor a token: whoever reaches it reads \
+                 this host's connections (--metrics-tls-cert, --metrics-token-file)"
+            );
+        } else if guard.token_in_clear() {
+            tracing::warn!(
+                "metrics on {address} with a token but no TLS: the token crosses the network \
+                 in clear (--metrics-tls-cert)"
+            );
+        }
     }
     let metrics_listener = match args.metrics {
         Some(address) => Some(metrics::bind(address).await?),
@@ -273,6 +280,10 @@ pub async fn run(args: &AgentArgs) -> anyhow::Result<()> {
         &clients.sender,
     );
     drop(clients);
+    // The record queue is closed: the exporter sends what still waits.
+    if let Some(exporter) = exporter {
+        exporter.finish().await;
+    }
     drop(socket_file);
     Ok(())
 }

@@ -36,10 +36,18 @@ impl Hierarchy {
         if !self.walk_only {
             match self.open_by_id(id) {
                 Ok(path) => return path,
-                Err(error) => {
+                // Not allowed (no CAP_DAC_READ_SEARCH) or not supported: walk from now on.
+                Err(error)
+                    if matches!(
+                        error.raw_os_error(),
+                        Some(libc::EPERM | libc::EOPNOTSUPP | libc::EINVAL | libc::ENOSYS)
+                    ) =>
+                {
                     tracing::debug!("open_by_handle_at on {}: {error}", self.root.display());
                     self.walk_only = true;
                 }
+                // Out of descriptors or memory for a moment: this id is walked for.
+                Err(error) => tracing::debug!("open_by_handle_at: {error}"),
             }
         }
         walk_for(&self.root, id)
@@ -77,8 +85,9 @@ impl Hierarchy {
         }
         // SAFETY: a new descriptor this function owns.
         let file = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
-        let target = std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd()))?;
-        Ok(Some(relative(&self.root, &target)))
+        // A cgroup removed meanwhile has no path any more.
+        let target = std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd())).ok();
+        Ok(target.map(|target| relative(&self.root, &target)))
     }
 }
 
@@ -121,24 +130,66 @@ pub fn root() -> Option<&'static Path> {
     ROOT.get_or_init(mounted_root).as_deref()
 }
 
-/// The first cgroup2 mount of this mount namespace.
+/// The first cgroup2 mount of this mount namespace (`/sys/fs/cgroup` on pure v2 hosts, often
+/// `/sys/fs/cgroup/unified` on hybrid ones).
 pub fn mounted_root() -> Option<PathBuf> {
     let mounts = procfs::process::Process::myself().ok()?.mountinfo().ok()?;
     mounts.into_iter().find(|m| m.fs_type == "cgroup2").map(|m| m.mount_point)
 }
 
 /// The cgroup v2 id of process `pid` now (its `0::` line in `/proc/PID/cgroup`, looked up
-/// under `root`); None if it is gone or its cgroup is outside what `root` shows.
+/// under `root`); None if it is gone.
+///
+/// `/proc/PID/cgroup` is written relative to the reader's cgroup namespace: in a container
+/// with one of its own, the host's processes read `/../../kubepods/...`. Those are taken
+/// from where this process's namespace sits in the host's hierarchy ([`own_host_path`]).
 pub fn id_of_pid(root: &Path, pid: u32) -> Option<u64> {
     use std::os::unix::fs::MetadataExt as _;
     let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
     let path = unified_path(&text)?;
-    // A path with `..` is outside the reader's cgroup namespace.
-    if path.split('/').any(|part| part == "..") {
-        return None;
-    }
+    let path = if path.split('/').any(|part| part == "..") {
+        normalize(&format!("{}/{path}", own_host_path()?))?
+    } else {
+        path.to_string()
+    };
     let full = root.join(path.trim_start_matches('/'));
     std::fs::metadata(full).ok().map(|m| m.ino())
+}
+
+/// `path` with its `..` components applied; None if it climbs above the root.
+fn normalize(path: &str) -> Option<String> {
+    let mut parts: Vec<&str> = Vec::new();
+    for part in path.split('/').filter(|p| !p.is_empty() && *p != ".") {
+        if part == ".." {
+            parts.pop()?;
+        } else {
+            parts.push(part);
+        }
+    }
+    Some(format!("/{}", parts.join("/")))
+}
+
+/// Where this process's cgroup namespace root is in the host's hierarchy: its own cgroup as
+/// read from the host's cgroup namespace (pid 1's, entered by a thread of its own: setns
+/// into a cgroup namespace needs CAP_SYS_ADMIN and changes only the calling thread). None
+/// if that cannot be done.
+fn own_host_path() -> Option<&'static str> {
+    static OWN: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    OWN.get_or_init(|| {
+        std::thread::spawn(|| {
+            let host = std::fs::File::open("/proc/1/ns/cgroup").ok()?;
+            // SAFETY: setns on this short-lived thread only, with an fd that stays open.
+            if unsafe { libc::setns(host.as_raw_fd(), libc::CLONE_NEWCGROUP) } != 0 {
+                return None;
+            }
+            let text = std::fs::read_to_string("/proc/thread-self/cgroup").ok()?;
+            unified_path(&text).map(String::from)
+        })
+        .join()
+        .ok()
+        .flatten()
+    })
+    .as_deref()
 }
 
 /// The unified hierarchy's path in a `/proc/PID/cgroup` text.
@@ -155,6 +206,16 @@ mod tests {
         let text = "12:pids:/\n1:name=systemd:/user.slice\n0::/system.slice/nginx.service\n";
         assert_eq!(unified_path(text), Some("/system.slice/nginx.service"));
         assert_eq!(unified_path("1:cpu:/\n"), None);
+    }
+
+    #[test]
+    fn paths_climb_out_of_a_cgroup_namespace() {
+        let own = "/kubepods/besteffort/podX/agent";
+        assert_eq!(
+            normalize(&format!("{own}//../../../burstable/podY/web")).as_deref(),
+            Some("/kubepods/burstable/podY/web")
+        );
+        assert_eq!(normalize("/a/../.."), None);
     }
 
     #[test]

@@ -90,7 +90,8 @@ impl Workload {
         let mut in_kubepods = false;
         for (at, part) in parts.iter().enumerate() {
             let name = part.strip_suffix(".scope").unwrap_or(part);
-            if *part == "kubepods" || *part == "kubepods.slice" {
+            // `kubepods`, or under a kubelet's --cgroup-root (kind: `kubelet-kubepods.slice`).
+            if *part == "kubepods" || part.ends_with("kubepods.slice") {
                 in_kubepods = true;
                 workload.pod_qos = Some(Qos::Guaranteed);
             } else if in_kubepods && let Some(qos) = qos_of(part) {
@@ -128,6 +129,14 @@ impl Workload {
     /// Whether it is a container or a pod (not only a systemd unit or a plain cgroup).
     pub fn is_container(&self) -> bool {
         self.container_id.is_some() || self.pod_uid.is_some()
+    }
+
+    /// A pod whose names the kubelet's directories did not give yet (the kubelet links a
+    /// container's log only once it started, after its first sockets perhaps).
+    fn lacks_names(&self) -> bool {
+        self.pod_uid.is_some()
+            && (self.pod_name.is_none()
+                || (self.container_id.is_some() && self.container_name.is_none()))
     }
 
     /// Whether the cgroup says more than its path: a container, a pod or a unit.
@@ -190,8 +199,10 @@ fn is_container_id(text: &str) -> bool {
 }
 
 fn qos_of(part: &str) -> Option<Qos> {
-    let name =
-        part.strip_prefix("kubepods-").and_then(|p| p.strip_suffix(".slice")).unwrap_or(part);
+    let name = match part.strip_suffix(".slice") {
+        Some(slice) => slice.split_once("kubepods-").map_or(slice, |(_, qos)| qos),
+        None => part,
+    };
     match name {
         "besteffort" => Some(Qos::BestEffort),
         "burstable" => Some(Qos::Burstable),
@@ -199,14 +210,18 @@ fn qos_of(part: &str) -> Option<Qos> {
     }
 }
 
-/// `podUID` (cgroupfs) or `kubepods[-QOS]-podUID.slice` (systemd, with `_` for `-`).
+/// `podUID` (cgroupfs) or `kubepods[-QOS]-podUID.slice` (systemd, with `_` for `-`). A UID
+/// is a UUID, or 32 hex digits for a static pod (a hash of its manifest).
 fn pod_uid_of(part: &str) -> Option<String> {
     let uid = if let Some(slice) = part.strip_suffix(".slice") {
         slice.rsplit_once("-pod")?.1.replace('_', "-")
     } else {
         part.strip_prefix("pod")?.to_string()
     };
-    (uid.len() == 36 && uid.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-')).then_some(uid)
+    let hex = |b: u8| b.is_ascii_hexdigit();
+    let uuid = uid.len() == 36 && uid.bytes().all(|b| hex(b) || b == b'-');
+    let static_pod = uid.len() == 32 && uid.bytes().all(hex);
+    (uuid || static_pod).then_some(uid)
 }
 
 /// Pod and container names from the kubelet's log directories: `/var/log/pods/NS_POD_UID`
@@ -252,7 +267,9 @@ impl KubeletLogs {
 
     fn name(&mut self, logs: &Path, workload: &mut Workload) {
         let Some(uid) = &workload.pod_uid else { return };
-        if !self.pods.contains_key(uid) {
+        let container_unknown =
+            workload.container_id.as_ref().is_some_and(|id| !self.containers.contains_key(id));
+        if !self.pods.contains_key(uid) || container_unknown {
             self.read(logs);
         }
         if let Some((ns, pod)) = self.pods.get(uid) {
@@ -323,8 +340,20 @@ impl Workloads {
             return None;
         }
         let mut resolver = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(known) = resolver.cache.get(&id) {
-            return known.clone();
+        if let Some(known) = resolver.cache.get(&id).cloned() {
+            // Names the kubelet gives later are looked for again (its directories are read
+            // at most once a second), and kept once found.
+            if let Some(workload) = known.as_deref().filter(|w| w.lacks_names()) {
+                let mut named = workload.clone();
+                let Resolver { kubelet, kubelet_logs, .. } = &mut *resolver;
+                kubelet.name(kubelet_logs, &mut named);
+                if named != *workload {
+                    let named = Some(Arc::new(named));
+                    resolver.cache.insert(id, named.clone());
+                    return named;
+                }
+            }
+            return known;
         }
         let resolved = resolver.resolve(id);
         if resolver.cache.len() >= CACHE_LIMIT {
@@ -378,6 +407,20 @@ mod tests {
         assert_eq!((w.container_id, w.pod_qos), (None, Some(Qos::BestEffort)));
         assert_eq!(w.pod_uid.as_deref(), Some(UID));
         assert_eq!(w.runtime, None, "a pod's conmon is not a systemd service");
+    }
+
+    #[test]
+    fn static_pods_and_a_kubelet_cgroup_root() {
+        let uid = "6a1f0d3c9b8e7f6a5b4c3d2e1f0a9b8c";
+        let w = parse(&format!("/kubepods/burstable/pod{uid}/ID"));
+        assert_eq!(w.pod_uid.as_deref(), Some(uid));
+        // kind: the kubelet's --cgroup-root=/kubelet with the systemd driver.
+        let w = parse(&format!(
+            "/kubelet.slice/kubelet-kubepods.slice/kubelet-kubepods-besteffort.slice/kubelet-kubepods-besteffort-pod{}.slice/cri-containerd-ID.scope",
+            UID.replace('-', "_")
+        ));
+        assert_eq!((w.pod_uid.as_deref(), w.pod_qos), (Some(UID), Some(Qos::BestEffort)));
+        assert_eq!(w.runtime, Some(Runtime::Containerd));
     }
 
     #[test]

@@ -420,8 +420,6 @@ pub fn tracefs() -> Result<PathBuf> {
     Ok(PathBuf::from(TRACEFS_PATHS[0]))
 }
 
-/// The first cgroup v2 mount point (`/sys/fs/cgroup` on pure v2 hosts, often
-/// `/sys/fs/cgroup/unified` on hybrid ones).
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; harmless on newer ones.
 fn raise_memlock_limit() {
     let unlimited = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };

@@ -82,7 +82,9 @@ impl Counters {
         registry.register(
             "otlp_dropped_records",
             "Stream records not exported: queue_full (the collector was slower than the \
-             stream), failed (retries ran out) or refused (the collector rejected them)",
+             stream), lagged (the record queue passed the exporter by; it may count live \
+             views' row updates too), failed (retries ran out), refused (the collector \
+             rejected them)",
             self.dropped.clone(),
         );
         registry.register(
@@ -106,7 +108,11 @@ pub struct Exporter {
     counters: Counters,
     reported: u64,
     reported_at: std::time::Instant,
+    task: tokio::task::JoinHandle<()>,
 }
+
+/// How long the agent waits at exit for the last records to be sent.
+const SHUTDOWN: Duration = Duration::from_secs(5);
 
 /// The node's resource: service, host, and what the environment says (`NODE_NAME` from a
 /// DaemonSet's downward API, `OTEL_RESOURCE_ATTRIBUTES`).
@@ -153,8 +159,17 @@ impl Exporter {
             resource: Arc::new(resource()),
             started: now_ns(),
         };
-        tokio::spawn(task.run(records, record_of, metrics_text, options.metrics_interval));
-        Ok(Exporter { counters, reported: 0, reported_at: std::time::Instant::now() })
+        let task =
+            tokio::spawn(task.run(records, record_of, metrics_text, options.metrics_interval));
+        Ok(Exporter { counters, reported: 0, reported_at: std::time::Instant::now(), task })
+    }
+
+    /// Once the record queue is closed (the agent stops): waits, at most `SHUTDOWN`, for the
+    /// records still waiting to be sent.
+    pub async fn finish(self) {
+        if tokio::time::timeout(SHUTDOWN, self.task).await.is_err() {
+            tracing::warn!("OTLP: records still unsent after {SHUTDOWN:?} at exit were dropped");
+        }
     }
 
     /// An `export_dropped` record for what was dropped since the last one, at most once a
@@ -220,7 +235,9 @@ impl Task {
                     Ok(item) if record_of(&item).is_none_or(|r| matches!(r, StreamRecord::ExportDropped(_))) => {}
                     Ok(item) if pending.len() < PENDING => pending.push(item),
                     Ok(_) => self.counters.drop_records("queue_full", 1),
-                    Err(RecvError::Lagged(missed)) => self.counters.drop_records("queue_full", missed),
+                    // The queue passed it by: records, and perhaps live views' row updates,
+                    // which it would not have sent (the queue does not say which).
+                    Err(RecvError::Lagged(missed)) => self.counters.drop_records("lagged", missed),
                     Err(RecvError::Closed) => break,
                 },
                 _ = flush.tick() => tick_seen = true,
@@ -248,6 +265,13 @@ impl Task {
                 logs_sending = Some(self.send_logs(batch, record_of));
             }
         }
+        // The agent is stopping: what waits is sent, one batch after another.
+        finished(&mut logs_sending).await;
+        while !pending.is_empty() {
+            let take = pending.len().min(BATCH);
+            let batch: Vec<Arc<T>> = pending.drain(..take).collect();
+            let _ = self.send_logs(batch, record_of).await;
+        }
     }
 
     fn send_logs<T: Send + Sync + 'static>(
@@ -257,34 +281,47 @@ impl Task {
     ) -> tokio::task::JoinHandle<()> {
         let (transport, counters) = (self.transport.clone(), self.counters.clone());
         let resource = self.resource.clone();
+        // Only records are pending (see `run`).
+        let count = batch.len() as u64;
         tokio::spawn(async move {
             // Encoded off the event loop's thread, which drains the kernel's ring.
             let encoded = tokio::task::spawn_blocking(move || {
                 let records: Vec<&StreamRecord> =
                     batch.iter().filter_map(|item| record_of(item)).collect();
-                (logs::request(&records, &resource, now_ns()), records.len() as u64)
+                logs::request(&records, &resource, now_ns())
             })
             .await;
-            let Ok((request, count)) = encoded else { return };
-            if let Err(error) = retrying(&counters, || transport.logs(&request)).await {
-                let reason = match error {
-                    ExportError::Transient(_) => "failed",
-                    ExportError::Refused(_) => "refused",
-                };
-                counters.drop_records(reason, count);
-                warn(&format!("{count} records not exported over OTLP: {error}"));
-            } else {
-                counters.exported.inc_by(count);
+            let Ok(request) = encoded else {
+                counters.drop_records("failed", count);
+                return;
+            };
+            match retrying(&counters, || transport.logs(&request)).await {
+                Ok(rejected) => {
+                    let rejected = rejected.min(count);
+                    counters.exported.inc_by(count - rejected);
+                    if rejected > 0 {
+                        counters.drop_records("refused", rejected);
+                        warn(&format!("the OTLP collector rejected {rejected} of {count} records"));
+                    }
+                }
+                Err(error) => {
+                    let reason = match error {
+                        ExportError::Transient(_) => "failed",
+                        ExportError::Refused(_) => "refused",
+                    };
+                    counters.drop_records(reason, count);
+                    warn(&format!("{count} records not exported over OTLP: {error}"));
+                }
             }
         })
     }
 }
 
 /// `send`, tried again after 1, 2 and 4 s while it fails in a way worth retrying.
-async fn retrying<F: Future<Output = Result<(), ExportError>>>(
+async fn retrying<R, F: Future<Output = Result<R, ExportError>>>(
     counters: &Counters,
     send: impl Fn() -> F,
-) -> Result<(), ExportError> {
+) -> Result<R, ExportError> {
     let mut attempt = 0;
     loop {
         let result = send().await;

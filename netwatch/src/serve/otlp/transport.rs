@@ -4,7 +4,9 @@
 use std::time::Duration;
 
 use opentelemetry_proto::tonic::collector::{
-    logs::v1::{ExportLogsServiceRequest, logs_service_client::LogsServiceClient},
+    logs::v1::{
+        ExportLogsServiceRequest, ExportLogsServiceResponse, logs_service_client::LogsServiceClient,
+    },
     metrics::v1::{ExportMetricsServiceRequest, metrics_service_client::MetricsServiceClient},
 };
 use prost::Message as _;
@@ -90,18 +92,22 @@ impl Transport {
         }
     }
 
-    pub async fn logs(&self, request: &ExportLogsServiceRequest) -> Result<(), ExportError> {
-        match self {
+    /// Sends `request`; the records the collector rejected (its `partial_success`).
+    pub async fn logs(&self, request: &ExportLogsServiceRequest) -> Result<u64, ExportError> {
+        let response = match self {
             Transport::Grpc { channel, headers } => {
                 let mut client = LogsServiceClient::new(channel.clone());
                 let mut request = tonic::Request::new(request.clone());
                 *request.metadata_mut() = headers.clone();
-                client.export(request).await.map(drop).map_err(grpc_error)
+                client.export(request).await.map_err(grpc_error)?.into_inner()
             }
             Transport::Http { client, base } => {
-                post(client, &format!("{base}/v1/logs"), request.encode_to_vec()).await
+                let body =
+                    post(client, &format!("{base}/v1/logs"), request.encode_to_vec()).await?;
+                ExportLogsServiceResponse::decode(body.as_slice()).unwrap_or_default()
             }
-        }
+        };
+        Ok(response.partial_success.map_or(0, |p| p.rejected_log_records.max(0) as u64))
     }
 
     pub async fn metrics(&self, request: &ExportMetricsServiceRequest) -> Result<(), ExportError> {
@@ -113,7 +119,7 @@ impl Transport {
                 client.export(request).await.map(drop).map_err(grpc_error)
             }
             Transport::Http { client, base } => {
-                post(client, &format!("{base}/v1/metrics"), request.encode_to_vec()).await
+                post(client, &format!("{base}/v1/metrics"), request.encode_to_vec()).await.map(drop)
             }
         }
     }
@@ -125,12 +131,13 @@ fn grpc_error(status: tonic::Status) -> ExportError {
     let text = format!("gRPC {:?}: {}", status.code(), status.message());
     match status.code() {
         Cancelled | DeadlineExceeded | ResourceExhausted | Aborted | OutOfRange | Unavailable
-        | DataLoss | Unknown => ExportError::Transient(text),
+        | DataLoss => ExportError::Transient(text),
         _ => ExportError::Refused(text),
     }
 }
 
-async fn post(client: &reqwest::Client, url: &str, body: Vec<u8>) -> Result<(), ExportError> {
+/// POSTs a protobuf body; the response's body.
+async fn post(client: &reqwest::Client, url: &str, body: Vec<u8>) -> Result<Vec<u8>, ExportError> {
     let response = client
         .post(url)
         .header(reqwest::header::CONTENT_TYPE, "application/x-protobuf")
@@ -140,7 +147,9 @@ async fn post(client: &reqwest::Client, url: &str, body: Vec<u8>) -> Result<(), 
         .map_err(|e| ExportError::Transient(format!("{url}: {e}")))?;
     let status = response.status();
     if status.is_success() {
-        return Ok(());
+        let body =
+            response.bytes().await.map_err(|e| ExportError::Transient(format!("{url}: {e}")))?;
+        return Ok(body.to_vec());
     }
     let text = format!("{url}: HTTP {status}");
     // The specification's retryable statuses.

@@ -164,6 +164,16 @@ pub(super) const OWNER_HISTORY: usize = 8;
 
 impl Socket {
     pub(super) fn set_owner(&mut self, owner: Option<Owner>, at_ns: Option<u64>) {
+        // The same process again is no change of owner; it may tell its cgroup at last
+        // (the snapshot could not read it) or anew (it moved).
+        if let (Some(current), Some(new)) = (&mut self.owner, &owner)
+            && (current.pid, &current.comm) == (new.pid, &new.comm)
+        {
+            if new.cgroup_id != 0 {
+                current.cgroup_id = new.cgroup_id;
+            }
+            return;
+        }
         if self.owner == owner {
             return;
         }
