@@ -126,11 +126,15 @@ for _ in range(2):
     c.close()  # the server closes first: its end goes to TIME_WAIT
 "#;
 
+/// It closes a moment after the server did: the server's end is then an orphan in
+/// FIN_WAIT2, made a timewait socket by the kernel, whose turn to TIME_WAIT only sock_diag
+/// shows (the agent's records of it must carry the workload too).
 const CLIENT: &str = r#"
-import socket
+import socket, time
 c = socket.create_connection(("127.0.0.1", 8080))
 c.sendall(b"x")
 c.recv(1)
+time.sleep(0.3)
 c.close()
 "#;
 
@@ -333,4 +337,93 @@ fn connections_are_attributed_to_their_container_and_pod() {
     assert_eq!(runtimes, [&Value::from("docker"), &Value::from("cri-o")], "{connects:?}");
     std::fs::remove_dir_all(&kubelet).unwrap();
     std::fs::remove_dir_all(&log_dir).unwrap();
+}
+
+const CART: &str = "ca47000000000000000000000000000000000000000000000000000000000005";
+const CART_UID: &str = "77777777-8888-4999-aaaa-bbbbbbbbbbbb";
+
+/// `--kube`: with no kubelet directories, the API's list of the node's pods names the pod,
+/// its controller and `app` label, and the container, asked with the node's field selector
+/// and the service account's token. The API server is a stand-in (support/kube_api.py):
+/// none installs from Debian 12.
+#[test]
+fn the_api_names_pods_with_kube() {
+    require_root();
+    let cgroups = Cgroups::new();
+    let cart = cgroups.make(&format!("kubepods/pod{CART_UID}/{CART}"));
+    let dir = std::env::temp_dir().join(format!("netwatch-test-{}-kube-api", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let pod_list = serde_json::json!({"kind": "PodList", "metadata": {}, "items": [{
+        "metadata": {"uid": CART_UID, "namespace": "shop", "name": "cart-5f6d-abcde",
+                     "labels": {"app.kubernetes.io/name": "cart"},
+                     "ownerReferences": [{"kind": "ReplicaSet", "name": "cart-5f6d", "controller": true}]},
+        "status": {"containerStatuses": [{"name": "cart", "containerID": format!("containerd://{CART}")}]}
+    }]});
+    std::fs::write(dir.join("pods.json"), pod_list.to_string()).unwrap();
+    std::fs::write(dir.join("token"), "kube-token\n").unwrap();
+    let mut api = Command::new("/usr/bin/python3")
+        .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("support/kube_api.py"))
+        .arg(dir.join("pods.json"))
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut api_out = BufReader::new(api.stdout.take().unwrap());
+    let mut line = String::new();
+    api_out.read_line(&mut line).unwrap();
+    let port: u16 = line.trim().strip_prefix("listening ").unwrap().parse().unwrap();
+
+    let ns = NetNs::new("kube");
+    let agent = Agent::start_with(
+        &Agent::test_socket("kube"),
+        &[
+            "--kube",
+            "--kube-api",
+            &format!("http://127.0.0.1:{port}"),
+            "--kube-node",
+            "node-7",
+            "--kube-token-file",
+            dir.join("token").to_str().unwrap(),
+            "--kubelet-logs",
+            dir.join("no-kubelet-here").to_str().unwrap(),
+        ],
+    );
+    let mut server = python_in(&cart, &ns, SERVER);
+    assert_eq!(first_line(&mut server), "ready\n");
+    let socket = agent.socket_arg();
+    let deadline = Instant::now() + PATIENCE;
+    let row = loop {
+        let rows = netwatch(&[
+            "table",
+            "-tl",
+            "--json",
+            "--socket",
+            socket,
+            "--pod",
+            "shop/cart-5f6d-abcde",
+        ]);
+        let rows: Vec<Value> = serde_json::from_str(&rows).unwrap();
+        if let Some(row) = rows.into_iter().next() {
+            break row;
+        }
+        assert!(Instant::now() < deadline, "the pod was never named");
+        thread::sleep(Duration::from_millis(200));
+    };
+    let workload = &row["workload"];
+    assert_eq!(workload["container_name"], "cart", "{row}");
+    assert_eq!(workload["pod_app"], "cart");
+    assert_eq!(workload["pod_controller_kind"], "ReplicaSet");
+    assert_eq!(workload["pod_controller_name"], "cart-5f6d");
+    assert_eq!(workload["pod_qos"], "guaranteed");
+    let text = netwatch(&["table", "-tl", "--socket", socket, "--netns", &ns.name]);
+    assert!(text.contains("shop/cart-5f6d-abcde/cart"), "{text}");
+    drop(server);
+    assert!(agent.stop().success());
+    let _ = api.kill();
+    let _ = api.wait();
+    line.clear();
+    api_out.read_line(&mut line).unwrap();
+    assert!(line.starts_with("/api/v1/pods?fieldSelector=spec.nodeName%3Dnode-7"), "{line}");
+    assert!(line.trim_end().ends_with("\tBearer kube-token"), "{line}");
+    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -46,7 +46,17 @@ fn the_manifests_validate_against_the_kubernetes_schemas() {
         let said = String::from_utf8_lossy(&output.stdout).into_owned()
             + &String::from_utf8_lossy(&output.stderr);
         assert!(output.status.success(), "Kubernetes {version}:\n{said}");
-        assert_eq!(said.matches(" passed for resource ").count(), manifests().len(), "{said}");
+        let resources: usize = manifests()
+            .iter()
+            .map(|m| {
+                std::fs::read_to_string(m)
+                    .unwrap()
+                    .lines()
+                    .filter(|l| l.starts_with("kind:"))
+                    .count()
+            })
+            .sum();
+        assert_eq!(said.matches(" passed for resource ").count(), resources, "{said}");
     }
 }
 

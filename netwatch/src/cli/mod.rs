@@ -308,6 +308,23 @@ pub struct AgentArgs {
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration,
           requires = "otlp")]
     pub otlp_metrics_interval: chrono::Duration,
+    /// Also ask the Kubernetes API, every 30 s and never on the event path, for this node's
+    /// pods: their names, `app` label and controller, and their containers' names (RBAC:
+    /// `list` on pods).
+    #[arg(long)]
+    pub kube: bool,
+    /// The API server (default: the in-cluster one, from KUBERNETES_SERVICE_HOST/PORT).
+    #[arg(long, value_name = "URL", requires = "kube")]
+    pub kube_api: Option<reqwest::Url>,
+    /// This node's name, whose pods are listed.
+    #[arg(long, value_name = "NAME", env = "NODE_NAME", requires = "kube")]
+    pub kube_node: Option<String>,
+    /// The bearer token (default: the pod's service account token).
+    #[arg(long, value_name = "PATH", requires = "kube")]
+    pub kube_token_file: Option<PathBuf>,
+    /// The API server's CA (default: the service account's ca.crt).
+    #[arg(long, value_name = "PATH", requires = "kube")]
+    pub kube_ca_certificate: Option<PathBuf>,
     /// Where the kubelet keeps pods/ and containers/ (pod and container names).
     #[arg(long, value_name = "DIR", default_value = crate::host::workload::KUBELET_LOGS)]
     pub kubelet_logs: PathBuf,
@@ -326,6 +343,16 @@ pub struct AgentArgs {
 impl AgentArgs {
     pub fn load_options(&self) -> LoadOptions {
         LoadOptions { source: self.source, ring_size: self.ring_size }
+    }
+
+    /// None without `--kube`; an error line when the node is not named.
+    pub fn kube_options(&self) -> Option<crate::host::kube::Options> {
+        self.kube.then(|| crate::host::kube::Options {
+            api: self.kube_api.clone(),
+            node: self.kube_node.clone().unwrap_or_default(),
+            token_file: self.kube_token_file.clone(),
+            ca_certificate: self.kube_ca_certificate.clone(),
+        })
     }
 
     pub fn otlp_options(&self) -> Option<crate::serve::otlp::Options> {

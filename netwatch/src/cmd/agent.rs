@@ -119,9 +119,13 @@ pub async fn run(args: &AgentArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
+    let kube = match args.kube_options() {
+        Some(options) => Some(crate::host::kube::start(&options)?),
+        None => None,
+    };
     let mut tracer = Tracer::start(&args.load_options())?
         .keeping_rows()
-        .with_kubelet_logs(args.kubelet_logs.clone());
+        .naming_pods(args.kubelet_logs.clone(), kube);
     let listener = api::bind(&args.socket)?;
     let socket_file = SocketFile(args.socket.clone());
     listener.set_nonblocking(true).context("configuring the agent socket")?;

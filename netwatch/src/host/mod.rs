@@ -4,9 +4,11 @@
 //! `/proc/PID/fd`, with the [`unlisted`] sockets no dump shows made known by cookie; and
 //! service names from `/etc/services`; the kernel's protocol [`counters`];
 //! and a connection's [`tcp_info`] as `table -i` shows it; the [`cgroup`] a process is in
-//! and the [`workload`] (container, pod, unit) it names.
+//! and the [`workload`] (container, pod, unit) it names, with what the Kubernetes API says
+//! of the node's pods ([`kube`], on request).
 pub mod cgroup;
 pub mod counters;
+pub mod kube;
 pub mod procfs;
 pub mod services;
 pub mod snapshot;

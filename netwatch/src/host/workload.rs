@@ -37,6 +37,14 @@ pub struct Workload {
     pub pod_namespace: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod_name: Option<String>,
+    /// With `--kube`: the pod's `app.kubernetes.io/name` (or `app`) label.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_app: Option<String>,
+    /// With `--kube`: the controller that owns the pod (`ReplicaSet`, `DaemonSet`, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_controller_kind: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_controller_name: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -276,10 +284,28 @@ impl KubeletLogs {
             workload.pod_namespace = Some(ns.clone());
             workload.pod_name = Some(pod.clone());
         }
-        if let Some(id) = &workload.container_id {
-            workload.container_name = self.containers.get(id).cloned();
+        if let Some(name) = workload.container_id.as_ref().and_then(|id| self.containers.get(id)) {
+            workload.container_name = Some(name.clone());
         }
     }
+}
+
+/// What the API says of the workload's pod, if it lists it: whether it did.
+fn merge_kube(pods: &super::kube::Pods, workload: &mut Workload) -> bool {
+    let Some(uid) = &workload.pod_uid else { return false };
+    let pods = pods.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let Some(pod) = pods.get(uid) else { return false };
+    workload.pod_namespace = Some(pod.namespace.clone());
+    workload.pod_name = Some(pod.name.clone());
+    workload.pod_app.clone_from(&pod.app);
+    if let Some((kind, name)) = &pod.controller {
+        workload.pod_controller_kind = Some(kind.clone());
+        workload.pod_controller_name = Some(name.clone());
+    }
+    if let Some(name) = workload.container_id.as_ref().and_then(|id| pod.containers.get(id)) {
+        workload.container_name = Some(name.clone());
+    }
+    true
 }
 
 fn dir_names(dir: &Path) -> impl Iterator<Item = String> {
@@ -309,6 +335,9 @@ struct Resolver {
     kubelet_logs: PathBuf,
     kubelet: KubeletLogs,
     cache: HashMap<u64, Option<Arc<Workload>>>,
+    /// `--kube`: the node's pods as the API lists them, and the ids whose pod it has given.
+    kube: Option<super::kube::Pods>,
+    kube_merged: std::collections::HashSet<u64>,
 }
 
 /// Where the kubelet keeps `pods/` and `containers/`.
@@ -330,7 +359,16 @@ impl Workloads {
             kubelet_logs,
             kubelet: KubeletLogs::default(),
             cache: HashMap::new(),
+            kube: None,
+            kube_merged: Default::default(),
         }))
+    }
+
+    /// Also names pods from what the API lists (`--kube`).
+    pub fn with_kube(self, pods: super::kube::Pods) -> Workloads {
+        let mut resolver = self.0.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner);
+        resolver.kube = Some(pods);
+        Workloads(std::sync::Mutex::new(resolver))
     }
 
     /// The workload of cgroup `id`; None for 0 (not recorded), the root, or a cgroup gone
@@ -341,6 +379,20 @@ impl Workloads {
         }
         let mut resolver = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some(known) = resolver.cache.get(&id).cloned() {
+            // What the API lists is merged in once it has the pod (a map lookup: the API is
+            // asked by a task of its own).
+            if let (Some(kube), Some(workload)) = (&resolver.kube, known.as_deref())
+                && workload.pod_uid.is_some()
+                && !resolver.kube_merged.contains(&id)
+            {
+                let mut merged = workload.clone();
+                if merge_kube(kube, &mut merged) {
+                    let merged = Some(Arc::new(merged));
+                    resolver.kube_merged.insert(id);
+                    resolver.cache.insert(id, merged.clone());
+                    return merged;
+                }
+            }
             // Names the kubelet gives later are looked for again (its directories are read
             // at most once a second), and kept once found.
             if let Some(workload) = known.as_deref().filter(|w| w.lacks_names()) {
@@ -358,6 +410,7 @@ impl Workloads {
         let resolved = resolver.resolve(id);
         if resolver.cache.len() >= CACHE_LIMIT {
             resolver.cache.clear();
+            resolver.kube_merged.clear();
         }
         resolver.cache.insert(id, resolved.clone());
         resolved
@@ -372,6 +425,11 @@ impl Resolver {
         }
         let mut workload = Workload::from_path(&path);
         self.kubelet.name(&self.kubelet_logs, &mut workload);
+        if let Some(kube) = &self.kube
+            && merge_kube(kube, &mut workload)
+        {
+            self.kube_merged.insert(id);
+        }
         Some(Arc::new(workload))
     }
 }

@@ -64,6 +64,13 @@ fn workload_attributes(workload: &Workload) -> Vec<KeyValue> {
     if let Some(runtime) = workload.runtime.filter(|_| workload.container_id.is_some()) {
         attributes.push(string("container.runtime.name", runtime.name()));
     }
+    if let (Some(kind), Some(name)) = (&workload.pod_controller_kind, &workload.pod_controller_name)
+    {
+        attributes.push(string(&format!("k8s.{}.name", kind.to_lowercase()), name.clone()));
+    }
+    if let Some(app) = &workload.pod_app {
+        attributes.push(string("k8s.pod.label.app", app.clone()));
+    }
     if let Some(qos) = workload.pod_qos {
         let qos = serde_json::to_value(qos).ok().and_then(|v| v.as_str().map(String::from));
         attributes.extend(qos.map(|q| string("k8s.pod.qos_class", q)));

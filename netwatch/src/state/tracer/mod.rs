@@ -200,9 +200,16 @@ impl Tracer {
     }
 
     /// Takes pod and container names from the kubelet's logs under `dir` (default
-    /// `/var/log`).
-    pub fn with_kubelet_logs(mut self, dir: std::path::PathBuf) -> Self {
+    /// `/var/log`), and from the API's list of the node's pods if given (`--kube`).
+    pub fn naming_pods(
+        mut self,
+        dir: std::path::PathBuf,
+        kube: Option<crate::host::kube::Pods>,
+    ) -> Self {
         self.workloads = Workloads::new(dir);
+        if let Some(pods) = kube {
+            self.workloads = self.workloads.with_kube(pods);
+        }
         self
     }
 
@@ -308,10 +315,7 @@ impl Tracer {
                 if let Some(cookie) = ended.change.cookie {
                     self.table.mark_changed(cookie);
                 }
-                let mut record = TransitionRecord::new(&ended, &self.clock);
-                record.workload =
-                    self.workloads.of(ended.owner.as_ref().map_or(0, |owner| owner.cgroup_id));
-                out.push(StreamRecord::Transition(Box::new(record)));
+                out.push(StreamRecord::Transition(Box::new(self.record_of(&ended))));
             }
         }
         self.sorted = sorted;
@@ -415,10 +419,16 @@ impl Tracer {
             self.table.mark_changed(cookie);
         }
         out.extend(
-            transitions
-                .iter()
-                .map(|t| StreamRecord::Transition(Box::new(TransitionRecord::new(t, &self.clock)))),
+            transitions.iter().map(|t| StreamRecord::Transition(Box::new(self.record_of(t)))),
         );
+    }
+
+    /// The stream's record of a transition, with its owner's workload.
+    fn record_of(&self, transition: &Transition) -> TransitionRecord {
+        let mut record = TransitionRecord::new(transition, &self.clock);
+        let cgroup = transition.owner.as_ref().map_or(0, |owner| owner.cgroup_id);
+        record.workload = self.workloads.of(cgroup);
+        record
     }
 
     /// A `lost` record per reason whose count grew since the previous report; and the table
