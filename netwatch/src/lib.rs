@@ -4,9 +4,9 @@
 //! decode the ring buffer) and [`host`] (the one-time snapshot: sock_diag, `/proc`) feed
 //! [`state`] (the socket table, histories, statistics, and the tracer that runs the
 //! pipeline), which emits [`record`]s; [`serve`] is what the agent offers (local API,
-//! metrics, event log), [`output`] renders records and rows, [`query`] is what the user asked
-//! to see, and [`cmd`] has one module per verb; [`top`] is the live full-screen
-//! view. [`cli`] parses the command line.
+//! metrics, event log), [`recorded`] reads the event log back, [`output`] renders records
+//! and rows, [`query`] is what the user asked to see, and [`cmd`] has one module per verb;
+//! [`top`] is the live full-screen view. [`cli`] parses the command line.
 pub mod cli;
 pub mod cmd;
 pub mod error;
@@ -15,6 +15,7 @@ pub mod kernel;
 pub mod output;
 pub mod query;
 pub mod record;
+pub mod recorded;
 pub mod serve;
 pub mod state;
 pub mod top;

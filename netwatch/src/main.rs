@@ -36,6 +36,7 @@ fn main() -> ExitCode {
         match &cli.command {
             Some(Command::Top(args)) => netwatch::top::run(args).await,
             Some(Command::Watch(args)) => netwatch::cmd::watch::run(args).await,
+            Some(Command::Log(args)) => netwatch::cmd::log::run(args).await,
             Some(Command::Table(args)) => netwatch::cmd::table::run(args).await,
             Some(Command::Counters(args)) => netwatch::cmd::counters::run(args).await,
             Some(Command::Agent(args)) => netwatch::cmd::agent::run(args).await,

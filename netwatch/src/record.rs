@@ -146,7 +146,7 @@ pub enum StreamRecord {
 
 /// RFC 3339 in UTC with exactly nine fractional digits, so that every record's `time` has
 /// the same width and sorts as text.
-mod rfc3339_nanos {
+pub(crate) mod rfc3339_nanos {
     use chrono::{DateTime, SecondsFormat, Utc};
     use serde::{Deserialize as _, Deserializer, Serializer};
 

@@ -2,19 +2,23 @@
 //! Bad values fail here, with clap's one-line error naming the value (exit code 2).
 //! netstat's and ss's options typed to `netwatch` itself are first made their subcommand's
 //! ([`habits`]).
+mod agent;
 pub mod habits;
+mod recorded;
+
+pub use agent::{AgentArgs, LogArgs};
+pub use recorded::{LogQueryArgs, ReplayArgs, StreamFilters, WindowArgs};
 
 use std::{path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 
 use crate::{
-    kernel::events::{Family, TcpState},
+    kernel::events::TcpState,
     kernel::loader::{LoadOptions, SourceChoice},
     output::Format,
-    query::stream::{TransitionFilter, parse_transition},
+    query::stream::TransitionFilter,
     serve::api,
-    serve::eventlog::{self, LogOptions},
 };
 
 #[derive(Debug, Parser)]
@@ -52,14 +56,16 @@ impl Cli {
     /// `--state`, `--transition`, a port filter) asks for the stream.
     pub fn default_is_top(&self, stdout_is_terminal: bool) -> bool {
         let w = &self.watch;
+        let f = &w.filters;
         let stream_options = w.json
             || w.log.log.is_some()
             || w.no_header
-            || w.state.is_some()
-            || w.transition.is_some()
-            || w.port.is_some()
-            || w.sport.is_some()
-            || w.dport.is_some();
+            || w.replay.step
+            || f.state.is_some()
+            || f.transition.is_some()
+            || f.port.is_some()
+            || f.sport.is_some()
+            || f.dport.is_some();
         self.top || (stdout_is_terminal && !self.stream && !stream_options)
     }
 
@@ -69,14 +75,15 @@ impl Cli {
         let w = &self.watch;
         TopArgs {
             select: TableSelect {
-                pid: w.pid,
-                comm: w.comm.clone(),
-                ipv4: w.ipv4,
-                ipv6: w.ipv6,
+                pid: w.filters.pid,
+                comm: w.filters.comm.clone(),
+                ipv4: w.filters.ipv4,
+                ipv6: w.filters.ipv6,
                 ..TableSelect::default()
             },
             numeric: false,
             programs: w.programs.clone(),
+            replay: w.replay.clone(),
         }
     }
 }
@@ -89,6 +96,9 @@ pub enum Command {
     /// Stream TCP state transitions as they happen (the default when stdout is not a
     /// terminal).
     Watch(WatchArgs),
+    /// Read the event log (`agent --log`): its records, filtered as `watch` filters them,
+    /// within a stretch of time, even with no agent (a log copied from another machine).
+    Log(LogQueryArgs),
     /// Print the socket table, like `ss -tanup` (`netwatch -tanp` is this too).
     #[command(visible_alias = "ls")]
     Table(TableArgs),
@@ -123,6 +133,8 @@ pub struct TopArgs {
     pub numeric: bool,
     #[command(flatten)]
     pub programs: Programs,
+    #[command(flatten)]
+    pub replay: ReplayArgs,
 }
 
 /// Where `watch` and `top` get their events: a running agent, or programs of their own.
@@ -167,9 +179,18 @@ pub struct HistoryArgs {
     /// The running agent's socket.
     #[arg(long, value_name = "PATH", default_value = api::DEFAULT_SOCKET)]
     pub socket: PathBuf,
-    /// Only connections active (with a transition) within this long, e.g. 10m, 2h, 30s.
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
-    pub since: Option<chrono::Duration>,
+    /// Only connections active (with a transition) since this time: a duration before now
+    /// (10m, 2h, 30s) or a time (2026-11-29T03:00, 03:00, RFC 3339).
+    #[arg(long, value_name = "TIME", value_parser = crate::recorded::window::parse_point)]
+    pub since: Option<chrono::DateTime<chrono::Utc>>,
+    /// With --log: only connections active up to this time (the same forms).
+    #[arg(long, value_name = "TIME", value_parser = crate::recorded::window::parse_point,
+          requires = "log")]
+    pub until: Option<chrono::DateTime<chrono::Utc>>,
+    /// Rebuild the histories from this event log (and its rotations) instead of asking
+    /// the agent.
+    #[arg(long, value_name = "PATH")]
+    pub log: Option<PathBuf>,
     /// Only closed connections.
     #[arg(long)]
     pub closed: bool,
@@ -195,7 +216,7 @@ pub struct HistoryArgs {
 }
 
 /// `30s`, `10m`, `2h`, `1d`.
-fn parse_duration(text: &str) -> Result<chrono::Duration, String> {
+pub(crate) fn parse_duration(text: &str) -> Result<chrono::Duration, String> {
     let (digits, unit) =
         text.split_at(text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len()));
     let number: i64 =
@@ -218,156 +239,15 @@ pub struct StatsArgs {
     /// The running agent's socket.
     #[arg(long, value_name = "PATH", default_value = api::DEFAULT_SOCKET)]
     pub socket: PathBuf,
+    /// Count from this event log (and its rotations) instead of asking the agent.
+    #[arg(long, value_name = "PATH")]
+    pub log: Option<PathBuf>,
+    /// With --log: the stretch of recorded time counted.
+    #[command(flatten)]
+    pub window: WindowArgs,
     /// One JSON object instead of text.
     #[arg(long)]
     pub json: bool,
-}
-
-/// `--log`: where and how much to keep of every stream record.
-#[derive(Clone, Debug, Args)]
-pub struct LogArgs {
-    /// Append every record (NDJSON, one line each, "v":1) to this file.
-    #[arg(long, value_name = "PATH")]
-    pub log: Option<PathBuf>,
-    /// Rotate the log when it would grow past this size (K, M, G).
-    #[arg(long, value_name = "SIZE", default_value = "100M", value_parser = eventlog::parse_size)]
-    pub log_max_size: u64,
-    /// How many rotated logs to keep (PATH.1 .. PATH.N).
-    #[arg(long, value_name = "N", default_value_t = 5)]
-    pub log_keep: u32,
-}
-
-impl LogArgs {
-    pub fn options(&self) -> Option<LogOptions> {
-        let path = self.log.clone()?;
-        Some(LogOptions { path, max_size: self.log_max_size, keep: self.log_keep })
-    }
-}
-
-#[derive(Clone, Debug, Args)]
-pub struct AgentArgs {
-    /// The API socket (created mode 0600; its directory 0700 if netwatch creates it).
-    #[arg(long, value_name = "PATH", default_value = api::DEFAULT_SOCKET)]
-    pub socket: PathBuf,
-    /// TCP state source: tp_btf (needs BTF), the classic tracepoint, or auto.
-    #[arg(long, value_enum, default_value_t = SourceChoice::Auto)]
-    pub source: SourceChoice,
-    /// Ring buffer size in bytes: a power of two, at least 4096.
-    #[arg(long, value_name = "BYTES", value_parser = parse_ring_size)]
-    pub ring_size: Option<u32>,
-    #[command(flatten)]
-    pub log: LogArgs,
-    /// Closed connections whose history is kept.
-    #[arg(long, value_name = "N", default_value_t = 10_000)]
-    pub history_keep: usize,
-    /// How long a closed connection's history is kept, e.g. 30m, 2h.
-    #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = parse_duration)]
-    pub history_max_age: chrono::Duration,
-    /// Serve Prometheus metrics at http://ADDR/metrics (default 127.0.0.1:9911; any other
-    /// address only when given).
-    #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = "127.0.0.1:9911")]
-    pub metrics: Option<std::net::SocketAddr>,
-    /// Serve the metrics over TLS with this PEM certificate chain (and --metrics-tls-key).
-    #[arg(long, value_name = "PATH", requires_all = ["metrics", "metrics_tls_key"])]
-    pub metrics_tls_cert: Option<PathBuf>,
-    /// The PEM private key of --metrics-tls-cert.
-    #[arg(long, value_name = "PATH", requires = "metrics_tls_cert")]
-    pub metrics_tls_key: Option<PathBuf>,
-    /// Answer only scrapes with `Authorization: Bearer TOKEN`, TOKEN read from this file.
-    #[arg(long, value_name = "PATH", requires = "metrics")]
-    pub metrics_token_file: Option<PathBuf>,
-    /// Scheduling priority (nice value, -20..19). The default -10 lets the agent drain the
-    /// ring buffer on a host whose CPUs are busy with the very traffic it traces; at 0 it
-    /// waited for a CPU long enough to lose events (cargo xtask bench).
-    #[arg(long, value_name = "N", default_value_t = -10, allow_negative_numbers = true,
-          value_parser = clap::value_parser!(i32).range(-20..=19))]
-    pub nice: i32,
-    /// Also count connects, failures and retransmits per remote endpoint (IP:PORT) in the
-    /// metrics, for the first N endpoints seen; later ones are counted as remote="other".
-    #[arg(long, value_name = "N", default_value_t = 0, requires = "metrics")]
-    pub metrics_remotes: usize,
-    /// The cgroup2 hierarchy to attach to and name containers from: a mount of the host's
-    /// root (in a container with its own cgroup namespace, the host's /sys/fs/cgroup
-    /// mounted elsewhere). Default: the first cgroup2 mount.
-    #[arg(long, value_name = "PATH")]
-    pub cgroup_root: Option<PathBuf>,
-    /// Also send every record as an OTLP log, and the metrics as OTLP metrics, to this
-    /// collector (http://HOST:4318 for --otlp-protocol http, http://HOST:4317 for grpc;
-    /// https:// for TLS).
-    #[arg(long, value_name = "URL")]
-    pub otlp: Option<reqwest::Url>,
-    #[arg(long, value_enum, default_value_t = crate::serve::otlp::Protocol::Http, requires = "otlp")]
-    pub otlp_protocol: crate::serve::otlp::Protocol,
-    /// A header sent with every OTLP request, e.g. `authorization=Bearer TOKEN`; repeatable.
-    #[arg(long, value_name = "KEY=VALUE", value_parser = parse_header, requires = "otlp")]
-    pub otlp_header: Vec<(String, String)>,
-    /// A PEM CA certificate to trust for an https:// collector, besides the system's.
-    #[arg(long, value_name = "PATH", requires = "otlp")]
-    pub otlp_ca_certificate: Option<PathBuf>,
-    /// How often the metrics are sent over OTLP.
-    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration,
-          requires = "otlp")]
-    pub otlp_metrics_interval: chrono::Duration,
-    /// Also ask the Kubernetes API, every 30 s and never on the event path, for this node's
-    /// pods: their names, `app` label and controller, and their containers' names (RBAC:
-    /// `list` on pods).
-    #[arg(long)]
-    pub kube: bool,
-    /// The API server (default: the in-cluster one, from KUBERNETES_SERVICE_HOST/PORT).
-    #[arg(long, value_name = "URL", requires = "kube")]
-    pub kube_api: Option<reqwest::Url>,
-    /// This node's name, whose pods are listed.
-    #[arg(long, value_name = "NAME", env = "NODE_NAME", requires = "kube")]
-    pub kube_node: Option<String>,
-    /// The bearer token (default: the pod's service account token).
-    #[arg(long, value_name = "PATH", requires = "kube")]
-    pub kube_token_file: Option<PathBuf>,
-    /// The API server's CA (default: the service account's ca.crt).
-    #[arg(long, value_name = "PATH", requires = "kube")]
-    pub kube_ca_certificate: Option<PathBuf>,
-    /// Where the kubelet keeps pods/ and containers/ (pod and container names).
-    #[arg(long, value_name = "DIR", default_value = crate::host::workload::KUBELET_LOGS)]
-    pub kubelet_logs: PathBuf,
-    /// Also count, for the protocol counters netwatch can attribute (`netwatch counters`),
-    /// the increments each process and endpoint caused, for the first N such pairs seen;
-    /// later ones are counted as comm="other", endpoint="other".
-    #[arg(long, value_name = "N", default_value_t = 0, requires = "metrics")]
-    pub metrics_causes: usize,
-    /// Also count connects, failures and retransmits per Kubernetes namespace, pod and
-    /// container (or container id, or systemd unit) of the owner, for the first N seen;
-    /// later ones are counted as namespace="other", pod="other", container="other".
-    #[arg(long, value_name = "N", default_value_t = 0)]
-    pub metrics_workloads: usize,
-}
-
-impl AgentArgs {
-    pub fn load_options(&self) -> LoadOptions {
-        LoadOptions { source: self.source, ring_size: self.ring_size }
-    }
-
-    /// None without `--kube`; an error line when the node is not named.
-    pub fn kube_options(&self) -> Option<crate::host::kube::Options> {
-        self.kube.then(|| crate::host::kube::Options {
-            api: self.kube_api.clone(),
-            node: self.kube_node.clone().unwrap_or_default(),
-            token_file: self.kube_token_file.clone(),
-            ca_certificate: self.kube_ca_certificate.clone(),
-        })
-    }
-
-    pub fn otlp_options(&self) -> Option<crate::serve::otlp::Options> {
-        Some(crate::serve::otlp::Options {
-            endpoint: self.otlp.clone()?,
-            protocol: self.otlp_protocol,
-            headers: self.otlp_header.clone(),
-            ca_certificate: self.otlp_ca_certificate.clone(),
-            metrics_interval: self
-                .otlp_metrics_interval
-                .to_std()
-                .unwrap_or_default()
-                .max(std::time::Duration::from_secs(1)),
-        })
-    }
 }
 
 #[derive(Clone, Debug, Args)]
@@ -461,39 +341,8 @@ pub struct TableSelect {
 
 #[derive(Clone, Debug, Args)]
 pub struct WatchArgs {
-    /// Only transitions with this local or remote port.
-    #[arg(long, value_name = "PORT")]
-    pub port: Option<u16>,
-    /// Only transitions with this local port.
-    #[arg(long, value_name = "PORT")]
-    pub sport: Option<u16>,
-    /// Only transitions with this remote port.
-    #[arg(long, value_name = "PORT")]
-    pub dport: Option<u16>,
-    /// Only sockets owned by this process id.
-    #[arg(long)]
-    pub pid: Option<u32>,
-    /// Only sockets owned by a process with this command name.
-    #[arg(long, value_name = "NAME")]
-    pub comm: Option<String>,
-    /// Only sockets whose owner runs in this container: its id, a prefix of it, or its name.
-    #[arg(long, value_name = "ID|NAME")]
-    pub container: Option<String>,
-    /// Only sockets whose owner runs in this Kubernetes pod: NAME, NAMESPACE/NAME or UID.
-    #[arg(long, value_name = "POD")]
-    pub pod: Option<String>,
-    /// Only IPv4.
-    #[arg(short = '4', long = "ipv4", conflicts_with = "ipv6")]
-    pub ipv4: bool,
-    /// Only IPv6.
-    #[arg(short = '6', long = "ipv6")]
-    pub ipv6: bool,
-    /// Only transitions from or to this state (e.g. SYN_SENT).
-    #[arg(long, value_name = "STATE", value_parser = parse_state)]
-    pub state: Option<TcpState>,
-    /// Only this exact transition, OLD:NEW (e.g. SYN_SENT:ESTABLISHED).
-    #[arg(long, value_name = "OLD:NEW", value_parser = parse_transition)]
-    pub transition: Option<(TcpState, TcpState)>,
+    #[command(flatten)]
+    pub filters: StreamFilters,
     /// One JSON object per line (NDJSON) instead of text.
     #[arg(long)]
     pub json: bool,
@@ -505,6 +354,8 @@ pub struct WatchArgs {
     /// The records shown (after the filters) are also appended to --log.
     #[command(flatten)]
     pub log: LogArgs,
+    #[command(flatten)]
+    pub replay: ReplayArgs,
 }
 
 #[derive(Clone, Debug, Args)]
@@ -562,15 +413,7 @@ fn parse_state(text: &str) -> Result<TcpState, String> {
     text.parse()
 }
 
-/// `KEY=VALUE`.
-fn parse_header(text: &str) -> Result<(String, String), String> {
-    let (key, value) = text
-        .split_once('=')
-        .ok_or_else(|| format!("'{text}' is not KEY=VALUE (e.g. authorization=Bearer TOKEN)"))?;
-    Ok((key.trim().to_string(), value.trim().to_string()))
-}
-
-fn parse_ring_size(text: &str) -> Result<u32, String> {
+pub(crate) fn parse_ring_size(text: &str) -> Result<u32, String> {
     let size: u32 = text.parse().map_err(|_| format!("'{text}' is not a number of bytes"))?;
     if size < 4096 || !size.is_power_of_two() {
         return Err(format!("{size} is not a power of two of at least 4096 (e.g. 1048576)"));
@@ -580,22 +423,7 @@ fn parse_ring_size(text: &str) -> Result<u32, String> {
 
 impl WatchArgs {
     pub fn filter(&self) -> TransitionFilter {
-        TransitionFilter {
-            port: self.port,
-            sport: self.sport,
-            dport: self.dport,
-            pid: self.pid,
-            comm: self.comm.clone(),
-            container: self.container.clone(),
-            pod: self.pod.clone(),
-            family: match (self.ipv4, self.ipv6) {
-                (true, _) => Some(Family::Ipv4),
-                (_, true) => Some(Family::Ipv6),
-                _ => None,
-            },
-            state: self.state,
-            transition: self.transition,
-        }
+        self.filters.filter()
     }
 
     pub fn format(&self) -> Format {

@@ -2,6 +2,7 @@
 use clap::error::ErrorKind;
 
 use super::*;
+use crate::kernel::events::Family;
 
 fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
     Cli::try_parse_from(std::iter::once("netwatch").chain(args.iter().copied()))
@@ -11,7 +12,7 @@ fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
 fn no_subcommand_means_watch() {
     let cli = parse(&["--port", "80", "--json"]).unwrap();
     assert!(cli.command.is_none());
-    assert_eq!(cli.watch.port, Some(80));
+    assert_eq!(cli.watch.filters.port, Some(80));
     assert_eq!(cli.watch.format(), Format::Json);
     let cli = parse(&["watch", "-6", "--transition", "syn_sent:established"]).unwrap();
     let Some(Command::Watch(args)) = cli.command else { panic!("not watch") };

@@ -7,7 +7,7 @@
 //! client that connects and sends nothing is dropped after a short timeout. A `live` client
 //! (`netwatch top`) also gets the table's changed rows, at most ten times a second, which
 //! the table notes only while such a client is connected.
-use std::{sync::Arc, time::Duration};
+use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use tokio::{
@@ -22,6 +22,7 @@ use crate::{
     host::{services::Services, snapshot::SocketRow},
     query::select::Selection,
     record::{Listed, LossReason, LossRecord, RowsChange, StreamRecord, WallClock},
+    recorded::TableReason,
     serve::api::{self, Command, Request, SocketFile, Update},
     serve::eventlog::Logging,
     serve::metrics::{self, Metrics},
@@ -135,12 +136,17 @@ pub async fn run(args: &AgentArgs) -> anyhow::Result<()> {
         Clients { sender, live: Arc::new(()), rows_sent: tokio::time::Instant::now() };
     // Port names in table filters; a changed /etc/services is read at the next start.
     let services = Arc::new(Services::load());
+    let log_path =
+        args.log.log.as_ref().map(|p| Arc::new(std::path::absolute(p).unwrap_or(p.clone())));
     let mut stats = Stats::new();
     let mut histories =
         Histories::new(Retention { count: args.history_keep, max_age: args.history_max_age });
     if let Some(snapshot) = tracer.take_snapshot() {
         histories.seed(&snapshot);
     }
+    let mut records = Vec::new();
+    // The log begins with the table, so that a reader knows what was open before its events.
+    records.extend(log.write_table(TableReason::Start, || every_row(&mut tracer)));
     super::release_freed_memory();
     let mut attribution = Attribution::default();
     let counters_at_start = attribution::Account {
@@ -189,7 +195,6 @@ pub async fn run(args: &AgentArgs) -> anyhow::Result<()> {
         tracer.describe(),
         args.socket.display()
     );
-    let mut records = Vec::new();
     loop {
         tokio::select! {
             _ = signals.stop() => break,
@@ -198,7 +203,7 @@ pub async fn run(args: &AgentArgs) -> anyhow::Result<()> {
             }
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
-                    let client = serve(stream, clients.sender.subscribe(), Arc::downgrade(&clients.live), table_requests.clone(), services.clone());
+                    let client = serve(stream, clients.sender.subscribe(), Arc::downgrade(&clients.live), table_requests.clone(), services.clone(), log_path.clone());
                     tokio::spawn(client);
                 }
                 Err(error) => tracing::warn!("accepting an API client: {error}"),
@@ -216,7 +221,7 @@ pub async fn run(args: &AgentArgs) -> anyhow::Result<()> {
                 };
                 let left_out = tracer.settle(&mut records, scope)?;
                 absorb(&mut records, &mut log, &metrics, (&mut stats, &mut histories, &mut attribution), &clients.sender);
-                reconcile(&mut tracer, &mut histories);
+                reconcile(&mut tracer, &mut histories, &mut log, &mut records);
                 // The client may have gone; nothing to do then.
                 match query {
                     Query::Table(reply, selection) => {
@@ -271,7 +276,7 @@ pub async fn run(args: &AgentArgs) -> anyhow::Result<()> {
                     exporter.report(&mut records);
                 }
                 absorb(&mut records, &mut log, &metrics, (&mut stats, &mut histories, &mut attribution), &clients.sender);
-                reconcile(&mut tracer, &mut histories);
+                reconcile(&mut tracer, &mut histories, &mut log, &mut records);
             }
         }
     }
@@ -372,6 +377,7 @@ async fn serve(
     live: std::sync::Weak<()>,
     table_requests: mpsc::Sender<Query>,
     services: Arc<Services>,
+    log_path: Option<Arc<PathBuf>>,
 ) {
     let (read, write) = stream.into_split();
     let mut write = BufWriter::new(write);
@@ -418,6 +424,9 @@ async fn serve(
                     write_json_line(&mut write, rows).await
                 }
             }
+        }
+        Ok(Request { command: Command::Log, .. }) => {
+            write_json_line(&mut write, serde_json::json!({ "path": log_path.as_deref() })).await
         }
         Ok(Request { command: Command::Stats, .. }) => {
             let report = ask_main_loop(&table_requests, Query::Stats).await;
@@ -519,11 +528,30 @@ fn absorb(
     }
 }
 
-/// After a resync the table was rebuilt from a new snapshot: histories follow it.
-fn reconcile(tracer: &mut Tracer, histories: &mut Histories) {
-    if let Some(snapshot) = tracer.take_snapshot() {
-        histories.reconcile(&snapshot, chrono::Utc::now());
+/// After a resync the table was rebuilt from a new snapshot: histories follow it, and the
+/// log gets the new table. A log that rotated gets the table at the top of its new file.
+/// A failure to log is a record for the next batch.
+fn reconcile(
+    tracer: &mut Tracer,
+    histories: &mut Histories,
+    log: &mut Logging,
+    records: &mut Vec<StreamRecord>,
+) {
+    let reason = match tracer.take_snapshot() {
+        Some(snapshot) => {
+            histories.reconcile(&snapshot, chrono::Utc::now());
+            Some(TableReason::Resync)
+        }
+        None => log.rotated().then_some(TableReason::Rotation),
+    };
+    if let Some(reason) = reason {
+        records.extend(log.write_table(reason, || every_row(tracer)));
     }
+}
+
+/// Every row of the table, as a `live` client gets it.
+fn every_row(tracer: &mut Tracer) -> Vec<Listed> {
+    tracer.listed_with_half_open(Scope::LIVE, |_| true, |_| true)
 }
 
 /// Who moved the counters in `netns` (every namespace if None) since `since`.

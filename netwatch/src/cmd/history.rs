@@ -8,44 +8,38 @@ use crate::{
     output::address::endpoint,
     output::history::path,
     query::ss::{self as query, Endpoints},
+    recorded::{rebuild, window::Window},
     serve::api::{self, Command},
     state::history::History,
 };
 
 pub async fn run(args: &HistoryArgs) -> anyhow::Result<()> {
     let query = query::parse(&args.filter, &Services::load())?;
-    let ask = |cookie| async move {
-        api::ask(&args.socket, Command::History { cookie }).await.context("asking the agent")
+    let all = match &args.log {
+        Some(path) => from_log(path, args)?,
+        None => from_agent(args).await?,
     };
-    let Some(mut line) = ask(args.cookie).await? else {
-        bail!(
-            "no agent is running at {}: start `netwatch agent` (histories are kept by the agent)",
-            args.socket.display()
-        );
-    };
-    // An agent older than the `cookie` field refuses it: it is asked for every history,
-    // which are filtered here in any case.
-    if args.cookie.is_some() && !line.starts_with('[') {
-        line = ask(None).await?.unwrap_or_default();
-    }
-    let all: Vec<History> = serde_json::from_str(&line).with_context(|| {
-        format!("the agent at {} answered: {}", args.socket.display(), line.trim())
-    })?;
     if let Some(cookie) = args.cookie
         && !all.iter().any(|h| h.cookie == cookie)
     {
-        bail!(
-            "the agent knows no connection with cookie {cookie}: closed ones are kept for \
-             --history-max-age and at most --history-keep of them (see `netwatch history`)"
-        );
+        match &args.log {
+            Some(path) => {
+                bail!("the log {} has no connection with cookie {cookie}", path.display())
+            }
+            None => bail!(
+                "the agent knows no connection with cookie {cookie}: closed ones are kept for \
+                 --history-max-age and at most --history-keep of them (see `netwatch history`)"
+            ),
+        }
     }
-    let since = args.since.map(|d| chrono::Utc::now() - d);
+    let (since, until) = (args.since, args.until);
     let chosen: Vec<&History> = all
         .iter()
         .filter(|h| args.cookie.is_none_or(|c| h.cookie == c))
         .filter(|h| !args.closed || h.closed)
         .filter(|h| !args.failed || h.failure.is_some())
         .filter(|h| since.is_none_or(|t| h.steps.last().is_some_and(|s| s.time >= t)))
+        .filter(|h| until.is_none_or(|t| h.steps.first().is_none_or(|s| s.time <= t)))
         .filter(|h| {
             let workload = h.workload.as_deref();
             args.container
@@ -116,4 +110,34 @@ pub async fn run(args: &HistoryArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     super::emit(&lines.join("\n"))
+}
+
+async fn from_agent(args: &HistoryArgs) -> anyhow::Result<Vec<History>> {
+    let ask = |cookie| async move {
+        api::ask(&args.socket, Command::History { cookie }).await.context("asking the agent")
+    };
+    let Some(mut line) = ask(args.cookie).await? else {
+        bail!(
+            "no agent is running at {}: start `netwatch agent` (histories are kept by the \
+             agent), or read its event log (--log PATH)",
+            args.socket.display()
+        );
+    };
+    // An agent older than the `cookie` field refuses it: it is asked for every history,
+    // which are filtered here in any case.
+    if args.cookie.is_some() && !line.starts_with('[') {
+        line = ask(None).await?.unwrap_or_default();
+    }
+    serde_json::from_str(&line).with_context(|| {
+        format!("the agent at {} answered: {}", args.socket.display(), line.trim())
+    })
+}
+
+/// Every history the log holds up to `--until`, rebuilt from the start of the first file
+/// that reaches `--since` (which begins with the agent's table).
+fn from_log(path: &std::path::Path, args: &HistoryArgs) -> anyhow::Result<Vec<History>> {
+    let window = Window { since: args.since, until: args.until };
+    let mut reader = super::log::open(path, window, false)?.whole_files();
+    let histories = rebuild::histories(&mut reader).context("reading the log")?;
+    Ok(histories.all())
 }

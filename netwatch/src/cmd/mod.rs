@@ -4,6 +4,7 @@ pub mod check;
 pub mod counters;
 pub mod docs;
 pub mod history;
+pub mod log;
 pub mod stats;
 pub mod table;
 pub mod watch;

@@ -13,8 +13,12 @@ use tokio::{
 use crate::{
     cli::WatchArgs,
     output::{Format, TextLayout},
-    query::stream::TransitionFilter,
+    query::{recorded::RecordSelection, stream::TransitionFilter},
     record::StreamRecord,
+    recorded::{
+        Entry,
+        replay::{Played, Player},
+    },
     serve::api::{self, Command, Request},
     serve::eventlog::Logging,
     state::tracer::Tracer,
@@ -32,14 +36,18 @@ struct Printer {
 }
 
 impl Printer {
-    fn print(&mut self, records: &mut Vec<StreamRecord>) -> anyhow::Result<()> {
-        records.retain(|record| match record {
+    fn shows(&self, record: &StreamRecord) -> bool {
+        match record {
             StreamRecord::Transition(t) => self.filter.matches(t),
             StreamRecord::Retransmit(r) => self.filter.matches_retransmit(r),
             StreamRecord::Lost(_) | StreamRecord::LogFailed(_) | StreamRecord::ExportDropped(_) => {
                 true
             }
-        });
+        }
+    }
+
+    fn print(&mut self, records: &mut Vec<StreamRecord>) -> anyhow::Result<()> {
+        records.retain(|record| self.shows(record));
         self.log.write(records);
         let mut written = Ok(());
         for record in records.drain(..) {
@@ -84,6 +92,13 @@ pub async fn run(args: &WatchArgs) -> anyhow::Result<()> {
         layout: TextLayout::default(),
         header: args.format() == Format::Text && !args.no_header,
     };
+    if let Some(path) = &args.replay.replay {
+        let result = replay(path, args, &mut signals, &mut printer).await;
+        return match result {
+            Err(error) if error.downcast_ref::<ReaderGone>().is_some() => Ok(()),
+            other => other,
+        };
+    }
     // Options that shape the kernel side need programs of our own.
     let own_programs = args.programs.own();
     let agent = if own_programs {
@@ -173,5 +188,47 @@ async fn attached(
             Err(_) => anyhow::bail!("the agent said: {line}"),
         }
         printer.print(&mut records)?;
+    }
+}
+
+/// Plays a recorded stretch of the log through the same filters and printer.
+async fn replay(
+    path: &std::path::Path,
+    args: &WatchArgs,
+    signals: &mut Signals,
+    printer: &mut Printer,
+) -> anyhow::Result<()> {
+    let selection = RecordSelection { filter: args.filter(), ..RecordSelection::default() };
+    let reader = super::log::open(path, args.replay.window(), false)?;
+    let mut player = Player::new(reader, selection.prefilter(), args.replay.speed);
+    let mut enter = args.replay.step.then(|| BufReader::new(tokio::io::stdin()).lines());
+    if enter.is_some() {
+        player.pace.pause();
+    }
+    let how = if enter.is_some() {
+        "one record per Enter".to_string()
+    } else {
+        format!("at {}x", args.replay.speed)
+    };
+    eprintln!("netwatch: replaying {} {how}; Ctrl-C to stop", path.display());
+    header(printer)?;
+    loop {
+        player.step();
+        let played = tokio::select! {
+            _ = signals.stop() => return Ok(()),
+            played = player.next() => played?,
+        };
+        let record = match played {
+            Played::Entry(Entry::Record(record)) if printer.shows(&record) => record,
+            Played::End => return Ok(()),
+            _ => continue,
+        };
+        printer.print(&mut vec![record])?;
+        if let Some(lines) = &mut enter {
+            tokio::select! {
+                _ = signals.stop() => return Ok(()),
+                line = lines.next_line() => if line?.is_none() { return Ok(()) },
+            }
+        }
     }
 }

@@ -1,6 +1,6 @@
 //! A connection's history as text: its path through the state machine, each state with the
 //! time spent in it.
-use crate::state::history::History;
+use crate::state::history::{FirstSeen, History};
 
 /// `SYN_SENT 0.41ms -> ESTABLISHED 12.3s -> CLOSE`: each state with the time spent in it.
 pub fn path(history: &History) -> String {
@@ -8,6 +8,7 @@ pub fn path(history: &History) -> String {
     if let Some(state) = history.snapshot_state.filter(|_| history.steps.is_empty()) {
         parts.push(format!("{state} (since before netwatch)"));
     }
+
     for (i, step) in history.steps.iter().enumerate() {
         if i == 0 {
             parts.push(match step.duration_ns {
@@ -21,7 +22,8 @@ pub fn path(history: &History) -> String {
             None => step.new.to_string(),
         });
     }
-    parts.join(" -> ")
+    let path = parts.join(" -> ");
+    if history.first_seen == FirstSeen::Midway { format!("(began unseen) {path}") } else { path }
 }
 
 fn human(ns: u64) -> String {

@@ -36,6 +36,8 @@ pub enum Command {
     },
     /// Handshake latency and failure statistics: one line, a JSON `stats::Report`.
     Stats,
+    /// Where the agent logs: one line, `{"path": PATH}` (null when it does not log).
+    Log,
     /// Connection histories, open then retained closed ones: one line, a JSON array of
     /// `history::History`; only the connection with `cookie` when it is given.
     History {

@@ -30,6 +30,8 @@ pub struct EventLog {
     options: LogOptions,
     file: File,
     size: u64,
+    /// Rotations so far.
+    rotations: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -58,15 +60,20 @@ impl EventLog {
             );
             file.set_len(size).map_err(fail)?;
         }
-        Ok(EventLog { options, file, size })
+        Ok(EventLog { options, file, size, rotations: 0 })
     }
 
     /// Appends `records`, one line each, rotating whenever the next line would not fit (a
     /// single line longer than the limit gets a file of its own).
     pub fn append(&mut self, records: &[StreamRecord]) -> Result<(), LogError> {
+        self.append_lines(records.iter().map(line))
+    }
+
+    /// Appends lines (without their newline), rotating as [`EventLog::append`] does.
+    pub fn append_lines(&mut self, lines: impl Iterator<Item = String>) -> Result<(), LogError> {
         let mut chunk = String::new();
-        for record in records {
-            let line = line(record) + "\n";
+        for line in lines {
+            let line = line + "\n";
             let used = self.size + chunk.len() as u64;
             if used > 0 && used + line.len() as u64 > self.options.max_size {
                 self.write(&chunk)?;
@@ -105,6 +112,7 @@ impl EventLog {
         if self.options.keep == 0 {
             self.file.set_len(0)?;
             self.size = 0;
+            self.rotations += 1;
             return Ok(());
         }
         match std::fs::remove_file(rotated(self.options.keep)) {
@@ -118,6 +126,7 @@ impl EventLog {
             }
         }
         std::fs::rename(&self.options.path, rotated(1))?;
+        self.rotations += 1;
         self.file =
             OpenOptions::new().create(true).append(true).read(true).open(&self.options.path)?;
         self.size = 0;
@@ -286,6 +295,8 @@ mod tests {
 #[derive(Default)]
 pub struct Logging {
     log: Option<EventLog>,
+    /// The log's rotations when its table was last written.
+    tabled_at: u64,
 }
 
 impl Logging {
@@ -301,7 +312,7 @@ impl Logging {
                 e.source,
             )
         })?;
-        Ok(Logging { log })
+        Ok(Logging { log, tabled_at: 0 })
     }
 
     /// Appends `records` to the log. A failure stops the logging, not the tracing, and is
@@ -310,14 +321,52 @@ impl Logging {
         if let Some(log) = &mut self.log
             && let Err(error) = log.append(records)
         {
-            tracing::error!("{error}: stopped logging; tracing goes on");
-            let time = WallClock::now().wall(WallClock::monotonic_now_ns());
-            records.push(StreamRecord::LogFailed(LogFailedRecord {
-                time,
-                path: error.path.clone(),
-                error: error.source.to_string(),
-            }));
-            self.log = None;
+            records.push(self.stop(error));
         }
+    }
+
+    /// The path of the log, while logging.
+    pub fn path(&self) -> Option<&Path> {
+        self.log.as_ref().map(EventLog::path)
+    }
+
+    /// Whether the log rotated since its table was last written: every file begins with
+    /// the table, so that a reader of one file knows what was open.
+    pub fn rotated(&self) -> bool {
+        self.log.as_ref().is_some_and(|log| log.rotations != self.tabled_at)
+    }
+
+    /// Writes the table (`rows()`, asked only while logging): a `table` line and a `socket`
+    /// line per row. A failure stops the logging as [`Logging::write`]'s does; its record is
+    /// returned.
+    pub fn write_table(
+        &mut self,
+        reason: crate::recorded::TableReason,
+        rows: impl FnOnce() -> Vec<crate::record::Listed>,
+    ) -> Option<StreamRecord> {
+        let log = self.log.as_mut()?;
+        let rows = rows();
+        let mono_ns = WallClock::monotonic_now_ns();
+        let mark = crate::recorded::TableMark {
+            time: WallClock::now().wall(mono_ns),
+            mono_ns,
+            reason,
+            sockets: rows.len() as u64,
+        };
+        let written = log.append_lines(crate::recorded::table_lines(&mark, &rows));
+        // Rotations the table itself caused need no table of their own.
+        self.tabled_at = log.rotations;
+        written.err().map(|error| self.stop(error))
+    }
+
+    fn stop(&mut self, error: LogError) -> StreamRecord {
+        tracing::error!("{error}: stopped logging; tracing goes on");
+        let time = WallClock::now().wall(WallClock::monotonic_now_ns());
+        self.log = None;
+        StreamRecord::LogFailed(LogFailedRecord {
+            time,
+            path: error.path.clone(),
+            error: error.source.to_string(),
+        })
     }
 }

@@ -24,6 +24,9 @@ pub enum FirstSeen {
     Snapshot,
     /// Its first transition was seen.
     Event,
+    /// Its first transition seen was not its beginning (it began before the log read, or
+    /// netwatch, saw it): its first steps are missing.
+    Midway,
 }
 
 /// One transition in a connection's history.
@@ -223,8 +226,11 @@ impl Histories {
 
     pub fn record(&mut self, t: &TransitionRecord) {
         let Some(cookie) = t.cookie else { return };
+        // A socket begins closed (connect, listen), or as a listener's child.
+        let birth = matches!(t.old, TcpState::Close | TcpState::Listen | TcpState::SynRecv);
+        let first_seen = if birth { FirstSeen::Event } else { FirstSeen::Midway };
         let history = self.open_entry(cookie, || {
-            History::new(cookie, t.netns, (t.laddr, t.lport), (t.raddr, t.rport), FirstSeen::Event)
+            History::new(cookie, t.netns, (t.laddr, t.lport), (t.raddr, t.rport), first_seen)
         });
         if t.lport != 0 {
             history.lport = t.lport;

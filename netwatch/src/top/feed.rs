@@ -10,6 +10,7 @@ use tokio::{
     net::unix::{OwnedReadHalf, OwnedWriteHalf},
 };
 
+use super::replay::Replaying;
 use crate::{
     kernel::loader::LoadOptions,
     record::{Listed, RowsChange, StreamRecord},
@@ -36,6 +37,8 @@ pub enum Feed {
         _request: OwnedWriteHalf,
     },
     Direct(Box<Direct>),
+    /// `--replay`: an event log played back.
+    Replay(Box<Replaying>),
 }
 
 /// Programs of top's own, with what the agent would keep for the detail view.
@@ -115,8 +118,25 @@ impl Feed {
                 direct.tracer.next(&mut direct.records).await?;
                 direct.absorb(out);
             }
+            Feed::Replay(replaying) => replaying.next(out).await?,
         }
         Ok(())
+    }
+
+    /// The player, when replaying.
+    pub fn replaying(&mut self) -> Option<&mut Replaying> {
+        match self {
+            Feed::Replay(replaying) => Some(replaying),
+            _ => None,
+        }
+    }
+
+    /// The clock the view runs on: CLOCK_MONOTONIC, or the recording's when replaying.
+    pub fn now_ns(&self) -> u64 {
+        match self {
+            Feed::Replay(replaying) => replaying.now_ns(),
+            _ => crate::record::WallClock::monotonic_now_ns(),
+        }
     }
 
     /// Stops the programs of a direct feed, handing on what the kernel had delivered.
@@ -151,6 +171,7 @@ impl Feed {
                 let listener = listener_of(h, report.listeners);
                 Ok((history, listener))
             }
+            Feed::Replay(replaying) => Ok((replaying.history(cookie), None)),
             Feed::Direct(direct) => {
                 let history = direct.histories.of(cookie).pop();
                 let listener = match &history {

@@ -8,6 +8,7 @@
 mod detail;
 mod feed;
 mod model;
+mod replay;
 mod terminal;
 mod text;
 mod traffic;
@@ -48,13 +49,20 @@ pub async fn run(args: &TopArgs) -> anyhow::Result<()> {
     }
     let names = if args.numeric { Services::default() } else { Services::load() };
     let ui = Ui::new(args.select.clone(), Services::load(), names)?;
-    let own = args.programs.own();
-    if own {
-        eprintln!("netwatch: loading programs of our own...");
-    }
-    let (feed, rows, source) =
-        Feed::open(&args.programs.socket, own, &args.programs.load_options()).await?;
-    let model = Model::new(rows, WallClock::monotonic_now_ns());
+    let (feed, rows, source) = match &args.replay.replay {
+        Some(path) => {
+            let replaying = replay::Replaying::open(path, &args.replay)?;
+            (Feed::Replay(Box::new(replaying)), Vec::new(), String::new())
+        }
+        None => {
+            let own = args.programs.own();
+            if own {
+                eprintln!("netwatch: loading programs of our own...");
+            }
+            Feed::open(&args.programs.socket, own, &args.programs.load_options()).await?
+        }
+    };
+    let model = Model::new(rows, feed.now_ns());
     // The first table's JSON and rows (tens of MB with 100k sockets) are freed by now.
     crate::cmd::release_freed_memory();
     let mut hangup = signal(SignalKind::hangup())?;
@@ -93,7 +101,14 @@ pub async fn run(args: &TopArgs) -> anyhow::Result<()> {
                     // Keys that came together (a paste, a fast typist, a slow machine) act on
                     // the rows the keys before them chose, not on the last frame's.
                     if app.ui.stale() {
-                        app.ui.arrange(&app.model, WallClock::monotonic_now_ns());
+                        app.ui.arrange(&app.model, app.feed.now_ns());
+                    }
+                    if app.replay_key(key) {
+                        app.touched = true;
+                        if let Err(error) = app.frame(false) {
+                            break Err(error);
+                        }
+                        continue;
                     }
                     match app.ui.key(key, &mut app.model, app.page) {
                         Action::Quit => break Ok(()),
@@ -154,8 +169,20 @@ struct App {
 }
 
 impl App {
+    /// A key that steers a replay (space, `.`, `+`, `-`), outside the overlays.
+    fn replay_key(&mut self, key: crossterm::event::KeyEvent) -> bool {
+        use crossterm::event::{KeyCode, KeyModifiers};
+        let plain = !key.modifiers.intersects(KeyModifiers::CONTROL | KeyModifiers::ALT);
+        match (self.feed.replaying(), key.code) {
+            (Some(replaying), KeyCode::Char(c)) if plain && self.ui.overlay == Overlay::None => {
+                replaying.key(c)
+            }
+            _ => false,
+        }
+    }
+
     fn absorb(&mut self, news: &mut Vec<News>) {
-        let now = WallClock::monotonic_now_ns();
+        let now = self.feed.now_ns();
         for item in news.drain(..) {
             match item {
                 News::Record(record) => self.model.apply(record),
@@ -171,7 +198,10 @@ impl App {
             let rows = if self.ui.grouping == ui::Grouping::None { self.page } else { 0 };
             let on_screen: Vec<u64> =
                 self.ui.order.iter().skip(self.ui.connections_offset).take(rows).copied().collect();
-            self.traffic.refresh(&mut self.model, &on_screen, WallClock::monotonic_now_ns());
+            // A replay's sockets are not this host's: the kernel has no bytes for them.
+            if self.feed.replaying().is_none() {
+                self.traffic.refresh(&mut self.model, &on_screen, WallClock::monotonic_now_ns());
+            }
             if let Overlay::Detail(cookie) = self.ui.overlay {
                 self.ask_detail(cookie).await;
             }
@@ -202,7 +232,7 @@ impl App {
         if !on_tick && self.drawn_at.elapsed() < FRAME {
             return Ok(());
         }
-        let now = WallClock::monotonic_now_ns();
+        let now = self.feed.now_ns();
         let changed = self.arranged != Some(self.model.version);
         // Sorting 100k rows takes tens of milliseconds: changes in the model are then taken
         // in less often; what the user did, at once.
@@ -219,10 +249,14 @@ impl App {
             return Ok(());
         }
         let (handshakes_per_s, failures_per_s) = self.model.rates(now);
+        let (source, wall) = match self.feed.replaying() {
+            Some(replaying) => (replaying.describe(), replaying.wall()),
+            None => (self.source.clone(), chrono::Utc::now()),
+        };
         let status = Status {
-            source: &self.source,
+            source: &source,
             now_ns: now,
-            wall: chrono::Utc::now(),
+            wall,
             offset: *chrono::Local::now().offset(),
             handshakes_per_s,
             failures_per_s,

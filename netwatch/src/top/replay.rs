@@ -1,0 +1,140 @@
+//! `top --replay`: the live view's feed played from an event log. The log's tables become
+//! whole new tables for the model, its records what the stream would have sent, at the
+//! pace they were recorded (or as the user steers: pause, step, faster, slower); the
+//! view's clock is the recording's.
+use std::path::{Path, PathBuf};
+
+use super::feed::News;
+use crate::{
+    cli::ReplayArgs,
+    query::recorded::RecordSelection,
+    record::{RowsChange, StreamRecord},
+    recorded::{
+        rebuild::{Assembled, Assembler},
+        replay::{Played, Player},
+    },
+    state::history::{Histories, History, Retention},
+};
+
+pub struct Replaying {
+    path: PathBuf,
+    player: Player,
+    assembler: Assembler,
+    histories: Histories,
+    /// Wall time minus CLOCK_MONOTONIC of the recording (its agent's), from its lines.
+    offset_ns: i128,
+    /// The recording's CLOCK_MONOTONIC at the last entry handed over.
+    last_mono_ns: u64,
+}
+
+impl Replaying {
+    pub fn open(path: &Path, args: &ReplayArgs) -> anyhow::Result<Replaying> {
+        // From the start of the first file the stretch reaches: it begins with a table.
+        let reader = crate::cmd::log::open(path, args.window(), false)?.whole_files();
+        let keep = RecordSelection::default().prefilter();
+        let mut player = Player::new(reader, keep, args.speed);
+        if args.step {
+            player.pace.pause();
+        }
+        Ok(Replaying {
+            path: path.to_path_buf(),
+            player,
+            assembler: Assembler::default(),
+            histories: Histories::new(Retention::default()),
+            offset_ns: 0,
+            last_mono_ns: 0,
+        })
+    }
+
+    /// Waits for the next entry that is due and hands it over as news.
+    pub async fn next(&mut self, out: &mut Vec<News>) -> anyhow::Result<()> {
+        let entry = match self.player.next().await? {
+            Played::CatchingUp(entry) | Played::Entry(entry) => entry,
+            Played::End => {
+                self.assembler.flush(&mut Vec::new());
+                return std::future::pending().await;
+            }
+        };
+        let mut assembled = Vec::new();
+        self.assembler.feed(entry, &mut assembled);
+        for item in assembled {
+            match item {
+                Assembled::Record(record) => {
+                    if let StreamRecord::Transition(t) = &record {
+                        self.learn_clock(t.time, t.mono_ns);
+                    }
+                    self.histories.observe(&record);
+                    out.push(News::Record(record));
+                }
+                Assembled::Table(mark, rows) => {
+                    self.learn_clock(mark.time, mark.mono_ns);
+                    self.histories.seed(&crate::recorded::rebuild::snapshot(&rows));
+                    out.push(News::Rows(RowsChange { full: true, upsert: rows, gone: Vec::new() }));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn learn_clock(&mut self, wall: chrono::DateTime<chrono::Utc>, mono_ns: u64) {
+        let wall_ns = i128::from(wall.timestamp_nanos_opt().unwrap_or_default());
+        self.offset_ns = wall_ns - i128::from(mono_ns);
+        self.last_mono_ns = mono_ns;
+    }
+
+    /// The recording's CLOCK_MONOTONIC being played now.
+    pub fn now_ns(&self) -> u64 {
+        let played = self.player.pace.playhead().map(|wall| {
+            let wall_ns = i128::from(wall.timestamp_nanos_opt().unwrap_or_default());
+            (wall_ns - self.offset_ns).clamp(0, i128::from(u64::MAX)) as u64
+        });
+        played.unwrap_or(0).max(self.last_mono_ns)
+    }
+
+    /// The recording's wall time being played now.
+    pub fn wall(&self) -> chrono::DateTime<chrono::Utc> {
+        let ns = i128::from(self.now_ns()) + self.offset_ns;
+        chrono::DateTime::from_timestamp_nanos(ns.clamp(0, i128::from(i64::MAX)) as i64)
+    }
+
+    pub fn history(&self, cookie: u64) -> Option<History> {
+        self.histories.of(cookie).pop()
+    }
+
+    /// The header's words: what is played, how fast, and whether it is paused or over.
+    pub fn describe(&self) -> String {
+        let pace = &self.player.pace;
+        let state = if self.player.ended() {
+            " (ended)"
+        } else if pace.is_paused() {
+            " (paused: space plays, . steps)"
+        } else {
+            ""
+        };
+        format!("replay {} at {}x{state}", self.path.display(), pace.speed())
+    }
+
+    /// A key for the player: space pauses and plays, `.` steps while paused, `+` and `-`
+    /// double and halve the speed. False for any other key.
+    pub fn key(&mut self, key: char) -> bool {
+        let pace = &mut self.player.pace;
+        match key {
+            ' ' if pace.is_paused() => pace.resume(),
+            ' ' => pace.pause(),
+            '.' => {
+                pace.pause();
+                self.player.step();
+            }
+            '+' => pace.set_speed((pace.speed() * 2.0).min(100_000.0)),
+            '-' => pace.set_speed((pace.speed() / 2.0).max(0.01)),
+            _ => return false,
+        }
+        true
+    }
+}
+
+impl std::fmt::Debug for Replaying {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Replaying").field("path", &self.path).finish_non_exhaustive()
+    }
+}
