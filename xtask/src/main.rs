@@ -111,7 +111,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let bench = bench::Bench::new(&root);
             // Retention first: the snapshot scenario leaves thousands of TIME_WAIT sockets
             // behind, which a new agent would take in.
-            const SCENARIOS: [&str; 10] = [
+            const SCENARIOS: [&str; 11] = [
                 "retention",
                 "snapshot",
                 "overhead",
@@ -122,6 +122,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 "idle",
                 "soak",
                 "top",
+                "log",
             ];
             if let Some(unknown) = only.iter().find(|o| !SCENARIOS.contains(&o.as_str())) {
                 bail!("no scenario '{unknown}': choose from {}", SCENARIOS.join(", "));
@@ -159,6 +160,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             if wanted("top") {
                 bench.top()?;
+            }
+            if wanted("log") {
+                bench.log()?;
             }
             eprintln!("==> benchmarks done in {:.0?}", started.elapsed());
             Ok(())

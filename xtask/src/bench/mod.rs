@@ -21,6 +21,8 @@
 //! calls with no TCP in them, on this kernel and inside each kernel of the matrix; a host
 //! with no traffic; and the program runs the kernel skips under a mixed load.
 //!
+//! Scenario `log` (see [`log`]): `netwatch log`'s read speed on a 1 GiB log, next to `grep -c`.
+//!
 //! Scenario `top` (see [`top`]): `netwatch top`'s CPU at about 1,000 transitions a second,
 //! and its memory and responsiveness with 100k sockets.
 //!
@@ -36,6 +38,7 @@ use anyhow::{Context as _, bail};
 
 mod cost;
 mod latency;
+mod log;
 mod otlp;
 mod overhead;
 mod support;
