@@ -1,7 +1,7 @@
 //! `netwatch top` in a real pseudo-terminal (tmux's), read back from the screen: a real
 //! server (python's http.server) in a namespace of the test's own, a named client holding a
 //! connection to it and another refused, then sorting, filtering, a detail, and a clean exit
-//! that gives the terminal back as it was.
+//! that gives the terminal back as it was; and a recorded log replayed.
 //! A failed unwrap is how a test reports a missing field.
 #![allow(clippy::unwrap_used)]
 
@@ -329,4 +329,50 @@ fn the_agent_sends_the_table_then_its_changes() {
         }
     }
     panic!("the closed UDP socket was never reported gone");
+}
+
+/// `top --replay`: a log recorded by an agent played back stepwise, then to its end, with
+/// the recording's table and owners, and a clean exit.
+#[test]
+fn top_replays_a_recorded_log() {
+    require_root();
+    let ns = NetNs::new("topr");
+    let dir = std::env::temp_dir().join(format!("netwatch-test-{}-top-replay", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let log = dir.join("events.ndjson");
+    // The listener comes before the agent: the replay knows it from the log's first table.
+    let server = http_server(&ns);
+    let agent =
+        Agent::start_with(&Agent::test_socket("top-replay"), &["--log", log.to_str().unwrap()]);
+    for _ in 0..3 {
+        let status = ns
+            .command("curl")
+            .args(["-s", "-o", "/dev/null", &format!("http://127.0.0.1:{PORT}/")])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+    thread::sleep(Duration::from_millis(500));
+    assert!(agent.stop().success());
+    drop(server);
+    let args = format!("--replay {} --step", log.display());
+    let tmux = Tmux::start(&format!("NO_COLOR=1 {}", top_command(&args, &ns)), 120, 30);
+    tmux.wait_for("a paused replay", |s| s.contains("(paused: space plays"));
+    // One step: the agent's first table, with the listener and its owner.
+    tmux.keys(&["."]);
+    tmux.wait_for("the recorded listener", |s| {
+        rows_with(s, "LISTEN")
+            .iter()
+            .any(|r| r.contains(&format!("127.0.0.1:{PORT}")) && r.contains("python3["))
+    });
+    // Space plays the rest at the recorded pace: the round trips, to the end.
+    tmux.keys(&["Space"]);
+    let screen = tmux.wait_for("the end of the replay", |s| s.contains("(ended)"));
+    let pane = screen.split(" Transitions").nth(1).unwrap_or_default();
+    assert!(pane.contains("TIME-WAIT") && pane.contains(&format!(":{PORT}")), "{screen}");
+    assert!(pane.contains("curl["), "the clients, as recorded: {screen}");
+    tmux.keys(&["q"]);
+    let screen = tmux.wait_for("top's exit", |s| s.contains("MODES-SHOWN"));
+    assert!(screen.contains("TOP-EXIT=0") && screen.contains("icanon echo"), "{screen}");
 }

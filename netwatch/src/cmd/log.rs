@@ -40,6 +40,9 @@ pub async fn run(args: &LogQueryArgs) -> anyhow::Result<()> {
         failed: args.failed,
     };
     let mut reader = open(&path, args.window.window(), args.follow)?;
+    if args.follow {
+        eprintln!("netwatch: following {} as it grows; Ctrl-C to stop", path.display());
+    }
     let mut keep = selection.prefilter();
     let mut out = Printer {
         out: BufWriter::with_capacity(1 << 16, io::stdout()),
@@ -56,8 +59,11 @@ pub async fn run(args: &LogQueryArgs) -> anyhow::Result<()> {
         };
         let printed = match next {
             Next::Entry(Entry::Record(record)) if selection.matches(&record) => out.record(&record),
-            Next::Entry(Entry::Table(mark)) if mark.reason != TableReason::Rotation => out
-                .note(mark.time, &format!("{}: {} sockets open", mark.reason.name(), mark.sockets)),
+            Next::Entry(Entry::Table(mark)) if mark.reason != TableReason::Rotation => {
+                let sockets = if mark.sockets == 1 { "socket" } else { "sockets" };
+                let text = format!("{}: {} {sockets} open", mark.reason.name(), mark.sockets);
+                out.note(mark.time, &text)
+            }
             Next::Entry(_) => Ok(()),
             Next::Pending => {
                 let flushed = out.out.flush();

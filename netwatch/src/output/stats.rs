@@ -49,6 +49,10 @@ pub fn text(report: &Report) -> String {
         }
         out.push('\n');
     }
+    // None from an event log: the accept queues are counted by the agent alone.
+    if report.listeners.is_empty() {
+        return out.trim_end().to_string();
+    }
     out.push_str(&format!(
         "{:<40} {:<24} {:>9} {:>9} {:>10} {:>10} {:>7} {:>9} {:>9} {:>11}\n",
         "LISTENER",

@@ -13,7 +13,7 @@ use std::{
 };
 
 use super::{
-    Entry, LineError,
+    Entry, FORMAT_VERSION, LineError,
     files::{self, LogFile, TIME_WIDTH},
     window::{self, SLACK, Window},
 };
@@ -117,9 +117,10 @@ impl Cursor {
         Ok(read)
     }
 
-    /// The number of the line beginning at `offset`: counted, when reading began mid-file.
-    fn number(&self, offset: u64) -> u64 {
-        if let Some(line) = self.line {
+    /// The number of the line beginning at `offset` (`known` when reading began at the
+    /// file's start): counted when reading began mid-file.
+    fn number(&self, offset: u64, known: Option<u64>) -> u64 {
+        if let Some(line) = known {
             return line;
         }
         let mut count = 1u64;
@@ -140,7 +141,7 @@ impl Cursor {
 
     /// Says why the line at `offset` was skipped: the first few of a file each, a newer
     /// format and an unknown type once each.
-    fn report(&mut self, offset: u64, error: &LineError) {
+    fn report(&mut self, offset: u64, number: Option<u64>, error: &LineError) {
         let first_of_its_kind = match error {
             LineError::Newer(_) => !std::mem::replace(&mut self.newer_reported, true),
             LineError::UnknownType(kind) => self.types_reported.insert(kind.clone()),
@@ -149,7 +150,7 @@ impl Cursor {
         self.reported += 1;
         if self.reported <= SHOWN || first_of_its_kind {
             let path = self.log.path.display();
-            tracing::warn!("{path}:{}: {error}; skipped", self.number(offset));
+            tracing::warn!("{path}:{}: {error}; skipped", self.number(offset, number));
         }
     }
 
@@ -251,11 +252,11 @@ impl Reader {
             if std::mem::take(&mut cursor.discarding) {
                 let error =
                     LineError::Garbled(format!("a line longer than {} MiB", LONGEST_LINE >> 20));
-                cursor.report(offset, &error);
+                cursor.report(offset, number, &error);
                 self.skipped += 1;
                 continue;
             }
-            if let Some(entry) = self.take(start, end, offset, keep)? {
+            if let Some(entry) = self.take(start, end, (offset, number), keep)? {
                 return Ok(Next::Entry(entry));
             }
         }
@@ -266,7 +267,7 @@ impl Reader {
         &mut self,
         start: usize,
         end: usize,
-        offset: u64,
+        (offset, number): (u64, Option<u64>),
         keep: &mut dyn FnMut(&[u8]) -> bool,
     ) -> io::Result<Option<Entry>> {
         let (whole, window) = (self.whole, self.window);
@@ -284,14 +285,18 @@ impl Reader {
                 return Ok(None);
             }
         }
-        if !keep(line) {
-            return Ok(None);
-        }
-        match super::parse(line) {
+        // A newer format is said even of lines the caller's test would rule out.
+        let newer = super::sniff(line).filter(|(v, _)| *v > u64::from(FORMAT_VERSION));
+        let parsed = match newer {
+            Some((version, _)) => Err(LineError::Newer(version)),
+            None if !keep(line) => return Ok(None),
+            None => super::parse(line),
+        };
+        match parsed {
             Ok(entry) if keeps(whole, window, entry.time()) => Ok(Some(entry)),
             Ok(_) => Ok(None),
             Err(error) => {
-                cursor.report(offset, &error);
+                cursor.report(offset, number, &error);
                 self.skipped += 1;
                 Ok(None)
             }
@@ -304,16 +309,18 @@ impl Reader {
         let following_this = self.files.is_empty() && self.follow.is_some();
         if following_this {
             let Some(cursor) = self.current.as_mut() else { return Ok(None) };
-            let path = self.follow.as_deref().unwrap_or(Path::new(""));
-            match LogFile::open(path) {
+            let path = self.follow.clone().unwrap_or_default();
+            match LogFile::open(&path) {
                 // Rotated: the old file may have had a last write before the rename.
                 Ok(new) if new.inode != cursor.log.inode => {
                     if cursor.fill()? > 0 {
                         return Ok(None);
                     }
-                    self.finish_file();
-                    self.current = Some(Cursor::new(new, 0));
-                    return Ok(None);
+                    let inode = cursor.log.inode;
+                    let entry = self.finish_file();
+                    self.current = None;
+                    self.files = after_rotation(&path, inode);
+                    return Ok(entry.map(Next::Entry));
                 }
                 // Cut back to nothing (`--log-keep 0`): read it again from its start.
                 Ok(same) if same.size() < cursor.base + cursor.end as u64 => {
@@ -344,7 +351,7 @@ impl Reader {
                     let error = LineError::Garbled(
                         "the last line is cut short: its writer stopped in the middle of it".into(),
                     );
-                    cursor.report(offset, &error);
+                    cursor.report(offset, cursor.line, &error);
                     self.skipped += 1;
                 }
             }
@@ -387,4 +394,22 @@ impl Reader {
 /// after it.
 fn keeps(whole: bool, window: Window, time: chrono::DateTime<chrono::Utc>) -> bool {
     if whole { window.until.is_none_or(|u| time <= u) } else { window.contains(time) }
+}
+
+/// The files written after the one with `inode`, once the log at `path` rotated: it may
+/// have rotated more than once since it was last read.
+fn after_rotation(path: &Path, inode: u64) -> VecDeque<LogFile> {
+    let names = files::rotations(path).unwrap_or_default();
+    let opened: Vec<LogFile> = names.iter().filter_map(|name| LogFile::open(name).ok()).collect();
+    match opened.iter().position(|file| file.inode == inode) {
+        Some(at) => opened.into_iter().skip(at + 1).collect(),
+        None => {
+            tracing::warn!(
+                "{}: rotated past its last kept file (--log-keep) since it was last read: \
+                 what the removed files held is not shown",
+                path.display()
+            );
+            opened.into_iter().collect()
+        }
+    }
 }

@@ -178,6 +178,10 @@ impl Player {
             if self.reader.window().since.is_some_and(|since| time < since) {
                 return Ok(Played::CatchingUp(entry));
             }
+            // A table's rows come with its mark, whatever the pace: they are one step.
+            if matches!(entry, Entry::Socket(_)) {
+                return Ok(Played::Entry(entry));
+            }
             if self.pace.is_paused() {
                 if self.steps > 0 {
                     self.steps -= 1;

@@ -207,6 +207,14 @@ fn following_reads_across_a_rotation() {
     assert_eq!(next(), Some(3));
     assert_eq!(next(), Some(4));
     assert_eq!(next(), None);
+    // Two rotations between two reads: the file in the middle is read too.
+    let mut log =
+        EventLog::open(LogOptions { path: path.clone(), max_size: 300, keep: 3 }).unwrap();
+    for second in 5..8 {
+        log.append(&[connect(second as u64, second, TcpState::Close, TcpState::SynSent)]).unwrap();
+    }
+    assert!(dir.join("events.ndjson.2").exists());
+    assert_eq!((next(), next(), next(), next()), (Some(5), Some(6), Some(7), None));
 }
 
 #[test]
