@@ -149,7 +149,7 @@ pub fn parse(line: &[u8]) -> Result<Entry, LineError> {
         error: short(&error.to_string()),
     };
     // Each type is parsed as its own struct (unknown fields, `v` and `type` among them, are
-    // ignored): serde's internally tagged enums buffer the whole line first, at half the speed.
+    // ignored), so that an unknown type is told apart from a malformed line of a known one.
     let record = match kind.as_str() {
         "transition" => StreamRecord::Transition(Box::new(
             serde_json::from_slice::<TransitionRecord>(line).map_err(bad)?,

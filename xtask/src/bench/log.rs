@@ -40,8 +40,8 @@ impl Bench {
             .map(|m| m.len())
             .sum();
         let mb = size as f64 / 1e6;
-        let minutes = (span.1 - span.0).num_seconds() as f64 / 60.0;
-        eprintln!("==> bench log: {mb:.0} MB in {FILES} files, {minutes:.0} minutes recorded");
+        let seconds = (span.1 - span.0).num_seconds();
+        eprintln!("==> bench log: {mb:.0} MB in {FILES} files, {seconds} s of recorded time");
         let files: Vec<PathBuf> = (0..FILES).rev().map(|n| rotated(&base, n)).collect();
         let path = base.to_string_lossy().into_owned();
         // A tenth of the log's time, in its middle.
@@ -99,7 +99,17 @@ impl Bench {
             }
             Ok((started.elapsed().as_secs_f64(), lines))
         };
-        let mut rows = Vec::new();
+        let mut markdown = format!(
+            "## Reading the log: netwatch log on a 1 GiB log\n\n\
+             {mb:.0} MB in {FILES} rotated files of real records (the overhead load recorded by \
+             an agent, repeated later and later), {seconds} s of recorded time. Each \
+             query's wall time, stdout read by the bench, next to `grep -c -F` over the same \
+             files in the same run (the speed of reading the bytes at all); medians of \
+             {ROUNDS}. MB/s is the log's size over the wall time.\n\n\
+             | query | lines printed | netwatch log | grep -c | netwatch / grep |\n\
+             |---|---:|---:|---:|---:|\n"
+        );
+        let mut json = Vec::new();
         for (name, args) in &queries {
             let mut ours = Vec::new();
             let mut baseline = Vec::new();
@@ -111,27 +121,24 @@ impl Bench {
                 printed = lines;
             }
             let (ours, baseline) = (median(ours), median(baseline));
-            println!(
-                "{}",
+            markdown.push_str(&format!(
+                "| `{name}` | {printed} | {:.0} MB/s | {:.0} MB/s | {:.2} |\n",
+                mb / ours,
+                mb / baseline,
+                baseline / ours
+            ));
+            json.push(
                 serde_json::json!({
                     "scenario": "log", "query": name, "log_mb": mb, "lines_printed": printed,
                     "netwatch_s": ours, "grep_s": baseline,
                     "netwatch_mb_per_s": mb / ours, "grep_mb_per_s": mb / baseline,
                     "ratio_to_grep": baseline / ours,
                 })
-            );
-            rows.push((name.to_string(), printed, mb / ours, mb / baseline));
-        }
-        eprintln!("\n| query | lines printed | netwatch log | grep -c | netwatch / grep |");
-        eprintln!("|---|---:|---:|---:|---:|");
-        for (name, printed, ours, grep) in rows {
-            eprintln!(
-                "| {name} | {printed} | {ours:.0} MB/s | {grep:.0} MB/s | {:.2} |",
-                ours / grep
+                .to_string(),
             );
         }
         std::fs::remove_dir_all(&dir)?;
-        Ok(())
+        self.write_report("log", &markdown, &json)
     }
 }
 
