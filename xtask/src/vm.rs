@@ -196,10 +196,10 @@ fn guest_script(root: &Path, netwatch: &Path, tests: &[PathBuf], per_binary: Dur
     script
 }
 
-/// Test binaries the matrix leaves to the host run: what they test is netwatch's own
-/// userspace (arguments, the event log written and read back, the exporters), which no
-/// kernel changes, and each costs the matrix's time budget about three times its host run.
-/// `cargo xtask vm --tests NAME` still runs one of them in the matrix.
+/// Test binaries the matrix leaves to the host run: what they check is netwatch's userspace
+/// (arguments, the event log written and read back, the exporters); the programs their
+/// agents load are those the other binaries check on every kernel, and each costs the
+/// matrix about three times its host run. `cargo xtask vm --tests NAME` still runs one.
 pub const HOST_ONLY: &[&str] = &["cli", "log", "otlp", "prometheus", "recorded"];
 
 /// `table-6e8c471abc89ce9a` -> `table`.

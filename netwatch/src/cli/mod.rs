@@ -217,21 +217,8 @@ pub struct HistoryArgs {
 
 /// `30s`, `10m`, `2h`, `1d`.
 pub(crate) fn parse_duration(text: &str) -> Result<chrono::Duration, String> {
-    let (digits, unit) =
-        text.split_at(text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len()));
-    let number: i64 =
-        digits.parse().map_err(|_| format!("'{text}' is not a duration (e.g. 30s, 10m, 2h)"))?;
-    let seconds = match unit {
-        "s" | "" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86_400,
-        _ => return Err(format!("'{text}': unknown unit '{unit}' (use s, m, h or d)")),
-    };
-    number
-        .checked_mul(seconds)
-        .and_then(chrono::Duration::try_seconds)
-        .ok_or_else(|| format!("'{text}' is too long"))
+    crate::recorded::window::duration(text.trim())
+        .ok_or_else(|| format!("'{text}' is not a duration (e.g. 30s, 10m, 2h, 1d)"))
 }
 
 #[derive(Clone, Debug, Args)]

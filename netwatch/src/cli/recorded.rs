@@ -140,13 +140,14 @@ pub struct LogQueryArgs {
     pub failed: bool,
     #[command(flatten)]
     pub window: WindowArgs,
-    /// One JSON object per line, as the log holds it.
+    /// One JSON object per line: the log's own lines of the records shown.
     #[arg(long)]
     pub json: bool,
     /// Do not print the column header (text output).
     #[arg(long)]
     pub no_header: bool,
-    /// Keep reading as the log grows, across its rotations (as `tail -F`).
+    /// Keep reading as the log grows, across its rotations (as `tail -F`); without
+    /// --since, from its end.
     #[arg(short = 'f', long)]
     pub follow: bool,
     /// The agent asked for its log's path when none is given.
@@ -162,7 +163,10 @@ impl LogQueryArgs {
     /// The log's path, if the first word is one, and the filter's words.
     pub fn path_and_filter(&self) -> (Option<PathBuf>, &[String]) {
         match self.words.split_first() {
-            Some((first, rest)) if first.contains('/') || std::path::Path::new(first).is_file() => {
+            Some((first, rest))
+                if first.contains('/')
+                    || crate::recorded::files::rotations(std::path::Path::new(first)).is_ok() =>
+            {
                 (Some(PathBuf::from(first)), rest)
             }
             _ => (None, &self.words),

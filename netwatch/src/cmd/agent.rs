@@ -146,6 +146,7 @@ pub async fn run(args: &AgentArgs) -> anyhow::Result<()> {
     }
     let mut records = Vec::new();
     // The log begins with the table, so that a reader knows what was open before its events.
+    log.set_clock(tracer.clock());
     records.extend(log.write_table(TableReason::Start, || every_row(&mut tracer)));
     super::release_freed_memory();
     let mut attribution = Attribution::default();
@@ -220,7 +221,7 @@ pub async fn run(args: &AgentArgs) -> anyhow::Result<()> {
                     _ => Scope::ALL,
                 };
                 let left_out = tracer.settle(&mut records, scope)?;
-                absorb(&mut records, &mut log, &metrics, (&mut stats, &mut histories, &mut attribution), &clients.sender);
+                absorb(&mut records, (&mut log, &mut tracer), &metrics, (&mut stats, &mut histories, &mut attribution), &clients.sender);
                 reconcile(&mut tracer, &mut histories, &mut log, &mut records);
                 // The client may have gone; nothing to do then.
                 match query {
@@ -275,7 +276,7 @@ pub async fn run(args: &AgentArgs) -> anyhow::Result<()> {
                 if let Some(exporter) = &mut exporter {
                     exporter.report(&mut records);
                 }
-                absorb(&mut records, &mut log, &metrics, (&mut stats, &mut histories, &mut attribution), &clients.sender);
+                absorb(&mut records, (&mut log, &mut tracer), &metrics, (&mut stats, &mut histories, &mut attribution), &clients.sender);
                 reconcile(&mut tracer, &mut histories, &mut log, &mut records);
             }
         }
@@ -283,7 +284,7 @@ pub async fn run(args: &AgentArgs) -> anyhow::Result<()> {
     tracer.finish(&mut records)?;
     absorb(
         &mut records,
-        &mut log,
+        (&mut log, &mut tracer),
         &metrics,
         (&mut stats, &mut histories, &mut attribution),
         &clients.sender,
@@ -498,16 +499,17 @@ async fn stream_records(
     write.flush().await
 }
 
-/// Hands new records to everything the agent keeps or serves: the log, metrics, statistics,
-/// histories, counter attribution and the stream's subscribers.
+/// Hands new records to everything the agent keeps or serves: the log (a file it begins
+/// starts with the table), metrics, statistics, histories, counter attribution and the
+/// stream's subscribers.
 fn absorb(
     records: &mut Vec<StreamRecord>,
-    log: &mut Logging,
+    (log, tracer): (&mut Logging, &mut Tracer),
     metrics: &Metrics,
     (stats, histories, attribution): (&mut Stats, &mut Histories, &mut Attribution),
     sender: &broadcast::Sender<Arc<Outgoing>>,
 ) {
-    log.write(records);
+    log.write_with_table(records, || every_row(tracer));
     for record in records.iter() {
         metrics.observe(record);
         histories.observe(record);
@@ -529,23 +531,16 @@ fn absorb(
 }
 
 /// After a resync the table was rebuilt from a new snapshot: histories follow it, and the
-/// log gets the new table. A log that rotated gets the table at the top of its new file.
-/// A failure to log is a record for the next batch.
+/// log gets the new table. A failure to log is a record for the next batch.
 fn reconcile(
     tracer: &mut Tracer,
     histories: &mut Histories,
     log: &mut Logging,
     records: &mut Vec<StreamRecord>,
 ) {
-    let reason = match tracer.take_snapshot() {
-        Some(snapshot) => {
-            histories.reconcile(&snapshot, chrono::Utc::now());
-            Some(TableReason::Resync)
-        }
-        None => log.rotated().then_some(TableReason::Rotation),
-    };
-    if let Some(reason) = reason {
-        records.extend(log.write_table(reason, || every_row(tracer)));
+    if let Some(snapshot) = tracer.take_snapshot() {
+        histories.reconcile(&snapshot, chrono::Utc::now());
+        records.extend(log.write_table(TableReason::Resync, || every_row(tracer)));
     }
 }
 

@@ -102,6 +102,9 @@ pub fn open(path: &Path, window: Window, follow: bool) -> anyhow::Result<Reader>
 pub async fn agents_log(socket: &Path) -> anyhow::Result<PathBuf> {
     let answer = match api::ask(socket, Command::Log).await {
         Ok(answer) => answer,
+        Err(error) if error.kind() == std::io::ErrorKind::PermissionDenied => {
+            anyhow::bail!("{error} (or give the log's path: netwatch log PATH)")
+        }
         Err(error) => {
             tracing::debug!("asking the agent for its log: {error}");
             None

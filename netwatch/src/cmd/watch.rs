@@ -198,6 +198,18 @@ async fn replay(
     signals: &mut Signals,
     printer: &mut Printer,
 ) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt as _;
+    let inode = |p: &std::path::Path| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
+    if let Some(log) = &args.log.log
+        && inode(log).is_some()
+        && inode(log) == inode(path)
+    {
+        anyhow::bail!(
+            "--log {} is the log being replayed: the replay would read what it writes; log \
+             to another file",
+            log.display()
+        );
+    }
     let selection = RecordSelection { filter: args.filter(), ..RecordSelection::default() };
     let reader = super::log::open(path, args.replay.window(), false)?;
     let mut player = Player::new(reader, selection.prefilter(), args.replay.speed);

@@ -61,6 +61,15 @@ impl LogFile {
         None
     }
 
+    /// Where the last whole line ends (0 when none ends in the last MiB).
+    pub fn end_of_lines(&self) -> u64 {
+        let size = self.size();
+        let start = size.saturating_sub(1 << 20);
+        let mut buf = vec![0u8; (size - start) as usize];
+        let read = read_at(&self.file, &mut buf, start);
+        memchr::memrchr(b'\n', &buf[..read]).map_or(0, |at| start + at as u64 + 1)
+    }
+
     /// The time of the last whole line that has one.
     pub fn last_time(&self) -> Option<[u8; TIME_WIDTH]> {
         let len = self.size();

@@ -50,6 +50,8 @@ pub struct Reader {
     window: Window,
     /// Files that reach into the window are read from their start, lines before it too.
     whole: bool,
+    /// Where in the first file to begin, when not at its start or the window's.
+    start_at: Option<u64>,
     done: bool,
     /// Lines skipped as unreadable, over every file.
     pub skipped: u64,
@@ -67,7 +69,11 @@ struct Cursor {
     line: Option<u64>,
     /// A line too long to keep is being passed over.
     discarding: bool,
+    /// The last offset whose line number was counted, and that number.
+    counted: (u64, u64),
     reported: u64,
+    /// Of those, shown on stderr.
+    shown: u64,
     newer_reported: bool,
     types_reported: HashSet<String>,
 }
@@ -82,7 +88,9 @@ impl Cursor {
             base: offset,
             line: (offset == 0).then_some(1),
             discarding: false,
+            counted: (0, 1),
             reported: 0,
+            shown: 0,
             newer_reported: false,
             types_reported: HashSet::new(),
         }
@@ -119,13 +127,13 @@ impl Cursor {
 
     /// The number of the line beginning at `offset` (`known` when reading began at the
     /// file's start): counted when reading began mid-file.
-    fn number(&self, offset: u64, known: Option<u64>) -> u64 {
+    fn number(&mut self, offset: u64, known: Option<u64>) -> u64 {
         if let Some(line) = known {
             return line;
         }
-        let mut count = 1u64;
+        // Counted on from the last line counted, since lines are reported in order.
+        let (mut at, mut count) = if self.counted.0 <= offset { self.counted } else { (0, 1) };
         let mut chunk = vec![0u8; CHUNK];
-        let mut at = 0u64;
         while at < offset {
             let want = ((offset - at) as usize).min(CHUNK);
             match self.log.file.read_at(&mut chunk[..want], at) {
@@ -136,6 +144,7 @@ impl Cursor {
                 }
             }
         }
+        self.counted = (offset, count);
         count
     }
 
@@ -149,18 +158,19 @@ impl Cursor {
         };
         self.reported += 1;
         if self.reported <= SHOWN || first_of_its_kind {
-            let path = self.log.path.display();
-            tracing::warn!("{path}:{}: {error}; skipped", self.number(offset, number));
+            self.shown += 1;
+            let line = self.number(offset, number);
+            tracing::warn!("{}:{line}: {error}; skipped", self.log.path.display());
         }
     }
 
     /// Says how many bad lines went unreported.
     fn close(&self) {
-        if self.reported > SHOWN {
+        if self.reported > self.shown {
             tracing::warn!(
                 "{}: {} more unreadable lines skipped",
                 self.log.path.display(),
-                self.reported - SHOWN
+                self.reported - self.shown
             );
         }
     }
@@ -192,7 +202,13 @@ impl Reader {
             return Err(error);
         }
         let (since, until) = window.keys();
-        let stop = window.until.map(|u| window::key(u + SLACK));
+        let stop = window.until.map(|u| window::key(u.checked_add_signed(SLACK).unwrap_or(u)));
+        // Following with no --since begins at the end, as `tail -F` does.
+        let mut start_at = None;
+        if follow && window.since.is_none() {
+            files.drain(..files.len().saturating_sub(1));
+            start_at = files.back().map(LogFile::end_of_lines);
+        }
         let follow = follow.then(|| path.to_path_buf());
         Ok(Reader {
             files,
@@ -203,6 +219,7 @@ impl Reader {
             stop,
             window,
             whole: false,
+            start_at,
             done: false,
             skipped: 0,
         })
@@ -349,13 +366,19 @@ impl Reader {
                 Ok(_) => {}
                 Err(_) => {
                     let error = LineError::Garbled(
-                        "the last line is cut short: its writer stopped in the middle of it".into(),
+                        "the last line is incomplete: cut short, or still being written".into(),
                     );
                     cursor.report(offset, cursor.line, &error);
                     self.skipped += 1;
                 }
             }
             cursor.start = cursor.end;
+        } else if cursor.discarding {
+            let offset = cursor.base;
+            let error =
+                LineError::Garbled(format!("a line longer than {} MiB", LONGEST_LINE >> 20));
+            cursor.report(offset, None, &error);
+            self.skipped += 1;
         }
         cursor.close();
         entry
@@ -367,14 +390,14 @@ impl Reader {
             let last_file = self.files.is_empty();
             let mut offset = 0;
             if let Some(since) = self.window.since {
-                let early = Some(window::key(since - SLACK));
+                let early = Some(window::key(earlier(since)));
                 let ends_before =
                     log.last_time().zip(early).is_some_and(|(last, early)| last < early);
                 if ends_before && !(last_file && self.follow.is_some()) {
                     continue;
                 }
                 if !self.whole {
-                    offset = log.seek_time(&window::key(since));
+                    offset = log.seek_time(&window::key(earlier(since)));
                 }
             }
             if let Some(stop) = &self.stop
@@ -383,11 +406,17 @@ impl Reader {
                 self.files.clear();
                 return false;
             }
+            let offset = self.start_at.take().unwrap_or(offset);
             self.current = Some(Cursor::new(log, offset));
             return true;
         }
         false
     }
+}
+
+/// Where reading for a window from `since` starts: SLACK before it.
+fn earlier(since: chrono::DateTime<chrono::Utc>) -> chrono::DateTime<chrono::Utc> {
+    since.checked_sub_signed(SLACK).unwrap_or(since)
 }
 
 /// Whether an entry of `time` is handed over: in the window, or, reading whole files, not

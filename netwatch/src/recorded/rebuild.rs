@@ -81,22 +81,27 @@ pub fn snapshot(rows: &[Listed]) -> Snapshot {
 /// Every connection's history in what `reader` reads, kept without limit.
 pub fn histories(reader: &mut Reader) -> std::io::Result<Histories> {
     let mut histories = Histories::default();
-    let mut seen_table = false;
+    let mut first = true;
     each(reader, |item| match item {
         Assembled::Record(record) => histories.observe(&record),
         Assembled::Table(mark, rows) => {
-            let snapshot = snapshot(&rows);
-            match mark.reason {
-                // A new snapshot after a start or lost events: what it lacks ended unseen.
-                TableReason::Start | TableReason::Resync if seen_table => {
-                    histories.reconcile(&snapshot, mark.time)
-                }
-                _ => histories.seed(&snapshot),
-            }
-            seen_table = true;
+            take_table(&mut histories, &mark, &rows, std::mem::take(&mut first))
         }
     })?;
     Ok(histories)
+}
+
+/// Takes a table into `histories` as the agent takes its snapshots: the first one read
+/// seeds them; a later one from a start or a resync is a new snapshot, and a connection it
+/// lacks ended unseen. A rotation's table only adds what the histories do not know.
+pub fn take_table(histories: &mut Histories, mark: &TableMark, rows: &[Listed], first: bool) {
+    let snapshot = snapshot(rows);
+    match mark.reason {
+        TableReason::Start | TableReason::Resync if !first => {
+            histories.reconcile(&snapshot, mark.time)
+        }
+        _ => histories.seed(&snapshot),
+    }
 }
 
 /// Handshake statistics over what `reader` reads.

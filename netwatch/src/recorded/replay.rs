@@ -169,6 +169,8 @@ impl Player {
                         continue;
                     }
                     Next::End => {
+                        // The clock stops with the recording.
+                        self.pace.pause();
                         self.ended = true;
                         return Ok(Played::End);
                     }

@@ -1,6 +1,9 @@
 //! `--since` and `--until`: a stretch of recorded time, given as a time or as a duration
 //! before now, and compared with each line's `time` as text.
-use chrono::{DateTime, Local, NaiveDate, NaiveDateTime, NaiveTime, SecondsFormat, TimeZone, Utc};
+use chrono::{
+    DateTime, Datelike as _, Local, NaiveDate, NaiveDateTime, NaiveTime, SecondsFormat, TimeZone,
+    Utc,
+};
 
 use super::files::TIME_WIDTH;
 
@@ -27,8 +30,11 @@ impl Window {
     }
 }
 
-/// `time` as the log writes it.
+/// `time` as the log writes it; after the year 9999 (which no line has), after every line.
 pub fn key(time: DateTime<Utc>) -> [u8; TIME_WIDTH] {
+    if time.year() > 9999 {
+        return [b'9'; TIME_WIDTH];
+    }
     let text = time.to_rfc3339_opts(SecondsFormat::Nanos, true);
     let mut key = [b'9'; TIME_WIDTH];
     let bytes = text.as_bytes();
@@ -46,7 +52,9 @@ pub fn parse_point(text: &str) -> Result<DateTime<Utc>, String> {
 fn parse_point_at(text: &str, now: DateTime<Utc>) -> Result<DateTime<Utc>, String> {
     let text = text.trim();
     if let Some(ago) = duration(text) {
-        return Ok(now - ago);
+        return now
+            .checked_sub_signed(ago)
+            .ok_or_else(|| format!("'{text}' ago is before any time"));
     }
     if let Ok(time) = DateTime::parse_from_rfc3339(text) {
         return Ok(time.with_timezone(&Utc));
@@ -78,13 +86,13 @@ fn parse_point_at(text: &str, now: DateTime<Utc>) -> Result<DateTime<Utc>, Strin
     ))
 }
 
-/// `90s`, `10m`, `2h`, `1d`, `1w`.
-fn duration(text: &str) -> Option<chrono::Duration> {
-    let split = text.find(|c: char| !c.is_ascii_digit())?;
+/// `90s` (or `90`), `10m`, `2h`, `1d`, `1w`: the one parser of durations.
+pub fn duration(text: &str) -> Option<chrono::Duration> {
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
     let (digits, unit) = text.split_at(split);
     let number: i64 = digits.parse().ok()?;
     let seconds = match unit {
-        "s" => 1,
+        "s" | "" => 1,
         "m" | "min" => 60,
         "h" => 3600,
         "d" => 86_400,
@@ -122,6 +130,9 @@ mod tests {
         let error = parse_point_at("yesterday", now).unwrap_err();
         assert!(error.contains("neither a time") && error.contains("'yesterday'"), "{error}");
         assert!(parse_point_at("10x", now).is_err());
+        assert_eq!(parse_point_at("600", now).unwrap(), now - chrono::Duration::minutes(10));
+        assert!(parse_point_at("99999999999d", now).is_err(), "no panic, an error");
+        assert_eq!(key("+10000-01-01T00:00:00Z".parse().unwrap()), [b'9'; TIME_WIDTH]);
     }
 
     #[test]

@@ -30,8 +30,6 @@ pub struct EventLog {
     options: LogOptions,
     file: File,
     size: u64,
-    /// Rotations so far.
-    rotations: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -60,29 +58,51 @@ impl EventLog {
             );
             file.set_len(size).map_err(fail)?;
         }
-        Ok(EventLog { options, file, size, rotations: 0 })
+        Ok(EventLog { options, file, size })
     }
 
     /// Appends `records`, one line each, rotating whenever the next line would not fit (a
     /// single line longer than the limit gets a file of its own).
     pub fn append(&mut self, records: &[StreamRecord]) -> Result<(), LogError> {
-        self.append_lines(records.iter().map(line))
+        self.append_with_table(records, &mut Vec::new)
     }
 
-    /// Appends lines (without their newline), rotating as [`EventLog::append`] does.
-    pub fn append_lines(&mut self, lines: impl Iterator<Item = String>) -> Result<(), LogError> {
+    /// Appends `records` as [`EventLog::append`] does; each file a rotation begins starts
+    /// with the lines `table` gives (asked once), before the rest of the records.
+    pub fn append_with_table(
+        &mut self,
+        records: &[StreamRecord],
+        table: &mut dyn FnMut() -> Vec<String>,
+    ) -> Result<(), LogError> {
         let mut chunk = String::new();
-        for line in lines {
-            let line = line + "\n";
+        let mut table_text: Option<String> = None;
+        for record in records {
+            let line = line(record) + "\n";
             let used = self.size + chunk.len() as u64;
             if used > 0 && used + line.len() as u64 > self.options.max_size {
                 self.write(&chunk)?;
                 chunk.clear();
                 self.rotate().map_err(|source| self.error(source))?;
+                let text = table_text.get_or_insert_with(|| lines_text(table()));
+                chunk.push_str(text);
             }
             chunk.push_str(&line);
         }
         self.write(&chunk)
+    }
+
+    /// Appends lines that belong together (a table) to one file, whole: after a rotation
+    /// when they would not fit in what is left of this one.
+    pub fn append_block(&mut self, lines: Vec<String>) -> Result<(), LogError> {
+        let block = lines_text(lines);
+        if self.size > 0 && self.size + block.len() as u64 > self.options.max_size {
+            self.rotate().map_err(|source| self.error(source))?;
+        }
+        self.write(&block)
+    }
+
+    pub fn max_size(&self) -> u64 {
+        self.options.max_size
     }
 
     /// One write of whole lines; on failure, cut back whatever part of it landed.
@@ -112,7 +132,6 @@ impl EventLog {
         if self.options.keep == 0 {
             self.file.set_len(0)?;
             self.size = 0;
-            self.rotations += 1;
             return Ok(());
         }
         match std::fs::remove_file(rotated(self.options.keep)) {
@@ -126,7 +145,6 @@ impl EventLog {
             }
         }
         std::fs::rename(&self.options.path, rotated(1))?;
-        self.rotations += 1;
         self.file =
             OpenOptions::new().create(true).append(true).read(true).open(&self.options.path)?;
         self.size = 0;
@@ -136,6 +154,10 @@ impl EventLog {
     pub fn path(&self) -> &Path {
         &self.options.path
     }
+}
+
+fn lines_text(lines: Vec<String>) -> String {
+    lines.into_iter().map(|line| line + "\n").collect()
 }
 
 /// One log line: the stream record with the format version first.
@@ -187,6 +209,124 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         return Err(format!("'{text}' is below the smallest log size, 4K"));
     }
     Ok(size)
+}
+
+/// An optional event log that turns itself off, once and loudly, when it cannot write.
+pub struct Logging {
+    log: Option<EventLog>,
+    /// The clock of the records, which the table lines and a failure report are stamped
+    /// with too (the tracer's: one offset for a whole run).
+    clock: WallClock,
+    /// A rotation's table was too large to repeat at the top of every file: said once.
+    table_too_large: bool,
+}
+
+impl Logging {
+    /// Opens the log, if one was asked for. A log that cannot be opened is an error: whoever
+    /// asked for one would otherwise trace without it.
+    pub fn start(options: Option<LogOptions>) -> Result<Logging, crate::Error> {
+        let log = options.map(EventLog::open).transpose().map_err(|e| {
+            crate::Error::io(
+                format!(
+                    "cannot open the event log {} (choose a writable path for --log)",
+                    e.path.display()
+                ),
+                e.source,
+            )
+        })?;
+        Ok(Logging { log, clock: WallClock::now(), table_too_large: false })
+    }
+
+    /// Stamps what the log writes of its own with the records' clock.
+    pub fn set_clock(&mut self, clock: WallClock) {
+        self.clock = clock;
+    }
+
+    /// Appends `records` to the log. A failure stops the logging, not the tracing, and is
+    /// itself a record, appended to `records` for the stream and the metrics.
+    pub fn write(&mut self, records: &mut Vec<StreamRecord>) {
+        self.write_with_table(records, Vec::new);
+    }
+
+    /// [`Logging::write`], and a new file that a rotation begins starts with the table
+    /// (`rows()`, asked only then), so that a reader of one file knows what was open. A
+    /// table larger than a quarter of a file is not repeated (said once).
+    pub fn write_with_table(
+        &mut self,
+        records: &mut Vec<StreamRecord>,
+        rows: impl FnOnce() -> Vec<crate::record::Listed>,
+    ) {
+        let Some(log) = &mut self.log else { return };
+        let (clock, max_size) = (self.clock, log.max_size());
+        let mut rows = Some(rows);
+        let mut too_large = false;
+        let mut table = || {
+            let Some(rows) = rows.take() else { return Vec::new() };
+            let lines = table_lines(clock, crate::recorded::TableReason::Rotation, &rows());
+            let size: usize = lines.iter().map(|l| l.len() + 1).sum();
+            if size as u64 > max_size / 4 {
+                too_large = true;
+                return Vec::new();
+            }
+            lines
+        };
+        let written = log.append_with_table(records, &mut table);
+        if too_large && !std::mem::replace(&mut self.table_too_large, true) {
+            tracing::warn!(
+                "the table is larger than a quarter of --log-max-size: rotated files do not \
+                 begin with it (raise --log-max-size for replays and histories of one file)"
+            );
+        }
+        if let Err(error) = written {
+            records.push(self.stop(error));
+        }
+    }
+
+    /// The path of the log, while logging.
+    pub fn path(&self) -> Option<&Path> {
+        self.log.as_ref().map(EventLog::path)
+    }
+
+    /// Writes the table (`rows()`, asked only while logging), whole in one file: a `table`
+    /// line and a `socket` line per row. A failure stops the logging as [`Logging::write`]'s
+    /// does; its record is returned.
+    pub fn write_table(
+        &mut self,
+        reason: crate::recorded::TableReason,
+        rows: impl FnOnce() -> Vec<crate::record::Listed>,
+    ) -> Option<StreamRecord> {
+        let log = self.log.as_mut()?;
+        let lines = table_lines(self.clock, reason, &rows());
+        let error = log.append_block(lines).err()?;
+        Some(self.stop(error))
+    }
+
+    fn stop(&mut self, error: LogError) -> StreamRecord {
+        tracing::error!("{error}: stopped logging; tracing goes on");
+        let time = self.clock.wall(WallClock::monotonic_now_ns());
+        self.log = None;
+        StreamRecord::LogFailed(LogFailedRecord {
+            time,
+            path: error.path.clone(),
+            error: error.source.to_string(),
+        })
+    }
+}
+
+/// The table's lines, stamped now by `clock`.
+fn table_lines(
+    clock: WallClock,
+    reason: crate::recorded::TableReason,
+    rows: &[crate::record::Listed],
+) -> Vec<String> {
+    let mono_ns = WallClock::monotonic_now_ns();
+    let mark = crate::recorded::TableMark {
+        time: clock.wall(mono_ns),
+        mono_ns,
+        reason,
+        sockets: rows.len() as u64,
+    };
+    crate::recorded::table_lines(&mark, rows).collect()
 }
 
 #[cfg(test)]
@@ -267,6 +407,33 @@ mod tests {
     }
 
     #[test]
+    fn a_file_a_rotation_begins_starts_with_the_table_and_a_block_stays_whole() {
+        let path = temp("table");
+        let one = line(&record(1)).len() as u64 + 1;
+        let options = LogOptions { path: path.clone(), max_size: 4 * one, keep: 5 };
+        let mut log = EventLog::open(options).unwrap();
+        let mut asked = 0;
+        let mut table = || {
+            asked += 1;
+            vec![r#"{"v":1,"type":"table"}"#.to_string()]
+        };
+        log.append_with_table(&(0..6).map(record).collect::<Vec<_>>(), &mut table).unwrap();
+        assert_eq!(asked, 1, "asked once for a batch");
+        let kinds = |p: &Path| -> Vec<String> {
+            lines(p).iter().map(|v| v["type"].as_str().unwrap().to_string()).collect()
+        };
+        assert_eq!(kinds(&PathBuf::from(format!("{}.1", path.display()))), ["lost"; 4]);
+        assert_eq!(kinds(&path), ["table", "lost", "lost"]);
+        // A block that does not fit what is left goes whole into a new file.
+        log.append_block(vec![line(&record(7)), line(&record(8))]).unwrap();
+        assert_eq!(kinds(&path), ["lost", "lost"]);
+        assert_eq!(
+            kinds(&PathBuf::from(format!("{}.1", path.display()))),
+            ["table", "lost", "lost"]
+        );
+    }
+
+    #[test]
     fn sizes_parse_with_units() {
         assert_eq!(parse_size("100M"), Ok(100 << 20));
         assert_eq!(parse_size("512k"), Ok(512 << 10));
@@ -288,85 +455,5 @@ mod tests {
         .err()
         .unwrap();
         assert!(error.to_string().starts_with("event log /proc/netwatch/x.log:"), "{error}");
-    }
-}
-
-/// An optional event log that turns itself off, once and loudly, when it cannot write.
-#[derive(Default)]
-pub struct Logging {
-    log: Option<EventLog>,
-    /// The log's rotations when its table was last written.
-    tabled_at: u64,
-}
-
-impl Logging {
-    /// Opens the log, if one was asked for. A log that cannot be opened is an error: whoever
-    /// asked for one would otherwise trace without it.
-    pub fn start(options: Option<LogOptions>) -> Result<Logging, crate::Error> {
-        let log = options.map(EventLog::open).transpose().map_err(|e| {
-            crate::Error::io(
-                format!(
-                    "cannot open the event log {} (choose a writable path for --log)",
-                    e.path.display()
-                ),
-                e.source,
-            )
-        })?;
-        Ok(Logging { log, tabled_at: 0 })
-    }
-
-    /// Appends `records` to the log. A failure stops the logging, not the tracing, and is
-    /// itself a record, appended to `records` for the stream and the metrics.
-    pub fn write(&mut self, records: &mut Vec<StreamRecord>) {
-        if let Some(log) = &mut self.log
-            && let Err(error) = log.append(records)
-        {
-            records.push(self.stop(error));
-        }
-    }
-
-    /// The path of the log, while logging.
-    pub fn path(&self) -> Option<&Path> {
-        self.log.as_ref().map(EventLog::path)
-    }
-
-    /// Whether the log rotated since its table was last written: every file begins with
-    /// the table, so that a reader of one file knows what was open.
-    pub fn rotated(&self) -> bool {
-        self.log.as_ref().is_some_and(|log| log.rotations != self.tabled_at)
-    }
-
-    /// Writes the table (`rows()`, asked only while logging): a `table` line and a `socket`
-    /// line per row. A failure stops the logging as [`Logging::write`]'s does; its record is
-    /// returned.
-    pub fn write_table(
-        &mut self,
-        reason: crate::recorded::TableReason,
-        rows: impl FnOnce() -> Vec<crate::record::Listed>,
-    ) -> Option<StreamRecord> {
-        let log = self.log.as_mut()?;
-        let rows = rows();
-        let mono_ns = WallClock::monotonic_now_ns();
-        let mark = crate::recorded::TableMark {
-            time: WallClock::now().wall(mono_ns),
-            mono_ns,
-            reason,
-            sockets: rows.len() as u64,
-        };
-        let written = log.append_lines(crate::recorded::table_lines(&mark, &rows));
-        // Rotations the table itself caused need no table of their own.
-        self.tabled_at = log.rotations;
-        written.err().map(|error| self.stop(error))
-    }
-
-    fn stop(&mut self, error: LogError) -> StreamRecord {
-        tracing::error!("{error}: stopped logging; tracing goes on");
-        let time = WallClock::now().wall(WallClock::monotonic_now_ns());
-        self.log = None;
-        StreamRecord::LogFailed(LogFailedRecord {
-            time,
-            path: error.path.clone(),
-            error: error.source.to_string(),
-        })
     }
 }

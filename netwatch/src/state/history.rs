@@ -227,7 +227,9 @@ impl Histories {
     pub fn record(&mut self, t: &TransitionRecord) {
         let Some(cookie) = t.cookie else { return };
         // A socket begins closed (connect, listen), or as a listener's child.
-        let birth = matches!(t.old, TcpState::Close | TcpState::Listen | TcpState::SynRecv);
+        let birth = t.old == TcpState::Close
+            || t.old == TcpState::SynRecv
+            || (t.old == TcpState::Listen && t.new == TcpState::SynRecv);
         let first_seen = if birth { FirstSeen::Event } else { FirstSeen::Midway };
         let history = self.open_entry(cookie, || {
             History::new(cookie, t.netns, (t.laddr, t.lport), (t.raddr, t.rport), first_seen)

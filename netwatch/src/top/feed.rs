@@ -26,6 +26,8 @@ use crate::{
 #[derive(Debug)]
 pub enum News {
     Record(StreamRecord),
+    /// A record from before the stretch a replay plays: for the table, not the stream pane.
+    Past(StreamRecord),
     Rows(RowsChange),
 }
 

@@ -174,7 +174,9 @@ impl App {
         use crossterm::event::{KeyCode, KeyModifiers};
         let plain = !key.modifiers.intersects(KeyModifiers::CONTROL | KeyModifiers::ALT);
         match (self.feed.replaying(), key.code) {
-            (Some(replaying), KeyCode::Char(c)) if plain && self.ui.overlay == Overlay::None => {
+            (Some(replaying), KeyCode::Char(c))
+                if plain && matches!(self.ui.overlay, Overlay::None | Overlay::Detail(_)) =>
+            {
                 replaying.key(c)
             }
             _ => false,
@@ -186,6 +188,7 @@ impl App {
         for item in news.drain(..) {
             match item {
                 News::Record(record) => self.model.apply(record),
+                News::Past(record) => self.model.take_in(&record),
                 News::Rows(change) => self.model.apply_rows(change, now),
             }
         }

@@ -224,7 +224,13 @@ impl Model {
 
     /// Applies one stream record: the socket's new state (gone at CLOSE) and the pane's line.
     pub fn apply(&mut self, record: StreamRecord) {
-        match &record {
+        self.take_in(&record);
+        self.push_line(record);
+    }
+
+    /// Applies a record to the sockets only (a replay catching up to where it starts).
+    pub fn take_in(&mut self, record: &StreamRecord) {
+        match record {
             StreamRecord::Transition(t) => self.transition(t),
             StreamRecord::Retransmit(r) => {
                 let cookie = r.cookie;
@@ -237,7 +243,6 @@ impl Model {
             StreamRecord::Lost(loss) => self.lost += loss.count,
             StreamRecord::LogFailed(_) | StreamRecord::ExportDropped(_) => {}
         }
-        self.push_line(record);
         self.version += 1;
     }
 

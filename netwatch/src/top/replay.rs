@@ -10,7 +10,7 @@ use crate::{
     query::recorded::RecordSelection,
     record::{RowsChange, StreamRecord},
     recorded::{
-        rebuild::{Assembled, Assembler},
+        rebuild::{Assembled, Assembler, take_table},
         replay::{Played, Player},
     },
     state::history::{Histories, History, Retention},
@@ -25,6 +25,7 @@ pub struct Replaying {
     offset_ns: i128,
     /// The recording's CLOCK_MONOTONIC at the last entry handed over.
     last_mono_ns: u64,
+    tables_seen: bool,
 }
 
 impl Replaying {
@@ -43,32 +44,46 @@ impl Replaying {
             histories: Histories::new(Retention::default()),
             offset_ns: 0,
             last_mono_ns: 0,
+            tables_seen: false,
         })
     }
 
     /// Waits for the next entry that is due and hands it over as news.
     pub async fn next(&mut self, out: &mut Vec<News>) -> anyhow::Result<()> {
-        let entry = match self.player.next().await? {
-            Played::CatchingUp(entry) | Played::Entry(entry) => entry,
+        if self.player.ended() {
+            return std::future::pending().await;
+        }
+        let mut assembled = Vec::new();
+        let past = match self.player.next().await? {
+            Played::CatchingUp(entry) => {
+                self.assembler.feed(entry, &mut assembled);
+                true
+            }
+            Played::Entry(entry) => {
+                self.assembler.feed(entry, &mut assembled);
+                false
+            }
+            // A table cut short at the end is shown with the rows it has.
             Played::End => {
-                self.assembler.flush(&mut Vec::new());
-                return std::future::pending().await;
+                self.assembler.flush(&mut assembled);
+                false
             }
         };
-        let mut assembled = Vec::new();
-        self.assembler.feed(entry, &mut assembled);
         for item in assembled {
             match item {
                 Assembled::Record(record) => {
-                    if let StreamRecord::Transition(t) = &record {
-                        self.learn_clock(t.time, t.mono_ns);
+                    match &record {
+                        StreamRecord::Transition(t) => self.learn_clock(t.time, t.mono_ns),
+                        StreamRecord::Retransmit(r) => self.learn_clock(r.time, r.mono_ns),
+                        _ => {}
                     }
                     self.histories.observe(&record);
-                    out.push(News::Record(record));
+                    out.push(if past { News::Past(record) } else { News::Record(record) });
                 }
                 Assembled::Table(mark, rows) => {
                     self.learn_clock(mark.time, mark.mono_ns);
-                    self.histories.seed(&crate::recorded::rebuild::snapshot(&rows));
+                    let first = !std::mem::replace(&mut self.tables_seen, true);
+                    take_table(&mut self.histories, &mark, &rows, first);
                     out.push(News::Rows(RowsChange { full: true, upsert: rows, gone: Vec::new() }));
                 }
             }
@@ -117,8 +132,11 @@ impl Replaying {
     /// A key for the player: space pauses and plays, `.` steps while paused, `+` and `-`
     /// double and halve the speed. False for any other key.
     pub fn key(&mut self, key: char) -> bool {
+        let ended = self.player.ended();
         let pace = &mut self.player.pace;
         match key {
+            // Nothing is left to play.
+            ' ' | '.' if ended => {}
             ' ' if pace.is_paused() => pace.resume(),
             ' ' => pace.pause(),
             '.' => {

@@ -488,7 +488,7 @@ pub const KEYS: &[(&str, &str)] = &[
     ("c", "clear the filters set here (not the command line's)"),
     ("g", "group by process, by remote endpoint, or not"),
     ("<  >  r", "sort by the previous / next column; reverse the sort"),
-    ("space", "pause the transitions pane (what arrives is kept)"),
+    ("space . + -", "pause the pane; replaying: play/pause, step, faster, slower"),
     ("(comm[pid])", "held by no process any more: the last one that owned it"),
     ("Esc, ?", "close this help"),
 ];

@@ -195,6 +195,11 @@ impl Tracer {
 
     /// The snapshot the table was seeded from since the last call: the one at start, then
     /// each one a resync took after lost events.
+    /// The wall clock the records are stamped with.
+    pub fn clock(&self) -> WallClock {
+        self.clock
+    }
+
     pub fn take_snapshot(&mut self) -> Option<Snapshot> {
         self.seeded_from.take()
     }
