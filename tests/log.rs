@@ -9,10 +9,10 @@ use std::{
     path::{Path, PathBuf},
     process::Command,
     thread,
-    time::{Duration, Instant},
+    time::Instant,
 };
 
-use netwatch_tests::{Agent, PATIENCE, Watcher, netwatch_bin, require_root};
+use netwatch_tests::{Agent, PATIENCE, Watcher, netwatch_bin, require_root, wait_for};
 use serde_json::Value;
 
 fn log_path(name: &str) -> PathBuf {
@@ -46,14 +46,6 @@ fn records(path: &Path) -> Vec<Value> {
             value
         })
         .collect()
-}
-
-fn wait_for(what: &str, done: impl Fn() -> bool) {
-    let deadline = Instant::now() + PATIENCE;
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        thread::sleep(Duration::from_millis(50));
-    }
 }
 
 #[test]

@@ -13,10 +13,9 @@ use std::{
     process::{Child, Command, Output, Stdio},
     sync::{Arc, Mutex},
     thread,
-    time::{Duration, Instant},
 };
 
-use netwatch_tests::{Agent, NetNs, PATIENCE, Watcher, netwatch_bin, parse_json};
+use netwatch_tests::{Agent, NetNs, Watcher, http_server, netwatch_bin, parse_json, wait_for};
 use serde_json::Value;
 
 const PORT: u16 = 18191;
@@ -80,30 +79,6 @@ fn curl(ns: &NetNs, port: u16) -> bool {
         .status()
         .unwrap()
         .success()
-}
-
-fn wait_for(what: &str, done: impl Fn() -> bool) {
-    let deadline = Instant::now() + PATIENCE;
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn http_server(ns: &NetNs) -> Running {
-    let server = Running(
-        ns.command("/usr/bin/python3")
-            .args(["-m", "http.server", &PORT.to_string(), "--bind", "127.0.0.1"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    wait_for("http.server to listen", || {
-        let ss = ns.command("ss").args(["-Htln", &format!("sport = :{PORT}")]).output().unwrap();
-        !ss.stdout.is_empty()
-    });
-    server
 }
 
 /// A client connected to the server until a line comes on its stdin.
@@ -172,7 +147,7 @@ fn the_log_answers_as_the_live_commands_did() {
     let path = dir.join("events.ndjson");
     let log = path.to_str().unwrap();
     // Open before the agent: the listener and one connection to it.
-    let _server = http_server(&ns);
+    let _server = http_server(&ns, PORT);
     let mut held = held_client(&ns);
     let mut agent = Agent::start_with(
         &Agent::test_socket("recorded"),

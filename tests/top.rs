@@ -6,12 +6,14 @@
 #![allow(clippy::unwrap_used)]
 
 use std::{
-    process::{Child, Command, Stdio},
+    process::Command,
     thread,
     time::{Duration, Instant},
 };
 
-use netwatch_tests::{Agent, NetNs, PATIENCE, netwatch_bin, require_root, sockpeer_in};
+use netwatch_tests::{
+    Agent, NetNs, PATIENCE, http_server, netwatch_bin, require_root, sockpeer_in,
+};
 
 const PORT: u16 = 18181;
 const CLOSED_PORT: u16 = 18182;
@@ -78,36 +80,6 @@ impl Drop for Tmux {
     }
 }
 
-/// python3's http.server in `ns`, once it listens; stopped when dropped.
-struct HttpServer(Child);
-
-impl Drop for HttpServer {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn http_server(ns: &NetNs) -> HttpServer {
-    let server = HttpServer(
-        ns.command("/usr/bin/python3")
-            .args(["-m", "http.server", &PORT.to_string(), "--bind", "127.0.0.1"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("python3 is missing: `cargo xtask test` installs it"),
-    );
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        let ss = ns.command("ss").args(["-Htln", &format!("sport = :{PORT}")]).output().unwrap();
-        if !ss.stdout.is_empty() {
-            return server;
-        }
-        assert!(Instant::now() < deadline, "http.server did not listen");
-        thread::sleep(Duration::from_millis(100));
-    }
-}
-
 /// The rows of the connections pane that mention `needle`.
 fn rows_with<'s>(screen: &'s str, needle: &str) -> Vec<&'s str> {
     let pane = screen.split(" Transitions").next().unwrap_or_default();
@@ -128,7 +100,7 @@ fn top_command(args: &str, ns: &NetNs) -> String {
 fn top_shows_owners_failures_sorts_filters_and_gives_the_terminal_back() {
     require_root();
     let ns = NetNs::new("top");
-    let _server = http_server(&ns);
+    let _server = http_server(&ns, PORT);
     let socket = Agent::test_socket("top");
     let agent = Agent::start(&socket);
     let tmux = Tmux::start(&top_command(&format!("--socket {}", agent.socket_arg()), &ns), 100, 30);
@@ -238,7 +210,7 @@ fn top_shows_owners_failures_sorts_filters_and_gives_the_terminal_back() {
 fn top_without_an_agent_and_sigterm() {
     require_root();
     let ns = NetNs::new("topd");
-    let _server = http_server(&ns);
+    let _server = http_server(&ns, PORT);
     let tmux = Tmux::start(&format!("NO_COLOR=1 {}", top_command("--no-agent", &ns)), 80, 24);
     let screen = tmux.wait_for("the listener", |s| {
         rows_with(s, "LISTEN")
@@ -342,7 +314,7 @@ fn top_replays_a_recorded_log() {
     std::fs::create_dir_all(&dir).unwrap();
     let log = dir.join("events.ndjson");
     // The listener comes before the agent: the replay knows it from the log's first table.
-    let server = http_server(&ns);
+    let server = http_server(&ns, PORT);
     let agent =
         Agent::start_with(&Agent::test_socket("top-replay"), &["--log", log.to_str().unwrap()]);
     for _ in 0..3 {

@@ -601,3 +601,38 @@ pub fn ftrace_forbidden() -> bool {
 pub const FEXIT_HOOK: &str = "fexit/inet_csk_clone_lock";
 
 pub mod oracle;
+
+/// Waits until `done` holds; panics naming `what` after PATIENCE.
+pub fn wait_for(what: &str, done: impl Fn() -> bool) {
+    let deadline = Instant::now() + PATIENCE;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// python3's http.server in `ns` on 127.0.0.1:`port`, once it listens; stopped when dropped.
+pub struct HttpServer(Child);
+
+impl Drop for HttpServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub fn http_server(ns: &NetNs, port: u16) -> HttpServer {
+    let server = HttpServer(
+        ns.command("/usr/bin/python3")
+            .args(["-m", "http.server", &port.to_string(), "--bind", "127.0.0.1"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("python3 is missing: `cargo xtask test` installs it"),
+    );
+    wait_for("http.server to listen", || {
+        let ss = ns.command("ss").args(["-Htln", &format!("sport = :{port}")]).output();
+        ss.is_ok_and(|ss| !ss.stdout.is_empty())
+    });
+    server
+}
