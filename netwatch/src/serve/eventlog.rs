@@ -44,12 +44,7 @@ impl EventLog {
     /// Opens (appending to) the log, cutting a half-written last line left by a crash.
     pub fn open(options: LogOptions) -> Result<EventLog, LogError> {
         let fail = |source| LogError { path: options.path.clone(), source };
-        let mut file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .read(true)
-            .open(&options.path)
-            .map_err(fail)?;
+        let mut file = append_only(&options.path).map_err(fail)?;
         let size = complete_length(&mut file).map_err(fail)?;
         if size != file.metadata().map_err(fail)?.len() {
             tracing::warn!(
@@ -145,8 +140,7 @@ impl EventLog {
             }
         }
         std::fs::rename(&self.options.path, rotated(1))?;
-        self.file =
-            OpenOptions::new().create(true).append(true).read(true).open(&self.options.path)?;
+        self.file = append_only(&self.options.path)?;
         self.size = 0;
         Ok(())
     }
@@ -154,6 +148,13 @@ impl EventLog {
     pub fn path(&self) -> &Path {
         &self.options.path
     }
+}
+
+/// Opens `path` for appending, creating it readable by its owner only: it holds every
+/// connection of the host (an existing file keeps its mode).
+fn append_only(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    OpenOptions::new().create(true).append(true).read(true).mode(0o600).open(path)
 }
 
 fn lines_text(lines: Vec<String>) -> String {
@@ -384,6 +385,9 @@ mod tests {
         log.append(&[record(3)]).unwrap();
         let counts: Vec<u64> = lines(&path).iter().map(|v| v["count"].as_u64().unwrap()).collect();
         assert_eq!(counts, [1, 2, 3]);
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "the owner's only");
     }
 
     #[test]
