@@ -110,9 +110,16 @@ fn follower(args: &[&str]) -> (Running, Arc<Mutex<Vec<String>>>) {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
     let mut said = String::new();
-    BufReader::new(child.stderr.take().unwrap()).read_line(&mut said).unwrap();
+    stderr.read_line(&mut said).unwrap();
     assert!(said.contains("following"), "{said}");
+    // Later warnings go to the test's own stderr, to be seen in a failure.
+    thread::spawn(move || {
+        for line in stderr.lines().map_while(Result::ok) {
+            eprintln!("netwatch log -f: {line}");
+        }
+    });
     let out = Arc::new(Mutex::new(Vec::new()));
     let sink = out.clone();
     let stdout = child.stdout.take().unwrap();

@@ -83,6 +83,9 @@ impl Signals {
 }
 
 pub async fn run(args: &WatchArgs) -> anyhow::Result<()> {
+    if let Some(path) = &args.replay.replay {
+        refuse_logging_into(path, args.log.log.as_deref())?;
+    }
     let mut signals = Signals::install()?;
     let mut printer = Printer {
         out: BufWriter::new(io::stdout()),
@@ -198,18 +201,6 @@ async fn replay(
     signals: &mut Signals,
     printer: &mut Printer,
 ) -> anyhow::Result<()> {
-    use std::os::unix::fs::MetadataExt as _;
-    let inode = |p: &std::path::Path| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
-    if let Some(log) = &args.log.log
-        && inode(log).is_some()
-        && inode(log) == inode(path)
-    {
-        anyhow::bail!(
-            "--log {} is the log being replayed: the replay would read what it writes; log \
-             to another file",
-            log.display()
-        );
-    }
     let selection = RecordSelection { filter: args.filter(), ..RecordSelection::default() };
     let reader = super::log::open(path, args.replay.window(), false)?;
     let mut player = Player::new(reader, selection.prefilter(), args.replay.speed);
@@ -243,4 +234,24 @@ async fn replay(
             }
         }
     }
+}
+
+/// A replay must not log into the log it replays (it would read what it writes): checked
+/// before the log is opened, which may cut a line the agent is writing.
+fn refuse_logging_into(
+    replayed: &std::path::Path,
+    log: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt as _;
+    let Some(log) = log else { return Ok(()) };
+    let id = |p: &std::path::Path| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
+    let replayed = crate::recorded::files::rotations(replayed).unwrap_or_default();
+    if id(log).is_some_and(|log| replayed.iter().any(|p| id(p) == Some(log))) {
+        anyhow::bail!(
+            "--log {} is a file of the log being replayed: the replay would read what it \
+             writes; log to another file",
+            log.display()
+        );
+    }
+    Ok(())
 }

@@ -48,7 +48,7 @@ impl TableReason {
 
 /// A `table` line: the agent's table as it was at `time`; the next `sockets` lines are its
 /// rows (`socket`).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TableMark {
     #[serde(with = "rfc3339_nanos")]
     pub time: DateTime<Utc>,
@@ -178,10 +178,7 @@ fn short(message: &str) -> String {
 }
 
 /// The log lines of a table: its mark, then a socket line per row.
-pub fn table_lines<'a>(
-    mark: &'a TableMark,
-    rows: &'a [Listed],
-) -> impl Iterator<Item = String> + 'a {
+pub fn table_lines(mark: TableMark, rows: &[Listed]) -> impl Iterator<Item = String> + '_ {
     /// [`SocketLine`]'s shape over a borrowed row.
     #[derive(Serialize)]
     struct Borrowed<'a> {
@@ -190,10 +187,10 @@ pub fn table_lines<'a>(
         #[serde(flatten)]
         listed: &'a Listed,
     }
-    let sockets = rows.iter().map(|listed| {
+    let sockets = rows.iter().map(move |listed| {
         versioned("socket", &serde_json::to_string(&Borrowed { time: mark.time, listed }))
     });
-    std::iter::once(versioned("table", &serde_json::to_string(mark))).chain(sockets)
+    std::iter::once(versioned("table", &serde_json::to_string(&mark))).chain(sockets)
 }
 
 /// `{"v":1,"type":KIND,` before the fields of `json` (an object).

@@ -377,7 +377,7 @@ impl Reader {
             let offset = cursor.base;
             let error =
                 LineError::Garbled(format!("a line longer than {} MiB", LONGEST_LINE >> 20));
-            cursor.report(offset, None, &error);
+            cursor.report(offset, cursor.line, &error);
             self.skipped += 1;
         }
         cursor.close();

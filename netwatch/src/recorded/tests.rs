@@ -84,7 +84,7 @@ fn every_record_type_reads_back_as_written() {
         assert_eq!(parse(line.as_bytes()), Ok(Entry::Record(record.clone())), "{line}");
     }
     let mark = TableMark { time: at(4), mono_ns: 4, reason: TableReason::Start, sockets: 0 };
-    let lines: Vec<String> = table_lines(&mark, &[]).collect();
+    let lines: Vec<String> = table_lines(mark, &[]).collect();
     assert_eq!(
         lines,
         [
@@ -216,24 +216,75 @@ fn following_reads_across_a_rotation() {
     assert_eq!((next(), next(), next(), next()), (Some(5), Some(6), Some(7), None));
 }
 
+/// A table row of `cookie`, held by psql[42].
+fn row(cookie: u64, state: TcpState) -> crate::record::Listed {
+    let mut listed: crate::record::Listed = serde_json::from_value(serde_json::json!({
+        "row": {"netns": 1, "protocol": "tcp", "family": "ipv4", "state": "ESTABLISHED",
+                "local": ["127.0.0.1", 40000], "remote": ["127.0.0.1", 5432],
+                "cookie": cookie, "inode": cookie, "uid": 0, "recv_q": 0, "send_q": 0,
+                "timer": null, "v6only": false},
+        "owners": [{"pid": 42, "comm": "psql", "fd": 3, "uid": 0}],
+        "in_state": null, "netns_name": null, "queues_known": false
+    }))
+    .unwrap();
+    listed.row.state = state;
+    listed
+}
+
+#[test]
+fn a_rotation_table_leaves_out_what_the_records_after_it_create() {
+    let dir = dir("rotation-table");
+    let path = dir.join("events.ndjson");
+    let options = LogOptions { path: path.clone(), max_size: 4096, keep: 3 };
+    let mut logging = crate::serve::eventlog::Logging::start(Some(options)).unwrap();
+    // 7 was open before; 8 is created by a record written after the rotation, which the
+    // losses' lines bring about.
+    let mut records = vec![
+        connect(7, 0, TcpState::Established, TcpState::FinWait1),
+        connect(7, 1, TcpState::FinWait1, TcpState::FinWait2),
+        connect(7, 2, TcpState::FinWait2, TcpState::TimeWait),
+    ];
+    records.extend((0..40).map(|_| loss(3)));
+    records.push(connect(8, 4, TcpState::Close, TcpState::SynSent));
+    let count = records.len();
+    logging.write_with_table(&mut records, || {
+        vec![row(7, TcpState::TimeWait), row(8, TcpState::SynSent)]
+    });
+    assert_eq!(records.len(), count, "no failure");
+    let mut reader = Reader::open(&path, Window::default(), false).unwrap();
+    let entries = read_all(&mut reader);
+    let cookies: Vec<Option<u64>> = entries
+        .iter()
+        .map(|e| match e {
+            Entry::Table(_) => None,
+            Entry::Socket(s) => Some(s.listed.row.cookie),
+            Entry::Record(StreamRecord::Transition(t)) => t.cookie,
+            Entry::Record(_) => None,
+        })
+        .collect();
+    // The new file: the table with 7's row alone, then the rest of the batch.
+    let table = entries.iter().position(|e| matches!(e, Entry::Table(_))).unwrap();
+    assert!(matches!(
+        entries[table],
+        Entry::Table(m) if m.sockets == 1 && m.reason == TableReason::Rotation
+    ));
+    assert_eq!(cookies[table + 1], Some(7), "7's row");
+    assert_eq!(
+        cookies[table..].iter().flatten().collect::<Vec<_>>(),
+        [&7, &8],
+        "and then 8's connect, not a row of 8"
+    );
+    let mut reader = Reader::open(&path, Window::default(), false).unwrap();
+    let all = rebuild::histories(&mut reader).unwrap().all();
+    let eight = all.iter().find(|h| h.cookie == 8).unwrap();
+    assert_eq!(eight.first_seen, FirstSeen::Event, "begun by its record, not the table");
+}
+
 #[test]
 fn tables_are_put_back_together_and_seed_histories() {
-    let row = |cookie: u64, state| {
-        let mut listed: crate::record::Listed = serde_json::from_value(serde_json::json!({
-            "row": {"netns": 1, "protocol": "tcp", "family": "ipv4", "state": "ESTABLISHED",
-                    "local": ["127.0.0.1", 40000], "remote": ["127.0.0.1", 5432],
-                    "cookie": cookie, "inode": cookie, "uid": 0, "recv_q": 0, "send_q": 0,
-                    "timer": null, "v6only": false},
-            "owners": [{"pid": 42, "comm": "psql", "fd": 3, "uid": 0}],
-            "in_state": null, "netns_name": null, "queues_known": false
-        }))
-        .unwrap();
-        listed.row.state = state;
-        listed
-    };
     let mark = TableMark { time: at(0), mono_ns: 0, reason: TableReason::Start, sockets: 2 };
     let rows = [row(7, TcpState::Established), row(8, TcpState::Listen)];
-    let lines: Vec<String> = table_lines(&mark, &rows).collect();
+    let lines: Vec<String> = table_lines(mark, &rows).collect();
     let mut assembler = Assembler::default();
     let mut out = Vec::new();
     for line in &lines {

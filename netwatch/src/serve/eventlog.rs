@@ -59,27 +59,25 @@ impl EventLog {
     /// Appends `records`, one line each, rotating whenever the next line would not fit (a
     /// single line longer than the limit gets a file of its own).
     pub fn append(&mut self, records: &[StreamRecord]) -> Result<(), LogError> {
-        self.append_with_table(records, &mut Vec::new)
+        self.append_with_table(records, &mut |_| Vec::new())
     }
 
     /// Appends `records` as [`EventLog::append`] does; each file a rotation begins starts
-    /// with the lines `table` gives (asked once), before the rest of the records.
+    /// with the lines `table` gives for the records still to be written after it.
     pub fn append_with_table(
         &mut self,
         records: &[StreamRecord],
-        table: &mut dyn FnMut() -> Vec<String>,
+        table: &mut dyn FnMut(&[StreamRecord]) -> Vec<String>,
     ) -> Result<(), LogError> {
         let mut chunk = String::new();
-        let mut table_text: Option<String> = None;
-        for record in records {
+        for (at, record) in records.iter().enumerate() {
             let line = line(record) + "\n";
             let used = self.size + chunk.len() as u64;
             if used > 0 && used + line.len() as u64 > self.options.max_size {
                 self.write(&chunk)?;
                 chunk.clear();
                 self.rotate().map_err(|source| self.error(source))?;
-                let text = table_text.get_or_insert_with(|| lines_text(table()));
-                chunk.push_str(text);
+                chunk.push_str(&lines_text(table(&records[at..])));
             }
             chunk.push_str(&line);
         }
@@ -246,12 +244,18 @@ impl Logging {
     /// Appends `records` to the log. A failure stops the logging, not the tracing, and is
     /// itself a record, appended to `records` for the stream and the metrics.
     pub fn write(&mut self, records: &mut Vec<StreamRecord>) {
-        self.write_with_table(records, Vec::new);
+        if let Some(log) = &mut self.log
+            && let Err(error) = log.append(records)
+        {
+            records.push(self.stop(error));
+        }
     }
 
     /// [`Logging::write`], and a new file that a rotation begins starts with the table
-    /// (`rows()`, asked only then), so that a reader of one file knows what was open. A
-    /// table larger than a quarter of a file is not repeated (said once).
+    /// (`rows()`, asked once), so that a reader of one file knows what was open. The rows
+    /// are the table after the whole batch: those the rest of the batch, after the table,
+    /// creates are left out of it. A table larger than a quarter of a file is not repeated
+    /// (said once).
     pub fn write_with_table(
         &mut self,
         records: &mut Vec<StreamRecord>,
@@ -260,14 +264,34 @@ impl Logging {
         let Some(log) = &mut self.log else { return };
         let (clock, max_size) = (self.clock, log.max_size());
         let mut rows = Some(rows);
+        let mut listed: Vec<crate::record::Listed> = Vec::new();
         let mut too_large = false;
-        let mut table = || {
-            let Some(rows) = rows.take() else { return Vec::new() };
-            let lines = table_lines(clock, crate::recorded::TableReason::Rotation, &rows());
-            let size: usize = lines.iter().map(|l| l.len() + 1).sum();
-            if size as u64 > max_size / 4 {
-                too_large = true;
-                return Vec::new();
+        let mut table = |rest: &[StreamRecord]| {
+            if let Some(rows) = rows.take() {
+                listed = rows();
+            }
+            let born: std::collections::HashSet<u64> = rest
+                .iter()
+                .filter_map(|r| match r {
+                    StreamRecord::Transition(t)
+                        if crate::state::history::is_birth(t.old, t.new) =>
+                    {
+                        t.cookie
+                    }
+                    _ => None,
+                })
+                .collect();
+            let kept: Vec<crate::record::Listed> =
+                listed.iter().filter(|l| !born.contains(&l.row.cookie)).cloned().collect();
+            let mut size = 0u64;
+            let mut lines = Vec::new();
+            for line in table_lines(clock, crate::recorded::TableReason::Rotation, &kept) {
+                size += line.len() as u64 + 1;
+                if size > max_size / 4 {
+                    too_large = true;
+                    return Vec::new();
+                }
+                lines.push(line);
             }
             lines
         };
@@ -297,7 +321,7 @@ impl Logging {
         rows: impl FnOnce() -> Vec<crate::record::Listed>,
     ) -> Option<StreamRecord> {
         let log = self.log.as_mut()?;
-        let lines = table_lines(self.clock, reason, &rows());
+        let lines = table_lines(self.clock, reason, &rows()).collect();
         let error = log.append_block(lines).err()?;
         Some(self.stop(error))
     }
@@ -314,12 +338,12 @@ impl Logging {
     }
 }
 
-/// The table's lines, stamped now by `clock`.
+/// The table's lines, stamped now by `clock`, made as they are taken.
 fn table_lines(
     clock: WallClock,
     reason: crate::recorded::TableReason,
     rows: &[crate::record::Listed],
-) -> Vec<String> {
+) -> impl Iterator<Item = String> + '_ {
     let mono_ns = WallClock::monotonic_now_ns();
     let mark = crate::recorded::TableMark {
         time: clock.wall(mono_ns),
@@ -327,7 +351,7 @@ fn table_lines(
         reason,
         sockets: rows.len() as u64,
     };
-    crate::recorded::table_lines(&mark, rows).collect()
+    crate::recorded::table_lines(mark, rows)
 }
 
 #[cfg(test)]
@@ -416,13 +440,13 @@ mod tests {
         let one = line(&record(1)).len() as u64 + 1;
         let options = LogOptions { path: path.clone(), max_size: 4 * one, keep: 5 };
         let mut log = EventLog::open(options).unwrap();
-        let mut asked = 0;
-        let mut table = || {
-            asked += 1;
+        let mut rests = Vec::new();
+        let mut table = |rest: &[StreamRecord]| {
+            rests.push(rest.len());
             vec![r#"{"v":1,"type":"table"}"#.to_string()]
         };
         log.append_with_table(&(0..6).map(record).collect::<Vec<_>>(), &mut table).unwrap();
-        assert_eq!(asked, 1, "asked once for a batch");
+        assert_eq!(rests, [2], "asked at the rotation, with the records after it");
         let kinds = |p: &Path| -> Vec<String> {
             lines(p).iter().map(|v| v["type"].as_str().unwrap().to_string()).collect()
         };

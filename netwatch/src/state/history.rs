@@ -113,6 +113,14 @@ impl History {
     }
 }
 
+/// Whether a socket's transition is its first: it begins closed (connect, listen), or as a
+/// listener's child.
+pub fn is_birth(old: TcpState, new: TcpState) -> bool {
+    old == TcpState::Close
+        || old == TcpState::SynRecv
+        || (old == TcpState::Listen && new == TcpState::SynRecv)
+}
+
 #[derive(Clone, Copy, Debug)]
 pub struct Retention {
     /// Closed connections kept at most.
@@ -226,11 +234,7 @@ impl Histories {
 
     pub fn record(&mut self, t: &TransitionRecord) {
         let Some(cookie) = t.cookie else { return };
-        // A socket begins closed (connect, listen), or as a listener's child.
-        let birth = t.old == TcpState::Close
-            || t.old == TcpState::SynRecv
-            || (t.old == TcpState::Listen && t.new == TcpState::SynRecv);
-        let first_seen = if birth { FirstSeen::Event } else { FirstSeen::Midway };
+        let first_seen = if is_birth(t.old, t.new) { FirstSeen::Event } else { FirstSeen::Midway };
         let history = self.open_entry(cookie, || {
             History::new(cookie, t.netns, (t.laddr, t.lport), (t.raddr, t.rport), first_seen)
         });

@@ -169,7 +169,7 @@ struct App {
 }
 
 impl App {
-    /// A key that steers a replay (space, `.`, `+`, `-`), outside the overlays.
+    /// A key that steers a replay (space, `.`, `+`, `-`), on the main view or a detail.
     fn replay_key(&mut self, key: crossterm::event::KeyEvent) -> bool {
         use crossterm::event::{KeyCode, KeyModifiers};
         let plain = !key.modifiers.intersects(KeyModifiers::CONTROL | KeyModifiers::ALT);

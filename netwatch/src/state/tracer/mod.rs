@@ -193,13 +193,13 @@ impl Tracer {
         self.seeded_from = Some(snapshot);
     }
 
-    /// The snapshot the table was seeded from since the last call: the one at start, then
-    /// each one a resync took after lost events.
     /// The wall clock the records are stamped with.
     pub fn clock(&self) -> WallClock {
         self.clock
     }
 
+    /// The snapshot the table was seeded from since the last call: the one at start, then
+    /// each one a resync took after lost events.
     pub fn take_snapshot(&mut self) -> Option<Snapshot> {
         self.seeded_from.take()
     }
