@@ -60,7 +60,6 @@ impl Cli {
         let stream_options = w.json
             || w.log.log.is_some()
             || w.no_header
-            || w.replay.step
             || f.state.is_some()
             || f.transition.is_some()
             || f.port.is_some()

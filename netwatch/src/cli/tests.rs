@@ -117,3 +117,14 @@ fn ipv4_and_ipv6_conflict() {
     assert_eq!(error.kind(), ErrorKind::ArgumentConflict);
     assert_eq!(error.exit_code(), 2);
 }
+
+#[test]
+fn a_replay_with_no_subcommand_is_top_on_a_terminal() {
+    let cli = parse(&["--replay", "/var/log/netwatch/events.ndjson", "--step"]).unwrap();
+    assert!(cli.default_is_top(true), "top, paused");
+    assert_eq!(cli.default_top().replay.replay, cli.watch.replay.replay);
+    assert!(cli.default_top().replay.step);
+    let cli = parse(&["--replay", "events.ndjson", "--json"]).unwrap();
+    assert!(!cli.default_is_top(true), "--json asks for the stream");
+    assert!(parse(&["--speed", "10"]).is_err(), "--speed needs --replay");
+}
