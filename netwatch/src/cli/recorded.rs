@@ -159,17 +159,14 @@ pub struct LogQueryArgs {
     pub words: Vec<String>,
 }
 
-/// Whether `word` is a file, or a log whose rotations are left (not `src`, a directory).
-fn names_a_log(word: &str) -> bool {
-    crate::recorded::files::rotations(std::path::Path::new(word))
-        .is_ok_and(|files| files.iter().any(|f| f.is_file()))
-}
-
 impl LogQueryArgs {
     /// The log's path, if the first word is one, and the filter's words.
     pub fn path_and_filter(&self) -> (Option<PathBuf>, &[String]) {
         match self.words.split_first() {
-            Some((first, rest)) if first.contains('/') || names_a_log(first) => {
+            Some((first, rest))
+                if first.contains('/')
+                    || crate::recorded::files::holds_a_log(std::path::Path::new(first)) =>
+            {
                 (Some(PathBuf::from(first)), rest)
             }
             _ => (None, &self.words),

@@ -118,7 +118,7 @@ pub async fn agents_log(socket: &Path) -> anyhow::Result<PathBuf> {
         return Ok(path);
     }
     let packaged = PathBuf::from(DEFAULT_LOG);
-    if std::fs::metadata(&packaged).is_ok() || eventlog_rotated(&packaged) {
+    if crate::recorded::files::holds_a_log(&packaged) {
         return Ok(packaged);
     }
     anyhow::bail!(
@@ -126,10 +126,6 @@ pub async fn agents_log(socket: &Path) -> anyhow::Result<PathBuf> {
          its path (netwatch log PATH), or start the agent with --log PATH",
         socket.display()
     )
-}
-
-fn eventlog_rotated(path: &Path) -> bool {
-    crate::recorded::files::rotations(path).is_ok_and(|files| !files.is_empty())
 }
 
 /// Prints records as `watch` does, with a line for each new day in text.

@@ -61,13 +61,9 @@ impl LogFile {
         None
     }
 
-    /// Where the last whole line ends (0 when none ends in the last MiB).
+    /// Where the last whole line ends (0 when none does, or the file cannot be read).
     pub fn end_of_lines(&self) -> u64 {
-        let size = self.size();
-        let start = size.saturating_sub(1 << 20);
-        let mut buf = vec![0u8; (size - start) as usize];
-        let read = read_at(&self.file, &mut buf, start);
-        memchr::memrchr(b'\n', &buf[..read]).map_or(0, |at| start + at as u64 + 1)
+        crate::serve::eventlog::complete_length(&self.file).unwrap_or(0)
     }
 
     /// The time of the last whole line that has one.
@@ -122,6 +118,12 @@ pub fn time_of(line: &[u8]) -> Option<[u8; TIME_WIDTH]> {
     let at = memchr::memmem::find(head, KEY)? + KEY.len();
     let value = line.get(at..at + TIME_WIDTH)?;
     (value[TIME_WIDTH - 1] == b'Z' && value[4] == b'-').then(|| value.try_into().ok())?
+}
+
+/// Whether `path` is a log, or one whose rotations are left: a regular file among them (not
+/// a directory, such as `src`, which is also a filter word).
+pub fn holds_a_log(path: &Path) -> bool {
+    rotations(path).is_ok_and(|files| files.iter().any(|f| f.is_file()))
 }
 
 /// PATH's rotations (PATH.N .. PATH.1), oldest first, then PATH itself; PATH alone when it

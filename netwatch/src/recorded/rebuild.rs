@@ -3,8 +3,6 @@
 //! (`stats --log`), by the same code the agent runs on the same records.
 use std::collections::HashMap;
 
-use chrono::{DateTime, Utc};
-
 use super::{
     Entry, TableMark, TableReason,
     reader::{Next, Reader},
@@ -129,13 +127,5 @@ fn each(reader: &mut Reader, mut take: impl FnMut(Assembled)) -> std::io::Result
             }
         }
         out.drain(..).for_each(&mut take);
-    }
-}
-
-/// The time of an assembled entry.
-pub fn time(item: &Assembled) -> DateTime<Utc> {
-    match item {
-        Assembled::Record(record) => super::record_time(record),
-        Assembled::Table(mark, _) => mark.time,
     }
 }

@@ -149,11 +149,6 @@ impl Player {
         self.steps += 1;
     }
 
-    /// Lines of the log that could not be read, so far.
-    pub fn skipped(&self) -> u64 {
-        self.reader.skipped
-    }
-
     /// The next entry, when it is due. Cancel-safe: an entry read and not yet due is kept.
     pub async fn next(&mut self) -> anyhow::Result<Played> {
         loop {

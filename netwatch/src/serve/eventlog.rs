@@ -8,7 +8,7 @@
 //! never the tracing: the caller is told once, and netwatch keeps going.
 use std::{
     fs::{File, OpenOptions},
-    io::{self, Read as _, Seek as _, SeekFrom, Write as _},
+    io::{self, Write as _},
     path::{Path, PathBuf},
 };
 
@@ -44,8 +44,8 @@ impl EventLog {
     /// Opens (appending to) the log, cutting a half-written last line left by a crash.
     pub fn open(options: LogOptions) -> Result<EventLog, LogError> {
         let fail = |source| LogError { path: options.path.clone(), source };
-        let mut file = append_only(&options.path).map_err(fail)?;
-        let size = complete_length(&mut file).map_err(fail)?;
+        let file = append_only(&options.path).map_err(fail)?;
+        let size = complete_length(&file).map_err(fail)?;
         if size != file.metadata().map_err(fail)?.len() {
             tracing::warn!(
                 "event log {}: cut a half-written last line left by a crash",
@@ -169,15 +169,15 @@ pub fn line(record: &StreamRecord) -> String {
 }
 
 /// Length of the file up to and including its last newline.
-fn complete_length(file: &mut File) -> io::Result<u64> {
+pub(crate) fn complete_length(file: &File) -> io::Result<u64> {
+    use std::os::unix::fs::FileExt as _;
     let length = file.metadata()?.len();
     let mut end = length;
     let mut chunk = [0u8; 4096];
     while end > 0 {
         let start = end.saturating_sub(chunk.len() as u64);
         let size = (end - start) as usize;
-        file.seek(SeekFrom::Start(start))?;
-        file.read_exact(&mut chunk[..size])?;
+        file.read_exact_at(&mut chunk[..size], start)?;
         if let Some(at) = chunk[..size].iter().rposition(|&b| b == b'\n') {
             return Ok(start + at as u64 + 1);
         }
@@ -305,11 +305,6 @@ impl Logging {
         if let Err(error) = written {
             records.push(self.stop(error));
         }
-    }
-
-    /// The path of the log, while logging.
-    pub fn path(&self) -> Option<&Path> {
-        self.log.as_ref().map(EventLog::path)
     }
 
     /// Writes the table (`rows()`, asked only while logging), whole in one file: a `table`

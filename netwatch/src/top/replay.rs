@@ -8,7 +8,7 @@ use super::feed::News;
 use crate::{
     cli::ReplayArgs,
     query::recorded::RecordSelection,
-    record::{RowsChange, StreamRecord},
+    record::{RowsChange, StreamRecord, WallClock},
     recorded::{
         rebuild::{Assembled, Assembler, take_table},
         replay::{Played, Player},
@@ -21,8 +21,8 @@ pub struct Replaying {
     player: Player,
     assembler: Assembler,
     histories: Histories,
-    /// Wall time minus CLOCK_MONOTONIC of the recording (its agent's), from its lines.
-    offset_ns: i128,
+    /// The recording agent's wall clock (its CLOCK_MONOTONIC to wall time), from its lines.
+    clock: WallClock,
     /// The recording's CLOCK_MONOTONIC at the last entry handed over.
     last_mono_ns: u64,
     tables_seen: bool,
@@ -42,7 +42,7 @@ impl Replaying {
             player,
             assembler: Assembler::default(),
             histories: Histories::new(Retention::default()),
-            offset_ns: 0,
+            clock: WallClock::with_offset_ns(0),
             last_mono_ns: 0,
             tables_seen: false,
         })
@@ -93,23 +93,19 @@ impl Replaying {
 
     fn learn_clock(&mut self, wall: chrono::DateTime<chrono::Utc>, mono_ns: u64) {
         let wall_ns = i128::from(wall.timestamp_nanos_opt().unwrap_or_default());
-        self.offset_ns = wall_ns - i128::from(mono_ns);
+        self.clock = WallClock::with_offset_ns(wall_ns - i128::from(mono_ns));
         self.last_mono_ns = mono_ns;
     }
 
     /// The recording's CLOCK_MONOTONIC being played now.
     pub fn now_ns(&self) -> u64 {
-        let played = self.player.pace.playhead().map(|wall| {
-            let wall_ns = i128::from(wall.timestamp_nanos_opt().unwrap_or_default());
-            (wall_ns - self.offset_ns).clamp(0, i128::from(u64::MAX)) as u64
-        });
+        let played = self.player.pace.playhead().map(|wall| self.clock.monotonic(wall));
         played.unwrap_or(0).max(self.last_mono_ns)
     }
 
     /// The recording's wall time being played now.
     pub fn wall(&self) -> chrono::DateTime<chrono::Utc> {
-        let ns = i128::from(self.now_ns()) + self.offset_ns;
-        chrono::DateTime::from_timestamp_nanos(ns.clamp(0, i128::from(i64::MAX)) as i64)
+        self.clock.wall(self.now_ns())
     }
 
     pub fn history(&self, cookie: u64) -> Option<History> {
